@@ -1,0 +1,3 @@
+"""apportion-attention."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,206 @@
+"""Small base classes for the torch-free kinds, with defaults that work.
+
+A component's factory receives its validated config; these bases store it as ``self.config``.
+Attention backends and KV policies live in :mod:`apportion.host` (they need transformers).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from apportion.config import ComponentConfig
+
+
+class Component:
+    """Common shape: a ``name`` and a validated ``config`` of type ``Config``."""
+
+    name: ClassVar[str] = ""
+    Config: ClassVar[type[ComponentConfig]] = ComponentConfig
+
+    def __init__(self, config: ComponentConfig | None = None):
+        self.config = config if config is not None else self.Config()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.config!r})"
+
+
+# ----------------------------------------------------------------------------- benchmark
+
+
+@dataclass
+class Sample:
+    """One benchmark item. ``context`` and ``question`` are kept apart so that KV policies can
+    compress the context and leave the question whole."""
+
+    id: str
+    context: str
+    question: str
+    answers: list[str]
+    length: int = 0  # target prompt length in tokens
+    depth: float | None = None  # where the information sits, 0 = start, 1 = end
+    tags: dict[str, str] = field(default_factory=dict)  # e.g. diffusion, scope
+    meta: dict[str, Any] = field(default_factory=dict)
+    max_new_tokens: int | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "length": self.length,
+            "depth": self.depth,
+            "answers": self.answers,
+            "tags": self.tags,
+            "meta": self.meta,
+        }
+
+
+class Benchmark(Component):
+    """Base benchmark: subclasses implement :meth:`samples` and may override :meth:`score`."""
+
+    max_new_tokens: ClassVar[int] = 48
+
+    def samples(self, tokenizer: Any) -> Iterator[Sample]:
+        raise NotImplementedError
+
+    def score(self, sample: Sample, prediction: str) -> float:
+        """Default: fraction of gold answers found in the prediction (case-insensitive)."""
+        if not sample.answers:
+            return 0.0
+        pred = prediction.lower()
+        return sum(a.lower() in pred for a in sample.answers) / len(sample.answers)
+
+
+# ------------------------------------------------------------------------- prompt strategy
+
+
+@dataclass
+class Prompt:
+    """Chat messages for the model. ``question`` is the trailing text of the last message that
+    must never be compressed (the host keeps it apart from the context)."""
+
+    messages: list[dict[str, str]]
+    question: str | None = None
+    accounting: dict[str, Any] = field(default_factory=dict)
+
+
+class PromptStrategy(Component):
+    """Base prompt strategy: zero-shot, the context followed by the query."""
+
+    def build(
+        self,
+        query: str,
+        *,
+        context: str | None = None,
+        demos: Sequence[Any] = (),
+        budget: int | None = None,
+        tokenizer: Any = None,
+    ) -> Prompt:
+        content = f"{context}\n\n{query}" if context else query
+        accounting: dict[str, Any] = {"demos_kept": 0, "demos_offered": len(demos)}
+        if tokenizer is not None:
+            n = len(tokenizer.encode(content, add_special_tokens=False))
+            accounting["prompt_tokens"] = n
+            if budget is not None and n > budget:
+                from apportion.errors import PromptTooLongError
+
+                raise PromptTooLongError(
+                    f"the prompt needs {n} tokens but the budget is {budget}; "
+                    "use a prompt strategy that prunes, or raise the budget"
+                )
+        return Prompt([{"role": "user", "content": content}], question=query, accounting=accounting)
+
+
+# ------------------------------------------------------------------------ trainer strategy
+
+
+class TrainerStrategy(Component):
+    """Base GRPO-style strategy: uniform rollouts, group-normalised advantages, clipped loss."""
+
+    def allocate_rollouts(
+        self, n_prompts: int, budget: int, history: Sequence[Sequence[float]] | None = None
+    ) -> list[int]:
+        if n_prompts <= 0:
+            raise ValueError(f"n_prompts must be positive, got {n_prompts}")
+        if budget < n_prompts:
+            raise ValueError(
+                f"budget {budget} is smaller than the number of prompts {n_prompts}: "
+                "every prompt needs at least one rollout"
+            )
+        base, extra = divmod(budget, n_prompts)
+        return [base + (i < extra) for i in range(n_prompts)]
+
+    def advantages(self, rewards: Sequence[Sequence[float | None]]) -> list[list[float]]:
+        """(r - mean) / (std + eps) per group; NaN/None rewards get advantage 0 and are
+        excluded from the statistics; a group of one gets 0."""
+        out = []
+        for group in rewards:
+            valid = [float(r) for r in group if r is not None and not math.isnan(float(r))]
+            if len(valid) < 2:
+                out.append([0.0 for _ in group])
+                continue
+            mean = sum(valid) / len(valid)
+            std = math.sqrt(sum((r - mean) ** 2 for r in valid) / (len(valid) - 1))
+            out.append(
+                [
+                    0.0 if r is None or math.isnan(float(r)) else (float(r) - mean) / (std + 1e-4)
+                    for r in group
+                ]
+            )
+        return out
+
+    def loss(self, logps: Any, old_logps: Any, advantages: Any, mask: Any, ref_logps: Any = None) -> Any:
+        """PPO-clipped token loss averaged per sequence then over the batch (GRPO)."""
+        import torch
+
+        eps = getattr(self.config, "clip_eps", 0.2)
+        ratio = torch.exp(logps - old_logps)
+        adv = advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages
+        per_token = -torch.minimum(ratio * adv, torch.clamp(ratio, 1 - eps, 1 + eps) * adv)
+        mask = mask.to(per_token.dtype)
+        per_seq = (per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+        return per_seq.mean()
+
+
+# ------------------------------------------------------------------------------ allocator
+
+
+@dataclass
+class AllocatorStats:
+    current_bytes: int = 0
+    peak_bytes: int = 0
+    allocations: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Allocator(Component):
+    """Base allocator: ordinary pageable host memory through torch, with byte accounting."""
+
+    def __init__(self, config: ComponentConfig | None = None):
+        super().__init__(config)
+        self._stats = AllocatorStats()
+        self._live: dict[int, int] = {}
+
+    def allocate(self, shape: Sequence[int], dtype: Any, *, access: str = "default") -> Any:
+        import torch
+
+        tensor = torch.empty(tuple(shape), dtype=dtype)
+        self._track(tensor)
+        return tensor
+
+    def free(self, tensor: Any) -> None:
+        nbytes = self._live.pop(id(tensor), None)
+        if nbytes is None:
+            raise ValueError("free() of a tensor this allocator did not allocate (or freed twice)")
+        self._stats.current_bytes -= nbytes
+
+    def stats(self) -> AllocatorStats:
+        return self._stats
+
+    def _track(self, tensor: Any) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        self._live[id(tensor)] = nbytes
+        self._stats.allocations += 1
+        self._stats.current_bytes += nbytes
+        self._stats.peak_bytes = max(self._stats.peak_bytes, self._stats.current_bytes)

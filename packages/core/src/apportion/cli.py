@@ -1,0 +1,245 @@
+"""The ``apportion`` command line (typer + rich).
+
+``plugins`` and ``list`` never import torch; commands that run a model import the HF host
+lazily. Every :class:`~apportion.errors.ApportionError` is printed as one clear message with
+exit status 2, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from apportion import KINDS, __version__
+from apportion.errors import ApportionError
+
+app = typer.Typer(
+    name="apportion",
+    help="Long-context LLM techniques as plugins: list them, combine them, measure them.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+class _LazyConsole:
+    """A rich Console created on first use (importing rich costs ~0.1 s)."""
+
+    def __init__(self, **kwargs: Any):
+        self._kwargs, self._console = kwargs, None
+
+    def real(self) -> Any:
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(**self._kwargs)
+        return self._console
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real(), name)
+
+
+console: Any = _LazyConsole()
+err_console: Any = _LazyConsole(stderr=True)
+
+
+def _host() -> Any:
+    from apportion.plugins import get_plugin_host
+
+    return get_plugin_host()
+
+
+@app.command()
+def plugins(as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False) -> None:
+    """Installed plugins: distribution, version, kinds and components; broken ones with errors."""
+    report = [p.as_dict() for p in _host().plugins]
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    from rich.table import Table
+
+    table = Table(title=f"apportion-core {__version__} plugins")
+    for col in ("plugin", "distribution", "version", "components", "status"):
+        table.add_column(col)
+    for p in report:
+        comps = "\n".join(f"{k}: {', '.join(v)}" for k, v in p["components"].items())
+        status = (
+            f"[red]error: {p['error']}[/red]" if p["error"]
+            else f"[yellow]skipped: {p['skipped']}[/yellow]" if p["skipped"] else "[green]ok[/green]"
+        )
+        table.add_row(p["name"], p["distribution"], p["version"], comps, status)
+    console.print(table)
+
+
+@app.command("list")
+def list_components(
+    kind: Annotated[str, typer.Argument(help=f"one of: {', '.join(KINDS)}")],
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """Components of one KIND with provider, summary and config fields with defaults."""
+    registry = _host().registry
+    items = [spec.describe() for spec in registry.specs(kind)]
+    if as_json:
+        print(json.dumps(items, indent=2))
+        return
+    from rich.table import Table
+
+    table = Table(title=f"{kind} components")
+    for col in ("name", "provider", "summary", "config (defaults)"):
+        table.add_column(col)
+    for it in items:
+        cfg = "\n".join(f"{k} = {v['default']!r}" for k, v in it["config"].items()) or "-"
+        if it.get("error"):
+            cfg = f"[red]{it['error']}[/red]"
+        table.add_row(it["name"], f"{it['provider']} {it['version']}", it["summary"], cfg)
+    console.print(table)
+
+
+def default_config_path() -> Path | None:
+    """``examples/default.toml`` in the working directory, else the eval package's copy."""
+    local = Path("examples/default.toml")
+    if local.is_file():
+        return local
+    try:
+        from importlib.resources import files
+
+        packaged = files("apportion_eval").joinpath("default.toml")
+        if packaged.is_file():
+            return Path(str(packaged))
+    except (ModuleNotFoundError, OSError):
+        pass
+    return None
+
+
+@app.command()
+def run(
+    config: Annotated[Path | None, typer.Argument(help="TOML run config (default: examples/default.toml)")] = None,
+    out: Annotated[Path | None, typer.Option(help="run directory (default: OUTPUT_DIR/NAME)")] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="at most N samples per benchmark")] = None,
+    seed: Annotated[int | None, typer.Option(help="override the config's seed")] = None,
+    progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+) -> None:
+    """Run a config (benchmarks x variants) and write records and a report to the run directory."""
+    import time
+
+    from apportion.config import RunConfig, load_config
+    from apportion.runner import RunOptions, execute, render_table, summarize
+
+    path = config or default_config_path()
+    cfg = load_config(path) if path is not None else RunConfig(name="default")
+    run_dir = out or Path(cfg.output_dir) / cfg.name
+    options = RunOptions(limit=limit, seed=seed, progress=progress)
+    console.print(f"[bold]apportion run[/bold] {path or '(built-in default)'} -> {run_dir}")
+    t0 = time.perf_counter()
+    result = _host().hook.apportion_run(config=cfg, run_dir=run_dir, options=options)
+    if result is None:  # no harness plugin: the core's minimal runner
+        records = execute(cfg, run_dir, options, console=console.real())
+        render_table(summarize(records), console, title=f"{cfg.name} ({len(records)} records)")
+    console.print(f"wall time {time.perf_counter() - t0:.1f} s; records in {run_dir / 'records.jsonl'}")
+
+
+def _parse_options(items: list[str] | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"option {item!r} must look like key=value")
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value
+    return out
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Argument(help="the prompt ('-' reads standard input)")],
+    model: Annotated[str, typer.Option(help="'smollm2', an HF id or a folder")] = "smollm2",
+    attention: Annotated[str, typer.Option(help="attention backend")] = "dense",
+    kv_policy: Annotated[str, typer.Option("--kv-policy", help="KV policy")] = "full",
+    attention_option: Annotated[list[str] | None, typer.Option("--attention-option", "-a", help="key=value")] = None,
+    kv_option: Annotated[list[str] | None, typer.Option("--kv-option", "-k", help="key=value")] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 64,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """Generate for one prompt with a chosen model, attention and KV policy; print the stats."""
+    from apportion.config import ModelSpec
+
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    registry = _host().registry
+    backend = registry.create("attention", attention, _parse_options(attention_option))
+    policy = registry.create("kv-policy", kv_policy, _parse_options(kv_option))
+    from apportion.host import Host, load_model
+
+    loaded = load_model(ModelSpec(name=model, device=device))
+    result = Host(loaded, backend, policy).generate(prompt, max_new_tokens=max_new_tokens)[0]
+    stats = result.as_dict() | {"model": loaded.name, "device": str(loaded.device),
+                                "load_seconds": round(loaded.load_seconds, 3)}
+    if as_json:
+        print(json.dumps(stats, indent=2))
+        return
+    console.print(result.text)
+    console.rule()
+    for key in ("prompt_tokens", "new_tokens", "kv_tokens", "peak_kv_bytes", "prefill_seconds",
+                "decode_tokens_per_s", "model", "device", "load_seconds"):
+        value = stats[key]
+        console.print(f"{key:>20}: {value:.4f}" if isinstance(value, float) else f"{key:>20}: {value}")
+
+
+@app.command()
+def doctor() -> None:
+    """Versions of torch, CUDA and Triton, the device, and plugin health."""
+    import importlib.metadata as md
+    import platform
+
+    console.print(f"apportion-core {__version__} on Python {platform.python_version()} ({platform.machine()})")
+    for dist in ("torch", "transformers", "triton", "pluggy", "pydantic"):
+        try:
+            console.print(f"  {dist:<13} {md.version(dist)}")
+        except md.PackageNotFoundError:
+            console.print(f"  {dist:<13} [yellow]not installed[/yellow]")
+    try:
+        import torch
+
+        cuda = torch.cuda.is_available()
+        console.print(f"  CUDA          {torch.version.cuda or 'none'} (available: {cuda})")
+        console.print(f"  device        {torch.cuda.get_device_name(0) if cuda else 'cpu'}")
+    except ImportError:
+        console.print("  device        unknown (torch not installed: pip install 'apportion-core[hf]')")
+    from apportion.host.model import embedded_gguf
+
+    try:
+        console.print(f"  embedded model {embedded_gguf()}")
+    except ApportionError as exc:
+        console.print(f"  embedded model [yellow]{exc}[/yellow]")
+    host = _host()
+    bad = [p for p in host.plugins if p.error]
+    console.print(f"  plugins       {len(host.plugins) - len(bad)} ok, {len(bad)} broken")
+    for p in bad:
+        console.print(f"    [red]{p.name} ({p.distribution} {p.version}): {p.error}[/red]")
+
+
+def main() -> None:
+    """Entry point: load plugins (letting them add commands), then dispatch."""
+    argv = sys.argv[1:]
+    try:
+        if argv in (["plugins"], ["plugins", "--json"]):
+            # Fast path: typer's parameter coercion imports pydantic (~0.25 s on a small
+            # machine); listing plugins needs neither, and must stay well under 0.5 s.
+            plugins(as_json=argv == ["plugins", "--json"])
+            return
+        _host().hook.apportion_register_commands(app=app)
+        app(standalone_mode=True)
+    except ApportionError as exc:
+        err_console.print(f"[bold red]error:[/bold red] {exc}", highlight=False)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""Attention backends for the HF host. The base class *is* the ``dense`` backend (SDPA).
+
+A backend that computes attention differently returns a function from
+:meth:`AttentionBackend.attention_function` with transformers' attention signature
+``fn(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs) ->
+(output, weights)``. :meth:`AttentionBackend.installed` registers it in
+``AttentionInterface`` (and a mask builder in ``AttentionMaskInterface``) under
+``"apportion-<name>"`` and switches the model to it for the ``with`` block, so the same
+function also works as ``attn_implementation="apportion-<name>"`` in plain transformers.
+
+A backend that changes *how the prompt is read* (chunked reading, retrieval) overrides
+:meth:`prefill`; ``inner`` is the KV policy's prefill, so backends and policies compose.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, ClassVar
+
+from apportion.base import Component
+
+
+def register_attention(name: str, fn: Callable[..., Any], mask_fn: Callable[..., Any] | None = None) -> str:
+    """Register ``fn`` as ``name`` in transformers' attention and mask interfaces."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(name, fn)
+    AttentionMaskInterface.register(name, mask_fn or sdpa_mask)
+    return name
+
+
+class AttentionBackend(Component):
+    """``dense``: transformers' SDPA attention, unchanged."""
+
+    name: ClassVar[str] = "dense"
+    #: True if this backend reads prompts longer than the model's trained window.
+    extends_context: ClassVar[bool] = False
+
+    def attention_function(self) -> Callable[..., Any] | None:
+        """The attention function to install, or ``None`` to keep SDPA."""
+        return None
+
+    def mask_function(self) -> Callable[..., Any] | None:
+        """The mask builder for :class:`AttentionMaskInterface`; ``None`` means SDPA's."""
+        return None
+
+    @property
+    def attn_implementation(self) -> str:
+        return "sdpa" if self.attention_function() is None else f"apportion-{self.name}"
+
+    @contextmanager
+    def installed(self, model: Any) -> Iterator[None]:
+        fn = self.attention_function()
+        key = "sdpa"
+        if fn is not None:
+            key = register_attention(f"apportion-{self.name}", fn, self.mask_function())
+        previous = model.config._attn_implementation
+        if previous != key:
+            model.set_attn_implementation(key)
+        try:
+            yield
+        finally:
+            if previous != key:
+                model.set_attn_implementation(previous)
+
+    def prefill(
+        self,
+        model: Any,
+        input_ids: Any,
+        attention_mask: Any,
+        cache: Any,
+        *,
+        question_len: int,
+        inner: Callable[..., Any],
+    ) -> Any:
+        return inner(model, input_ids, attention_mask, cache, question_len=question_len)

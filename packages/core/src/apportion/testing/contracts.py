@@ -1,0 +1,275 @@
+"""The contract suites. Each class is collected only through a subclass that sets
+``component`` (the registered name); options for the instance under test go in ``options``."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import pytest
+
+QUESTION = "What is the secret code mentioned above? Answer with the code only."
+FACT = "The secret code is 4417-BLUE."
+
+
+def _long_context(n_sentences: int) -> str:
+    from apportion.baselines.haystack import sentences
+
+    pool = sentences()
+    body = list(pool[:n_sentences])
+    body.insert(n_sentences // 3, FACT)
+    return " ".join(body)
+
+
+class _Contract:
+    kind: ClassVar[str] = ""
+    component: ClassVar[str] = ""
+    options: ClassVar[dict[str, Any]] = {}
+
+    def make(self, registry: Any, **overrides: Any) -> Any:
+        return registry.create(self.kind, self.component, {**self.options, **overrides})
+
+    def test_registered_with_defaults(self, registry: Any) -> None:
+        spec = registry.get(self.kind, self.component)
+        assert spec.summary, "every component needs a one-line summary"
+        config = spec.config_model()()  # every field has a default
+        instance = spec.create(config)
+        assert instance is not None
+        desc = spec.describe()
+        assert "error" not in desc, desc.get("error")
+
+    def test_unknown_option_is_rejected(self, registry: Any) -> None:
+        from apportion.errors import ConfigError
+
+        with pytest.raises(ConfigError, match="no_such_option"):
+            registry.get(self.kind, self.component).validate_options({"no_such_option": 1})
+
+
+class AttentionContract(_Contract):
+    """Backends install and uninstall cleanly and keep a short prompt's answer close to dense.
+
+    ``max_logit_diff``: how far (max abs) the first-token logits may stray from dense on a
+    short prompt; ``None`` skips the check (for approximate backends on tiny contexts).
+    """
+
+    kind = "attention"
+    max_logit_diff: ClassVar[float | None] = 1e-3
+
+    def test_install_restores_model(self, registry: Any, smollm2: Any) -> None:
+        backend = self.make(registry)
+        before = smollm2.model.config._attn_implementation
+        with backend.installed(smollm2.model):
+            pass
+        assert smollm2.model.config._attn_implementation == before
+        assert isinstance(backend.extends_context, bool)
+
+    def test_generates_like_dense(self, registry: Any, smollm2: Any) -> None:
+        import torch
+
+        from apportion.host import Host
+        from apportion.host.attention import AttentionBackend
+        from apportion.host.kv import KVPolicy
+
+        context = _long_context(12)
+        prompt = f"{context}\n\n{QUESTION}"
+        host = Host(smollm2, self.make(registry), KVPolicy())
+        dense = Host(smollm2, AttentionBackend(), KVPolicy())
+        enc = dense.encode(prompt)
+        ids = torch.tensor([enc.ids])
+        mask = torch.ones_like(ids)
+        with torch.inference_mode():
+            outs = []
+            for h in (dense, host):
+                cache = h.kv_policy.make_cache(smollm2.model)
+                with h.attention.installed(smollm2.model):
+                    pre = h.attention.prefill(smollm2.model, ids, mask, cache, question_len=enc.question_len,
+                                              inner=h.kv_policy.prefill)
+                outs.append(pre.logits.float())
+        if self.max_logit_diff is not None:
+            assert (outs[0] - outs[1]).abs().max().item() <= self.max_logit_diff
+        text = host.generate(prompt, max_new_tokens=12)[0].text
+        assert text.strip()
+
+
+class KVPolicyContract(_Contract):
+    """Budget semantics every KV policy keeps.
+
+    Policies with a ``compression_ratio`` option must: equal ``full`` at 0; shrink the cache
+    (really: fewer bytes) at 0.5; keep the question; work for batch > 1 with left padding.
+    """
+
+    kind = "kv-policy"
+    #: compressed entries may exceed the exact budget by this many per layer (rounding, windows)
+    slack_tokens: ClassVar[int] = 8
+
+    def _has_ratio(self, registry: Any) -> bool:
+        return "compression_ratio" in registry.get(self.kind, self.component).config_model().model_fields
+
+    def _gen(self, smollm2: Any, policy: Any, prompts: Any, n: int = 16) -> Any:
+        from apportion.host import Host
+
+        return Host(smollm2, kv_policy=policy).generate(prompts, max_new_tokens=n)
+
+    def test_ratio_zero_equals_full(self, registry: Any, smollm2: Any) -> None:
+        from apportion.host.kv import KVPolicy
+
+        if not self._has_ratio(registry):
+            pytest.skip("no compression_ratio option")
+        prompt = f"{_long_context(20)}\n\n{QUESTION}"
+        got = self._gen(smollm2, self.make(registry, compression_ratio=0.0), prompt)[0]
+        ref = self._gen(smollm2, KVPolicy(), prompt)[0]
+        assert got.text == ref.text
+        assert got.kv_tokens == ref.kv_tokens
+
+    def test_compression_frees_memory(self, registry: Any, smollm2: Any) -> None:
+        from apportion.base import Prompt
+        from apportion.host import Host
+        from apportion.host.kv import KVPolicy
+
+        if not self._has_ratio(registry):
+            pytest.skip("no compression_ratio option")
+        context = _long_context(30)
+        prompt = Prompt([{"role": "user", "content": f"{context}\n\n{QUESTION}"}], question=QUESTION)
+        full = Host(smollm2, kv_policy=KVPolicy()).generate(prompt, max_new_tokens=4)[0]
+        got = Host(smollm2, kv_policy=self.make(registry, compression_ratio=0.5)).generate(prompt, max_new_tokens=4)[0]
+        question_len = Host(smollm2).encode(prompt).question_len
+        context_len = full.kv_tokens - question_len
+        budget = math.ceil(context_len * 0.5) + question_len
+        assert got.kv_tokens <= budget + self.slack_tokens, (got.kv_tokens, budget)
+        assert got.peak_kv_bytes < 0.62 * full.peak_kv_bytes, (got.peak_kv_bytes, full.peak_kv_bytes)
+
+    def test_batch_with_padding(self, registry: Any, smollm2: Any) -> None:
+        short = f"{_long_context(6)}\n\n{QUESTION}"
+        long = f"{_long_context(18)}\n\n{QUESTION}"
+        opts = {"compression_ratio": 0.0} if self._has_ratio(registry) else {}
+        policy = self.make(registry, **opts)
+        batch = self._gen(smollm2, policy, [short, long], n=10)
+        alone = [self._gen(smollm2, self.make(registry, **opts), p, n=10)[0] for p in (short, long)]
+        assert [b.text for b in batch] == [a.text for a in alone]
+
+    def test_batch_with_padding_compressed(self, registry: Any, smollm2: Any) -> None:
+        if not self._has_ratio(registry):
+            pytest.skip("no compression_ratio option")
+        short = f"{_long_context(6)}\n\n{QUESTION}"
+        long = f"{_long_context(18)}\n\n{QUESTION}"
+        out = self._gen(smollm2, self.make(registry, compression_ratio=0.5), [short, long], n=8)
+        assert len(out) == 2 and all(o.new_tokens > 0 for o in out)
+
+    def test_budget_at_least_context(self, registry: Any, smollm2: Any) -> None:
+        """A tiny prompt under a policy configured for long ones: nothing breaks."""
+        opts = {"compression_ratio": 0.1} if self._has_ratio(registry) else {}
+        out = self._gen(smollm2, self.make(registry, **opts), "Say hello.", n=6)[0]
+        assert out.new_tokens > 0
+
+
+class AllocatorContract(_Contract):
+    kind = "allocator"
+
+    def test_allocate_free_and_stats(self, registry: Any) -> None:
+        import torch
+
+        alloc = self.make(registry)
+        a = alloc.allocate((256, 16), torch.float32)
+        b = alloc.allocate((100,), torch.float16)
+        assert tuple(a.shape) == (256, 16) and a.dtype == torch.float32
+        assert tuple(b.shape) == (100,) and b.dtype == torch.float16
+        a.fill_(1.5)
+        assert float(a.sum()) == 1.5 * 256 * 16
+        stats = alloc.stats()
+        assert stats.peak_bytes >= 256 * 16 * 4 + 200
+        alloc.free(a)
+        alloc.free(b)
+        assert alloc.stats().peak_bytes >= stats.peak_bytes
+
+    def test_double_free_is_an_error(self, registry: Any) -> None:
+        import torch
+
+        alloc = self.make(registry)
+        t = alloc.allocate((8,), torch.float32)
+        alloc.free(t)
+        with pytest.raises((ValueError, KeyError)):
+            alloc.free(t)
+
+
+class TrainerStrategyContract(_Contract):
+    kind = "trainer-strategy"
+
+    def test_allocation_spends_budget(self, registry: Any) -> None:
+        s = self.make(registry)
+        alloc = s.allocate_rollouts(4, 32)
+        assert len(alloc) == 4 and sum(alloc) <= 32 and min(alloc) >= 1
+        with pytest.raises(ValueError, match="budget"):
+            s.allocate_rollouts(8, 4)
+
+    def test_advantages_shape_and_bad_rewards(self, registry: Any) -> None:
+        s = self.make(registry)
+        adv = s.advantages([[1.0, 0.0, 1.0, 0.0], [1.0], [0.0, float("nan"), None, 1.0]])
+        assert [len(a) for a in adv] == [4, 1, 4]
+        assert all(math.isfinite(x) for g in adv for x in g)
+        assert adv[1] == [0.0]  # a group of one carries no signal
+        assert adv[0][0] > 0 > adv[0][1]
+        assert adv[2][1] == 0.0 and adv[2][2] == 0.0  # NaN/None excluded
+
+    def test_loss_is_differentiable_scalar(self, registry: Any) -> None:
+        import torch
+
+        s = self.make(registry)
+        logps = torch.randn(4, 6, requires_grad=True)
+        loss = s.loss(logps, logps.detach(), torch.tensor([1.0, -1.0, 0.5, 0.0]), torch.ones(4, 6))
+        assert loss.dim() == 0 and torch.isfinite(loss)
+        loss.backward()
+        assert logps.grad is not None
+
+
+class PromptStrategyContract(_Contract):
+    kind = "prompt-strategy"
+
+    def test_builds_messages(self, registry: Any, smollm2: Any) -> None:
+        s = self.make(registry)
+        p = s.build("What is 2+2?", context="Some context.", tokenizer=smollm2.tokenizer, budget=512)
+        assert p.messages and p.messages[-1]["role"] == "user"
+        assert "What is 2+2?" in p.messages[-1]["content"]
+        assert isinstance(p.accounting, dict)
+
+    def test_budget_smaller_than_query(self, registry: Any, smollm2: Any) -> None:
+        from apportion.errors import ApportionError
+
+        s = self.make(registry)
+        with pytest.raises((ApportionError, ValueError), match="budget"):
+            s.build("word " * 200, tokenizer=smollm2.tokenizer, budget=10)
+
+
+class BenchmarkContract(_Contract):
+    """Deterministic samples, lengths near target in model tokens, scores in [0, 1]."""
+
+    kind = "benchmark"
+    length_tolerance: ClassVar[float] = 0.02
+    small_options: ClassVar[dict[str, Any]] = {"lengths": [512, 1024], "samples": 1}
+
+    def _samples(self, registry: Any, tok: Any, **kw: Any) -> list[Any]:
+        return list(self.make(registry, **{**self.small_options, **kw}).samples(tok))
+
+    def test_deterministic(self, registry: Any, smollm2: Any) -> None:
+        a = self._samples(registry, smollm2.tokenizer, seed=3)
+        b = self._samples(registry, smollm2.tokenizer, seed=3)
+        assert [(s.id, s.context, s.question, s.answers) for s in a] == \
+               [(s.id, s.context, s.question, s.answers) for s in b]
+        c = self._samples(registry, smollm2.tokenizer, seed=4)
+        assert [s.context for s in a] != [s.context for s in c]
+
+    def test_lengths_near_target(self, registry: Any, smollm2: Any) -> None:
+        from apportion.host import Host
+
+        host = Host(smollm2)
+        bench = self.make(registry, **self.small_options)
+        strategy = registry.create("prompt-strategy", "zero-shot")
+        for s in bench.samples(smollm2.tokenizer):
+            n = len(host.encode(strategy.build(s.question, context=s.context)).ids)
+            assert abs(n - s.length) <= self.length_tolerance * s.length, (s.id, n, s.length)
+
+    def test_scoring(self, registry: Any, smollm2: Any) -> None:
+        bench = self.make(registry, **self.small_options)
+        for s in bench.samples(smollm2.tokenizer):
+            assert bench.score(s, " ".join(s.answers)) == 1.0
+            assert 0.0 <= bench.score(s, "") <= 1.0
+            assert bench.score(s, "") < 1.0

@@ -1,0 +1,3 @@
+"""apportion-eval."""
+
+__version__ = "0.1.0"

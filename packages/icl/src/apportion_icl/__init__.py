@@ -1,0 +1,3 @@
+"""apportion-icl."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+"""apportion-kvcache."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+"""apportion-offload."""
+
+__version__ = "0.1.0"

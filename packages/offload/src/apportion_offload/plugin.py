@@ -1,0 +1,5 @@
+"""Entry point of apportion-offload: registers its components by import path (nothing heavy here)."""
+
+from apportion import hookimpl  # noqa: F401
+
+APPORTION_API = ">=1.0,<2"

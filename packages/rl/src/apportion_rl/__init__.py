@@ -1,0 +1,3 @@
+"""apportion-rl."""
+
+__version__ = "0.1.0"
