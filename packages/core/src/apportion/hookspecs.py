@@ -123,6 +123,16 @@ def apportion_run(config: Any, run_dir: Any, options: Any) -> Any:
     """
 
 
+@hookspec(firstresult=True)
+def apportion_plan_offload(plan: Any, placement: str, hardware: Any) -> Any:
+    """Extend ``apportion plan --offload PLACEMENT`` with a placement's step-time estimate.
+
+    ``plan`` is the core's :class:`apportion.plan.Plan` (model, hardware, the long-context cost
+    figures); return a mapping of extra named figures to print, or ``None`` if the placement
+    is not yours.
+    """
+
+
 @hookspec
 def apportion_model_loaded(model: Any, tokenizer: Any, spec: Any) -> None:
     """Called once after the host loads a model (e.g. to attach a store or warm a kernel)."""
