@@ -1,0 +1,28 @@
+"""Typed errors of apportion-offload. Each message names what was wrong and what to change."""
+
+from __future__ import annotations
+
+from apportion.errors import ApportionError
+
+
+class OffloadError(ApportionError):
+    """Base class of every error this package raises on purpose."""
+
+
+class PoolCapacityError(OffloadError, MemoryError):
+    """An allocation would push a pool past its hard cap (raised instead of an OOM crash)."""
+
+
+class SwapSpaceError(OffloadError, OSError):
+    """The swap directory's file system is full (ENOSPC) or refuses the file's size (EFBIG).
+
+    Nothing of the swap that failed is visible afterwards: its temporary file is removed.
+    """
+
+
+class SwapFormatError(OffloadError, ValueError):
+    """A file that is not an apportion swap file, of an unknown version, or not aligned."""
+
+
+class SwapChecksumError(OffloadError):
+    """A swap file's header or data block does not match its stored checksum."""
