@@ -1,0 +1,155 @@
+"""nvme: round trips, atomicity, checksums, refusal of foreign files, and a really full disk."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from apportion.testing.contracts import AllocatorContract
+from apportion_offload.errors import SwapChecksumError, SwapFormatError, SwapSpaceError
+from apportion_offload.swap import MAGIC, NvmeSwapConfig, NvmeSwapper
+
+
+class TestNvmeContract(AllocatorContract):
+    component = "nvme"
+
+
+@pytest.fixture
+def swapper(tmp_path):
+    s = NvmeSwapper(NvmeSwapConfig(directory=str(tmp_path / "swap"), block_bytes=1 << 16, pin="none"))
+    yield s
+    s.close()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int64, torch.uint8])
+def test_round_trip_staged(swapper, dtype):
+    src = (torch.randn(37, 1001) * 100).to(dtype)  # not aligned in a pool: goes through staging
+    swapper.swap_out("t", src).result()
+    back = swapper.swap_in("t").result()
+    assert back.dtype == dtype and back.shape == src.shape and torch.equal(back, src)
+    assert back.data_ptr() % 4096 == 0
+    swapper.free(back)
+
+
+def test_round_trip_zero_copy_and_views(swapper):
+    src = swapper.allocate((300, 700), torch.float32)
+    src.normal_()
+    swapper.swap_out("a", src).result()
+    out = torch.empty(300, 700)
+    swapper.swap_in("a", out=out).result()  # foreign destination: staged read
+    assert torch.equal(out, src)
+    swapper.swap_out("b", src.t()).result()  # non-contiguous source
+    assert torch.equal(swapper.swap_in("b").result(), src.t().contiguous())
+    swapper.swap_out("z", torch.empty(0, 5)).result()
+    assert swapper.swap_in("z").result().shape == (0, 5)
+    extra = swapper.stats().extra
+    assert extra["zero_copy_out"] >= 1 and extra["zero_copy_in"] >= 1
+    assert sorted(swapper.keys()) == ["a", "b", "z"]
+    with pytest.raises(ValueError, match="out is"):
+        swapper.swap_in("a", out=torch.empty(3))
+
+
+def test_file_layout_is_aligned(swapper):
+    swapper.swap_out("x", torch.arange(12345, dtype=torch.int32)).result()
+    path = swapper.path("x")
+    assert path.stat().st_size % 4096 == 0
+    assert path.read_bytes()[:8] == MAGIC
+    header = swapper.read_header(path)
+    assert header.nbytes == 12345 * 4 and header.dtype == "int32"
+    assert len(header.blocks) == 1
+
+
+def test_corruption_is_caught(swapper):
+    swapper.swap_out("c", torch.randn(200_000)).result()  # 800 KB: 13 blocks of 64 KiB
+    path = swapper.path("c")
+    data = bytearray(path.read_bytes())
+    data[-5000] ^= 0x40
+    path.write_bytes(bytes(data))
+    with pytest.raises(SwapChecksumError, match=r"block 12 .* fails its checksum"):
+        swapper.swap_in("c").result()
+    data[-5000] ^= 0x40
+    data[40] ^= 0x01  # inside the header's JSON
+    path.write_bytes(bytes(data))
+    with pytest.raises(SwapChecksumError, match="header"):
+        swapper.swap_in("c")
+    assert swapper.stats().extra["pool"]["live_bytes"] == 0  # the failed reads gave their buffers back
+
+
+def test_foreign_truncated_and_unaligned_files_are_refused(swapper):
+    foreign = swapper.directory / "f.apswap"
+    foreign.write_bytes(b"not a swap file at all" * 400)
+    with pytest.raises(SwapFormatError, match="not an apportion swap file"):
+        swapper.swap_in("f")
+    swapper.swap_out("g", torch.randn(5000)).result()
+    good = swapper.path("g").read_bytes()
+    swapper.path("g").write_bytes(good[:-100])  # truncated and no longer aligned
+    with pytest.raises(SwapFormatError, match="truncated, extended or unaligned"):
+        swapper.swap_in("g")
+    swapper.path("g").write_bytes(good + b"\0" * 4096)
+    with pytest.raises(SwapFormatError, match="truncated, extended or unaligned"):
+        swapper.swap_in("g")
+    with pytest.raises(ValueError, match="swap key"):
+        swapper.swap_out("../escape", torch.zeros(1))
+    with pytest.raises(FileNotFoundError, match="no swap file"):
+        swapper.swap_in("missing")
+
+
+def test_replacing_a_key_is_atomic(swapper):
+    swapper.swap_out("k", torch.zeros(1000)).result()
+    swapper.swap_out("k", torch.ones(1000)).result()
+    assert torch.equal(swapper.swap_in("k").result(), torch.ones(1000))
+    assert [p.name for p in swapper.directory.iterdir()] == ["k.apswap"]
+
+
+def _mount_tiny_ext4(where: Path) -> bool:
+    if os.geteuid() != 0 or not shutil.which("mkfs.ext4"):
+        return False
+    img = where.parent / "tiny.img"
+    where.mkdir()
+    subprocess.run(["truncate", "-s", "8M", str(img)], check=True)
+    mk = subprocess.run(["mkfs.ext4", "-q", str(img)], capture_output=True)
+    mount = subprocess.run(["mount", "-o", "loop", str(img), str(where)], capture_output=True)
+    return mk.returncode == 0 and mount.returncode == 0
+
+
+def test_full_disk_is_a_clear_error_and_leaves_nothing(tmp_path):
+    mnt = tmp_path / "mnt"
+    if not _mount_tiny_ext4(mnt):
+        pytest.skip("needs root and loop devices to mount a tiny file system")
+    try:
+        s = NvmeSwapper(NvmeSwapConfig(directory=str(mnt), block_bytes=1 << 20, pin="none"))
+        s.swap_out("fits", torch.ones(1 << 19)).result()  # 2 MiB
+        with pytest.raises(SwapSpaceError, match="no space left on the device.*'big'"):
+            s.swap_out("big", torch.ones(4 << 20)).result()  # 16 MiB on a 6 MiB fs
+        assert sorted(p.name for p in mnt.iterdir() if p.name != "lost+found") == ["fits.apswap"]
+        assert torch.equal(s.swap_in("fits").result(), torch.ones(1 << 19))
+        s.close()
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_file_size_limit_is_a_clear_error(tmp_path):
+    """RLIMIT_FSIZE is real for any user: the kernel refuses the preallocation (EFBIG)."""
+    code = textwrap.dedent(f"""
+        import json, os, resource, torch
+        from apportion_offload.swap import NvmeSwapper, NvmeSwapConfig
+        from apportion_offload.errors import SwapSpaceError
+        s = NvmeSwapper(NvmeSwapConfig(directory={str(tmp_path)!r}, pin="none"))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+        s.swap_out("small", torch.ones(1000)).result()
+        try:
+            s.swap_out("big", torch.ones(1 << 20)).result()
+            print(json.dumps({{"raised": None}}))
+        except SwapSpaceError as e:
+            print(json.dumps({{"raised": str(e), "files": sorted(os.listdir({str(tmp_path)!r}))}}))
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["raised"] and "file size limit" in out["raised"] and "'big'" in out["raised"]
+    assert out["files"] == ["small.apswap"]
