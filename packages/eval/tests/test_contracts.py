@@ -1,0 +1,49 @@
+"""Every benchmark this package registers passes the core's BenchmarkContract."""
+
+from apportion.testing.contracts import BenchmarkContract
+
+
+class TestNiah(BenchmarkContract):
+    component = "niah"
+
+
+class TestNiahMultiKeyUUID(BenchmarkContract):
+    component = "niah"
+    options = {"variant": "multi-key", "value_type": "uuid"}
+
+
+class TestNiahMultiValueWords(BenchmarkContract):
+    component = "niah"
+    options = {"variant": "multi-value", "value_type": "word"}
+
+
+class TestNiahMultiQuery(BenchmarkContract):
+    component = "niah"
+    options = {"variant": "multi-query"}
+
+
+class TestVariableTracking(BenchmarkContract):
+    component = "variable-tracking"
+    options = {"num_chains": 2}
+
+
+class TestNeedleThreading(BenchmarkContract):
+    component = "needle-threading"
+
+
+class TestNeedleThreadingMultiBackward(BenchmarkContract):
+    component = "needle-threading"
+    options = {"threads": 2, "direction": "backward", "key_format": "word"}
+
+
+class TestHoloBench(BenchmarkContract):
+    component = "holobench"
+
+
+class TestHoloBenchBimodal(BenchmarkContract):
+    component = "holobench"
+    options = {"placement": "bimodal", "density": 0.3, "queries": ["count", "group-by"]}
+
+
+class TestLongGen(BenchmarkContract):
+    component = "longgen"
