@@ -1,5 +1,31 @@
 """Entry point of apportion-attention: registers its components by import path (nothing heavy here)."""
 
-from apportion import hookimpl  # noqa: F401
+from apportion import hookimpl
 
 APPORTION_API = ">=1.0,<2"
+
+
+@hookimpl
+def apportion_register_attention(register):
+    # issue 5: Squeezed Attention, LongHeads, InfiniRetri
+    register("squeezed", "apportion_attention.squeezed.backend:Squeezed",
+             config="apportion_attention.squeezed.backend:SqueezedConfig",
+             summary="Squeezed Attention: K-means key clusters, two-level centroid lookup, sparse decode (Triton)")
+    register("longheads", "apportion_attention.longheads:LongHeads",
+             config="apportion_attention.longheads:LongHeadsConfig",
+             summary="LongHeads: per-head top-k chunks, positions remapped into the trained window")
+    register("infiniretri", "apportion_attention.infiniretri:InfiniRetri",
+             config="apportion_attention.infiniretri:InfiniRetriConfig",
+             summary="InfiniRetri: chunked reading, the question's attention keeps sentences for the next chunk")
+    # issue 8: APE, DistAttention, HoPE (+ its RoPE-scaling comparators), SSA
+    register("distattention", "apportion_attention.distattention:DistAttention",
+             config="apportion_attention.distattention:DistAttentionConfig",
+             summary="DistAttention (Infinite-LLM): micro-attention over KV shards, merged exactly by LSE")
+
+
+@hookimpl
+def apportion_model_loaded(model, tokenizer, spec):
+    # issue 5: InfiniRetri finds sentence ends with the host's tokenizer
+    from apportion_attention.infiniretri import TOKENIZERS
+
+    TOKENIZERS[model] = tokenizer
