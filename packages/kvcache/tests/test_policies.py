@@ -1,0 +1,110 @@
+"""Eviction policies: the kv-policy contract, plus what each technique promises."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from apportion.base import Prompt
+from apportion.host import Host
+from apportion.host.kv import KVPolicy
+from apportion.testing.contracts import FACT, QUESTION, KVPolicyContract, _long_context
+
+
+class TestStreamingContract(KVPolicyContract):
+    component = "streaming"
+
+
+class TestSnapKVContract(KVPolicyContract):
+    component = "snapkv"
+
+
+class TestH2OContract(KVPolicyContract):
+    component = "h2o"
+
+
+class TestQSpanContract(KVPolicyContract):
+    component = "qspan"
+
+
+def _prompt(n: int = 30) -> Prompt:
+    return Prompt([{"role": "user", "content": f"{_long_context(n)}\n\n{QUESTION}"}], question=QUESTION)
+
+
+@pytest.fixture(scope="module")
+def prefilled(smollm2):
+    """One prompt's full KV, for checking what each policy keeps."""
+    host = Host(smollm2)
+    enc = host.encode(_prompt())
+    ids = torch.tensor([enc.ids])
+    return ids, enc.question_len
+
+
+def _prefill(smollm2, policy, ids, question_len):
+    cache = policy.make_cache(smollm2.model)
+    with torch.inference_mode():
+        out = policy.prefill(smollm2.model, ids, torch.ones_like(ids), cache, question_len=question_len)
+    return cache, out
+
+
+@pytest.mark.parametrize("name", ["streaming", "snapkv", "h2o", "qspan"])
+def test_budget_is_exact_and_question_kept(registry, smollm2, prefilled, name):
+    """Every layer and head keeps exactly n_keep entries, and the question's keys are intact."""
+    ids, qlen = prefilled
+    full_cache, _ = _prefill(smollm2, KVPolicy(), ids, qlen)
+    policy = registry.create("kv-policy", name, {"compression_ratio": 0.75})
+    cache, out = _prefill(smollm2, policy, ids, qlen)
+    n = ids.shape[1]
+    n_keep = -(-(n - qlen) // 4) + qlen
+    assert out.info["n_keep"] == n_keep
+    for full_layer, layer in zip(full_cache.layers, cache.layers, strict=True):
+        assert layer.keys.shape[-2] == n_keep and layer.values.shape == layer.keys.shape
+        # the tail is kept verbatim: it is the question, at its original RoPE positions
+        torch.testing.assert_close(layer.keys[..., -qlen:, :], full_layer.keys[..., -qlen:, :])
+
+
+def test_streaming_keeps_sinks_and_recent(registry, smollm2, prefilled):
+    ids, qlen = prefilled
+    full_cache, _ = _prefill(smollm2, KVPolicy(), ids, qlen)
+    policy = registry.create("kv-policy", "streaming", {"compression_ratio": 0.5, "n_sink": 4})
+    cache, out = _prefill(smollm2, policy, ids, qlen)
+    k_full, k = full_cache.layers[3].keys, cache.layers[3].keys
+    n_keep = k.shape[-2]
+    torch.testing.assert_close(k[..., :4, :], k_full[..., :4, :])
+    torch.testing.assert_close(k[..., 4:, :], k_full[..., -(n_keep - 4):, :])
+
+
+def test_snapkv_heads_keep_their_own_tokens(registry, smollm2, prefilled):
+    """GQA-aware: different KV heads keep different token sets (not one shared selection)."""
+    ids, qlen = prefilled
+    full_cache, _ = _prefill(smollm2, KVPolicy(), ids, qlen)
+    cache, _ = _prefill(smollm2, registry.create("kv-policy", "snapkv", {"compression_ratio": 0.75}), ids, qlen)
+    k_full, k = full_cache.layers[10].keys[0], cache.layers[10].keys[0]
+    kept = []
+    for h in range(k.shape[0]):
+        # recover which original tokens each head kept by matching key rows
+        d = torch.cdist(k[h], k_full[h])
+        kept.append(set(d.argmin(-1).tolist()))
+    assert len({frozenset(s) for s in kept}) > 1
+
+
+def test_eviction_keeps_the_needle_answer(registry, smollm2):
+    """At 50% compression the question-aware policy still finds the code in a short haystack."""
+    prompt = _prompt(40)
+    out = Host(smollm2, kv_policy=registry.create("kv-policy", "qspan", {"compression_ratio": 0.5})).generate(
+        prompt, max_new_tokens=24)[0]
+    assert "4417" in out.text, (FACT, out.text)
+
+
+def test_patch_plain_transformers_generate_matches_host(registry, smollm2):
+    """``policy.patch(model)`` around ``model.generate`` gives the host's answer (positions kept)."""
+    policy = registry.create("kv-policy", "snapkv", {"compression_ratio": 0.5})
+    host = Host(smollm2, kv_policy=policy)
+    prompt = _prompt(20)
+    enc = host.encode(prompt)
+    want = host.generate(prompt, max_new_tokens=12)[0].text
+    ids = torch.tensor([enc.ids])
+    with torch.inference_mode(), policy.patch(smollm2.model, question_len=enc.question_len):
+        out = smollm2.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
+                                     do_sample=False)
+    got = smollm2.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+    assert got.startswith(want[:20]), (got, want)
