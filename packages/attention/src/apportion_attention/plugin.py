@@ -21,6 +21,8 @@ def apportion_register_attention(register):
     register("distattention", "apportion_attention.distattention:DistAttention",
              config="apportion_attention.distattention:DistAttentionConfig",
              summary="DistAttention (Infinite-LLM): micro-attention over KV shards, merged exactly by LSE")
+    register("ape", "apportion_attention.ape:APE", config="apportion_attention.ape:APEConfig",
+             summary="APE: contexts encoded in parallel after a shared prefix, cached; temperature + scale at query time")
 
 
 @hookimpl

@@ -1,0 +1,326 @@
+"""APE: adaptive parallel encoding of independent contexts (Yang, Chen & Chen, 2025).
+
+Context-augmented prompts (RAG chunks, ICL demonstrations) are a shared prefix, several
+independent contexts and a query. Sequential encoding re-reads every context, attending to
+all earlier ones, for every request. APE encodes each context *on its own*, right after
+the shared prefix, so all contexts reuse the same positions ``[P, P + len)``; their KV can
+be computed in parallel, cached and reused by any later request that contains them, in any
+order. At query time the query (and every generated token) attends to
+
+- the prefix and the query/generated tokens (causal, as usual), and
+- the contexts, with the logits divided by the **temperature** ``T`` and the contexts'
+  log-sum-exp multiplied by ``S * T`` (**scaling factor** ``S``) before the two parts are
+  merged: ``out = softmax([S*T*lse_ctx, lse_other]) . [out_ctx, out_other]``.
+
+``T < 1`` sharpens attention inside the many contexts; ``S < 1`` shrinks their summed weight,
+which parallel encoding inflates (N contexts all look "early" and all carry sink-like mass).
+The query's positions continue after the *longest* context.
+
+Prompt layout for the host: the contexts are the paragraphs (``separator``, default a blank
+line) of the prompt: the text before the first separator (chat header + instruction) is the
+shared prefix, the text after the last one (question + chat suffix) is the query. A prompt
+with fewer than ``min_contexts`` contexts is read sequentially by the KV policy as usual.
+
+Context KV is cached and reused across queries: in apportion-kvcache's store when ``store``
+names one (a directory or ``redis://`` URL; safetensors payloads, checksummed), else in an
+in-process LRU (:class:`MemoryContextStore`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from apportion.config import ComponentConfig
+from apportion.errors import ApportionError, ConfigError
+from apportion.host.attention import AttentionBackend
+from apportion.host.kv import PrefillOutput, cache_kwargs
+from apportion.host.lse import merge, partial_attention
+from pydantic import Field
+
+KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer (keys, values), (1, hkv, n, d)
+
+
+class APEError(ApportionError):
+    """A prompt or cache APE cannot encode (batch > 1, empty context, mismatched store entry)."""
+
+
+class APEConfig(ComponentConfig):
+    temperature: float = Field(0.9, gt=0.0, le=2.0, description="attention temperature T on the contexts")
+    scale: float = Field(0.9, gt=0.0, le=2.0, description="scaling factor S on the contexts' log-sum-exp")
+    separator: str = Field("\n\n", min_length=1, description="text separating prefix, contexts and query")
+    min_contexts: int = Field(2, ge=1, description="fewer contexts than this: read sequentially")
+    store: str | None = Field(None, description="apportion-kvcache store (directory or redis:// URL) "
+                                                "for context KV; None: in-process LRU")
+    cache_entries: int = Field(512, ge=0, description="contexts kept by the in-process LRU (0: no caching)")
+
+
+# --------------------------------------------------------------------------- context store
+
+
+class MemoryContextStore:
+    """In-process LRU of context KV with the same ``save_kv``/``load_kv`` shape as
+    apportion-kvcache's stores (used when no store is configured)."""
+
+    def __init__(self, max_entries: int = 512):
+        self.max_entries = max_entries
+        self._entries: OrderedDict[str, KV] = OrderedDict()
+        self.hits = self.misses = 0
+
+    @staticmethod
+    def _key(fingerprint: str, token_ids: Sequence[int]) -> str:
+        return hashlib.sha256(f"{fingerprint}:{','.join(map(str, token_ids))}".encode()).hexdigest()
+
+    def load_kv(self, fingerprint: str, token_ids: Sequence[int], *, model: Any = None) -> KV | None:
+        kv = self._entries.get(self._key(fingerprint, token_ids))
+        if kv is None:
+            self.misses += 1
+            return None
+        self._entries.move_to_end(self._key(fingerprint, token_ids))
+        self.hits += 1
+        return kv
+
+    def save_kv(self, fingerprint: str, token_ids: Sequence[int], kv: KV, meta: Any = None) -> str:
+        key = self._key(fingerprint, token_ids)
+        if self.max_entries == 0:
+            return key
+        self._entries[key] = [(k.detach(), v.detach()) for k, v in kv]
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+        return key
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def open_context_store(config: APEConfig) -> Any:
+    if config.store is None:
+        return MemoryContextStore(config.cache_entries)
+    try:
+        from apportion_kvcache.store import open_store
+    except ImportError as exc:
+        raise ConfigError(f"ape: store={config.store!r} needs apportion-kvcache installed ({exc})") from None
+    return open_store(config.store)
+
+
+# ----------------------------------------------------------------------------- encoding
+
+
+@dataclass
+class APEState:
+    """Where the contexts sit in the cache the query reads (set by :meth:`APE.assemble`)."""
+
+    ctx_start: int = 0  # cache index of the first context entry (= prefix length)
+    ctx_end: int = 0  # one past the last context entry
+    next_position: int = 0  # position id of the first query token
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+def _sdpa(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+          attention_mask: Any, **kwargs: Any) -> tuple[torch.Tensor, Any]:
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+class APE(AttentionBackend):
+    """``ape``: parallel-encoded contexts with a shared prefix, temperature and scaling factor."""
+
+    name: ClassVar[str] = "ape"
+    Config = APEConfig
+
+    def __init__(self, config: APEConfig | None = None):
+        super().__init__(config)
+        self.state: APEState | None = None
+        self.store = open_context_store(self.config)
+        self._separators: dict[str, list[list[int]]] = {}
+
+    # ------------------------------------------------------------------ attention
+    def attention_function(self) -> Callable[..., Any]:
+        temperature, scale_s = self.config.temperature, self.config.scale
+
+        def attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask: Any, scaling: float | None = None, dropout: float = 0.0,
+                      **kwargs: Any) -> tuple[torch.Tensor, Any]:
+            st = self.state
+            if st is None or st.ctx_end <= st.ctx_start or key.shape[-2] < st.ctx_end:
+                return _sdpa(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+            if query.shape[0] != 1:
+                raise APEError("ape reads one prompt at a time (batch size 1)")
+            sm = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
+            b, hq, q_len, d = query.shape
+            hkv = key.shape[1]
+            qg = query.view(b, hkv, hq // hkv, q_len, d)
+            a, z = st.ctx_start, st.ctx_end
+            k_ctx, v_ctx = key[:, :, a:z].unsqueeze(2), value[:, :, a:z].unsqueeze(2)
+            k_oth = torch.cat([key[:, :, :a], key[:, :, z:]], dim=-2).unsqueeze(2)
+            v_oth = torch.cat([value[:, :, :a], value[:, :, z:]], dim=-2).unsqueeze(2)
+            n_oth = k_oth.shape[-2]
+            q_idx = torch.arange(n_oth - q_len, n_oth, device=query.device)
+            causal = torch.arange(n_oth, device=query.device)[None, :] <= q_idx[:, None]
+            o_ctx, lse_ctx = partial_attention(qg, k_ctx, v_ctx, scale=sm / temperature)
+            o_oth, lse_oth = partial_attention(qg, k_oth, v_oth, scale=sm, mask=causal)
+            out, _ = merge([o_ctx, o_oth], [lse_ctx * (scale_s * temperature), lse_oth])
+            return out.reshape(b, hq, q_len, d).to(query.dtype).transpose(1, 2).contiguous(), None
+
+        return attention
+
+    # ------------------------------------------------------------------ encoding API
+    @staticmethod
+    def fingerprints(model: Any, prefix_ids: Sequence[int]) -> tuple[str, str]:
+        """Store namespaces: the model (for the prefix itself) and model + shared prefix (for
+        contexts, whose KV depends on the prefix they were encoded after)."""
+        from apportion.host.model import model_fingerprint
+
+        base = model_fingerprint(model.config, str(getattr(model, "name_or_path", "")))
+        digest = hashlib.sha256(",".join(map(str, prefix_ids)).encode()).hexdigest()[:16]
+        return base, f"{base}:ape-prefix-{digest}"
+
+    @torch.inference_mode()
+    def _forward_kv(self, model: Any, ids: list[list[int]], past: KV | None, start: int) -> list[KV]:
+        """Encode right-padded rows ``ids`` after ``past`` (shared, batch 1) at positions
+        ``start, start+1, ...``; returns each row's own new KV (padding cut off)."""
+        from transformers import DynamicCache
+
+        device = next(model.parameters()).device
+        n, width = len(ids), max(len(r) for r in ids)
+        pad = 0
+        input_ids = torch.full((n, width), pad, dtype=torch.long, device=device)
+        mask = torch.zeros((n, start + width), dtype=torch.long, device=device)
+        mask[:, :start] = 1
+        for i, r in enumerate(ids):
+            input_ids[i, : len(r)] = torch.tensor(r, device=device)
+            mask[i, start: start + len(r)] = 1
+        cache = DynamicCache(config=model.config)
+        if past is not None:
+            for layer, (k, v) in enumerate(past):
+                cache.update(k.expand(n, -1, -1, -1).contiguous(), v.expand(n, -1, -1, -1).contiguous(), layer)
+        positions = (start + torch.arange(width, device=device)).expand(n, -1)
+        previous, self.state = self.state, None  # plain causal attention while encoding
+        try:
+            model(input_ids=input_ids, attention_mask=mask if n > 1 or past is not None else None,
+                  position_ids=positions, use_cache=True, logits_to_keep=1, **cache_kwargs(model, cache))
+        finally:
+            self.state = previous
+        out = []
+        for i, r in enumerate(ids):
+            out.append([(layer.keys[i: i + 1, :, start: start + len(r)].clone(),
+                         layer.values[i: i + 1, :, start: start + len(r)].clone()) for layer in cache.layers])
+        return out
+
+    def encode_contexts(self, model: Any, prefix_ids: Sequence[int],
+                        contexts: Sequence[Sequence[int]]) -> tuple[KV, list[KV], dict[str, Any]]:
+        """KV of the shared prefix and of every context (from the store, or encoded in one
+        parallel batch at the reused positions and stored). Returns (prefix, contexts, stats)."""
+        if not prefix_ids:
+            raise APEError("ape needs a non-empty shared prefix (the attention sink lives there)")
+        if any(len(c) == 0 for c in contexts):
+            raise APEError("ape got an empty context")
+        prefix_ids = list(prefix_ids)
+        base, fp = self.fingerprints(model, prefix_ids)
+        t0 = time.perf_counter()
+        prefix = self._load(base, prefix_ids, model)
+        if prefix is None:
+            prefix = self._forward_kv(model, [prefix_ids], None, 0)[0]
+            self.store.save_kv(base, prefix_ids, prefix)
+        kvs: list[KV | None] = [self._load(fp, list(c), model) for c in contexts]
+        missing = [i for i, kv in enumerate(kvs) if kv is None]
+        if missing:
+            fresh = self._forward_kv(model, [list(contexts[i]) for i in missing], prefix, len(prefix_ids))
+            for i, kv in zip(missing, fresh, strict=True):
+                kvs[i] = kv
+                self.store.save_kv(fp, list(contexts[i]), kv)
+        stats = {"contexts": len(contexts), "encoded": len(missing), "reused": len(contexts) - len(missing),
+                 "encode_seconds": time.perf_counter() - t0}
+        return prefix, [kv for kv in kvs if kv is not None], stats
+
+    def _load(self, fp: str, ids: list[int], model: Any) -> KV | None:
+        kv = self.store.load_kv(fp, ids, model=model)
+        if kv is not None and kv[0][0].shape[-2] != len(ids):
+            raise APEError(f"stored KV holds {kv[0][0].shape[-2]} tokens, the segment has {len(ids)}")
+        return kv
+
+    def assemble(self, model: Any, cache: Any, prefix: KV, contexts: list[KV]) -> APEState:
+        """Fill ``cache`` with [prefix | context 1 | ... | context N] and set the state the
+        attention function reads. Returns it."""
+        n_prefix = prefix[0][0].shape[-2]
+        lengths = [c[0][0].shape[-2] for c in contexts]
+        for layer in range(len(prefix)):
+            k = torch.cat([prefix[layer][0]] + [c[layer][0] for c in contexts], dim=-2)
+            v = torch.cat([prefix[layer][1]] + [c[layer][1] for c in contexts], dim=-2)
+            cache.update(k, v, layer)
+        self.state = APEState(ctx_start=n_prefix, ctx_end=n_prefix + sum(lengths),
+                              next_position=n_prefix + max(lengths))
+        return self.state
+
+    @torch.inference_mode()
+    def prefill_parts(self, model: Any, prefix_ids: Sequence[int], contexts: Sequence[Sequence[int]],
+                      query_ids: Sequence[int], cache: Any) -> PrefillOutput:
+        """The APE prefill of (prefix, contexts, query) into ``cache`` (batch 1)."""
+        if not query_ids:
+            raise APEError("ape needs a non-empty query")
+        prefix, kvs, stats = self.encode_contexts(model, prefix_ids, contexts)
+        st = self.assemble(model, cache, prefix, kvs)
+        device = next(model.parameters()).device
+        positions = st.next_position + torch.arange(len(query_ids), device=device)
+        t0 = time.perf_counter()
+        out = model(input_ids=torch.tensor([list(query_ids)], device=device), position_ids=positions[None],
+                    use_cache=True, logits_to_keep=1, **cache_kwargs(model, cache))
+        stats["query_seconds"] = time.perf_counter() - t0
+        st.stats = stats
+        return PrefillOutput(logits=out.logits[:, -1, :], kv_mask=None,
+                             next_position=positions[-1:].clone() + 1, info=stats)
+
+    # ------------------------------------------------------------------ host integration
+    def separator_patterns(self, model: Any) -> list[list[int]]:
+        """Token sequences the separator becomes, alone and between words."""
+        key = str(getattr(model, "name_or_path", ""))
+        if key not in self._separators:
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(key, local_files_only=True)
+            sep = self.config.separator
+            alone = tok.encode(sep, add_special_tokens=False)
+            a = tok.encode("a", add_special_tokens=False)
+            between = tok.encode(f"a{sep}b", add_special_tokens=False)[len(a):-1]
+            self._separators[key] = [p for p in {tuple(alone), tuple(between)} if p]  # type: ignore[misc]
+        return [list(p) for p in self._separators[key]]
+
+    def split(self, ids: list[int], patterns: list[list[int]], question_len: int) -> list[list[int]]:
+        """Split prompt ids into [prefix, context..., query]; separators stay with the segment
+        they end, so the concatenation is the original prompt."""
+        segments, start, i = [], 0, 0
+        while i < len(ids):
+            hit = next((p for p in patterns if ids[i: i + len(p)] == p), None)
+            if hit is not None:
+                segments.append(ids[start: i + len(hit)])
+                i += len(hit)
+                start = i
+            else:
+                i += 1
+        segments.append(ids[start:])
+        segments = [s for s in segments if s]
+        # the query must hold the whole question (+ chat suffix)
+        while len(segments) > 1 and len(segments[-1]) < question_len:
+            tail = segments.pop()
+            segments[-1] = segments[-1] + tail
+        return segments
+
+    def prefill(self, model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: Any, *,
+                question_len: int, inner: Callable[..., Any]) -> Any:
+        self.state = None
+        if input_ids.shape[0] != 1:
+            raise APEError("ape reads one prompt at a time; got a batch of "
+                           f"{input_ids.shape[0]} (run the prompts one by one)")
+        ids = input_ids[0][attention_mask[0].bool()].tolist()
+        segments = self.split(ids, self.separator_patterns(model), question_len)
+        if len(segments) - 2 < self.config.min_contexts:
+            return inner(model, input_ids, attention_mask, cache, question_len=question_len)
+        return self.prefill_parts(model, segments[0], segments[1:-1], segments[-1], cache)
