@@ -16,3 +16,10 @@ def apportion_register_kv_policies(register):
              summary="H2O: accumulated-attention heavy hitters + recent tokens, scored in a hook")
     register("qspan", "apportion_kvcache.qspan:QSpan", config="apportion_kvcache.qspan:QSpanConfig",
              summary="question-aware span keeping: question-query peaks, GQA union, kept neighbourhoods")
+    register("kvcomm", "apportion_kvcache.kvcomm:KVCOMM", config="apportion_kvcache.kvcomm:KVCOMMConfig",
+             summary="KVCOMM: shared segments reused under new prefixes, offsets from an anchor pool (RoPE-aware)")
+    register("fastswitch", "apportion_kvcache.fastswitch.policy:FastSwitch",
+             config="apportion_kvcache.fastswitch.policy:FastSwitchConfig",
+             summary="FastSwitch: multi-turn reuse of host-kept KV, swapped by block group on a thread")
+    register("distkv", "apportion_kvcache.distkv:DistKV", config="apportion_kvcache.distkv:DistKVConfig",
+             summary="DistKV (Infinite-LLM): KV blocks lent by other instances, attention merged exactly by LSE")
