@@ -43,7 +43,7 @@ def test_centroid_scores_matches_reference(dtype, rows, G, K, d):
     assert torch.allclose(nob, reference.centroid_scores(q, c, None, scale=0.125), atol=DTYPES[dtype][0])
 
 
-@pytest.mark.parametrize("n", [1, 7, 1023, 1025, 3001])
+@pytest.mark.parametrize("n", [1, 7, 1025, 2100])
 def test_compaction_matches_reference(n):
     g = torch.Generator().manual_seed(n)
     mask = torch.rand(4, n, generator=g) < 0.37
@@ -61,7 +61,7 @@ def test_compaction_matches_reference(n):
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
-@pytest.mark.parametrize("G,n,d,splits", [(3, 1001, 64, 3), (1, 17, 32, 1), (4, 300, 64, 7)])
+@pytest.mark.parametrize("G,n,d,splits", [(3, 301, 64, 3), (1, 17, 32, 1), (4, 150, 64, 7)])
 def test_sparse_decode_matches_reference(dtype, G, n, d, splits):
     g = torch.Generator().manual_seed(G * 1000 + n)
     rows = 4

@@ -1,0 +1,234 @@
+"""The ``squeezed`` attention backend: Squeezed Attention's online stage inside transformers.
+
+How it runs inside a forward pass (one transformers attention call per layer):
+
+- A fresh prompt (``q_len == kv_len``) is the fixed context followed by ``question_len``
+  question tokens (the host tells :meth:`Squeezed.prefill`; plain transformers use treats
+  the whole prompt as context). The context's queries attend densely (causal SDPA); the
+  layer's context keys are then indexed (:func:`.index.build_layer_index`, calibrated on the
+  question's queries, or on the last context queries without a question), and the question
+  queries attend to the keys their centroid lookup selects plus the question itself.
+- A later call on the same cache (decode, or a further question chunk) attends to the
+  selected context keys plus every key after the context. Decode (one query) runs the
+  kernels: centroid scoring, index compaction, sparse split-K decode (Triton on CUDA, the
+  torch path on CPU: see :mod:`apportion_attention.kernels`).
+- A cache changed behind the index (a KV policy evicted entries) is detected by length and
+  that layer falls back to dense attention, with a logged reason.
+
+Budget semantics (``budget``, or ``budget_tokens`` when set): the calibrated fraction (or
+count) of the context's keys a query selects, on average over calibration queries.
+``0`` selects no context key (queries see only the question and generated tokens);
+``>= 1.0`` (or ``budget_tokens >=`` the context) is exact dense attention. A context
+shorter than ``min_context_tokens`` is not clustered: dense attention, logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from typing import Any, ClassVar, Literal
+
+import torch
+from apportion.config import ComponentConfig
+from apportion.host.attention import AttentionBackend
+from pydantic import Field
+
+from apportion_attention.squeezed.index import LayerIndex, build_layer_index
+
+log = logging.getLogger("apportion_attention.squeezed")
+
+
+class SqueezedConfig(ComponentConfig):
+    budget: float = Field(0.1, ge=0.0, le=1.0, description="fraction of the context's keys each query selects")
+    budget_tokens: int | None = Field(None, ge=0, description="absolute key budget; overrides budget when set")
+    cluster_size: int = Field(16, ge=1, description="mean keys per fine cluster (K2 = n_ctx / cluster_size)")
+    coarse_ratio: int = Field(8, ge=1, description="fine clusters per coarse cluster")
+    coarse_keep: float = Field(4.0, ge=1.0, description="the coarse level keeps coarse_keep x budget of the keys")
+    kmeans_iters: int = Field(8, ge=1, le=100)
+    kmeans_max_points: int | None = Field(16384, ge=1, description="fit the fine K-means on at most this many keys")
+    calibration_quantile: float = Field(0.5, ge=0.0, le=1.0,
+                                        description="quantile of the per-query thresholds taken as the threshold")
+    min_context_tokens: int = Field(256, ge=1, description="shorter contexts are not clustered (dense, logged)")
+    kernels: Literal["auto", "torch", "triton"] = Field("auto", description="auto: Triton on CUDA, torch elsewhere")
+    seed: int = 0
+
+
+def _sdpa(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: Any, **kw: Any):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(module, query, key, value, mask, **kw)
+
+
+def _bool_mask(attention_mask: Any, q_len: int, kv_len: int) -> torch.Tensor | None:
+    """transformers' 4D mask as bool (True = attend), or None when there is none."""
+    if attention_mask is None:
+        return None
+    if attention_mask.dtype == torch.bool:
+        m = attention_mask
+    else:
+        m = attention_mask > torch.finfo(attention_mask.dtype).min / 2
+    return m[..., -q_len:, -kv_len:]
+
+
+class Squeezed(AttentionBackend):
+    """Squeezed Attention: K-means centroid lookup picks the context keys each query reads."""
+
+    name: ClassVar[str] = "squeezed"
+    Config = SqueezedConfig
+    extends_context: ClassVar[bool] = False
+
+    def __init__(self, config: SqueezedConfig | None = None):
+        super().__init__(config)
+        self._layers: dict[int, LayerIndex | None] = {}
+        self._question_len: int | None = None
+        self._logged: set[str] = set()
+        #: running totals over sparse calls: context keys available / selected (for reports);
+        #: kept as tensors so that the decode path never waits on the device
+        self.stats: dict[str, Any] = {"steps": 0, "context_keys": 0, "selected_keys": 0}
+
+    # ------------------------------------------------------------------ transformers hooks
+    def attention_function(self) -> Callable[..., Any]:
+        return self._attend
+
+    def mask_function(self) -> Callable[..., Any] | None:
+        return None  # SDPA's mask builder: the function reads the usual 4D bool mask
+
+    def reset(self) -> None:
+        """Forget every layer's index (the next prompt starts fresh anyway)."""
+        self._layers.clear()
+
+    def selected_fraction(self) -> float | None:
+        """Mean fraction of context keys selected per decode step so far (None before any)."""
+        s = self.stats
+        return float(s["selected_keys"]) / s["context_keys"] if s["context_keys"] else None
+
+    def prefill(self, model, input_ids, attention_mask, cache, *, question_len, inner):
+        self._layers.clear()
+        self._question_len = int(question_len)
+        try:
+            return inner(model, input_ids, attention_mask, cache, question_len=question_len)
+        finally:
+            self._question_len = None
+
+    def _note(self, reason: str) -> None:
+        if reason not in self._logged:
+            self._logged.add(reason)
+            log.warning("squeezed: %s", reason)
+
+    def _budget_fraction(self, n_ctx: int) -> float:
+        c = self.config
+        if c.budget_tokens is not None:
+            return min(1.0, c.budget_tokens / max(n_ctx, 1))
+        return c.budget
+
+    # ------------------------------------------------------------------ the attention function
+    def _attend(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        layer = getattr(module, "layer_idx", None)
+        if query.dim() != 4 or key.dim() != 4 or value.shape != key.shape:
+            raise ValueError(f"squeezed: expected query (B, H, Q, d) and key/value (B, Hkv, N, d), got "
+                             f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}")
+        if query.shape[1] % key.shape[1]:
+            raise ValueError(f"squeezed: {query.shape[1]} query heads is not a multiple of {key.shape[1]} KV heads")
+        if layer is None:
+            return _sdpa(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        scale = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
+        q_len, kv_len = query.shape[2], key.shape[2]
+        if q_len == kv_len:
+            return self._fresh(module, layer, query, key, value, attention_mask, scale, dropout, kwargs)
+        index = self._layers.get(layer)
+        if index is None:
+            return _sdpa(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        if kv_len != index.last_n + q_len:
+            self._layers[layer] = None
+            self._note(f"layer {layer}: cache length {kv_len} != {index.last_n} + {q_len} (entries were "
+                       "evicted or replaced after indexing); dense attention from here")
+            return _sdpa(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        index.last_n = kv_len
+        if q_len == 1 and query.shape[0] * key.shape[1] == index.rows:
+            return self._decode(index, query, key, value, attention_mask, scale)
+        return self._masked(index, query, key, value, attention_mask, scale)
+
+    def _fresh(self, module, layer, query, key, value, attention_mask, scale, dropout, kwargs):
+        self._layers[layer] = None
+        q_len = query.shape[2]
+        qlen = self._question_len or 0
+        n_ctx = q_len - qlen
+        dense = lambda: _sdpa(module, query, key, value, attention_mask, scaling=scale, dropout=dropout, **kwargs)  # noqa: E731
+        if n_ctx < self.config.min_context_tokens:
+            self._note(f"context of {n_ctx} tokens is shorter than min_context_tokens="
+                       f"{self.config.min_context_tokens}: too short to cluster, dense attention")
+            return dense()
+        budget = self._budget_fraction(n_ctx)
+        if budget >= 1.0:
+            self._note(f"budget covers the whole context ({n_ctx} tokens): dense attention")
+            return dense()
+        B, H, _, d = query.shape
+        Hkv = key.shape[1]
+        G = H // Hkv
+        rows = B * Hkv
+        mask = _bool_mask(attention_mask, q_len, q_len)
+        valid = None
+        if mask is not None:  # left padding: a key nobody (not even the last query) may see
+            valid = mask[:, 0, -1, :n_ctx].unsqueeze(1).expand(B, Hkv, n_ctx).reshape(rows, n_ctx)
+        calib = query[:, :, n_ctx:] if qlen > 0 else query[:, :, max(0, n_ctx - 64):n_ctx]
+        calib = calib.reshape(B, Hkv, G, calib.shape[2], d).reshape(rows, G, calib.shape[2], d)
+        c = self.config
+        index = build_layer_index(
+            key[:, :, :n_ctx].reshape(rows, n_ctx, d), calib, budget=budget, scale=scale, valid=valid,
+            cluster_size=c.cluster_size, coarse_ratio=c.coarse_ratio, coarse_keep=c.coarse_keep,
+            iters=c.kmeans_iters, quantile=c.calibration_quantile, seed=c.seed + layer, max_points=c.kmeans_max_points,
+        )
+        index.last_n = q_len
+        self._layers[layer] = index
+        if qlen == 0:
+            return dense()
+        # context queries: dense causal over the context; question queries: selected keys
+        ctx_mask = None if attention_mask is None else attention_mask[..., :n_ctx, :n_ctx]
+        out_ctx, _ = _sdpa(module, query[:, :, :n_ctx], key[:, :, :n_ctx], value[:, :, :n_ctx], ctx_mask,
+                           scaling=scale, dropout=dropout, is_causal=True if ctx_mask is None else None)
+        out_q, _ = self._masked(index, query[:, :, n_ctx:], key, value, attention_mask, scale)
+        return torch.cat([out_ctx, out_q], dim=1), None
+
+    def _masked(self, index: LayerIndex, query, key, value, attention_mask, scale):
+        """Several queries at the end of the cache: SDPA under a bool mask equal to
+        "selected context keys + causal over the rest" (exactly the sparse attention)."""
+        B, H, Q, d = query.shape
+        Hkv, N = key.shape[1], key.shape[2]
+        G = H // Hkv
+        n_ctx = index.n_ctx
+        sel = index.select(query.reshape(B, Hkv, G, Q, d).reshape(B * Hkv, G, Q, d), scale)  # (rows, Q, n_ctx)
+        self._count(sel.sum(), sel.numel())
+        sel = sel.view(B, Hkv, 1, Q, n_ctx).expand(B, Hkv, G, Q, n_ctx).reshape(B, H, Q, n_ctx)
+        q_pos = torch.arange(N - Q, N, device=query.device)
+        tail = torch.arange(n_ctx, N, device=query.device)[None, :] <= q_pos[:, None]  # (Q, N - n_ctx)
+        full = torch.cat([sel, tail.expand(B, H, Q, N - n_ctx)], dim=-1)
+        base = _bool_mask(attention_mask, Q, N)
+        if base is not None:
+            full = full & base
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query, key, value, attn_mask=full, scale=scale, enable_gqa=G > 1)
+        return out.transpose(1, 2).contiguous(), None
+
+    def _decode(self, index: LayerIndex, query, key, value, attention_mask, scale):
+        from apportion_attention.kernels import dispatch
+
+        kern = dispatch(self.config.kernels, query.device.type)
+        B, H, _, d = query.shape
+        Hkv, N = key.shape[1], key.shape[2]
+        G, rows = H // Hkv, B * Hkv
+        q = query.reshape(rows, G, d)
+        ctx = index.select_one(q, scale, kern)  # (rows, n_ctx)
+        self._count(ctx.sum(), ctx.numel())
+        keep = torch.cat([ctx, torch.ones(rows, N - index.n_ctx, dtype=torch.bool, device=ctx.device)], dim=1)
+        base = _bool_mask(attention_mask, 1, N)
+        if base is not None:  # padding columns of each batch row
+            keep = keep & base[:, 0, 0, :].unsqueeze(1).expand(B, Hkv, N).reshape(rows, N)
+        idx, counts = kern.compact(keep)
+        out, _ = kern.sparse_decode(q, key.reshape(rows, N, d), value.reshape(rows, N, d), idx, counts, scale=scale)
+        return out.view(B, H, 1, d).transpose(1, 2).contiguous(), None
+
+    def _count(self, selected: torch.Tensor, total: int) -> None:
+        self.stats["steps"] += 1
+        self.stats["selected_keys"] = self.stats["selected_keys"] + selected
+        self.stats["context_keys"] += int(total)

@@ -1,0 +1,160 @@
+"""Squeezed Attention's offline stage: a two-level centroid index over one layer's context
+keys, with thresholds calibrated on sample queries.
+
+Estimated attention mass. A cluster ``c`` of ``n_c`` keys with centroid ``mu_c`` stands in
+for its keys: ``log m_c = scale * q . mu_c + log n_c - LSE_coarse(q)``, where ``LSE_coarse``
+is the same expression's log-sum-exp over the *coarse* clusters (an estimate of the
+softmax denominator that needs no fine-level pass). A query head group (GQA) keeps a
+cluster if any of its heads does: masses are reduced with ``max`` over the group.
+
+Calibration. For each calibration query, the clusters are ranked by estimated mass and the
+threshold that would select ``budget`` of the context's keys is read off; the layer/head's
+threshold is a quantile (default the median) of those per-query thresholds. The coarse level
+is calibrated the same way to keep ``coarse_keep x budget`` of the keys (it only prunes).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from apportion_attention.kmeans import kmeans
+
+
+@dataclass
+class LayerIndex:
+    """The index over one layer's context keys (rows = batch x KV heads).
+
+    ``n_ctx``: context keys (positions ``[0, n_ctx)`` of the cache). ``assign`` (rows, n_ctx)
+    fine cluster of each key, -1 for padding. ``fine_c``/``fine_bias`` (rows, K2, d)/(rows, K2)
+    centroids and log sizes (-inf for empty), ``parent`` (rows, K2) their coarse cluster;
+    ``coarse_c``/``coarse_bias`` likewise (rows, K1). ``t_fine``/``t_coarse`` (rows,) are
+    log-mass thresholds (+inf selects nothing). ``last_n`` is the cache length seen at the
+    last call, so a cache changed behind the index's back is detected.
+    """
+
+    n_ctx: int
+    assign: torch.Tensor
+    fine_c: torch.Tensor
+    fine_bias: torch.Tensor
+    parent: torch.Tensor
+    coarse_c: torch.Tensor
+    coarse_bias: torch.Tensor
+    t_fine: torch.Tensor
+    t_coarse: torch.Tensor
+    last_n: int = 0
+
+    @property
+    def rows(self) -> int:
+        return self.assign.shape[0]
+
+    def select(self, q: torch.Tensor, scale: float, scores_fn=None) -> torch.Tensor:
+        """Context-key selection for queries ``q`` (rows, G, Q, d) -> bool (rows, Q, n_ctx)."""
+        rows, G, Q, d = q.shape
+        flat = q.reshape(rows, G * Q, d)
+        if scores_fn is None:
+            from apportion_attention.kernels.reference import centroid_scores as scores_fn
+        coarse = scores_fn(flat, self.coarse_c.to(q.dtype), self.coarse_bias, scale=scale).view(rows, G, Q, -1)
+        lse = torch.logsumexp(coarse, dim=-1, keepdim=True)
+        keep_c = ((coarse - lse).amax(1) >= self.t_coarse[:, None, None])  # (rows, Q, K1)
+        parent = self.parent[:, None, :].expand(rows, Q, -1)
+        keep_parent = keep_c.gather(2, parent)  # (rows, Q, K2)
+        fine = scores_fn(flat, self.fine_c.to(q.dtype), self.fine_bias, scale=scale).view(rows, G, Q, -1)
+        keep_f = ((fine - lse).amax(1) >= self.t_fine[:, None, None]) & keep_parent
+        assign = self.assign.clamp(min=0)[:, None, :].expand(rows, Q, -1)
+        return keep_f.gather(2, assign) & (self.assign >= 0)[:, None, :]
+
+    def select_one(self, q: torch.Tensor, scale: float, kernels) -> torch.Tensor:
+        """Decode fast path: ``q`` (rows, G, d) -> bool (rows, n_ctx), with the scoring kernel."""
+        coarse = kernels.centroid_scores(q, self.coarse_c.to(q.dtype), self.coarse_bias, scale=scale)
+        lse = torch.logsumexp(coarse, dim=-1)  # (rows, G)
+        keep_c = (coarse - lse[..., None]).amax(1) >= self.t_coarse[:, None]
+        bias = self.fine_bias.masked_fill(~keep_c.gather(1, self.parent), float("-inf"))
+        fine = kernels.centroid_scores(q, self.fine_c.to(q.dtype), bias, scale=scale)
+        keep_f = (fine - lse[..., None]).amax(1) >= self.t_fine[:, None]
+        return keep_f.gather(1, self.assign.clamp(min=0)) & (self.assign >= 0)
+
+
+def _log_sizes(counts: torch.Tensor) -> torch.Tensor:
+    return torch.where(counts > 0, counts.clamp(min=1e-12).log(), torch.full_like(counts, float("-inf")))
+
+
+def _calibrate(log_mass: torch.Tensor, sizes: torch.Tensor, target: torch.Tensor, quantile: float) -> torch.Tensor:
+    """Per row: the log-mass threshold selecting ``target`` keys, a quantile over queries.
+
+    ``log_mass`` (rows, Qc, K), ``sizes`` (rows, K), ``target`` (rows,) keys to select.
+    """
+    order = log_mass.sort(dim=-1, descending=True)
+    cum = sizes[:, None, :].expand_as(log_mass).gather(2, order.indices).cumsum(-1)
+    # first rank at which the cumulative key count reaches the target
+    reach = (cum < target[:, None, None]).sum(-1, keepdim=True).clamp(max=log_mass.shape[-1] - 1)
+    per_query = order.values.gather(2, reach).squeeze(-1)  # (rows, Qc)
+    t = torch.quantile(per_query.float().clamp(min=-1e30), quantile, dim=-1)
+    return torch.where(target > 0, t, torch.full_like(t, float("inf")))
+
+
+def tail_only_index(rows: int, n_ctx: int, d: int, device: torch.device) -> LayerIndex:
+    """An index that selects no context key (budget 0): attention sees only the tail."""
+    z = torch.zeros(rows, 1, d, device=device)
+    zb = torch.zeros(rows, 1, device=device)
+    inf = torch.full((rows,), float("inf"), device=device)
+    return LayerIndex(n_ctx, torch.zeros(rows, n_ctx, dtype=torch.long, device=device), z, zb,
+                      torch.zeros(rows, 1, dtype=torch.long, device=device), z.clone(), zb.clone(), inf, inf.clone())
+
+
+@torch.no_grad()
+def build_layer_index(
+    keys: torch.Tensor,
+    calib_q: torch.Tensor,
+    *,
+    budget: float,
+    scale: float,
+    valid: torch.Tensor | None = None,
+    cluster_size: int = 16,
+    coarse_ratio: int = 8,
+    coarse_keep: float = 4.0,
+    iters: int = 8,
+    quantile: float = 0.5,
+    seed: int = 0,
+    max_points: int | None = 16384,
+) -> LayerIndex:
+    """Cluster ``keys`` (rows, n_ctx, d) and calibrate on ``calib_q`` (rows, G, Qc, d).
+
+    ``budget`` in [0, 1]: the fraction of each row's (valid) context keys a query should
+    select. ``valid`` (rows, n_ctx) bool marks real keys (False: left padding).
+    ``max_points``: the fine K-means is fitted on at most this many keys per row (every key
+    is then assigned), bounding the offline cost of very long contexts.
+    """
+    rows, n_ctx, d = keys.shape
+    if calib_q.dim() != 4 or calib_q.shape[0] != rows or calib_q.shape[-1] != d:
+        raise ValueError(f"calib_q must be (rows={rows}, G, Qc, d={d}), got {tuple(calib_q.shape)}")
+    if not 0.0 <= budget <= 1.0:
+        raise ValueError(f"budget must be in [0, 1], got {budget}")
+    if budget == 0.0:
+        return tail_only_index(rows, n_ctx, d, keys.device)
+    weight = None if valid is None else valid.float()
+    k2 = max(1, min(n_ctx, math.ceil(n_ctx / cluster_size)))
+    fit = None if max_points is None else max(max_points, k2)
+    fine = kmeans(keys.float(), k2, iters=iters, weight=weight, seed=seed, max_points=fit)
+    k1 = max(1, min(k2, math.ceil(k2 / coarse_ratio)))
+    coarse = kmeans(fine.centroids, k1, iters=iters, weight=fine.counts, seed=seed + 1)
+    parent = coarse.assign.clamp(min=0)  # empty fine clusters hang under cluster 0, bias -inf
+    fine_bias, coarse_bias = _log_sizes(fine.counts), _log_sizes(coarse.counts)
+    n_valid = fine.counts.sum(-1)
+    # -- calibrate: estimated masses of the calibration queries, max over the head group
+    rows_, G, Qc, _ = calib_q.shape
+    flat = calib_q.float().reshape(rows, G * Qc, d)
+    cs = (torch.bmm(flat, coarse.centroids.transpose(1, 2)) * scale + coarse_bias[:, None, :]).view(rows, G, Qc, -1)
+    lse = torch.logsumexp(cs, -1, keepdim=True)
+    coarse_lm = (cs - lse).amax(1)
+    fs = (torch.bmm(flat, fine.centroids.transpose(1, 2)) * scale + fine_bias[:, None, :]).view(rows, G, Qc, -1)
+    fine_lm = (fs - lse).amax(1)
+    t_coarse = _calibrate(coarse_lm, coarse.counts, (n_valid * min(1.0, coarse_keep * budget)).ceil(), quantile)
+    t_fine = _calibrate(fine_lm, fine.counts, (n_valid * budget).ceil(), quantile)
+    if budget >= 1.0:
+        t_coarse = torch.full_like(t_coarse, float("-inf"))
+        t_fine = torch.full_like(t_fine, float("-inf"))
+    return LayerIndex(n_ctx, fine.assign, fine.centroids, fine_bias, parent, coarse.centroids, coarse_bias,
+                      t_fine, t_coarse)
