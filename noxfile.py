@@ -102,7 +102,7 @@ def vllm(session: nox.Session) -> None:
 def lint(session: nox.Session) -> None:
     """ruff over the whole tree."""
     session.install("ruff>=0.6")
-    session.run("ruff", "check", "packages", "benchmarks", "noxfile.py")
+    session.run("ruff", "check", "packages", "benchmarks", "examples", "noxfile.py")
 
 
 @nox.session(python=CORE_PYTHONS[:1])

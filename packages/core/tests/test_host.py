@@ -60,7 +60,6 @@ def test_cached_load_is_fast(smollm2):
 
 def test_lse_merge_is_exact():
     import torch
-
     from apportion.host.lse import merge, partial_attention
 
     torch.manual_seed(0)
@@ -69,7 +68,7 @@ def test_lse_merge_is_exact():
     ref = torch.softmax(q @ k.transpose(-1, -2) / 4.0, -1) @ v
     assert torch.allclose(full, ref, atol=1e-5)
     cuts = [0, 10, 11, 30, 37]
-    parts = [partial_attention(q, k[..., a:b, :], v[..., a:b, :]) for a, b in zip(cuts, cuts[1:])]
+    parts = [partial_attention(q, k[..., a:b, :], v[..., a:b, :]) for a, b in zip(cuts, cuts[1:], strict=False)]
     merged, _ = merge([p[0] for p in parts], [p[1] for p in parts])
     assert torch.allclose(merged, ref, atol=1e-5)
     empty = partial_attention(q, k[..., :0, :], v[..., :0, :])

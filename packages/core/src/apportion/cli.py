@@ -30,7 +30,8 @@ class _LazyConsole:
     """A rich Console created on first use (importing rich costs ~0.1 s)."""
 
     def __init__(self, **kwargs: Any):
-        self._kwargs, self._console = kwargs, None
+        self._kwargs: dict[str, Any] = kwargs
+        self._console: Any = None
 
     def real(self) -> Any:
         if self._console is None:
@@ -190,6 +191,58 @@ def generate(
                 "decode_tokens_per_s", "model", "device", "load_seconds"):
         value = stats[key]
         console.print(f"{key:>20}: {value:.4f}" if isinstance(value, float) else f"{key:>20}: {value}")
+
+
+@app.command()
+def plan(
+    model: Annotated[str, typer.Option(help="preset (yi-34b, llama-3-8b, ...), 'smollm2', or a folder with config.json")] = "yi-34b",
+    hardware: Annotated[str, typer.Option(help="preset: a100-80gb, h100-sxm, h200")] = "a100-80gb",
+    context: Annotated[list[int] | None, typer.Option(min=1, help="context length(s) in tokens")] = None,
+    new_tokens: Annotated[int, typer.Option(min=1, help="tokens decoded per request")] = 250,
+    offload: Annotated[str | None, typer.Option(help="placement for the offload plugin's step-time model")] = None,
+    paper: Annotated[bool, typer.Option(help="print the paper's running example beside ours")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """The long-context cost model (Fu 2024): KV bytes, concurrency, prefill, decode, context switch."""
+    from apportion.plan import Plan, compare_with_paper, resolve_hardware, resolve_model
+
+    shape, hw = resolve_model(model), resolve_hardware(hardware)
+    plans = [Plan(shape, hw, c, new_tokens) for c in (context or [4_000, 50_000])]
+    rows = [p.figures() for p in plans]
+    if offload:
+        for p, row in zip(plans, rows, strict=True):
+            extra = _host().hook.apportion_plan_offload(plan=p, placement=offload, hardware=hw)
+            if extra is None:
+                raise ApportionError(
+                    f"no installed plugin models placement {offload!r} (install apportion-offload)"
+                )
+            row["offload"] = dict(extra)
+    comparison = compare_with_paper(new_tokens) if paper else None
+    if as_json:
+        print(json.dumps({"plans": rows, "paper": comparison}, indent=2))
+        return
+    from rich.table import Table
+
+    table = Table(title=f"{shape.name} on {hw.name} (theoretical peak)")
+    for col in ("context", "KV/token", "KV/user", "max users", "prefill s", "decode s", "ms/token", "switch s"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(f"{r['context']:,}", f"{r['kv_bytes_per_token'] / 2**20:.3f} MiB",
+                      f"{r['kv_bytes_per_user'] / 1e9:.2f} GB", str(r["max_concurrent_users"]),
+                      f"{r['prefill_seconds']:.2f}", f"{r['decode_seconds']:.2f}",
+                      f"{r['decode_ms_per_token']:.1f}", f"{r['context_switch_seconds']:.3f}")
+    console.print(table)
+    for r in rows:
+        for key, value in (r.get("offload") or {}).items():
+            console.print(f"  [{r['context']:,}] {key}: {value}")
+    if comparison:
+        cmp = Table(title="yi-34b on a100-80gb: ours vs the paper")
+        for col in ("context", "figure", "ours", "paper", "error"):
+            cmp.add_column(col, justify="right")
+        for c in comparison:
+            cmp.add_row(f"{c['context']:,}", c["figure"], str(c["ours"]), str(c["paper"]),
+                        f"{100 * c['rel_error']:+.1f}%")
+        console.print(cmp)
 
 
 @app.command()

@@ -10,10 +10,13 @@ import difflib
 import importlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from apportion import KINDS
 from apportion.errors import ConfigError, DuplicateComponentError, UnknownComponentError
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
 
 CORE_PROVIDER = "apportion-core"
 
@@ -45,11 +48,16 @@ class ComponentSpec:
     replaces: str | None = None
     incompatible_with: dict[str, list[str]] = field(default_factory=dict)
 
-    def config_model(self) -> type:
+    def config_model(self) -> type[BaseModel]:
         """The pydantic model class of this component's options."""
+        from pydantic import BaseModel
+
         from apportion.config import EmptyConfig
 
-        return resolve(self.config) if self.config is not None else EmptyConfig
+        model = resolve(self.config) if self.config is not None else EmptyConfig
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            raise TypeError(f"config of {self.kind} {self.name!r} is not a pydantic model: {model!r}")
+        return model
 
     def validate_options(self, options: dict[str, Any] | None, *, where: str = "") -> Any:
         """Validate ``options`` into a config instance; errors point at the offending field."""

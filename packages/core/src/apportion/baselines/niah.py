@@ -81,6 +81,7 @@ def chat_overhead(tokenizer: Any) -> int:
 class SingleNeedle(Benchmark):
     name = "niah"
     Config = NeedleConfig
+    config: NeedleConfig
     max_new_tokens = 32
 
     def samples(self, tokenizer: Any) -> Iterator[Sample]:

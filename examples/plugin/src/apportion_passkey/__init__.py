@@ -1,0 +1,1 @@
+"""apportion-passkey: an example plugin."""
