@@ -24,7 +24,9 @@ def test_every_token_once_and_within_budget(lengths, n_ranks):
         s = f(lengths, n_ranks, cap)
         s.check(lengths)
         for seq, group in s.cp_groups.items():
-            assert len(set(group)) == len(group) == -(-lengths[seq] // cap)
+            assert len(set(group)) == len(group) >= -(-lengths[seq] // cap)
+            if f is not balance:
+                assert len(group) == -(-lengths[seq] // cap)
             mbs = {p.microbatch for r in group for p in s.ranks[r] if p.seq == seq}
             assert len(mbs) == 1  # a CP group runs a sequence in the same micro-step
         for r in s.ranks:  # micro-batches respect the token budget

@@ -7,9 +7,10 @@ the length, so two ranks holding the same number of *tokens* can differ several-
 :func:`balance` (ByteScale's data-aware sharding + balance scheduling):
 
 1. A sequence longer than ``tokens_per_rank`` is split across a context-parallel (CP) group of
-   ``ceil(L / tokens_per_rank)`` ranks (each holds ``L/k`` tokens and, with zig-zag CP, a
-   ``1/k`` share of the quadratic attention); shorter sequences stay whole on one rank
-   (pure data parallelism). Groups are formed per sequence, not fixed for the whole job.
+   ``k >= ceil(L / tokens_per_rank)`` ranks (each holds ``L/k`` tokens and, with zig-zag CP, a
+   ``1/k`` share of the quadratic attention); ``k`` grows further when one piece would still
+   outweigh a rank's fair share of the step. Shorter sequences stay whole on one rank (pure
+   data parallelism). Groups are formed per sequence, not fixed for the whole job.
 2. Pieces are placed by longest-processing-time first on *compute* (:class:`CostModel`):
    the largest sequences first, each CP group on the ``k`` least-loaded distinct ranks.
 3. Each rank's pieces are packed into micro-batches of at most ``tokens_per_rank`` tokens; the
@@ -127,8 +128,8 @@ def _validate(lengths: Sequence[int], n_ranks: int, tokens_per_rank: int) -> lis
     return out
 
 
-def _split(seq: int, length: int, cap: int, cost: CostModel) -> list[Piece]:
-    k = -(-length // cap)
+def _split(seq: int, length: int, cap: int, cost: CostModel, width: int = 0) -> list[Piece]:
+    k = max(width, -(-length // cap))
     base, extra = divmod(length, k)
     share = cost(length) / k  # zig-zag CP: an equal share of linear and attention work
     return [Piece(seq, base + (j < extra), share, j, k) for j in range(k)]
@@ -141,8 +142,12 @@ def balance(lengths: Sequence[int], n_ranks: int, tokens_per_rank: int,
     cost = cost or CostModel.from_dims()
     sched = Schedule(n_ranks, tokens_per_rank, [[] for _ in range(n_ranks)])
     loads = [0.0] * n_ranks
+    mean = sum(cost(x) for x in lengths) / n_ranks
     for seq in sorted(range(len(lengths)), key=lambda s: -cost(lengths[s])):
-        pieces = _split(seq, lengths[seq], tokens_per_rank, cost)
+        # a sequence heavier than a rank's fair share gets a wider CP group than its memory
+        # needs, so that no single piece outweighs the mean load
+        width = min(n_ranks, lengths[seq], max(-(-lengths[seq] // tokens_per_rank), math.ceil(cost(lengths[seq]) / mean)))
+        pieces = _split(seq, lengths[seq], tokens_per_rank, cost, width)
         targets = heapq.nsmallest(len(pieces), range(n_ranks), key=lambda r: (loads[r], r))
         for piece, r in zip(pieces, targets, strict=True):
             sched.ranks[r].append(piece)
