@@ -56,3 +56,8 @@ def test_item_lines():
     lines = item_lines(text, 3)
     assert lines[1] == "locker 417" and lines[2] == "locker 120"  # the first line per item counts
     assert 3 in lines and 12 not in lines
+
+
+def test_item_lines_unnumbered_answers_in_order():
+    assert item_lines("417 120", 3) == {1: "417", 2: "120"}
+    assert item_lines("nothing here", 3) == {}

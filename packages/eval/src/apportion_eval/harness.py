@@ -11,9 +11,10 @@ JSONL appends, torn-tail repair, the per-sample generate-and-score step) and add
 - **resume that notices change** — a record counts as done only if its sample's content
   hash and the model fingerprint still match, so rerunning a directory with another seed
   or model re-measures instead of silently reusing stale results;
-- **sample-major order and a time budget** — shortest samples first, every variant on a
-  sample before the next sample, so a run stopped by ``time_budget_s`` (or Ctrl-C) leaves
-  every config measured on the same samples; rerunning finishes the rest;
+- **sample-major, round-robin order and a time budget** — every config runs a sample before
+  the next sample starts, and each (benchmark, length) gets its first sample before any gets
+  a second, so a run stopped by ``time_budget_s`` (or Ctrl-C) leaves every config measured
+  on the same samples at every length; rerunning the same command finishes the rest;
 - **failures recorded, not fatal** — a component that raises on a sample gets an ``error``
   record (type and message) and the sweep goes on; the table shows error counts;
 - the terminal table, grouping by diffusion/scope tags, and ``report.html``.
@@ -118,6 +119,11 @@ def expand_installed(config: RunConfig, registry: Any, opts: SweepInstalled) -> 
                 skipped.append(f"{kind} {spec.name}: config model failed to load ({exc})")
                 continue
             options = {k: v for k, v in opts.options.items() if k in fields}
+            try:  # e.g. a field of that name that takes tokens, not a fraction
+                spec.validate_options(options)
+            except ApportionError as exc:
+                skipped.append(f"{kind} {spec.name}: rejects {options} ({str(exc).splitlines()[-1].strip()})")
+                continue
             ref = ComponentRef(name=spec.name, **options)
             chosen = {FIELD_OF_KIND[k]: getattr(config, FIELD_OF_KIND[k]).name for k in FIELD_OF_KIND}
             clash = [f"{k} {chosen[FIELD_OF_KIND[k]]}" for k, names in spec.incompatible_with.items()
@@ -148,10 +154,7 @@ def benchmark_labels(names: list[str], configs: list[dict[str, Any]]) -> list[st
         differ = [k for k in cfg if len({json.dumps(p.get(k), sort_keys=True) for p in peers}) > 1]
         differ = [k for k in differ if k not in _SHAPE] or differ
         out.append(f"{name}[{','.join(f'{k}={_short(cfg[k])}' for k in differ)}]" if differ else name)
-    for i, label in enumerate(out):  # still ambiguous: number them
-        if out.count(label) > 1:
-            out[i] = f"{label}#{i}"
-    return out
+    return [f"{label}#{i}" if out.count(label) > 1 else label for i, label in enumerate(out)]
 
 
 def _short(v: Any) -> str:
@@ -258,14 +261,18 @@ def run(config: RunConfig, run_dir: str | Path, options: RunOptions | None = Non
     _write_json(run_path / "config.json", config.model_dump(mode="json"))
 
     limit = options.limit or config.limit
-    work = []  # (length, bench index, sample index, label, bench, sample, hash)
+    work = []  # (round, length, bench index, label, bench, sample, hash)
     for bi, (label, bench) in enumerate(benches):
         samples = list(bench.samples(loaded.tokenizer))
         if limit is not None and limit < len(samples):  # spread the limit over the cells
             step = len(samples) / limit
             samples = [samples[int(i * step)] for i in range(limit)]
-        for si, s in enumerate(samples):
-            work.append((s.length, bi, si, label, bench, s, sample_hash(s)))
+        seen: dict[int, int] = {}
+        for s in samples:
+            rnd = seen[s.length] = seen.get(s.length, -1) + 1
+            work.append((rnd, s.length, bi, label, bench, s, sample_hash(s)))
+    # round-robin: one sample of every (benchmark, length) before the second of any, so a
+    # run cut short by its time budget still covers every length for every config
     work.sort(key=lambda w: (w[0], w[1], w[2]))
     done = {
         (r["variant"], r["benchmark"], r["sample_id"], r.get("sample_hash"), r.get("model_fingerprint"))

@@ -30,12 +30,17 @@ class LongGenConfig(LengthsConfig):
 
 
 def item_lines(prediction: str, items: int) -> dict[int, str]:
-    """The answer line of each item number ``1..items`` that the response contains."""
+    """The answer of each item number ``1..items`` that the response contains: its numbered
+    line (``3. locker 417``); a response without numbered lines is read as its bare
+    3-digit answers in order."""
     out: dict[int, str] = {}
     for line in prediction.splitlines():
         m = re.match(r"\s*(?:\*\*)?(\d{1,3})\s*[.):\-]\s*(.*)", line)
         if m and 1 <= int(m.group(1)) <= items and int(m.group(1)) not in out:
             out[int(m.group(1))] = m.group(2)
+    if not out:
+        bare = re.findall(r"(?<!\d)\d{3}(?!\d)", prediction)
+        out = {i + 1: v for i, v in enumerate(bare[:items])}
     return out
 
 

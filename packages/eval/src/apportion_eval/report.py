@@ -321,6 +321,11 @@ def render_html(records: list[dict[str, Any]], title: str = "apportion run", not
                 for r in misses[:40]]
         parts.append(_table(rows, [("variant", "config", ""), ("sample_id", "sample", ""),
                                    ("score", "score", "2"), ("gold", "gold", ""), ("said", "prediction", "")]))
+    # lets a headless browser (and the tests) confirm every figure decoded
+    parts.append("<script>window.addEventListener('load',()=>{let ok=0;"
+                 "document.querySelectorAll('img').forEach(i=>{i.setAttribute('data-natural-width',"
+                 "i.naturalWidth);if(i.naturalWidth>0)ok++;});"
+                 "document.body.setAttribute('data-images-decoded',ok);});</script>")
     parts.append("</body></html>")
     return "".join(parts)
 

@@ -75,18 +75,59 @@ def compose(
         slots[at].append(k)
     parts: list[str] = []
     placed: dict[int, int] = {}
+    last_prose = 0
     for i in range(len(hay) + 1):
         for k in slots[i]:
             placed[k] = len(parts)
             parts.append(pieces[k][0])
         if i < len(hay):
             parts.append(hay[i][0])
+            last_prose = len(parts)
+    if _top_up(tokenizer, parts, last_prose, length, question, rng):
+        placed = {k: at + (at >= last_prose) for k, at in placed.items()}
     context = " ".join(parts)
     prefix = [0]
     for p in parts:
         prefix.append(prefix[-1] + n_tokens(tokenizer, " " + p))
     actual = [prefix[placed[k]] / max(prefix[-1], 1) for k in range(len(pieces))]
     return Composed(context=context, depths=actual, filler_tokens=total)
+
+
+def prompt_tokens(tokenizer: Any, context: str, question: str) -> int:
+    """Exact prompt length as the host counts it for the zero-shot prompt: the chat-templated
+    ``context + blank line + question``, the question tokenized on its own."""
+    content = f"{context}\n\n{question}"
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": content}],
+                                             add_generation_prompt=True, tokenize=False)
+    else:
+        text = content + "\n"
+    split = text.rfind(question)
+    return n_tokens(tokenizer, text[:split]) + n_tokens(tokenizer, text[split:])
+
+
+def _top_up(tokenizer: Any, parts: list[str], at: int, length: int, question: str,
+            rng: random.Random) -> bool:
+    """Close the last few tokens of gap to ``length`` (per-sentence counts are estimates) with
+    the longest head of one more prose sentence that fits, inserted (in place) at ``at``.
+    Returns whether anything was inserted."""
+    have = prompt_tokens(tokenizer, " ".join(parts), question)
+    if have >= length - 1:
+        return False
+    pool = sentences()
+    words = pool[rng.randrange(len(pool))].rstrip(".").split()
+    lo, hi, best = 1, len(words), None
+    while lo <= hi:  # largest head of the sentence that keeps the prompt within length
+        mid = (lo + hi) // 2
+        trial = parts[:at] + [" ".join(words[:mid]) + "."] + parts[at:]
+        if prompt_tokens(tokenizer, " ".join(trial), question) <= length:
+            best, lo = trial, mid + 1
+        else:
+            hi = mid - 1
+    if best is None:
+        return False
+    parts[:] = best
+    return True
 
 
 @functools.lru_cache(maxsize=1)
