@@ -74,3 +74,10 @@ def test_cli_run_end_to_end(cli, cli_env, tmp_path):
     out = cli("run", str(cfg), "--out", str(tmp_path / "run"), "--no-progress", env=cli_env)
     assert out.returncode == 0, out.stderr
     assert len(read_records(tmp_path / "run" / "records.jsonl")) == 1
+
+
+def test_cli_doctor(cli, cli_env):
+    out = cli("doctor", env=cli_env)
+    assert out.returncode == 0, out.stderr
+    for word in ("torch", "transformers", "triton", "device", "plugins"):
+        assert word in out.stdout
