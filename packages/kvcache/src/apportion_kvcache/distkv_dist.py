@@ -47,11 +47,14 @@ def init(rank: int, world: int, port: int, *, timeout_s: float = 30.0, backend: 
     dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s))
 
 
-def _wait(work: Any, timeout_s: float, what: str) -> None:
+def _wait(start: Any, timeout_s: float, what: str) -> None:
+    """Run ``start()`` (an isend/irecv) and wait for it at most ``timeout_s``; any failure of
+    the peer (closed connection, timeout) becomes a :class:`DistKVError` naming ``what``."""
     try:
-        ok = work.wait(timedelta(seconds=timeout_s))
+        ok = start().wait(timedelta(seconds=timeout_s))
     except Exception as exc:  # gloo raises on a closed peer or a timeout
-        raise DistKVError(f"{what}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise DistKVError(f"{what}: {type(exc).__name__}: {first}") from None
     if ok is False:
         raise DistKVError(f"{what}: no answer within {timeout_s:g} s")
 
@@ -63,17 +66,29 @@ class RemoteInstance:
         self.id = rank
         self.rank = rank
         self.timeout_s = timeout_s
+        self.failed = ""
         self._free = int(self._ask(FREE, reply=torch.zeros(1, dtype=torch.int64))[0])
         self.puts = self.attends = 0
 
     def _send(self, header: list[int], *tensors: torch.Tensor) -> None:
         h = torch.tensor(header + [0] * (HEADER - len(header)), dtype=torch.int64)
         for t in (h, *tensors):
-            _wait(dist.isend(t.contiguous(), dst=self.rank), self.timeout_s,
-                  f"instance {self.rank} (rank {self.rank}) failed while receiving")
+            if self.failed:
+                raise DistKVError(f"instance {self.rank} (rank {self.rank}) failed earlier: {self.failed}")
+            try:
+                _wait(lambda t=t: dist.isend(t.contiguous(), dst=self.rank), self.timeout_s,
+                      f"instance {self.rank} (rank {self.rank}) failed while receiving")
+            except DistKVError as exc:
+                self.failed = str(exc)
+                raise
 
     def _recv(self, t: torch.Tensor) -> torch.Tensor:
-        _wait(dist.irecv(t, src=self.rank), self.timeout_s, f"instance {self.rank} (rank {self.rank}) failed to answer")
+        try:
+            _wait(lambda: dist.irecv(t, src=self.rank), self.timeout_s,
+                  f"instance {self.rank} (rank {self.rank}) failed to answer")
+        except DistKVError as exc:
+            self.failed = str(exc)
+            raise
         return t
 
     def _ask(self, op: int, reply: torch.Tensor) -> torch.Tensor:
@@ -104,6 +119,8 @@ class RemoteInstance:
         self._free = int(self._ask(FREE, reply=torch.zeros(1, dtype=torch.int64))[0])
 
     def stop(self) -> None:
+        if self.failed:
+            return
         try:
             self._send([STOP])
         except DistKVError:
@@ -118,7 +135,7 @@ def serve(capacity_blocks: int, *, idle_timeout_s: float = 300.0, die_after: int
     served = 0
     while True:
         h = torch.empty(HEADER, dtype=torch.int64)
-        _wait(dist.irecv(h, src=0), idle_timeout_s, "home (rank 0) went away")
+        _wait(lambda h=h: dist.irecv(h, src=0), idle_timeout_s, "home (rank 0) went away")
         op, request, block, layer, b, hh, n, d = (int(x) for x in h[:8])
         served += 1
         if die_after is not None and served > die_after:
@@ -133,12 +150,12 @@ def serve(capacity_blocks: int, *, idle_timeout_s: float = 300.0, die_after: int
             k, v = torch.empty(b, hh, n, d), torch.empty(b, hh, n, d)
             valid = torch.empty(b, n, dtype=torch.uint8)
             for t in (k, v, valid):
-                _wait(dist.irecv(t, src=0), idle_timeout_s, "home (rank 0) went away")
+                _wait(lambda t=t: dist.irecv(t, src=0), idle_timeout_s, "home (rank 0) went away")
             r.put(request, block, layer, k, v, valid.bool())
         elif op == ATTEND:
             q, scale = torch.empty(b, hh, n, d), torch.empty(1, dtype=torch.float64)
             for t in (q, scale):
-                _wait(dist.irecv(t, src=0), idle_timeout_s, "home (rank 0) went away")
+                _wait(lambda t=t: dist.irecv(t, src=0), idle_timeout_s, "home (rank 0) went away")
             out, lse = r.attend(request, layer, q, float(scale))
             dist.send(out.contiguous(), dst=0)
             dist.send(lse.contiguous(), dst=0)
@@ -147,12 +164,14 @@ def serve(capacity_blocks: int, *, idle_timeout_s: float = 300.0, die_after: int
 
 
 def spawn_workers(world: int, port: int, capacity_blocks: int, *, timeout_s: float = 30.0,
-                  die_after: dict[int, int] | None = None) -> list[subprocess.Popen[bytes]]:
+                  join_timeout_s: float = 180.0, die_after: dict[int, int] | None = None
+                  ) -> list[subprocess.Popen[bytes]]:
     """Start ranks 1..world-1 as processes on loopback; the caller is rank 0."""
     procs = []
     for rank in range(1, world):
         cmd = [sys.executable, "-m", "apportion_kvcache.distkv_dist", "--rank", str(rank), "--world", str(world),
-               "--port", str(port), "--capacity-blocks", str(capacity_blocks), "--timeout", str(timeout_s)]
+               "--port", str(port), "--capacity-blocks", str(capacity_blocks), "--timeout", str(timeout_s),
+               "--join-timeout", str(join_timeout_s)]
         if die_after and rank in die_after:
             cmd += ["--die-after", str(die_after[rank])]
         env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1")
@@ -164,14 +183,17 @@ class Cluster:
     """Rank 0 side of a DistKV group on this machine: ``with Cluster(4, 128) as c: DistKV(cfg, c.instances)``."""
 
     def __init__(self, world: int, capacity_blocks: int, *, timeout_s: float = 60.0,
-                 die_after: dict[int, int] | None = None):
+                 join_timeout_s: float = 180.0, die_after: dict[int, int] | None = None):
         self.world = world
         self.port = free_port()
         self.timeout_s = timeout_s
-        self.procs = spawn_workers(world, self.port, capacity_blocks, timeout_s=timeout_s, die_after=die_after)
+        self.procs = spawn_workers(world, self.port, capacity_blocks, timeout_s=timeout_s,
+                                   join_timeout_s=join_timeout_s, die_after=die_after)
         self.instances: list[RemoteInstance] = []
         try:
-            init(0, world, self.port, timeout_s=timeout_s)
+            # joining waits for the ranks to start (imports are slow on a busy machine); every
+            # later operation has its own ``timeout_s`` bound
+            init(0, world, self.port, timeout_s=join_timeout_s)
             self.instances = [RemoteInstance(r, timeout_s=timeout_s) for r in range(1, world)]
         except BaseException:
             self.close()
@@ -207,10 +229,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--capacity-blocks", type=int, default=1 << 16)
     ap.add_argument("--timeout", type=float, default=60.0)
+    ap.add_argument("--join-timeout", type=float, default=180.0)
     ap.add_argument("--die-after", type=int, default=None)
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
-    init(a.rank, a.world, a.port, timeout_s=a.timeout)
+    init(a.rank, a.world, a.port, timeout_s=a.join_timeout)
     try:
         serve(a.capacity_blocks, idle_timeout_s=a.timeout, die_after=a.die_after)
     except DistKVError as exc:

@@ -56,7 +56,7 @@ class AnchorPoolFileError(ApportionError):
 
 class KVCOMMConfig(ComponentConfig):
     top_k: int = Field(3, ge=1, description="anchors blended per reused segment")
-    min_similarity: float = Field(0.3, ge=-1.0, le=1.0,
+    min_similarity: float = Field(0.0, ge=-1.0, le=1.0,
                                   description="cosine similarity (MiniLM) below which an anchor does not match")
     length_tolerance: float = Field(0.5, ge=0.0,
                                     description="an anchor matches if |len - anchor_len| <= tolerance * len")
@@ -379,16 +379,17 @@ class KVCOMM(KVPolicy):
     @staticmethod
     def _slot(ids: list[int], spans: list[tuple[int, int]], start: int, index: int) -> str:
         """Identity of the non-shared text before a segment: the prefix with earlier shared
-        segments elided (so an agent's slot is the same whatever the document says)."""
+        segments elided (so an agent's slot is the same whatever the document says). The token
+        on each side of a segment may have merged with it, so it is elided too."""
         h = hashlib.sha256()
         pos = 0
         for s, e in spans:
             if s >= start:
                 break
-            h.update(torch.tensor(ids[pos:s], dtype=torch.int64).numpy().tobytes())
+            h.update(torch.tensor(ids[pos:max(pos, s - 1)], dtype=torch.int64).numpy().tobytes())
             h.update(b"|seg|")
-            pos = e
-        h.update(torch.tensor(ids[pos:start], dtype=torch.int64).numpy().tobytes())
+            pos = e + 1
+        h.update(torch.tensor(ids[pos:max(pos, start - 1)], dtype=torch.int64).numpy().tobytes())
         h.update(f"#{index}".encode())
         return h.hexdigest()[:24]
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 from apportion.base import Prompt
-from apportion.host.kv import KVPolicy
+from apportion.host.kv import KVPolicy, cache_kwargs
 
 ROLES = {
     "Researcher": "You are the Researcher. You find the exact facts in documents and quote them.",
@@ -29,6 +29,14 @@ ROLES = {
     "Critic": "You are the Critic. You look for mistakes in what others say and correct them.",
     "Writer": "You are the Writer. You turn the team's findings into one clear final answer.",
     "Planner": "You are the Planner. You decide which facts matter for the question.",
+}
+
+ROUND1 = {
+    "Researcher": "Quote the sentence of the document that answers: {q}",
+    "Analyst": "{q} Say the number and whether it is more than 5000.",
+    "Critic": "{q} Name one other number in the document that could be confused with it.",
+    "Writer": "{q} Write one sentence for the team's report.",
+    "Planner": "{q} Say which sentence of the document matters.",
 }
 
 ITEMS = ("budget", "room number", "launch year", "batch size", "server port", "order count",
@@ -62,7 +70,7 @@ def make_tasks(n: int, *, seed: int = 0, sentences_per_doc: int = 14, facts: int
 
 
 def round1_prompt(role: str, task: Task) -> Prompt:
-    q = f"Question: {task.question} Reply in one sentence with the number."
+    q = ROUND1[role].format(q=task.question)
     return Prompt([
         {"role": "system", "content": ROLES[role]},
         {"role": "user", "content": f"Document:\n{task.document}\n\n{q}"},
@@ -111,15 +119,30 @@ class Comparison:
         return dict(self.__dict__)
 
 
-def _first_logits(host: Any, prompt: Prompt) -> torch.Tensor:
-    """Next-token logits after the prompt, through the host's policy (one prefill)."""
+def _answer(host: Any, prompt: Prompt, max_new_tokens: int) -> tuple[torch.Tensor, str, float, int]:
+    """Prefill through the host's policy, then greedy-decode: (first logits, text, prefill
+    seconds, prompt tokens). One prefill serves both the distribution and the answer."""
     enc = host.encode(prompt)
     ids = torch.tensor([enc.ids], device=host.loaded.device)
     model = host.loaded.model
+    eos = host._eos_ids()
     with torch.inference_mode():
         cache = host.kv_policy.make_cache(model)
+        t0 = time.perf_counter()
         pre = host.kv_policy.prefill(model, ids, torch.ones_like(ids), cache, question_len=enc.question_len)
-    return pre.logits[0].float()
+        prefill_s = time.perf_counter() - t0
+        first = pre.logits[0].float()
+        logits, pos, out = pre.logits, int(pre.next_position[0]), []
+        for _ in range(max_new_tokens):
+            tok = int(logits[0].argmax())
+            if tok in eos:
+                break
+            out.append(tok)
+            step = model(input_ids=torch.tensor([[tok]], device=ids.device),
+                         position_ids=torch.tensor([[pos]], device=ids.device), use_cache=True,
+                         **cache_kwargs(model, cache))
+            logits, pos = step.logits[:, -1, :], pos + 1
+    return first, host.tokenizer.decode(out, skip_special_tokens=True).strip(), prefill_s, len(enc.ids)
 
 
 def run_team(loaded: Any, policy: Any, tasks: list[Task], *, roles: list[str] | None = None,
@@ -140,22 +163,20 @@ def run_team(loaded: Any, policy: Any, tasks: list[Task], *, roles: list[str] | 
                     policy.share(messages[role], loaded.tokenizer)
             for role in roles:
                 prompt = round1_prompt(role, task) if rnd == 1 else round2_prompt(role, task, messages)
-                full = ref.generate(prompt, max_new_tokens=max_new_tokens)[0]
-                got = host.generate(prompt, max_new_tokens=max_new_tokens)[0]
+                lf, full_text, full_s, n_tokens = _answer(ref, prompt, max_new_tokens)
+                lg, text, got_s, _ = _answer(host, prompt, max_new_tokens)
                 info = dict(policy.last_info)
-                lf = _first_logits(ref, prompt)
-                lg = _first_logits(host, prompt)
                 kl = float(torch.nn.functional.kl_div(lg.log_softmax(-1), lf.log_softmax(-1), log_target=True,
                                                       reduction="sum"))
                 if rnd == 1:
-                    messages[role] = full.text
-                a_full, a_got = extract_answer(full.text), extract_answer(got.text)
+                    messages[role] = full_text
+                a_full, a_got = extract_answer(full_text), extract_answer(text)
                 c = Comparison(
                     task=task.id, role=role, round=rnd, occurrences=info.get("occurrences", 0),
                     reused=info.get("reused", 0), reused_tokens=info.get("reused_tokens", 0),
-                    prompt_tokens=got.prompt_tokens, prefill_s=got.prefill_seconds,
-                    full_prefill_s=full.prefill_seconds, text=got.text, full_text=full.text,
-                    answer_agree=a_full == a_got, text_agree=full.text == got.text,
+                    prompt_tokens=n_tokens, prefill_s=got_s,
+                    full_prefill_s=full_s, text=text, full_text=full_text,
+                    answer_agree=a_full == a_got, text_agree=full_text == text,
                     top1_agree=int(lf.argmax()) == int(lg.argmax()), kl=kl,
                     correct=a_got == task.answer, full_correct=a_full == task.answer,
                 )
