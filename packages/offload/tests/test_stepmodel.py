@@ -59,3 +59,13 @@ def test_hook_is_registered():
 
     res = get_plugin_host().hook.apportion_plan_offload(plan={"params": 1e9}, placement="nvme", hardware=None)
     assert res is not None and res["nvme_gb"] == pytest.approx(14.0)
+
+
+def test_core_plan_objects():
+    plan_mod = pytest.importorskip("apportion.plan")
+    p = plan_mod.Plan(plan_mod.resolve_model("llama-3-8b"), plan_mod.resolve_hardware("a100-80gb"), 32768)
+    out = plan_offload(p, "nvme", p.hardware)
+    assert out["nvme_gb"] == pytest.approx(14 * 8.03, rel=1e-3)
+    hw = Hardware.from_any(p.hardware)
+    assert hw.pcie_gbps == pytest.approx(25.0) and hw.nvme_read_gbps == pytest.approx(7.0)
+    assert hw.gpu_memory_gb == pytest.approx(80 * 2**30 / 1e9)

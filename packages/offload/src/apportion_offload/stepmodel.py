@@ -95,8 +95,20 @@ class Hardware:
 
     @classmethod
     def from_any(cls, source: Any = None, **overrides: Any) -> Hardware:
-        """Fields taken from a mapping or an object's attributes where present."""
+        """Fields taken from a mapping or an object's attributes where present; the core's
+        :class:`apportion.plan.Hardware` (``flops``, ``hbm_bytes``, ``pcie_bandwidth`` in B/s,
+        ``extra["nvme_bandwidth"]``, ``extra["cxl_bandwidth"]``) is translated."""
         values: dict[str, Any] = {}
+        if source is not None and not isinstance(source, Mapping) and hasattr(source, "pcie_bandwidth"):
+            extra = getattr(source, "extra", None) or {}
+            values.update(gpu_tflops=source.flops / 1e12, gpu_memory_gb=source.hbm_bytes / 1e9,
+                          pcie_gbps=source.pcie_bandwidth / 1e9)
+            if "nvme_bandwidth" in extra:  # one figure: take it for reads, scale writes alike
+                values["nvme_read_gbps"] = extra["nvme_bandwidth"] / 1e9
+                values["nvme_write_gbps"] = extra["nvme_bandwidth"] / 1e9 * cls.nvme_write_gbps / cls.nvme_read_gbps
+            if "cxl_bandwidth" in extra:
+                values["cxl_gbps"] = extra["cxl_bandwidth"] / 1e9
+            source = None
         for f in fields(cls):
             if isinstance(source, Mapping) and f.name in source:
                 values[f.name] = source[f.name]
