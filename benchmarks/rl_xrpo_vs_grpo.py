@@ -68,13 +68,14 @@ def run_arm(arm: str, opts: argparse.Namespace, train, held_out) -> list[dict]:
     t0 = time.perf_counter()
 
     class Eval(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kw):
+            trainer = holder[0]
+            if logs and "reward" in logs and trainer.allocations:
+                emit({"arm": arm, "step": state.global_step, "kind": "train",
+                      "groups": trainer.allocations[-1], "train_reward": logs["reward"]})
+
         def on_step_end(self, args, state, control, **kw):
             trainer = holder[0]
-            stats = trainer.state.log_history
-            if trainer.allocations:
-                emit({"arm": arm, "step": state.global_step, "kind": "train",
-                      "groups": trainer.allocations[-1],
-                      "train_reward": next((h["reward"] for h in reversed(stats) if "reward" in h), None)})
             if state.global_step % opts.eval_every == 0 or state.global_step == opts.steps:
                 r = evaluate(trainer.model, tok, held_out, opts.max_new_tokens)
                 row = {"arm": arm, "step": state.global_step, "kind": "eval",
@@ -88,7 +89,8 @@ def run_arm(arm: str, opts: argparse.Namespace, train, held_out) -> list[dict]:
         num_generations=opts.group, max_completion_length=opts.max_new_tokens,
         max_steps=opts.steps, learning_rate=opts.lr, logging_steps=1, report_to="none",
         save_strategy="no", use_cpu=True, bf16=False, seed=opts.seed, temperature=1.0,
-        disable_tqdm=True, shuffle_dataset=True, beta=0.0)
+        disable_tqdm=True, shuffle_dataset=True, beta=0.0,
+        gradient_checkpointing=False)  # LoRA on 135M params: memory is not the limit here
     options = {"initial_rollouts": opts.initial, "phases": opts.phases} if arm == "xrpo" else {}
     holder: list = []
     trainer = StrategyGRPOTrainer(
@@ -107,6 +109,33 @@ def run_arm(arm: str, opts: argparse.Namespace, train, held_out) -> list[dict]:
     return curve
 
 
+def summarize(curves: dict[str, list[dict]], opts: argparse.Namespace) -> None:
+    for arm in ("grpo", "xrpo"):
+        if not curves.get(arm):
+            raise SystemExit(f"no evaluations of the {arm} arm to summarize")
+        curves[arm].sort(key=lambda c: c["step"])
+    target = curves["grpo"][-1]["held_out_reward"]
+    grpo_rollouts = curves["grpo"][-1]["rollouts"]
+    reached = next((c["rollouts"] for c in curves["xrpo"]
+                    if c["rollouts"] > 0 and c["held_out_reward"] >= target), None)
+    ratio = None if reached is None else reached / grpo_rollouts
+    base = curves["grpo"][0]["held_out_reward"]
+    emit({
+        "summary": True,
+        "task": f"arithmetic levels {opts.levels}, exact match, {opts.held_out} held-out problems",
+        "rollouts_per_step": opts.prompts_per_step * opts.group,
+        "grpo_curve": [[c["rollouts"], c["held_out_reward"]] for c in curves["grpo"]],
+        "xrpo_curve": [[c["rollouts"], c["held_out_reward"]] for c in curves["xrpo"]],
+        "grpo_base_reward": base, "grpo_final_reward": target, "grpo_rollouts": grpo_rollouts,
+        "xrpo_final_reward": curves["xrpo"][-1]["held_out_reward"],
+        "xrpo_rollouts_to_grpo_final": reached,
+        "rollout_ratio": ratio,
+        "target_rollout_ratio_max": 0.7,
+        "met": ratio is not None and ratio <= 0.7 and target > base,
+        "note": "met also requires GRPO to have improved over the base model",
+    })
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=12)
@@ -114,40 +143,40 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--group", type=int, default=4, help="rollouts per prompt on average")
     ap.add_argument("--initial", type=int, default=2, help="xrpo: first-phase rollouts per prompt")
     ap.add_argument("--phases", type=int, default=1, help="xrpo: allocation rounds after the first")
-    ap.add_argument("--max-new-tokens", type=int, default=8)
+    ap.add_argument("--max-new-tokens", type=int, default=10)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--train-problems", type=int, default=48)
     ap.add_argument("--held-out", type=int, default=12)
     ap.add_argument("--eval-every", type=int, default=3)
-    ap.add_argument("--levels", default="0,1,3")
+    ap.add_argument("--levels", default="0,3")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--arm", choices=("both", "grpo", "xrpo"), default="both",
+                    help="run one arm only (run two processes in parallel, then --combine)")
+    ap.add_argument("--combine", nargs="+", metavar="JSONL",
+                    help="summarize the JSON lines of separately run arms")
     opts = ap.parse_args(argv)
+
+    if opts.combine:
+        curves = {"grpo": [], "xrpo": []}
+        for path in opts.combine:
+            with open(path) as fh:
+                for line in fh:
+                    if line.startswith("{"):
+                        row = json.loads(line)
+                        if row.get("kind") == "eval":
+                            curves[row["arm"]].append(row)
+        summarize(curves, opts)
+        return 0
 
     from apportion_rl.tasks import arithmetic_problems
 
     levels = tuple(int(x) for x in opts.levels.split(","))
     train = arithmetic_problems(opts.train_problems, seed=opts.seed, levels=levels)
     held_out = arithmetic_problems(opts.held_out, seed=opts.seed + 1000, levels=levels)
-    curves = {arm: run_arm(arm, opts, train, held_out) for arm in ("grpo", "xrpo")}
-
-    target = curves["grpo"][-1]["held_out_reward"]
-    grpo_rollouts = curves["grpo"][-1]["rollouts"]
-    reached = next((c["rollouts"] for c in curves["xrpo"]
-                    if c["rollouts"] > 0 and c["held_out_reward"] >= target), None)
-    ratio = None if reached is None else reached / grpo_rollouts
-    emit({
-        "summary": True,
-        "task": f"arithmetic levels {list(levels)}, exact match, {opts.held_out} held-out problems",
-        "rollouts_per_step": opts.prompts_per_step * opts.group, "steps": opts.steps,
-        "grpo_base_reward": curves["grpo"][0]["held_out_reward"],
-        "grpo_final_reward": target, "grpo_rollouts": grpo_rollouts,
-        "xrpo_final_reward": curves["xrpo"][-1]["held_out_reward"],
-        "xrpo_rollouts_to_grpo_final": reached,
-        "rollout_ratio": ratio,
-        "target_rollout_ratio_max": 0.7,
-        "met": ratio is not None and ratio <= 0.7 and target > curves["grpo"][0]["held_out_reward"],
-        "note": "met also requires GRPO to have improved over the base model",
-    })
+    arms = ("grpo", "xrpo") if opts.arm == "both" else (opts.arm,)
+    curves = {arm: run_arm(arm, opts, train, held_out) for arm in arms}
+    if opts.arm == "both":
+        summarize(curves, opts)
     return 0
 
 

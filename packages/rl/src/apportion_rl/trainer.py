@@ -55,10 +55,11 @@ def _question(prompt: Any) -> str:
     return str(prompt[-1]["content"])
 
 
-def _with_question(prompt: Any, text: str) -> Any:
+def _with_messages(prompt: Any, messages: list[dict[str, str]]) -> Any:
+    """``prompt`` with its last user turn replaced by ``messages`` (demo turns + the query)."""
     if isinstance(prompt, str):
-        return text
-    return [*prompt[:-1], {**prompt[-1], "content": text}]
+        return "\n\n".join(m["content"] for m in messages)
+    return [*prompt[:-1], *messages]
 
 
 class StrategyGRPOTrainer(GRPOTrainer):
@@ -89,6 +90,7 @@ class StrategyGRPOTrainer(GRPOTrainer):
         self.allocations: list[list[int]] = []
         self.exemplars: deque[Any] = deque(maxlen=256)
         self._cached: dict[str, Any] | None = None
+        self.last_round: dict[str, Any] = {}  # rewards, advantages, kept groups of the last round
         super().__init__(model, reward_funcs, *args, **kwargs)
         if self.accelerator.num_processes != 1:
             raise ApportionError("StrategyGRPOTrainer runs in one process (variable groups are "
@@ -125,9 +127,9 @@ class StrategyGRPOTrainer(GRPOTrainer):
         seed_prompt = getattr(self.strategy, "seed_prompt", None)
         if seed_prompt is None or not self.exemplars:
             return row
-        text, _ = seed_prompt(_question(row["prompt"]), list(self.exemplars),
-                              tokenizer=self._tokenizer)
-        return {**row, "prompt": _with_question(row["prompt"], text)}
+        messages, _ = seed_prompt(_question(row["prompt"]), list(self.exemplars),
+                                  tokenizer=self._tokenizer)
+        return {**row, "prompt": _with_messages(row["prompt"], messages)}
 
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
         mode = "train" if self.model.training else "eval"
@@ -201,8 +203,10 @@ class StrategyGRPOTrainer(GRPOTrainer):
         flat = torch.tensor([a for gr in adv for a in gr], dtype=torch.float32,
                             device=output["advantages"].device)
         output["advantages"] = flat
+        self.last_round = {"rewards": rewards, "advantages": adv, "kept": [True] * len(groups)}
         if hasattr(strategy, "keep_groups"):
             keep = strategy.keep_groups(rewards)
+            self.last_round["kept"] = keep
             rows_keep = torch.tensor([k for k, gr in zip(keep, groups, strict=True) for _ in gr],
                                      device=flat.device)
             output["completion_mask"] = output["completion_mask"] * rows_keep.unsqueeze(1).int()

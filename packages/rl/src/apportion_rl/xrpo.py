@@ -171,37 +171,39 @@ class XRPO(GRPO):
         from apportion import get_registry
 
         registry = get_registry()
-        if name == "auto":
-            # the icl package's demo selection, when it is installed
-            for spec in registry.specs("prompt-strategy"):
-                if spec.provider == "apportion-icl" and spec.name in (
-                        "dynaicl", "uniicl", "latent-select"):
-                    return spec.create()
+        if name == "auto":  # the icl package's embedding selection, when it is installed
+            if "knn" in registry.names("prompt-strategy") and \
+                    registry.get("prompt-strategy", "knn").provider == "apportion-icl":
+                return registry.create("prompt-strategy", "knn", {"k": self.config.seed_exemplars})
             return None
         return registry.create("prompt-strategy", name)
 
     def seed_prompt(self, query: str, pool: Sequence[Exemplar], *, tokenizer: Any = None,
-                    budget: int | None = None) -> tuple[str, dict[str, Any]]:
-        """The query with solved exemplars in front, and how they were chosen.
+                    budget: int | None = None) -> tuple[list[dict[str, str]], dict[str, Any]]:
+        """Chat messages: solved exemplars as earlier user/assistant turns, then the query;
+        and how they were chosen.
 
-        ``pool``: solved problems (e.g. prompts of this run whose groups contained a correct
-        rollout, with that rollout). With an icl prompt strategy the strategy decides which
-        and how many demos fit ``budget`` tokens; otherwise the ``seed_exemplars`` most
-        lexically similar are used. An empty pool returns the query unchanged.
+        ``pool``: solved problems (e.g. prompts of this run whose groups held a correct
+        rollout, with that rollout). With an icl prompt strategy (``seed_strategy``; ``auto``
+        picks the icl package's ``knn`` embedding selection when installed) that strategy
+        chooses the demos that fit ``budget`` tokens; otherwise the ``seed_exemplars`` most
+        lexically similar are used. An empty pool returns the query alone.
         """
         k = self.config.seed_exemplars
         pool = [e for e in pool if e.question != query]
         if not pool or k == 0:
-            return query, {"seeded": 0, "selector": None}
+            return [{"role": "user", "content": query}], {"seeded": 0, "selector": None}
         strategy = self._icl_strategy()
         if strategy is not None:
             prompt = strategy.build(query, demos=[e.as_dict() for e in pool], budget=budget,
                                     tokenizer=tokenizer)
-            return prompt.messages[-1]["content"], {
-                "seeded": prompt.accounting.get("demos_kept"), "selector": strategy.name}
+            return prompt.messages, {"seeded": prompt.accounting.get("demos_kept"),
+                                     "selector": strategy.name}
         chosen = self._select_lexical(query, pool, k)
-        demos = "".join(f"Solved example:\n{e.question}\n{e.answer}\n\n" for e in chosen)
-        return demos + query, {"seeded": len(chosen), "selector": "lexical"}
+        messages = [m for e in reversed(chosen) for m in (
+            {"role": "user", "content": e.question}, {"role": "assistant", "content": e.answer})]
+        return messages + [{"role": "user", "content": query}], {
+            "seeded": len(chosen), "selector": "lexical"}
 
     # ------------------------------------------------------------------ sharpening
 
