@@ -38,11 +38,12 @@ class TestNeedleThreadingMultiBackward(BenchmarkContract):
 
 class TestHoloBench(BenchmarkContract):
     component = "holobench"
+    small_options = {"lengths": [512, 1024], "samples": 1, "queries": ["lookup", "count", "max", "group-by"]}
 
 
 class TestHoloBenchBimodal(BenchmarkContract):
     component = "holobench"
-    options = {"placement": "bimodal", "density": 0.3, "queries": ["count", "group-by"]}
+    options = {"placement": "bimodal", "density": 0.3, "queries": ["min", "sum", "avg"]}
 
 
 class TestLongGen(BenchmarkContract):

@@ -215,7 +215,7 @@ def run(config: RunConfig, run_dir: str | Path, options: RunOptions | None = Non
     if console is None:
         from rich.console import Console
 
-        console = Console(quiet=not options.progress)
+        console = Console()
     plugin_host = get_plugin_host()
     registry = plugin_host.registry
     if options.seed is not None:
