@@ -3,7 +3,6 @@
 import warnings
 
 import pytest
-
 from apportion_icl import data
 from apportion_icl.demos import Demo, as_demos
 from apportion_icl.errors import BudgetError, EmptyPoolWarning

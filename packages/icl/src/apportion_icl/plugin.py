@@ -42,3 +42,11 @@ def apportion_register_commands(app):
     from apportion_icl.cli import app as icl  # typer only; commands import the heavy parts lazily
 
     app.add_typer(icl, name="icl")
+
+
+@hookimpl
+def apportion_model_loaded(model, tokenizer, spec):
+    """Strategies that run the LLM (latent, adaptmi, recycle, ...) reuse the host's model."""
+    from apportion_icl.runtime import remember
+
+    remember(model, tokenizer, spec)

@@ -23,6 +23,20 @@ def share(loaded: Any, name: str = "smollm2") -> None:
     _LLMS[name] = loaded
 
 
+def remember(model: Any, tokenizer: Any, spec: Any) -> None:
+    """Called by the ``apportion_model_loaded`` hook: keep the host's model under its name."""
+    from apportion.host.model import LoadedModel
+
+    param = next(model.parameters())
+    name = getattr(spec, "name", None) or "smollm2"
+    if name in _LLMS:
+        return
+    _LLMS[name] = LoadedModel(
+        model=model, tokenizer=tokenizer, name=name, path="", device=param.device, dtype=param.dtype,
+        max_context=int(getattr(spec, "max_context", None) or getattr(model.config, "max_position_embeddings", 2048)),
+        fingerprint="")
+
+
 def get_llm(name: str = "smollm2") -> Any:
     with _LOCK:
         if name not in _LLMS:

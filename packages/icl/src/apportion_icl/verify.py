@@ -23,10 +23,6 @@ class VerifyLoop(ICLStrategy):
     Config = VerifyLoopConfig
     uses_demos = False
 
-    def build(self, query, *, context=None, demos=(), budget=None, tokenizer=None):
-        self._demos = demos
-        return super().build(query, context=context, demos=demos, budget=budget, tokenizer=tokenizer)
-
     def plan(self, query, context, pool, budget, tokens):
         from apportion_icl.runtime import generate
         from apportion_icl.verifiers import resolve
