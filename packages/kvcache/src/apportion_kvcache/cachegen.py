@@ -3,12 +3,14 @@
 The pipeline, per chunk of ``chunk_tokens`` tokens (chunks decode independently):
 
 1. **Token-group deltas** (the paper's locality): tokens are grouped by ``group_size``; the
-   first token of each group is its *anchor*. Anchors are quantized finely
-   (``anchor_bins``); every other token is stored as its difference from the *reconstructed*
-   anchor of its group, which is small, so it quantizes coarsely at low error.
+   first token of each group is its *anchor*. Every other token is coded as its difference
+   from the *reconstructed* anchor of its group (closed loop: errors never accumulate), on
+   the channels where that residual is smaller than the token itself (RoPE makes the fast
+   rotating key channels poor delta candidates; the choice is a per-channel bit).
 2. **Layer-group quantization**: the layers are split into ``len(levels[i])`` equal groups and
-   level ``i`` gives each group its number of delta bins: early layers, which later ones
-   build on, get more bins. Steps are per (layer, K/V, head, channel), from the chunk's range.
+   level ``i`` gives each group its number of bins over +-2 RMS of the layer's K or V (one
+   uniform step per layer and K/V, which is what minimises the error for a given entropy-coded
+   size): early layers, which later ones build on, get more bins.
 3. **Entropy coding** with ``constriction``'s range coder: one categorical model per
    (layer, K/V) for anchors and one for deltas, fitted to the chunk's own symbol counts, which
    travel with the chunk.
@@ -49,6 +51,7 @@ MAGIC = b"APKVCG\r\n"
 VERSION = 1
 MAX_HEADER_BYTES = 1 << 24
 _PREAMBLE = struct.Struct("<8sHI")
+_SYM = 32767  # symbols are clamped to +-_SYM steps (beyond ~16000 RMS: never in a real KV)
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]
@@ -59,10 +62,9 @@ class CodecConfig(ComponentConfig):
     """Options of the CacheGen codec."""
 
     levels: list[list[int]] = Field(
-        [[25, 17, 13], [13, 11, 9], [9, 7, 5], [5, 5, 3]],
+        [[160, 128, 96], [96, 64, 48], [48, 32, 24], [24, 16, 12]],
         description="per level, delta bins of each layer group (earliest layers first); level 0 is the finest",
     )
-    anchor_bins: int = Field(255, ge=3, le=65535, description="quantization bins of anchor tokens")
     group_size: int = Field(10, ge=1, le=1024, description="tokens per delta group (one anchor each)")
     chunk_tokens: int = Field(256, ge=1, le=1 << 20, description="tokens per independently decodable chunk")
 
@@ -98,7 +100,6 @@ class Header:
     tokens: int
     level: int
     bins: list[int]
-    anchor_bins: int
     group_size: int
     chunks: list[ChunkInfo]
     payload_offset: int = 0
@@ -213,7 +214,7 @@ class CacheGenCodec:
         header = {
             "format": "apportion-cachegen", "version": VERSION, "model": fingerprint, "dtype": dtype,
             "layers": n_layers, "batch": b, "kv_heads": h, "head_dim": d, "tokens": t,
-            "level": level, "bins": bins, "anchor_bins": self.config.anchor_bins,
+            "level": level, "bins": bins,
             "group_size": self.config.group_size, "chunks": chunks, "meta": meta or {},
         }
         hbytes = json.dumps(header, separators=(",", ":")).encode()
@@ -226,47 +227,46 @@ class CacheGenCodec:
 
         n_layers, _, b, h, t, d = x.shape
         g = self.config.group_size
-        a_half = (self.config.anchor_bins - 1) // 2
-        anchor_idx = torch.arange(0, t, g)
-        owner = torch.arange(t) // g  # index of each token's anchor among the anchors
-        delta_mask = torch.ones(t, dtype=torch.bool)
-        delta_mask[anchor_idx] = False
-        anchors = x[..., anchor_idx, :]
-        a_scale = _fp16_scale(anchors.abs().amax(dim=(2, 4)), a_half)  # (L, 2, H, D)
-        sa = a_scale[:, :, None, :, None, :]
-        qa = torch.round(anchors / sa).clamp(-a_half, a_half)
-        a_hat = qa * sa
-        delta = (x - a_hat[..., owner, :])[..., delta_mask, :]
-        d_half = torch.tensor([(bn - 1) // 2 if bn > 2 else 1 for bn in bins], dtype=torch.float32)
-        d_amax = delta.abs().amax(dim=(2, 4)) if delta.shape[-2] else torch.zeros(n_layers, 2, h, d)
-        d_scale = _fp16_scale(d_amax / d_half[:, None, None, None], 1)
-        hd = d_half[:, None, None, None, None, None]
-        sd = d_scale[:, :, None, :, None, :]
-        qd = torch.maximum(torch.minimum(torch.round(delta / sd), hd), -hd)
-
-        width = max(int(2 * d_half.max().item()) + 1, 2)
-        a_counts = np.zeros((n_layers, 2, 2 * a_half + 1), dtype=np.int64)
-        d_counts = np.zeros((n_layers, 2, width), dtype=np.int64)
+        is_anchor = torch.zeros(t, dtype=torch.bool)
+        is_anchor[::g] = True
+        owner = (torch.arange(t) // g) * g  # each token's anchor
+        mean = x.mean(dim=(2, 4)).to(torch.float16).float()  # (L, 2, H, D) channel offsets
+        m = mean[:, :, None, :, None, :]
+        centred = x - m
+        rms = centred.pow(2).mean(dim=(2, 3, 4, 5)).sqrt()  # (L, 2)
+        nbins = torch.tensor(bins, dtype=torch.float32)[:, None]
+        step = (4.0 * rms / nbins).clamp(min=1e-6).to(torch.float16).float()  # bins over +-2 RMS
+        st = step[:, :, None, None, None, None]
+        qa = torch.round(centred[..., is_anchor, :] / st).clamp(-_SYM, _SYM)
+        a_hat = torch.zeros_like(x)
+        a_hat[..., is_anchor, :] = qa * st + m
+        delta = (x - a_hat[..., owner, :])[..., ~is_anchor, :]
+        raw = centred[..., ~is_anchor, :]
+        # per channel, code against the group's anchor only where that is the smaller residual
+        use_delta = delta.pow(2).mean(dim=(2, 4)) < raw.pow(2).mean(dim=(2, 4))  # (L, 2, H, D)
+        resid = torch.where(use_delta[:, :, None, :, None, :], delta, raw)
+        qr = torch.round(resid / st).clamp(-_SYM, _SYM)
         encoder = constriction.stream.queue.RangeEncoder()
-        qa_np = (qa + a_half).to(torch.int32).numpy()
-        qd_np = (qd + hd).to(torch.int32).numpy()
+        # one table per (layer, K/V, anchors|residuals), fitted to the chunk's own symbols
+        tables: list[tuple[int, int]] = []
+        counts_all: list[np.ndarray] = []
         for li in range(n_layers):
-            dh = int(d_half[li])
             for s in range(2):
-                sym_a = qa_np[li, s].reshape(-1)
-                a_counts[li, s] = np.bincount(sym_a, minlength=2 * a_half + 1)
-                encoder.encode(sym_a, _model(a_counts[li, s]))
-                sym_d = qd_np[li, s].reshape(-1)
-                if sym_d.size:
-                    d_counts[li, s, : 2 * dh + 1] = np.bincount(sym_d, minlength=2 * dh + 1)
-                    encoder.encode(sym_d, _model(d_counts[li, s, : 2 * dh + 1]))
-        words = encoder.get_compressed()
+                for q in (qa, qr):
+                    if q[li, s].numel():
+                        sym = q[li, s].reshape(-1).to(torch.int32).numpy()
+                        lo = int(sym.min())
+                        counts = np.bincount(sym - lo)
+                        tables.append((lo, len(counts)))
+                        counts_all.append(counts.astype(np.uint32))
+                        encoder.encode((sym - lo).astype(np.int32), _model(counts))
         return save({
-            "a_scale": a_scale.to(torch.float16).numpy(),
-            "d_scale": d_scale.to(torch.float16).numpy(),
-            "a_counts": _compact_counts(a_counts),
-            "d_counts": _compact_counts(d_counts),
-            "words": np.ascontiguousarray(words, dtype=np.uint32),
+            "mean": mean.to(torch.float16).numpy(),
+            "step": step.to(torch.float16).numpy(),
+            "use_delta": use_delta.to(torch.uint8).numpy(),
+            "tables": np.array(tables, dtype=np.int32).reshape(-1, 2),
+            "counts": np.concatenate(counts_all) if counts_all else np.zeros(0, dtype=np.uint32),
+            "words": np.ascontiguousarray(encoder.get_compressed(), dtype=np.uint32),
         })
 
     # ------------------------------------------------------------------ decode
@@ -304,7 +304,6 @@ class CacheGenCodec:
         bins = obj.get("bins")
         _check(isinstance(bins, list) and len(bins) == layers
                and all(isinstance(x, int) and 2 <= x <= 65535 for x in bins), "bad per-layer bins")
-        anchor_bins = _int(obj, "anchor_bins", 3, 65535)
         group = _int(obj, "group_size", 1, 1 << 20)
         level = _int(obj, "level", 0, 1024)
         fp = obj.get("model")
@@ -330,7 +329,7 @@ class CacheGenCodec:
         _check(len(data) - offset == total, "trailing bytes after the last chunk")
         meta = obj.get("meta") if isinstance(obj.get("meta"), dict) else {}
         return Header(version, fp, dtype, layers, batch, heads, head_dim, tokens, level, bins,
-                      anchor_bins, group, chunks, payload_offset=offset, meta=meta)
+                      group, chunks, payload_offset=offset, meta=meta)
 
     def decode(self, data: bytes | memoryview, *, fingerprint: str | None = None,
                device: Any = "cpu") -> KV:
@@ -372,61 +371,64 @@ class CacheGenCodec:
             raise CorruptKVError(f"corrupt CacheGen bitstream: chunk {index} unreadable ({exc})") from None
         n_layers, b, h, d, t = header.layers, header.batch, header.kv_heads, header.head_dim, info.tokens
         g = header.group_size
-        a_half = (header.anchor_bins - 1) // 2
-        d_halves = [(bn - 1) // 2 if bn > 2 else 1 for bn in header.bins]
-        width = max(2 * max(d_halves) + 1, 2)
-        expect = {"a_scale": ((n_layers, 2, h, d), np.float16), "d_scale": ((n_layers, 2, h, d), np.float16),
-                  "a_counts": ((n_layers, 2, 2 * a_half + 1), None), "d_counts": ((n_layers, 2, width), None)}
+        expect = {"mean": ((n_layers, 2, h, d), np.float16), "step": ((n_layers, 2), np.float16),
+                  "use_delta": ((n_layers, 2, h, d), np.uint8), "tables": (None, np.int32),
+                  "counts": (None, np.uint32), "words": (None, np.uint32)}
         for name, (shape, dt) in expect.items():
             arr = arrays.get(name)
-            _check(arr is not None and tuple(arr.shape) == shape and (dt is None or arr.dtype == dt),
+            _check(arr is not None and arr.dtype == dt and (tuple(arr.shape) == shape if shape else
+                                                            arr.ndim == (2 if name == "tables" else 1)),
                    f"chunk {index} field {name!r} missing or misshapen")
-        words = arrays.get("words")
-        _check(words is not None and words.dtype == np.uint32 and words.ndim == 1, f"chunk {index} has no words")
-        a_scale = torch.from_numpy(arrays["a_scale"].astype(np.float32))
-        d_scale = torch.from_numpy(arrays["d_scale"].astype(np.float32))
-        _check(bool(torch.isfinite(a_scale).all() and torch.isfinite(d_scale).all()), f"chunk {index} scales")
-        a_counts = arrays["a_counts"].astype(np.int64)
-        d_counts = arrays["d_counts"].astype(np.int64)
-        _check(bool((a_counts >= 0).all() and (d_counts >= 0).all()), f"chunk {index} negative counts")
-        n_anchor = math.ceil(t / g)
-        n_delta = t - n_anchor
-        per_a, per_d = b * h * n_anchor * d, b * h * n_delta * d
-        qa = np.empty((n_layers, 2, per_a), dtype=np.int32)
-        qd = np.zeros((n_layers, 2, per_d), dtype=np.int32)
+        mean = torch.from_numpy(arrays["mean"].astype(np.float32))
+        step = torch.from_numpy(arrays["step"].astype(np.float32))
+        _check(bool(torch.isfinite(mean).all() and torch.isfinite(step).all()), f"chunk {index} has non-finite scales")
+        table_rows, flat = arrays["tables"], arrays["counts"]
+        _check(table_rows.shape[-1] == 2 and bool((np.abs(table_rows[:, 0]) <= _SYM).all())
+               and bool((table_rows[:, 1] >= 1).all() and (table_rows[:, 1] <= 2 * _SYM + 1).all())
+               and int(table_rows[:, 1].astype(np.int64).sum()) == flat.shape[0], f"chunk {index} symbol tables")
+        use_delta = torch.from_numpy(arrays["use_delta"].astype(bool))
+        is_anchor = torch.zeros(t, dtype=torch.bool)
+        is_anchor[::g] = True
+        n_anchor = int(is_anchor.sum())
+        shapes = {"a": (b, h, n_anchor, d), "r": (b, h, t - n_anchor, d)}
+        out = {tag: torch.zeros((n_layers, 2, *shape)) for tag, shape in shapes.items()}
         try:
-            decoder = constriction.stream.queue.RangeDecoder(words)
+            decoder = constriction.stream.queue.RangeDecoder(arrays["words"])
+            ti = cursor = 0
             for li in range(n_layers):
-                dh = d_halves[li]
                 for s in range(2):
-                    _check(int(a_counts[li, s].sum()) == per_a, f"chunk {index} anchor counts")
-                    qa[li, s] = decoder.decode(_model(a_counts[li, s]), per_a)
-                    if per_d:
-                        _check(int(d_counts[li, s, : 2 * dh + 1].sum()) == per_d, f"chunk {index} delta counts")
-                        qd[li, s] = decoder.decode(_model(d_counts[li, s, : 2 * dh + 1]), per_d) - dh
+                    for tag in ("a", "r"):
+                        shape = shapes[tag]
+                        if math.prod(shape) == 0:
+                            continue
+                        _check(ti < table_rows.shape[0], f"chunk {index} has too few symbol tables")
+                        lo, width = (int(v) for v in table_rows[ti])
+                        counts = flat[cursor:cursor + width].astype(np.int64)
+                        ti, cursor = ti + 1, cursor + width
+                        n = math.prod(shape)
+                        _check(int(counts.sum()) == n, f"chunk {index} symbol counts")
+                        sym = decoder.decode(_model(counts), n).astype(np.float32) + lo
+                        out[tag][li, s] = torch.from_numpy(sym).view(shape)
+            _check(ti == table_rows.shape[0], f"chunk {index} has extra symbol tables")
         except CorruptKVError:
             raise
         except Exception as exc:
             raise CorruptKVError(f"corrupt CacheGen bitstream: chunk {index} does not decode ({exc})") from None
-        qa_t = torch.from_numpy(qa - a_half).float().view(n_layers, 2, b, h, n_anchor, d)
-        qd_t = torch.from_numpy(qd).float().view(n_layers, 2, b, h, n_delta, d)
-        a_hat = qa_t * a_scale[:, :, None, :, None, :]
-        owner = torch.arange(t) // g
-        delta_mask = torch.ones(t, dtype=torch.bool)
-        delta_mask[torch.arange(0, t, g)] = False
-        out = a_hat[..., owner, :].clone()
-        out[..., delta_mask, :] += qd_t * d_scale[:, :, None, :, None, :]
-        return out
+        qa, qr = out["a"], out["r"]
+        st = step[:, :, None, None, None, None]
+        m = mean[:, :, None, :, None, :]
+        x = torch.empty(n_layers, 2, b, h, t, d)
+        x[..., is_anchor, :] = qa * st + m
+        owner = (torch.arange(t) // g) * g
+        base = torch.where(use_delta[:, :, None, :, None, :], x[..., owner, :][..., ~is_anchor, :], m)
+        x[..., ~is_anchor, :] = base + qr * st
+        return x
 
 
 def _model(counts: np.ndarray) -> Any:
     import constriction
 
     return constriction.stream.model.Categorical(counts.astype(np.float64) + 0.0, perfect=False)
-
-
-def _compact_counts(counts: np.ndarray) -> np.ndarray:
-    return counts.astype(np.uint32 if counts.max(initial=0) < 2**32 else np.int64)
 
 
 def _check_model(header: Header, fingerprint: str | None) -> None:

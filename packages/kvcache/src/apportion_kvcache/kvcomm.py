@@ -34,7 +34,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from apportion.config import ComponentConfig
@@ -64,6 +64,10 @@ class KVCOMMConfig(ComponentConfig):
     max_anchors_per_slot: int = Field(8, ge=1, description="oldest-used anchors of a slot are dropped past this")
     base_prefix: str = Field("Context:\n", description="neutral text a segment's base KV is computed after")
     min_segment_tokens: int = Field(8, ge=1, description="shorter shared segments are not worth reusing")
+    offset_mode: Literal["auto", "token", "mean", "none"] = Field(
+        "auto", description="per-token offsets ('token'), their mean over tokens ('mean': the part of an "
+        "offset that does not depend on which token sits there), 'auto' = per-token for the same "
+        "segment, mean for another one, or 'none' (plain base KV, for ablation)")
 
 
 # ----------------------------------------------------------------------------- RoPE helpers
@@ -463,10 +467,20 @@ class KVCOMM(KVPolicy):
     def _blend(self, anchors: list[tuple[Anchor, float]], length: int) -> tuple[torch.Tensor, torch.Tensor]:
         sims = torch.tensor([s for _, s in anchors])
         weights = torch.softmax(sims / self.config.temperature, dim=0)
+        mode = self.config.offset_mode
         dk = dv = None
-        for (a, _), w in zip(anchors, weights.tolist(), strict=True):
+        for (a, sim), w in zip(anchors, weights.tolist(), strict=True):
             a.last_used = time.monotonic()
-            ak, av = _fit(a.delta_k.float(), length), _fit(a.delta_v.float(), length)
+            same = a.length == length and sim > 0.999
+            if mode == "none":
+                ak = torch.zeros_like(_fit(a.delta_k.float(), length))
+                av = torch.zeros_like(ak)
+            elif mode == "token" or (mode == "auto" and same):
+                ak, av = _fit(a.delta_k.float(), length), _fit(a.delta_v.float(), length)
+            else:
+                shape = (*a.delta_k.shape[:-2], length, a.delta_k.shape[-1])
+                ak = a.delta_k.float().mean(-2, keepdim=True).expand(shape)
+                av = a.delta_v.float().mean(-2, keepdim=True).expand(shape)
             dk = ak * w if dk is None else dk + ak * w
             dv = av * w if dv is None else dv + av * w
         assert dk is not None and dv is not None

@@ -16,6 +16,9 @@ def apportion_register_kv_policies(register):
              summary="H2O: accumulated-attention heavy hitters + recent tokens, scored in a hook")
     register("qspan", "apportion_kvcache.qspan:QSpan", config="apportion_kvcache.qspan:QSpanConfig",
              summary="question-aware span keeping: question-query peaks, GQA union, kept neighbourhoods")
+    register("cachegen", "apportion_kvcache.cachegen_policy:CacheGenPolicy",
+             config="apportion_kvcache.cachegen_policy:CacheGenPolicyConfig",
+             summary="CacheGen: context KV through the quantize+delta+range-coded bitstream (optional store reuse)")
     register("kvcomm", "apportion_kvcache.kvcomm:KVCOMM", config="apportion_kvcache.kvcomm:KVCOMMConfig",
              summary="KVCOMM: shared segments reused under new prefixes, offsets from an anchor pool (RoPE-aware)")
     register("fastswitch", "apportion_kvcache.fastswitch.policy:FastSwitch",

@@ -129,6 +129,9 @@ class KVStore:
 
         if hasattr(kv, "layers"):
             kv = kv_from_cache(kv)
+        if not kv or any(k.shape[-2] != len(token_ids) for k, _ in kv):
+            have = kv[0][0].shape[-2] if kv else 0
+            raise ValueError(f"the KV holds {have} tokens but {len(token_ids)} token ids were given")
         tensors: dict[str, torch.Tensor] = {}
         for i, (k, v) in enumerate(kv):
             tensors[f"k.{i}"] = k.detach().to("cpu").contiguous()

@@ -112,6 +112,7 @@ class BlockAllocator:
     def __init__(self, num_blocks: int):
         self.num_blocks = num_blocks
         self._free = list(range(num_blocks - 1, -1, -1))
+        self._is_free = set(self._free)
 
     @property
     def free_blocks(self) -> int:
@@ -120,14 +121,17 @@ class BlockAllocator:
     def allocate(self, n: int, *, after: Group | None = None) -> list[Group]:
         if n > len(self._free):
             raise PoolExhaustedError(f"need {n} KV blocks, {len(self._free)} of {self.num_blocks} free")
-        return [Group(self._free.pop(), 1) for _ in range(n)]
+        out = [Group(self._free.pop(), 1) for _ in range(n)]
+        self._is_free.difference_update(g.start for g in out)
+        return out
 
     def free(self, groups: list[Group]) -> None:
         for g in groups:
             for b in range(g.start, g.end):
-                if b in self._free:
+                if b in self._is_free:
                     raise ValueError(f"double free of block {b}")
                 self._free.append(b)
+                self._is_free.add(b)
 
 
 @dataclass(frozen=True)

@@ -206,7 +206,8 @@ def simulate(trace: list[TraceItem], system: System, cost: CostModel, *, device_
         sched.update(active, now)
         blocking = 0.0  # synchronous swap time (vllm)
         running: list[Request] = []
-        for r in sched.order(active):
+        order = sched.order(active)
+        for r in list(order):
             if len(running) >= max_batch:
                 break
             if r.state == "swapping" and r.ready_at > now:
@@ -223,7 +224,7 @@ def simulate(trace: list[TraceItem], system: System, cost: CostModel, *, device_
                 need = blocks_for(r.context + 1)
             if need > alloc.free_blocks:
                 # preempt lower-priority running requests (the end of the order) to make room
-                victims = [v for v in reversed(sched.order(active)) if v.state == "running" and v is not r
+                victims = [v for v in reversed(order) if v.state == "running" and v is not r
                            and v not in running and v.priority < r.priority]
                 for v in victims:
                     if need <= alloc.free_blocks:

@@ -1,0 +1,171 @@
+"""CacheGen codec: round trip, bitstream layout, independence of chunks, and hostile input."""
+
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+
+import pytest
+import torch
+from apportion_kvcache.cachegen import (
+    MAGIC,
+    CacheGenCodec,
+    CodecConfig,
+    kv_error,
+    uniform_per_token,
+)
+from apportion_kvcache.errors import CorruptKVError, KVMismatchError
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+
+def _kv(layers=4, batch=1, heads=3, tokens=95, dim=16, seed=0):
+    """KV with the structure real caches have: per-channel offsets/scales, slow drift along tokens."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(layers):
+        pair = []
+        for _ in range(2):
+            offset = torch.randn(1, heads, 1, dim, generator=g) * 3
+            scale = torch.rand(1, heads, 1, dim, generator=g) * 2 + 0.1
+            drift = torch.randn(batch, heads, tokens, dim, generator=g).cumsum(2) * 0.05
+            pair.append(offset + scale * (drift + 0.2 * torch.randn(batch, heads, tokens, dim, generator=g)))
+        out.append((pair[0], pair[1]))
+    return out
+
+
+SMALL = CodecConfig(chunk_tokens=40, group_size=10)
+
+
+def test_round_trip_error_falls_with_level():
+    kv = _kv()
+    codec = CacheGenCodec(SMALL)
+    errs, sizes = [], []
+    for level in range(codec.n_levels):
+        bs = codec.encode(kv, fingerprint="m", level=level)
+        out = codec.decode(bs, fingerprint="m")
+        assert [tuple(k.shape) for k, _ in out] == [tuple(k.shape) for k, _ in kv]
+        errs.append(kv_error(kv, out)["rel_rmse"])
+        sizes.append(len(bs))
+    assert errs == sorted(errs) and errs[0] < 0.02
+    assert sizes == sorted(sizes, reverse=True)
+
+
+def test_smaller_than_8bit_uniform_and_fp16():
+    kv = _kv(tokens=400, dim=64)
+    codec = CacheGenCodec()
+    _, u8_bytes = uniform_per_token(kv)
+    fp16 = sum(k.numel() * 2 * 2 for k, _ in kv)
+    sizes = [len(codec.encode(kv, level=i)) for i in range(codec.n_levels)]
+    assert sizes[1] < u8_bytes and sizes[-1] < fp16 / 3
+
+
+def test_header_names_everything_and_chunks_decode_alone():
+    kv = _kv(tokens=95)
+    codec = CacheGenCodec(SMALL)
+    bs = codec.encode(kv, fingerprint="model-a", level=1)
+    h = codec.read_header(bs)
+    assert (h.version, h.fingerprint, h.dtype, h.layers, h.kv_heads, h.tokens, h.level) == \
+        (1, "model-a", "float32", 4, 3, 95, 1)
+    assert [c.tokens for c in h.chunks] == [40, 40, 15]
+    whole = torch.stack([torch.stack([k, v]) for k, v in codec.decode(bs)])
+    for i, c in enumerate(h.chunks):
+        part = codec.decode_chunk(bs, i, header=h)
+        torch.testing.assert_close(part, whole[..., c.start:c.start + c.tokens, :])
+
+
+def test_decodes_into_hf_cache_and_checks_model(smollm2):
+    cfg = smollm2.model.config
+    kv = _kv(layers=cfg.num_hidden_layers, heads=cfg.num_key_value_heads, dim=cfg.head_dim, tokens=12)
+    codec = CacheGenCodec(SMALL)
+    bs = codec.encode(kv, fingerprint="fp")
+    cache = codec.decode_into_cache(bs, smollm2.model, fingerprint="fp")
+    assert cache.get_seq_length() == 12 and len(cache.layers) == cfg.num_hidden_layers
+    with pytest.raises(KVMismatchError, match="another|not for"):
+        codec.decode(bs, fingerprint="other")
+    wrong = codec.encode(_kv(layers=3, heads=cfg.num_key_value_heads, dim=cfg.head_dim, tokens=12))
+    with pytest.raises(KVMismatchError, match="layers=3"):
+        codec.decode_into_cache(wrong, smollm2.model)
+
+
+def test_bad_input_to_encoder():
+    codec = CacheGenCodec()
+    kv = _kv(layers=2)
+    with pytest.raises(ValueError, match="level"):
+        codec.encode(kv, level=99)
+    bad = [(kv[0][0].clone(), kv[0][1])]
+    bad[0][0][0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        codec.encode(bad)
+
+
+def _rewrite_header(bs: bytes, **changes) -> bytes:
+    magic, version, hlen = struct.unpack_from("<8sHI", bs, 0)
+    header = json.loads(bs[14:14 + hlen])
+    header.update(changes)
+    hb = json.dumps(header).encode()
+    return struct.pack("<8sHI", magic, version, len(hb)) + hb + struct.pack("<I", zlib.crc32(hb)) + bs[14 + hlen + 4:]
+
+
+@pytest.fixture(scope="module")
+def stream():
+    return CacheGenCodec(SMALL).encode(_kv(layers=2, tokens=50), fingerprint="m")
+
+
+def test_truncated_corrupt_foreign_future(stream):
+    codec = CacheGenCodec(SMALL)
+    for cut in (0, 5, 20, len(stream) // 2, len(stream) - 1):
+        with pytest.raises(CorruptKVError):
+            codec.decode(stream[:cut])
+    flipped = bytearray(stream)
+    flipped[-10] ^= 0xFF
+    with pytest.raises(CorruptKVError, match="checksum"):
+        codec.decode(bytes(flipped))
+    with pytest.raises(CorruptKVError, match="magic"):
+        codec.decode(b"PK\x03\x04" + stream[4:])
+    future = struct.pack("<8sHI", MAGIC, 2, 0) + stream[14:]
+    with pytest.raises(CorruptKVError, match="version 2"):
+        codec.decode(future)
+    with pytest.raises(CorruptKVError, match="trailing"):
+        codec.decode(stream + b"\0")
+
+
+def test_header_lies_never_allocate(stream):
+    codec = CacheGenCodec(SMALL)
+    with pytest.raises(CorruptKVError, match="cap|tokens"):
+        codec.decode(_rewrite_header(stream, tokens=1 << 26, layers=4096))
+    with pytest.raises(CorruptKVError):
+        codec.decode(_rewrite_header(stream, head_dim=-1))
+    with pytest.raises(CorruptKVError):
+        codec.decode(_rewrite_header(stream, batch=2))  # chunk fields then do not fit
+    with pytest.raises(CorruptKVError):
+        codec.decode(_rewrite_header(stream, bins=[3]))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_fuzz_decoder_raises_only_corrupt(stream, data):
+    """Random edits anywhere never crash or hang the decoder: it returns or raises CorruptKVError."""
+    codec = CacheGenCodec(SMALL)
+    buf = bytearray(stream)
+    for _ in range(data.draw(st.integers(1, 4))):
+        op = data.draw(st.sampled_from(["flip", "cut", "insert"]))
+        pos = data.draw(st.integers(0, max(0, len(buf) - 1)))
+        if op == "flip" and buf:
+            buf[pos] ^= data.draw(st.integers(1, 255))
+        elif op == "cut":
+            del buf[pos:pos + data.draw(st.integers(1, 64))]
+        else:
+            buf[pos:pos] = data.draw(st.binary(min_size=1, max_size=16))
+    try:
+        codec.decode(bytes(buf))
+    except CorruptKVError:
+        pass
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.binary(max_size=512))
+def test_fuzz_random_bytes(blob):
+    with pytest.raises(CorruptKVError):
+        CacheGenCodec().decode(MAGIC + blob if blob[:1] == b"\0" else blob)

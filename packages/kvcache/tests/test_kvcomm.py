@@ -1,0 +1,118 @@
+"""KVCOMM: RoPE de/re-rotation, anchor-corrected reuse, the pool's persistence and model check."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from apportion.base import Prompt
+from apportion.host import Host
+from apportion.host.kv import KVPolicy
+from apportion.testing.contracts import KVPolicyContract
+from apportion_kvcache.kvcomm import (
+    KVCOMM,
+    Anchor,
+    AnchorMismatchError,
+    AnchorPool,
+    AnchorPoolFileError,
+    derotate,
+    rope_cos_sin,
+    rotate,
+    weights_fingerprint,
+)
+from apportion_kvcache.kvcomm_agents import make_tasks, round2_prompt
+
+
+class TestKVCOMMContract(KVPolicyContract):
+    """With no shared segment declared, kvcomm prefills like ``full`` (batches always do)."""
+
+    component = "kvcomm"
+
+
+def test_derotate_inverts_the_models_rope(smollm2):
+    x = torch.randn(3, 20, 64)
+    cos, sin = rope_cos_sin(smollm2.model, torch.arange(100, 120), torch.float32)
+    assert torch.allclose(derotate(rotate(x, cos, sin), cos, sin), x, atol=1e-5)
+    # and rotate is what the model applies: keys at position p equal rotate(raw key, p)
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    _, k = apply_rotary_pos_emb(x[None], x[None], cos[None], sin[None])
+    assert torch.allclose(k[0], rotate(x, cos, sin), atol=1e-5)
+
+
+def _logits(smollm2, policy, prompt):
+    host = Host(smollm2, kv_policy=policy)
+    enc = host.encode(prompt)
+    ids = torch.tensor([enc.ids])
+    with torch.inference_mode():
+        cache = policy.make_cache(smollm2.model)
+        return policy.prefill(smollm2.model, ids, torch.ones_like(ids), cache, question_len=enc.question_len).logits[0]
+
+
+@pytest.fixture(scope="module")
+def team(smollm2):
+    """Two tasks; task 0's prompts fill the pool, task 1's reuse it."""
+    tasks = make_tasks(2, sentences_per_doc=6, seed=5)
+    policy = KVCOMM()
+    messages = {"Researcher": "The answer is in the second sentence of the document, I checked it twice.",
+                "Critic": "I agree with the Researcher and found no other number that matches the question."}
+    return policy, tasks, messages
+
+
+def test_same_slot_reuse_matches_full_prefill(smollm2, team):
+    policy, tasks, messages = team
+    for t in tasks:
+        policy.share(t.document, smollm2.tokenizer)
+    for m in messages.values():
+        policy.share(m, smollm2.tokenizer)
+    # task 0: every occurrence is new -> prefilled exactly, anchors recorded
+    p0 = round2_prompt("Analyst", tasks[0], messages)
+    full0 = _logits(smollm2, KVPolicy(), p0)
+    got0 = _logits(smollm2, policy, p0)
+    assert policy.last_info["occurrences"] == 3 and policy.last_info["reused"] == 0
+    assert (got0 - full0).abs().max() < 1e-3
+    assert len(policy.pool) == 3
+    # task 1: a different document of another length in the same slots: everything reused,
+    # messages shifted to new positions (RoPE re-rotated), offsets blended from the anchors
+    p1 = round2_prompt("Analyst", tasks[1], messages)
+    full1 = _logits(smollm2, KVPolicy(), p1)
+    got1 = _logits(smollm2, policy, p1)
+    assert policy.last_info["reused"] == 3
+    assert int(got1.argmax()) == int(full1.argmax())
+    kl = torch.nn.functional.kl_div(got1.log_softmax(-1), full1.log_softmax(-1), log_target=True, reduction="sum")
+    assert kl < 0.5, float(kl)
+
+
+def test_generation_with_reuse(smollm2, team):
+    policy, tasks, messages = team
+    prompt = round2_prompt("Analyst", tasks[1], messages)
+    got = Host(smollm2, kv_policy=policy).generate(prompt, max_new_tokens=12)[0]
+    ref = Host(smollm2, kv_policy=KVPolicy()).generate(prompt, max_new_tokens=12)[0]
+    assert policy.last_info["reused"] == 3
+    assert tasks[1].answer in ref.text
+    assert tasks[1].answer in got.text
+
+
+def test_pool_round_trip_and_model_check(smollm2, team, tmp_path):
+    policy, _, _ = team
+    fp = weights_fingerprint(smollm2.model)
+    path = policy.pool.save(tmp_path / "anchors.safetensors")
+    again = AnchorPool.load(path, fingerprint=fp)
+    assert len(again) == len(policy.pool) and again.fingerprint == fp
+    with pytest.raises(AnchorMismatchError, match="recorded with model"):
+        AnchorPool.load(path, fingerprint="0" * 16)
+    foreign = Anchor("slot", 4, torch.zeros(384), torch.zeros(1, 1, 4, 2), torch.zeros(1, 1, 4, 2), "feedfacefeedface")
+    with pytest.raises(AnchorMismatchError, match="feedfacefeedface"):
+        again.add(foreign)
+    # a pool from another model is refused when used with this one
+    other = KVCOMM(pool=AnchorPool("feedfacefeedface"))
+    other.share(_doc := make_tasks(1, seed=9)[0].document, smollm2.tokenizer)
+    ids = torch.tensor([Host(smollm2).encode(Prompt([{"role": "user", "content": _doc}])).ids])
+    with pytest.raises(AnchorMismatchError):
+        other.prefill(smollm2.model, ids, torch.ones_like(ids), other.make_cache(smollm2.model))
+    # damage is detected, never silently loaded
+    raw = bytearray(path.read_bytes())
+    raw[-5] ^= 0xFF
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(bytes(raw))
+    with pytest.raises(AnchorPoolFileError, match="checksum"):
+        AnchorPool.load(bad)
