@@ -290,8 +290,19 @@ class APE(AttentionBackend):
             alone = tok.encode(sep, add_special_tokens=False)
             a = tok.encode("a", add_special_tokens=False)
             between = tok.encode(f"a{sep}b", add_special_tokens=False)[len(a):-1]
-            self._separators[key] = [p for p in {tuple(alone), tuple(between)} if p]  # type: ignore[misc]
+            # the between-words form first: it is the canonical separator a context ends with
+            self._separators[key] = [p for p in dict.fromkeys([tuple(between), tuple(alone)]) if p]  # type: ignore[misc]
         return [list(p) for p in self._separators[key]]
+
+    @staticmethod
+    def canonical(segment: list[int], patterns: list[list[int]]) -> list[int]:
+        """A context's tokens with its trailing separator in canonical form: BPE spells the
+        separator differently depending on the next word, and a context must have the
+        same tokens (the same cache key) wherever it appears."""
+        for p in patterns:
+            if len(segment) > len(p) and segment[-len(p):] == p:
+                return segment[: -len(p)] + patterns[0]
+        return segment + patterns[0]
 
     def split(self, ids: list[int], patterns: list[list[int]], question_len: int) -> list[list[int]]:
         """Split prompt ids into [prefix, context..., query]; separators stay with the segment
@@ -320,7 +331,9 @@ class APE(AttentionBackend):
             raise APEError("ape reads one prompt at a time; got a batch of "
                            f"{input_ids.shape[0]} (run the prompts one by one)")
         ids = input_ids[0][attention_mask[0].bool()].tolist()
-        segments = self.split(ids, self.separator_patterns(model), question_len)
+        patterns = self.separator_patterns(model)
+        segments = self.split(ids, patterns, question_len)
         if len(segments) - 2 < self.config.min_contexts:
             return inner(model, input_ids, attention_mask, cache, question_len=question_len)
-        return self.prefill_parts(model, segments[0], segments[1:-1], segments[-1], cache)
+        contexts = [self.canonical(c, patterns) for c in segments[1:-1]]
+        return self.prefill_parts(model, segments[0], contexts, segments[-1], cache)
