@@ -71,7 +71,8 @@ class HarnessOptions(BaseModel):
 
     sweep_installed: SweepInstalled | None = None
     time_budget_s: float | None = Field(
-        None, gt=0, description="stop starting samples after this many seconds (rerun resumes)")
+        None, gt=0, description="start no sample that would end after this many seconds from "
+                                "the start of the run (rerun resumes)")
     report: bool = Field(True, description="write report.html into the run directory")
 
 
@@ -291,14 +292,21 @@ def run(config: RunConfig, run_dir: str | Path, options: RunOptions | None = Non
     try:
         with _progress(options.progress, console) as progress:
             task = progress.add_task("samples", total=len(todo)) if progress else None
+            cost: dict[int, float] = {}  # slowest wall seconds seen per length
             for i, (v, (_, _, _, label, bench, sample, shash)) in enumerate(todo):
-                if deadline is not None and time.perf_counter() > deadline:
+                # do not start a sample the budget cannot hold (estimated from the slowest
+                # sample so far, scaled by length)
+                guess = max((w * sample.length / n for n, w in cost.items()), default=0.0)
+                if deadline is not None and time.perf_counter() + guess > deadline:
                     pending = len(todo) - i
                     console.print(f"[yellow]time budget of {hopts.time_budget_s:.0f} s spent: "
                                   f"{pending} samples left; rerun the same command to finish[/yellow]")
                     break
+                t_sample = time.perf_counter()
                 rec = _measure(config, v, label, bench, sample, shash, loaded, hosts[v.label],
                                components[v.label])
+                took = time.perf_counter() - t_sample
+                cost[sample.length] = max(cost.get(sample.length, 0.0), took)
                 append_record(records_path, rec)
                 if progress is not None:
                     progress.update(task, advance=1, description=f"{v.label[:28]} {label[:20]} {sample.length}")
