@@ -234,6 +234,7 @@ class NvmeSwapper(Allocator):
         with self._lock:
             self._seq += 1
             tmp = self.directory / f".{key}{SUFFIX}.tmp-{os.getpid()}-{self._seq}"
+        src, buf = self._source(tensor, nbytes, padded)  # before the file: bad input leaves nothing
         started = time.perf_counter()
         try:
             fd = self._open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
@@ -250,7 +251,6 @@ class NvmeSwapper(Allocator):
                 raise self._space_error(exc, key, total) from None
             raise
 
-        src, buf = self._source(tensor, nbytes, padded)
         blocks = [self._io.submit(self._write_block, fd, src, buf, i, header_bytes, nbytes, padded)
                   for i in range(n_blocks)]
 
