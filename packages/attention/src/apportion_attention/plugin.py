@@ -23,6 +23,15 @@ def apportion_register_attention(register):
              summary="DistAttention (Infinite-LLM): micro-attention over KV shards, merged exactly by LSE")
     register("ape", "apportion_attention.ape:APE", config="apportion_attention.ape:APEConfig",
              summary="APE: contexts encoded in parallel after a shared prefix, cached; temperature + scale at query time")
+    register("hope", "apportion_attention.hope:HoPE", config="apportion_attention.hope:HoPEConfig",
+             summary="HoPE position plugin: lowest RoPE frequencies zeroed, dynamic position scaling past the window")
+    register("rope-ntk", "apportion_attention.hope_scaling:DynamicNTK",
+             config="apportion_attention.hope_scaling:NTKConfig",
+             summary="position plugin: dynamic NTK-aware RoPE scaling (HoPE's comparator)")
+    register("rope-yarn", "apportion_attention.hope_scaling:YaRN", config="apportion_attention.hope_scaling:YaRNConfig",
+             summary="position plugin: YaRN RoPE scaling with a length-chosen factor (HoPE's comparator)")
+    register("ssa", "apportion_attention.ssa:SSAAttention", config="apportion_attention.ssa:SSAConfig",
+             summary="SSA block-sparse attention (top-k key blocks + sink + local); train it with ssa.SSALoss")
 
 
 @hookimpl
