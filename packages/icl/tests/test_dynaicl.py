@@ -49,7 +49,7 @@ def test_controller_artifact_roundtrip_and_corruption(task_controller, tmp_path)
 
 
 def test_dynaicl_gives_demos_only_where_needed(task_controller, tok, pool):
-    s = DynaICL(DynaICLConfig(controller=str(task_controller)))
+    s = DynaICL(DynaICLConfig(controller=str(task_controller), tolerance=0.2))
     tests = data.classification("test")
     easy = next(e for e in tests if e.task == "sentiment")
     hard = next(e for e in tests if e.task == "topic")
@@ -61,7 +61,7 @@ def test_dynaicl_gives_demos_only_where_needed(task_controller, tok, pool):
 
 
 def test_batch_allocation_respects_total_budget(task_controller, tok, pool):
-    s = DynaICL(DynaICLConfig(controller=str(task_controller)))
+    s = DynaICL(DynaICLConfig(controller=str(task_controller), tolerance=0.2))
     qs = [e.query for e in data.classification("test")[:6]]
     free = s.build_batch(qs, demos=pool, tokenizer=tok, total_budget=100_000)
     need = sum(p.accounting["prompt_tokens"] for p in free)

@@ -124,7 +124,7 @@ class Controller:
 
 
 # ---------------------------------------------------------------- training
-def fit(features: Any, outcomes: Any, k_values: list[int], *, l2: float = 1e-2,
+def fit(features: Any, outcomes: Any, k_values: list[int], *, l2: float = 1e-3,
         steps: int = 500, lr: float = 0.05) -> Controller:
     """One L2-regularised logistic regression per k on (N, D) features and (N, K) 0/1 outcomes."""
     import torch
