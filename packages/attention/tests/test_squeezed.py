@@ -1,0 +1,155 @@
+"""Squeezed Attention on the embedded model: contract, budgets, fallbacks, plain transformers."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from apportion.testing.contracts import FACT, QUESTION, AttentionContract, _long_context
+from apportion_attention.squeezed import Squeezed, SqueezedConfig, build_layer_index
+
+
+class TestSqueezedContract(AttentionContract):
+    """Default config on the contract's short prompt: the context is shorter than
+    ``min_context_tokens`` (256), so squeezed falls back to dense and must match it exactly."""
+
+    component = "squeezed"
+    max_logit_diff = 1e-3
+
+
+class TestSqueezedActiveContract(AttentionContract):
+    """Clustering forced on the short prompt (``min_context_tokens=32``) at half the keys: the
+    question tokens read only their selected keys, so the first-token logits move. 3.0 is the
+    bound observed with margin (the answer itself must still come out: ``generates``)."""
+
+    component = "squeezed"
+    options = {"min_context_tokens": 32, "budget": 0.5}
+    max_logit_diff = 3.0
+
+
+def _prefill(smollm2, backend, prompt):
+    from apportion.host import Host
+    from apportion.host.kv import KVPolicy
+
+    host = Host(smollm2, backend, KVPolicy())
+    enc = host.encode(prompt)
+    ids = torch.tensor([enc.ids])
+    cache = KVPolicy().make_cache(smollm2.model)
+    with torch.inference_mode(), backend.installed(smollm2.model):
+        pre = backend.prefill(smollm2.model, ids, torch.ones_like(ids), cache, question_len=enc.question_len,
+                              inner=KVPolicy().prefill)
+    return pre.logits.float(), enc
+
+
+@pytest.fixture(scope="module")
+def prompt():
+    from apportion.base import Prompt
+
+    return Prompt([{"role": "user", "content": f"{_long_context(24)}\n\n{QUESTION}"}], question=QUESTION)
+
+
+@pytest.fixture(scope="module")
+def dense_logits(smollm2, prompt):
+    from apportion.host.attention import AttentionBackend
+
+    return _prefill(smollm2, AttentionBackend(), prompt)[0]
+
+
+def test_budget_one_and_budget_tokens_over_context_are_dense(smollm2, prompt, dense_logits, caplog):
+    with caplog.at_level(logging.WARNING, "apportion_attention.squeezed"):
+        full, _ = _prefill(smollm2, Squeezed(SqueezedConfig(budget=1.0, min_context_tokens=32)), prompt)
+    assert (full - dense_logits).abs().max().item() < 1e-4
+    assert "whole context" in caplog.text
+    over, _ = _prefill(smollm2, Squeezed(SqueezedConfig(budget_tokens=10**6, min_context_tokens=32)), prompt)
+    assert (over - dense_logits).abs().max().item() < 1e-4
+
+
+def test_budget_zero_reads_only_the_question_and_decodes(smollm2, prompt, dense_logits):
+    from apportion.host import Host
+
+    backend = Squeezed(SqueezedConfig(budget=0.0, min_context_tokens=32))
+    zero, _ = _prefill(smollm2, backend, prompt)
+    assert backend.stats["selected_keys"] == 0 and backend.stats["context_keys"] > 0
+    assert (zero - dense_logits).abs().max().item() > 1e-2  # it really read less
+    out = Host(smollm2, backend).generate(prompt, max_new_tokens=4)[0]
+    assert out.new_tokens > 0 and backend.stats["selected_keys"] == 0
+
+
+def test_active_budget_selects_about_the_budget_and_answers(smollm2, prompt):
+    from apportion.host import Host
+
+    backend = Squeezed(SqueezedConfig(budget=0.3, min_context_tokens=32))
+    out = Host(smollm2, backend).generate(prompt, max_new_tokens=16)[0]
+    frac = backend.selected_fraction()
+    assert frac is not None and 0.05 < frac < 0.75, frac
+    assert "4417" in out.text, out.text  # FACT's code survives reading 30% of the keys
+    assert FACT  # (the fact the contract prompt hides)
+
+
+def test_short_context_falls_back_with_a_logged_reason(smollm2, caplog):
+    from apportion.host import Host
+
+    backend = Squeezed()
+    with caplog.at_level(logging.WARNING, "apportion_attention.squeezed"):
+        Host(smollm2, backend).generate("Say hello.", max_new_tokens=2)
+    assert "too short to cluster" in caplog.text
+    assert backend.stats["steps"] == 0
+
+
+def test_plain_transformers_attn_implementation(smollm2):
+    import apportion_attention.hf as hf
+    from transformers import AttentionInterface
+
+    assert "apportion-squeezed" in AttentionInterface._global_mapping
+    backend = hf.BACKENDS["apportion-squeezed"]
+    model, tok = smollm2.model, smollm2.tokenizer
+    backend.config = SqueezedConfig(min_context_tokens=32, budget=0.5)
+    text = tok.apply_chat_template([{"role": "user", "content": f"{_long_context(12)}\n\n{QUESTION}"}],
+                                   add_generation_prompt=True, tokenize=False)
+    ids = tok(text, return_tensors="pt").input_ids
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("apportion-squeezed")
+    try:
+        with torch.inference_mode():
+            out = model.generate(ids, max_new_tokens=4, do_sample=False)
+    finally:
+        model.set_attn_implementation(previous)
+    assert out.shape[1] == ids.shape[1] + 4
+    assert backend.stats["steps"] > 0  # decode steps went through the centroid lookup
+
+
+def test_changed_cache_falls_back_to_dense(smollm2, caplog):
+    module = smollm2.model.model.layers[0].self_attn
+    g = torch.Generator().manual_seed(0)
+    backend = Squeezed(SqueezedConfig(min_context_tokens=16, budget=0.5))
+    q = torch.randn(1, 9, 64, 64, generator=g)
+    k, v = torch.randn(1, 3, 64, 64, generator=g), torch.randn(1, 3, 64, 64, generator=g)
+    backend._attend(module, q, k, v, None)
+    assert backend._layers[0] is not None
+    with caplog.at_level(logging.WARNING, "apportion_attention.squeezed"):
+        out, _ = backend._attend(module, q[:, :, :1], k[:, :, :40], v[:, :, :40], None)  # evicted behind its back
+    assert "evicted" in caplog.text and backend._layers[0] is None
+    ref = torch.nn.functional.scaled_dot_product_attention(q[:, :, :1], k[:, :, :40], v[:, :, :40], enable_gqa=True)
+    assert torch.allclose(out, ref.transpose(1, 2), atol=1e-5)
+    with pytest.raises(ValueError, match="multiple"):
+        backend._attend(module, torch.randn(1, 4, 1, 64), k, v, None)
+    with pytest.raises(ValueError, match="expected query"):
+        backend._attend(module, torch.randn(9, 1, 64), k, v, None)
+
+
+def test_index_calibrates_to_the_budget():
+    g = torch.Generator().manual_seed(1)
+    centers = torch.randn(2, 32, 16, generator=g) * 3
+    keys = centers.repeat_interleave(32, dim=1) + torch.randn(2, 1024, 16, generator=g)
+    calib = centers[:, None, :8] + 0.3 * torch.randn(2, 3, 8, 16, generator=g)
+    for budget in (0.05, 0.2):
+        index = build_layer_index(keys, calib, budget=budget, scale=0.25, cluster_size=16)
+        frac = index.select(calib, 0.25).float().mean().item()
+        assert budget / 3 < frac < budget * 3, (budget, frac)
+    assert not build_layer_index(keys, calib, budget=0.0, scale=0.25).select(calib, 0.25).any()
+    assert build_layer_index(keys, calib, budget=1.0, scale=0.25).select(calib, 0.25).all()
+    with pytest.raises(ValueError, match="calib_q"):
+        build_layer_index(keys, calib[0], budget=0.1, scale=0.25)
+    with pytest.raises(ValueError, match="budget"):
+        build_layer_index(keys, calib, budget=1.5, scale=0.25)
