@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         for path in opts.combine:
             with open(path) as fh:
                 for line in fh:
-                    if line.startswith("{"):
+                    if line.startswith('{"'):  # TRL prints its logs as dict reprs
                         row = json.loads(line)
                         if row.get("kind") == "eval":
                             curves[row["arm"]].append(row)
