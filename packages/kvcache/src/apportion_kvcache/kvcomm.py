@@ -313,7 +313,7 @@ class KVCOMM(KVPolicy):
 
     def __init__(self, config: KVCOMMConfig | None = None, pool: AnchorPool | None = None):
         super().__init__(config)
-        self.pool = pool or AnchorPool(max_per_slot=self.config.max_anchors_per_slot)
+        self.pool = pool if pool is not None else AnchorPool(max_per_slot=self.config.max_anchors_per_slot)
         self.segments: list[SharedSegment] = []
         self.stats = KVCOMMStats()
         self._embedder: MiniLMEmbedder | None = None

@@ -113,7 +113,8 @@ class SwapManager:
         """Store real KV (blocks, layers, 2, kvh, bs, d) into ``request``'s device blocks."""
         p = self.placement[request]
         tier = self.device if p.tier == "device" else self.host
-        tier.pool.write(p.groups, kv.to(dtype=self.shape.dtype))
+        with torch.inference_mode():
+            tier.pool.write(p.groups, kv.to(dtype=self.shape.dtype))
 
     def read(self, request: str) -> torch.Tensor:
         p = self.placement[request]
@@ -155,7 +156,8 @@ class SwapManager:
     def _copy(self, request: str, src, src_groups: list[Group], dst, dst_groups: list[Group]) -> int:
         ctx = torch.cuda.stream(self._stream) if self._stream is not None else _null()
         copies = 0
-        with ctx:
+        # pools may have been made under inference mode (inside a host's generate): copy in it too
+        with ctx, torch.inference_mode():
             if isinstance(src, GroupPool):
                 for a, b in src.copy_plan(src_groups, dst_groups):
                     if self.fault is not None:
