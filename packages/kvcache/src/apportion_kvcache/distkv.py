@@ -143,8 +143,6 @@ class DistKVCache(_cache_base()):  # type: ignore[misc]
                 inst = pol.instance_of(self.request, block)
             inst.put(self.request, block, layer_idx, layer.keys[..., :bs, :].contiguous(),
                      layer.values[..., :bs, :].contiguous(), layer.valid[:, :bs].contiguous())
-            if layer_idx == len(self.layers) - 1:
-                pol.gmanager.settle(inst)
             layer.keys, layer.values = layer.keys[..., bs:, :], layer.values[..., bs:, :]
             layer.valid = layer.valid[:, bs:]
             layer.first_col += bs

@@ -87,13 +87,12 @@ class GManager:
 
     instances: dict[int, Instance]
     directory: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
-    reserved: dict[int, int] = field(default_factory=dict)  # blocks promised per instance
 
     def lend(self) -> Instance:
         """The instance with the most free blocks (the idlest) lends one block."""
         best, best_free = None, 0
         for inst in self.instances.values():
-            free = inst.free_blocks() - self.reserved.get(inst.id, 0)
+            free = inst.free_blocks()  # a lent block counts as used from its first layer's put
             if free > best_free:
                 best, best_free = inst, free
         if best is None:
@@ -101,14 +100,10 @@ class GManager:
             raise KVCapacityError(
                 f"no instance has a free KV block ({len(self.instances)} lending instances, {total} free): "
                 "the request does not fit; shorten it or add instances")
-        self.reserved[best.id] = self.reserved.get(best.id, 0) + 1
         return best
 
     def place(self, request: int, block: int, inst: Instance) -> None:
         self.directory.setdefault(request, []).append((block, inst.id))
-
-    def settle(self, inst: Instance) -> None:
-        self.reserved[inst.id] = max(0, self.reserved.get(inst.id, 0) - 1)
 
     def holders(self, request: int) -> list[Instance]:
         ids = sorted({i for _, i in self.directory.get(request, [])})
