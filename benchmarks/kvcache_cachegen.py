@@ -15,7 +15,6 @@ import json
 import time
 
 import torch
-
 from apportion.config import ModelSpec
 from apportion.host import Host, load_model
 from apportion.host.kv import KVPolicy

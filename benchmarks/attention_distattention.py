@@ -7,7 +7,7 @@
    share of the KV reported. Speed is not claimed (CPU processes on a shared machine).
 3. A dead rank: how long until the launcher names it.
 
-    uv run --no-sync python packages/attention/benchmarks/attention_distattention.py --length 2048 --world-sizes 2 4
+    uv run --no-sync python benchmarks/attention_distattention.py --length 2048 --world-sizes 2 4
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ Before and after training, in the same run and on held-out items:
 - attention sparsity (share of full attention mass inside the blocks SSA's selector keeps);
 - niah accuracy with sparse inference (``ssa`` attention backend) and with dense attention.
 
-    uv run --no-sync python packages/attention/benchmarks/attention_ssa.py --steps 200   # needs peft (extra "ssa")
+    uv run --no-sync python benchmarks/attention_ssa.py --steps 200   # needs peft (extra "ssa")
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ encoding (APE with T = S = 1), and APE (defaults), cold (contexts encoded now) a
 (contexts found in the cache, as for a later query over the same documents).
 Quality = answer accuracy; speed = prefill seconds, as ratios against sequential.
 
-    uv run --no-sync python packages/attention/benchmarks/attention_ape.py --samples 8 --contexts 8
+    uv run --no-sync python benchmarks/attention_ape.py --samples 8 --contexts 8
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ the method's rotary embedding installed: perplexity over the last ``--ppl-tokens
 tokens (before the question) and the niah answer (greedy, ``--new-tokens``). All methods see
 the same prompts in the same run.
 
-    uv run --no-sync python packages/attention/benchmarks/attention_hope.py --lengths 8192 16384 32768 --samples 1
+    uv run --no-sync python benchmarks/attention_hope.py --lengths 8192 16384 32768 --samples 1
 
 On a 2-core CPU a 16K prompt takes many minutes per method; ``--lengths`` smaller than the
 trained window (e.g. 1024 2048) gives a quick in-window comparison only.
