@@ -395,6 +395,7 @@ def launch(target: str, payload: dict[str, Any], *, world_size: int, backend: st
                         msg = None
                     pending.discard(rank)
                     if msg is None:
+                        proc.join(timeout=5.0)  # EOF can arrive before the process is reaped
                         errors.append(f"rank {rank} exited without a result (exit code {proc.exitcode})")
                     elif msg["ok"]:
                         results[rank] = msg["result"]
