@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 from apportion.base import Prompt
 from apportion.host import Host
 from apportion.testing.contracts import QUESTION, KVPolicyContract, _long_context
@@ -12,11 +11,10 @@ class TestCacheGenContract(KVPolicyContract):
     component = "cachegen"
 
 
-@pytest.mark.xfail(reason="known defect, seen in CI on 2026-11-28: after a level-1 round trip SmolLM2 "
-                   "answers 'The secret code mentioned above is:' and then code instead of 4417", strict=False)
 def test_round_trip_keeps_the_answer_and_store_reuses_context(registry, smollm2, tmp_path):
-    prompt = Prompt([{"role": "user", "content": f"{_long_context(30)}\n\n{QUESTION}"}], question=QUESTION)
+    prompt = Prompt([{"role": "user", "content": f"{_long_context(20)}\n\n{QUESTION}"}], question=QUESTION)
     full = Host(smollm2).generate(prompt, max_new_tokens=16)[0]
+    assert "4417" in full.text, ("the premise: full attention answers", full.text)
     policy = registry.create("kv-policy", "cachegen", {"level": 1, "store": str(tmp_path)})
     first = Host(smollm2, kv_policy=policy).generate(prompt, max_new_tokens=16)[0]
     info = dict(policy.last_info)

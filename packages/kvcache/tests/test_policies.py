@@ -87,19 +87,22 @@ def test_snapkv_heads_keep_their_own_tokens(registry, smollm2, prefilled):
     assert len({frozenset(s) for s in kept}) > 1
 
 
-@pytest.mark.xfail(reason="known defect, seen in CI on 2026-11-28: qspan at 0.5 lost the needle on this "
-                   "40-sentence haystack (the model answered with code)", strict=False)
-def test_eviction_keeps_the_needle_answer(registry, smollm2):
-    """At 50% compression the question-aware policy still finds the code in a short haystack."""
-    prompt = _prompt(40)
-    out = Host(smollm2, kv_policy=registry.create("kv-policy", "qspan", {"compression_ratio": 0.5})).generate(
-        prompt, max_new_tokens=24)[0]
+@pytest.mark.parametrize("ratio", [0.5, 0.75])
+def test_eviction_keeps_the_needle_answer(registry, smollm2, ratio):
+    """Where full attention finds the code, the question-aware policy still does after eviction.
+
+    (SmolLM2-135M itself loses this bare fact past ~25 sentences of prose, so the haystack stays
+    where ``full`` answers; the niah benchmark measures the longer lengths.)
+    """
+    prompt = _prompt(20)
+    full = Host(smollm2).generate(prompt, max_new_tokens=16)[0]
+    assert "4417" in full.text, ("the premise: full attention answers", full.text)
+    out = Host(smollm2, kv_policy=registry.create("kv-policy", "qspan", {"compression_ratio": ratio})).generate(
+        prompt, max_new_tokens=16)[0]
+    assert out.peak_kv_bytes < full.peak_kv_bytes
     assert "4417" in out.text, (FACT, out.text)
 
 
-@pytest.mark.xfail(reason="known defect, seen in CI on 2026-11-28: patch() around model.generate fails "
-                   "inside transformers 5.24's generate ('NoneType' object has no attribute 'shape')",
-                   strict=False)
 def test_patch_plain_transformers_generate_matches_host(registry, smollm2):
     """``policy.patch(model)`` around ``model.generate`` gives the host's answer (positions kept)."""
     policy = registry.create("kv-policy", "snapkv", {"compression_ratio": 0.5})

@@ -231,6 +231,8 @@ class ScoredEviction(KVPolicy):
             steps = ids.shape[1]
             past = cache.get_seq_length()
             kept = kept_mask(state["real"], state["n_keep"])
+            if kept is None:  # no padding: every kept entry is valid
+                kept = torch.ones((ids.shape[0], state["n_keep"]), dtype=torch.bool, device=ids.device)
             extra = past + steps - kept.shape[1]
             kwargs["attention_mask"] = torch.cat(
                 [kept.long(), torch.ones((kept.shape[0], extra), dtype=torch.long, device=kept.device)], 1)
