@@ -6,10 +6,12 @@ import json
 import struct
 import zlib
 
+import numpy as np
 import pytest
 import torch
 from apportion_kvcache.cachegen import (
     MAGIC,
+    VERSION,
     CacheGenCodec,
     CodecConfig,
     kv_error,
@@ -67,7 +69,7 @@ def test_header_names_everything_and_chunks_decode_alone():
     bs = codec.encode(kv, fingerprint="model-a", level=1)
     h = codec.read_header(bs)
     assert (h.version, h.fingerprint, h.dtype, h.layers, h.kv_heads, h.tokens, h.level) == \
-        (1, "model-a", "float32", 4, 3, 95, 1)
+        (VERSION, "model-a", "float32", 4, 3, 95, 1)
     assert [c.tokens for c in h.chunks] == [40, 40, 15]
     whole = torch.stack([torch.stack([k, v]) for k, v in codec.decode(bs)])
     for i, c in enumerate(h.chunks):
@@ -124,11 +126,32 @@ def test_truncated_corrupt_foreign_future(stream):
         codec.decode(bytes(flipped))
     with pytest.raises(CorruptKVError, match="magic"):
         codec.decode(b"PK\x03\x04" + stream[4:])
-    future = struct.pack("<8sHI", MAGIC, 2, 0) + stream[14:]
-    with pytest.raises(CorruptKVError, match="version 2"):
+    future = struct.pack("<8sHI", MAGIC, VERSION + 1, 0) + stream[14:]
+    with pytest.raises(CorruptKVError, match=f"version {VERSION + 1}"):
         codec.decode(future)
     with pytest.raises(CorruptKVError, match="trailing"):
         codec.decode(stream + b"\0")
+
+
+def test_version_1_streams_still_decode(monkeypatch):
+    """v1 wrote uint32 symbol counts; a v2 build reads them, and refuses uint16 counts under v1."""
+    import apportion_kvcache.cachegen as cg
+
+    kv = _kv(layers=2, tokens=50)
+    codec = CacheGenCodec(SMALL)
+    monkeypatch.setattr(cg, "_compact", lambda counts: counts.astype(np.uint32))
+    wide = codec.encode(kv, fingerprint="m")
+    monkeypatch.undo()
+    as_v1 = _with_version(_rewrite_header(wide, version=1), 1)
+    torch.testing.assert_close(codec.decode(as_v1), codec.decode(wide))
+    narrow = _with_version(_rewrite_header(codec.encode(kv, fingerprint="m"), version=1), 1)
+    with pytest.raises(CorruptKVError, match="counts"):
+        codec.decode(narrow)
+
+
+def _with_version(bs: bytes, version: int) -> bytes:
+    magic, _, hlen = struct.unpack_from("<8sHI", bs, 0)
+    return struct.pack("<8sHI", magic, version, hlen) + bs[14:]
 
 
 def test_header_lies_never_allocate(stream):

@@ -8,12 +8,14 @@ The pipeline, per chunk of ``chunk_tokens`` tokens (chunks decode independently)
    the channels where that residual is smaller than the token itself (RoPE makes the fast
    rotating key channels poor delta candidates; the choice is a per-channel bit).
 2. **Layer-group quantization**: the layers are split into ``len(levels[i])`` equal groups and
-   level ``i`` gives each group its number of bins over +-2 RMS of the layer's K or V (one
-   uniform step per layer and K/V, which is what minimises the error for a given entropy-coded
-   size): early layers, which later ones build on, get more bins.
+   level ``i`` gives each group its number of bins over +-2 RMS of the *whole* chunk's KV
+   (centred per channel). One reference for every layer and for K and V alike means equal bins
+   give one uniform step everywhere, which is what minimises the total squared error for an
+   entropy-coded size (reverse water-filling: a layer with a small spread spends few bits
+   rather than getting a finer step); early layers, which later ones build on, get more bins.
 3. **Entropy coding** with ``constriction``'s range coder: one categorical model per
    (layer, K/V) for anchors and one for deltas, fitted to the chunk's own symbol counts, which
-   travel with the chunk.
+   travel with the chunk (as uint16 where they fit, which is nearly always).
 
 Bitstream (all lengths little-endian)::
 
@@ -48,7 +50,8 @@ from pydantic import Field, field_validator
 from apportion_kvcache.errors import CorruptKVError, KVMismatchError
 
 MAGIC = b"APKVCG\r\n"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)  # v1: per-layer RMS steps, uint32 counts (still decodes)
 MAX_HEADER_BYTES = 1 << 24
 _PREAMBLE = struct.Struct("<8sHI")
 _SYM = 32767  # symbols are clamped to +-_SYM steps (beyond ~16000 RMS: never in a real KV)
@@ -62,11 +65,11 @@ class CodecConfig(ComponentConfig):
     """Options of the CacheGen codec."""
 
     levels: list[list[int]] = Field(
-        [[160, 128, 96], [96, 64, 48], [48, 32, 24], [24, 16, 12]],
+        [[160, 144, 128], [96, 84, 76], [40, 34, 28], [24, 20, 16]],
         description="per level, delta bins of each layer group (earliest layers first); level 0 is the finest",
     )
     group_size: int = Field(10, ge=1, le=1024, description="tokens per delta group (one anchor each)")
-    chunk_tokens: int = Field(256, ge=1, le=1 << 20, description="tokens per independently decodable chunk")
+    chunk_tokens: int = Field(1024, ge=1, le=1 << 20, description="tokens per independently decodable chunk")
 
     @field_validator("levels")
     @classmethod
@@ -233,8 +236,8 @@ class CacheGenCodec:
         mean = x.mean(dim=(2, 4)).to(torch.float16).float()  # (L, 2, H, D) channel offsets
         m = mean[:, :, None, :, None, :]
         centred = x - m
-        rms = centred.pow(2).mean(dim=(2, 3, 4, 5)).sqrt()  # (L, 2)
-        nbins = torch.tensor(bins, dtype=torch.float32)[:, None]
+        rms = centred.pow(2).mean().sqrt()  # one reference for the whole chunk (see the docstring)
+        nbins = torch.tensor(bins, dtype=torch.float32)[:, None].expand(n_layers, 2)
         step = (4.0 * rms / nbins).clamp(min=1e-6).to(torch.float16).float()  # bins over +-2 RMS
         st = step[:, :, None, None, None, None]
         qa = torch.round(centred[..., is_anchor, :] / st).clamp(-_SYM, _SYM)
@@ -265,7 +268,7 @@ class CacheGenCodec:
             "step": step.to(torch.float16).numpy(),
             "use_delta": use_delta.to(torch.uint8).numpy(),
             "tables": np.array(tables, dtype=np.int32).reshape(-1, 2),
-            "counts": np.concatenate(counts_all) if counts_all else np.zeros(0, dtype=np.uint32),
+            "counts": _compact(np.concatenate(counts_all) if counts_all else np.zeros(0, dtype=np.uint32)),
             "words": np.ascontiguousarray(encoder.get_compressed(), dtype=np.uint32),
         })
 
@@ -276,9 +279,9 @@ class CacheGenCodec:
         _check(len(data) >= _PREAMBLE.size, f"only {len(data)} bytes, shorter than the preamble")
         magic, version, hlen = _PREAMBLE.unpack_from(data, 0)
         _check(magic == MAGIC, "bad magic: not a CacheGen bitstream")
-        if version != VERSION:
+        if version not in READABLE_VERSIONS:
             raise CorruptKVError(f"CacheGen bitstream version {version} is not supported "
-                                 f"(this build reads version {VERSION}); upgrade apportion-kvcache"
+                                 f"(this build reads versions {READABLE_VERSIONS}); upgrade apportion-kvcache"
                                  if version > VERSION else f"unsupported CacheGen bitstream version {version}")
         _check(hlen <= MAX_HEADER_BYTES, f"header length {hlen} exceeds {MAX_HEADER_BYTES}")
         end = _PREAMBLE.size + hlen
@@ -376,7 +379,9 @@ class CacheGenCodec:
                   "counts": (None, np.uint32), "words": (None, np.uint32)}
         for name, (shape, dt) in expect.items():
             arr = arrays.get(name)
-            _check(arr is not None and arr.dtype == dt and (tuple(arr.shape) == shape if shape else
+            ok_dtype = arr is not None and (arr.dtype == dt or (name == "counts" and header.version >= 2
+                                                                 and arr.dtype == np.uint16))
+            _check(ok_dtype and (tuple(arr.shape) == shape if shape else
                                                             arr.ndim == (2 if name == "tables" else 1)),
                    f"chunk {index} field {name!r} missing or misshapen")
         mean = torch.from_numpy(arrays["mean"].astype(np.float32))
@@ -423,6 +428,11 @@ class CacheGenCodec:
         base = torch.where(use_delta[:, :, None, :, None, :], x[..., owner, :][..., ~is_anchor, :], m)
         x[..., ~is_anchor, :] = base + qr * st
         return x
+
+
+def _compact(counts: np.ndarray) -> np.ndarray:
+    """Symbol counts as uint16 when every count fits (a chunk's tables cost half as much)."""
+    return counts.astype(np.uint16) if counts.size == 0 or int(counts.max()) <= 0xFFFF else counts
 
 
 def _model(counts: np.ndarray) -> Any:
