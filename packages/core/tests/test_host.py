@@ -80,3 +80,23 @@ def _full_lse(q, k):
     import torch
 
     return torch.logsumexp(q @ k.transpose(-1, -2) / 4.0, -1)
+
+
+def test_converted_folder_is_hf_layout_and_a_stale_one_is_replaced(tmp_path, monkeypatch):
+    """The conversion stores the tied embedding as ``model.embed_tokens.weight`` (what vLLM and
+    other loaders read) with ``architectures``; a folder in an older layout is replaced whole."""
+    import json
+
+    from apportion.host import model as host_model
+    from safetensors import safe_open
+
+    monkeypatch.setenv("APPORTION_CACHE_DIR", str(tmp_path))
+    target = host_model.converted_embedded()
+    (target / "apportion.json").write_text(json.dumps({"format": 1}))
+    (target / "model.safetensors").write_bytes(b"old layout")
+    again = host_model.converted_embedded()
+    assert again == target and json.loads((target / "apportion.json").read_text())["format"] == 2
+    assert json.loads((target / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    with safe_open(str(target / "model.safetensors"), "pt") as f:
+        assert "model.embed_tokens.weight" in f.keys() and "lm_head.weight" not in f.keys()
+    assert [p.name for p in tmp_path.joinpath("models").iterdir()] == [target.name]

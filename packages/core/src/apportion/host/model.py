@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 EMBEDDED_NAMES = {"smollm2", "smollm2-135m-instruct", "default", "embedded"}
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-CONVERTED_FORMAT = 1  # bump when the converted folder layout changes
+CONVERTED_FORMAT = 2  # bump when the converted folder layout changes (2: HF tied-weight layout)
 
 
 def cache_dir() -> Path:
@@ -92,20 +92,25 @@ def converted_embedded() -> Path:
     digest = _file_digest(gguf)[:16]
     target = cache_dir() / "models" / f"SmolLM2-135M-Instruct-{digest}"
     manifest = target / "apportion.json"
+    if _current(target):
+        return target
     if manifest.is_file():
-        try:
-            if json.loads(manifest.read_text())["format"] == CONVERTED_FORMAT:
-                return target
-        except (ValueError, KeyError, OSError):
-            pass
         log.warning("converted model at %s is stale or damaged; converting again", target)
     _convert_gguf(gguf, target, digest)
     return target
 
 
+def _current(target: Path) -> bool:
+    """Whether ``target`` holds a whole conversion in this build's layout."""
+    try:
+        return json.loads((target / "apportion.json").read_text())["format"] == CONVERTED_FORMAT
+    except (ValueError, KeyError, TypeError, OSError):
+        return False
+
+
 def _convert_gguf(gguf: Path, target: Path, digest: str) -> None:
     import torch
-    from safetensors.torch import save_model
+    from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("converting %s to safetensors (once)", gguf.name)
@@ -119,19 +124,27 @@ def _convert_gguf(gguf: Path, target: Path, digest: str) -> None:
         config = model.config.to_dict()
         config.pop("quantization_config", None)
         config["_name_or_path"] = "SmolLM2-135M-Instruct"
+        config["architectures"] = [type(model).__name__]  # other loaders (vLLM) pick the class by it
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         if model.generation_config is not None:
             model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        # the layout HF checkpoints of tied models use: the embedding is stored, the head is not
+        # (safetensors' save_model would keep lm_head.weight instead, which vLLM skips)
+        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        if config.get("tie_word_embeddings") and "model.embed_tokens.weight" in state:
+            state.pop("lm_head.weight", None)
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "apportion.json").write_text(
             json.dumps({"format": CONVERTED_FORMAT, "source": gguf.name, "digest": digest})
         )
         try:
             os.rename(tmp, target)  # atomic: a reader sees no folder or a whole one
         except OSError:
-            if not (target / "apportion.json").is_file():  # lost a race to nobody: retry once
-                shutil.rmtree(target, ignore_errors=True)
+            if not _current(target):  # a stale or half-removed folder, not a racing converter
+                stale = Path(tempfile.mkdtemp(prefix=".stale-", dir=target.parent))
+                os.rename(target, stale / "old")  # moved aside whole, so readers never see a mix
+                shutil.rmtree(stale, ignore_errors=True)
                 os.rename(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
