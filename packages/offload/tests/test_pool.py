@@ -119,3 +119,56 @@ def _locked_kb() -> int:
             return int(line.split()[1])
     return 0
 
+
+
+def test_plan_makes_exact_classes():
+    pool = PinnedPool(PinnedPoolConfig(cap_bytes=1 << 26, pin="none"))
+    n = 2 * 1024 * 2816  # a bf16 1024 x 2816 weight: 5.5 MiB, between regular classes
+    assert pool.size_class_of(n) == size_class(n, 4096, 4) > n
+    assert pool.plan([((1024, 2816), torch.bfloat16), 12345]) == [12288 + 4096, n]
+    assert pool.size_class_of(n) == n and pool.size_class_of(n - 100) == n  # no rounding waste
+    assert pool.size_class_of(n + 1) == size_class(n + 1, 4096, 4)  # others: regular classes
+    t = pool.allocate((1024, 2816), torch.bfloat16)
+    assert pool.buffer_of(t).nbytes == n and pool.stats().extra["planned_classes"] == 2
+    with pytest.raises(TypeError, match="inventory entry"):
+        pool.plan(["big"])
+    with pytest.raises(ValueError, match="negative"):
+        pool.plan([-1])
+
+
+def test_footprint_follows_peak_need_not_every_size():
+    """Sizes the workload moved on from are released (least recently freed first) instead of
+    piling up under a loose cap; retain_headroom=None keeps the old caching-until-the-cap."""
+    sizes = [(8 + 4 * i) << 20 for i in range(6)]  # a growing activation size per "step"
+    peaks = {}
+    for headroom in (0.0, None):
+        pool = PinnedPool(PinnedPoolConfig(cap_bytes=1 << 30, pin="none", retain_headroom=headroom))
+        for size in sizes:
+            ts = [pool.allocate((size,), torch.uint8) for _ in range(2)]
+            for t in ts:
+                pool.free(t)
+        s = pool.stats()
+        peaks[headroom] = s.peak_bytes
+        assert s.extra["peak_in_use_bytes"] == 2 * size_class(sizes[-1], 4096, 4)
+    assert peaks[0.0] == 2 * size_class(sizes[-1], 4096, 4)  # what the largest step needed
+    assert peaks[None] >= 2 * sum(size_class(s, 4096, 4) for s in sizes[-3:])
+
+
+def test_reserve_pins_up_front_and_keeps_its_buffers():
+    pool = PinnedPool(PinnedPoolConfig(cap_bytes=16 << 20, pin="none"))
+    assert pool.reserve([(1 << 20) + 5] * 3) == 3 * ((1 << 20) + 4096)
+    assert pool.stats().extra["cached_bytes"] == 3 * ((1 << 20) + 4096)
+    for _ in range(3):  # other sizes come and go: the reserved buffers are not released for them
+        pool.free(pool.allocate((3 << 20,), torch.uint8))
+    ts = [pool.allocate(((1 << 20) + 5,), torch.uint8) for _ in range(3)]
+    extra = pool.stats().extra
+    assert extra["misses"] == 4 and extra["hits"] == 5 and extra["evictions"] == 0
+    for t in ts:
+        pool.free(t)
+    with pytest.raises(PoolCapacityError, match="reserving 3 buffers"):
+        pool.reserve([8 << 20] * 3)  # over the cap: refused before any memory is touched
+    assert pool.stats().extra["misses"] == 4
+    big = pool.allocate((15 << 20,), torch.uint8)  # the hard cap still releases reserved buffers
+    assert pool.stats().current_bytes <= 16 << 20
+    pool.free(big)
+    pool.close()

@@ -9,7 +9,15 @@ This pool instead
 
 - rounds a request to a fine size class (``classes_per_doubling`` classes between powers of
   two, so at most ``1/classes_per_doubling`` is wasted, and pages are aligned for O_DIRECT);
+- takes the model's tensor inventory (:meth:`PinnedPool.plan`, or :meth:`PinnedPool.reserve`
+  to pin the buffers up front, as MemAscend sizes its pool): each listed size becomes an exact
+  class, rounded to the alignment only, so the tensors offloaded every step waste nothing;
 - reuses a cached buffer of the same class, or of a slightly larger one (``reuse_slack``);
+- keeps cached buffers only while the pool holds at most ``1 + retain_headroom`` times the
+  most its in-use buffers ever needed at once: a miss beyond that releases the least recently
+  freed cached buffers first (:meth:`PinnedPool.reserve`'d ones are kept), so buffers of sizes
+  the workload has moved on from (last step's sequence length, say) do not pile up, and the
+  pool's footprint follows its peak need rather than the sum of every size's peak;
 - holds everything under a hard ``cap_bytes``: when a new buffer would cross it, cached
   buffers are released first, and if the live tensors alone would cross it the request fails
   with :class:`~apportion_offload.errors.PoolCapacityError`, before any memory is touched;
@@ -25,7 +33,7 @@ from __future__ import annotations
 import bisect
 import math
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
 from apportion.base import Allocator, AllocatorStats
@@ -41,6 +49,10 @@ class PinnedPoolConfig(ComponentConfig):
     alignment: int = Field(4096, description="buffer sizes are multiples of this: a power of two, 512 to the page size")
     classes_per_doubling: int = Field(4, ge=1, le=64, description="size classes per power of two; waste <= 1/N")
     reuse_slack: float = Field(0.25, ge=0.0, le=1.0, description="a cached buffer up to (1 + slack) x the class may serve a request")
+    retain_headroom: float | None = Field(
+        0.0, ge=0.0,
+        description="cached buffers are kept while the pool holds at most (1 + headroom) x its peak in-use "
+                    "bytes (reserve()d ones always); None keeps them until cap_bytes forces a release")
     pin: Literal["auto", "cuda", "mlock", "none"] = Field("auto", description="how buffers are pinned")
 
     @field_validator("alignment")
@@ -95,6 +107,15 @@ class PinnedPool(Allocator):
         self._lock = threading.Lock()
         self._free: dict[int, list[HostBuffer]] = {}
         self._classes: list[int] = []  # sorted keys of _free with buffers in them
+        # id(buffer) -> cached buffer, least recently freed first; reserve()d ones apart
+        self._lru: dict[int, HostBuffer] = {}
+        self._lru_kept: dict[int, HostBuffer] = {}
+        self._kept: set[int] = set()  # ids of reserve()d buffers (alive)
+        self._cached = 0
+        self._exact: list[int] = []  # sorted exact size classes from plan()/reserve()
+        self._in_use = 0  # bytes of buffers handed out (live tensors, acquired buffers)
+        self._peak_in_use = 0
+        self._evicted = 0
         self._held: dict[int, tuple[Any, HostBuffer, int]] = {}  # id(tensor) -> (tensor, buffer, bytes)
         self._reserved = 0
         self._live = 0
@@ -103,14 +124,62 @@ class PinnedPool(Allocator):
         self._mode_bytes = {"cuda": 0, "mlock": 0, "pageable": 0}
         self.pin_fallback: str | None = None
 
+    # ------------------------------------------------------------------ inventory
+    def size_class_of(self, nbytes: int) -> int:
+        """The buffer size serving a request of ``nbytes``: the smallest planned exact class
+        that fits, when it is smaller than the regular ``classes_per_doubling`` class."""
+        cfg = self.config
+        cls = size_class(nbytes, cfg.alignment, cfg.classes_per_doubling)
+        i = bisect.bisect_left(self._exact, round_up(max(nbytes, 1), cfg.alignment))
+        return self._exact[i] if i < len(self._exact) and self._exact[i] < cls else cls
+
+    def plan(self, inventory: Iterable[int | tuple[Sequence[int] | int, Any]]) -> list[int]:
+        """Take a tensor inventory (byte counts, or ``(shape, dtype)`` pairs) and make each
+        size an exact class (rounded to ``alignment`` only). Returns the classes, sorted.
+
+        MemAscend sizes its buffer pool from the model's tensors: the parameters, gradients
+        and optimizer states move every step, so their sizes are known before the first one.
+        """
+        sizes = sorted({round_up(max(_inventory_bytes(item), 1), self.config.alignment) for item in inventory})
+        with self._lock:
+            self._exact = sorted(set(self._exact).union(sizes))
+        return sizes
+
+    def reserve(self, inventory: Iterable[int | tuple[Sequence[int] | int, Any]]) -> int:
+        """:meth:`plan` the inventory and pin one cached buffer per entry now (a repeated
+        entry gets as many buffers), so the first step finds them ready. Reserved buffers are
+        not released to make room for other sizes, only to keep live tensors under the hard
+        cap (or by :meth:`trim`). Raises :class:`PoolCapacityError` (with nothing allocated)
+        if they would cross the cap. Returns the bytes reserved."""
+        items = list(inventory)
+        self.plan(items)
+        classes = [self.size_class_of(_inventory_bytes(item)) for item in items]
+        total = sum(classes)
+        with self._lock:
+            if self._reserved - self._cached + total > self.config.cap_bytes:
+                raise PoolCapacityError(
+                    f"pinned-pool: reserving {len(classes)} buffers ({total} bytes) would exceed "
+                    f"cap_bytes={self.config.cap_bytes} ({self._reserved - self._cached} bytes in use)"
+                )
+        bufs = []
+        try:
+            for n in classes:
+                bufs.append(self.acquire(n))
+                with self._lock:
+                    self._kept.add(id(bufs[-1]))
+        finally:
+            for buf in bufs:
+                self.give_back(buf)
+        return total
+
     # ------------------------------------------------------------------ raw buffers
     def acquire(self, nbytes: int) -> HostBuffer:
         """A buffer of at least ``nbytes`` (its ``nbytes`` is the size class), under the cap."""
         cfg = self.config
         if nbytes < 0:
             raise ValueError(f"cannot acquire a negative number of bytes ({nbytes})")
-        cls = size_class(nbytes, cfg.alignment, cfg.classes_per_doubling)
         with self._lock:
+            cls = self.size_class_of(nbytes)
             buf = self._take_cached(cls)
             if buf is None:
                 self._misses += 1
@@ -124,54 +193,73 @@ class PinnedPool(Allocator):
                 self._stats.peak_bytes = max(self._stats.peak_bytes, self._reserved)
             else:
                 self._hits += 1
+            self._in_use += buf.nbytes
+            self._peak_in_use = max(self._peak_in_use, self._in_use)
             self._stats.current_bytes = self._reserved
             return buf
 
     def give_back(self, buf: HostBuffer) -> None:
         """Return a buffer from :meth:`acquire` to the cache (it stays pinned, ready for reuse)."""
         with self._lock:
+            self._in_use -= buf.nbytes
             self._free.setdefault(buf.nbytes, []).append(buf)
             if len(self._free[buf.nbytes]) == 1:
                 bisect.insort(self._classes, buf.nbytes)
+            (self._lru_kept if id(buf) in self._kept else self._lru)[id(buf)] = buf
+            self._cached += buf.nbytes
+
+    def _uncache(self, buf: HostBuffer) -> None:
+        bufs = self._free[buf.nbytes]
+        bufs.remove(buf)  # by identity: HostBuffer compares by identity (eq=False)
+        if not bufs:
+            del self._free[buf.nbytes]
+            self._classes.pop(bisect.bisect_left(self._classes, buf.nbytes))
+        (self._lru_kept if id(buf) in self._kept else self._lru).pop(id(buf))
+        self._cached -= buf.nbytes
 
     def _take_cached(self, cls: int) -> HostBuffer | None:
         limit = cls * (1 + self.config.reuse_slack)
         i = bisect.bisect_left(self._classes, cls)
         if i < len(self._classes) and self._classes[i] <= limit:
-            size = self._classes[i]
-            buf = self._free[size].pop()
-            if not self._free[size]:
-                del self._free[size]
-                self._classes.pop(i)
+            buf = self._free[self._classes[i]][-1]  # the most recently freed: its pages are warm
+            self._uncache(buf)
             return buf
         return None
 
     def _make_room(self, cls: int, nbytes: int) -> None:
         cap = self.config.cap_bytes
-        if self._reserved + cls <= cap:
-            return
-        if self._reserved - self._cached_bytes() + cls > cap:
+        if self._reserved - self._cached + cls > cap:
             raise PoolCapacityError(
                 f"pinned-pool: a request of {nbytes} bytes (size class {cls}) would exceed "
                 f"cap_bytes={cap}: {self._live} bytes are live in {len(self._held)} tensors. "
                 f"Free tensors first or raise cap_bytes."
             )
-        while self._reserved + cls > cap:  # release cached buffers, largest first
-            size = self._classes[-1]
-            buf = self._free[size].pop()
-            if not self._free[size]:
-                del self._free[size]
-                self._classes.pop()
+        headroom = self.config.retain_headroom
+        if headroom is not None:  # hold no more than the workload has shown it needs
+            limit = int(max(self._peak_in_use, self._in_use + cls) * (1 + headroom))
+            self._evict(self._lru, self._reserved + cls - limit)
+        self._evict(self._lru, self._reserved + cls - cap)  # the hard cap: anything cached goes,
+        self._evict(self._lru_kept, self._reserved + cls - cap)  # reserved buffers last
+
+    def _evict(self, lru: dict[int, HostBuffer], excess: int) -> None:
+        """Release cached buffers of ``lru``, least recently freed first, until ``excess``
+        bytes are gone (or none is left)."""
+        while excess > 0 and lru:
+            buf = next(iter(lru.values()))
+            self._uncache(buf)
+            self._evicted += 1
+            excess -= buf.nbytes
             self._release(buf)
 
     def _release(self, buf: HostBuffer) -> None:
         self._reserved -= buf.nbytes
         self._mode_bytes[buf.mode] -= buf.nbytes
         self._trimmed += buf.nbytes
+        self._kept.discard(id(buf))
         buf.release()
 
     def _cached_bytes(self) -> int:
-        return sum(size * len(bufs) for size, bufs in self._free.items())
+        return self._cached
 
     def trim(self) -> int:
         """Release every cached (free) buffer to the OS; returns the bytes released."""
@@ -182,6 +270,9 @@ class PinnedPool(Allocator):
                     self._release(buf)
             self._free.clear()
             self._classes.clear()
+            self._lru.clear()
+            self._lru_kept.clear()
+            self._cached = 0
             self._stats.current_bytes = self._reserved
             return before - self._reserved
 
@@ -228,6 +319,9 @@ class PinnedPool(Allocator):
                 "hits": self._hits,
                 "misses": self._misses,
                 "trimmed_bytes": self._trimmed,
+                "evictions": self._evicted,
+                "peak_in_use_bytes": self._peak_in_use,
+                "planned_classes": len(self._exact),
                 "pinned_bytes": self._mode_bytes["cuda"] + self._mode_bytes["mlock"],
                 "pageable_bytes": self._mode_bytes["pageable"],
                 "pin_modes": {k: v for k, v in self._mode_bytes.items() if v},
@@ -244,4 +338,21 @@ class PinnedPool(Allocator):
                 self._mode_bytes[buf.mode] -= buf.nbytes
                 buf.release()
             self._held.clear()
+            self._kept.clear()
             self._live = 0
+            self._in_use = 0
+
+
+def _inventory_bytes(item: int | tuple[Sequence[int] | int, Any]) -> int:
+    """Bytes of one inventory entry: an int, or a ``(shape, dtype)`` pair."""
+    import operator
+
+    if isinstance(item, tuple) and len(item) == 2:
+        return tensor_nbytes(item[0], item[1])
+    try:
+        n = operator.index(item)
+    except TypeError:
+        raise TypeError(f"an inventory entry is a byte count or a (shape, dtype) pair, got {item!r}") from None
+    if n < 0:
+        raise ValueError(f"an inventory entry cannot be negative ({n} bytes)")
+    return n
