@@ -9,8 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 from apportion.testing.contracts import AllocatorContract
-from apportion_offload.errors import SwapChecksumError, SwapFormatError, SwapSpaceError
-from apportion_offload.swap import MAGIC, NvmeSwapConfig, NvmeSwapper
+from apportion_offload.errors import (
+    PoolCapacityError,
+    SwapChecksumError,
+    SwapFormatError,
+    SwapSpaceError,
+)
+from apportion_offload.swap import _PREFIX, MAGIC, NvmeSwapConfig, NvmeSwapper, SwapHeader
 
 
 class TestNvmeContract(AllocatorContract):
@@ -97,6 +102,58 @@ def test_foreign_truncated_and_unaligned_files_are_refused(swapper):
         swapper.swap_in("missing")
 
 
+def _rewrite_header(path: Path, edit, version: int | None = None) -> None:
+    """Give ``path`` a header whose checksum holds but whose content ``edit`` changed."""
+    import json
+
+    data = path.read_bytes()
+    _, _, header_bytes, json_bytes, _ = _PREFIX.unpack_from(data)
+    meta = json.loads(data[_PREFIX.size:_PREFIX.size + json_bytes])
+    edit(meta)
+    header = bytearray(SwapHeader.encode(meta, 4096))
+    if version is not None:
+        header[8:12] = version.to_bytes(4, "little")
+    path.write_bytes(bytes(header) + data[header_bytes:])
+
+
+@pytest.mark.parametrize(("edit", "version", "match"), [
+    (lambda m: None, 2, "format version 2"),
+    (lambda m: m.update(alignment=1000), None, "not aligned"),
+    (lambda m: m.update(alignment=256, block_bytes=256), None, "not aligned"),
+    (lambda m: m.pop("blocks"), None, "malformed header: field 'blocks'"),
+    (lambda m: m.update(nbytes=8), None, "nbytes 8 does not match"),
+    (lambda m: m.update(shape=[-4, 3]), None, "not a list of non-negative integers"),
+    (lambda m: m.update(dtype="Tensor"), None, "unknown dtype 'Tensor'"),
+    (lambda m: m.update(checksum="md5"), None, "unknown checksum"),
+    (lambda m: m.update(blocks=["zz"]), None, "16 hex digits"),
+])
+def test_headers_that_checksum_but_lie_are_refused(swapper, edit, version, match):
+    """A header from a foreign or buggy writer can pass its own checksum: every field the
+    reader relies on is checked before a byte of data is read or a buffer allocated."""
+    swapper.swap_out("h", torch.randn(3, 1000)).result()
+    _rewrite_header(swapper.path("h"), edit, version)
+    with pytest.raises(SwapFormatError, match=match):
+        swapper.swap_in("h")
+    assert swapper.stats().extra["pool"]["live_bytes"] == 0
+
+
+def test_swap_in_over_the_pool_cap_is_an_error_not_an_oom(tmp_path):
+    s = NvmeSwapper(NvmeSwapConfig(directory=str(tmp_path), block_bytes=1 << 16, pool_cap_bytes=1 << 20,
+                                   pin="none"))
+    big = torch.randn(1 << 19)  # 2 MiB: swapped out through 64 KiB staging blocks, under the cap
+    s.swap_out("big", big).result()
+    with pytest.raises(PoolCapacityError, match="cap_bytes=1048576"):
+        s.swap_in("big")  # its own buffer would cross the cap: refused in the caller
+    out = torch.empty(1 << 19)
+    assert torch.equal(s.swap_in("big", out=out).result(), big)  # a caller's buffer: staged
+    with pytest.raises(PoolCapacityError):
+        s.allocate((1 << 30,), torch.float32)
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        s.swap_out("x", [1.0, 2.0])
+    assert s.keys() == ["big"]
+    s.close()
+
+
 def test_replacing_a_key_is_atomic(swapper):
     swapper.swap_out("k", torch.zeros(1000)).result()
     swapper.swap_out("k", torch.ones(1000)).result()
@@ -126,6 +183,10 @@ def test_full_disk_is_a_clear_error_and_leaves_nothing(tmp_path):
             s.swap_out("big", torch.ones(4 << 20)).result()  # 16 MiB on a 6 MiB fs
         assert sorted(p.name for p in mnt.iterdir() if p.name != "lost+found") == ["fits.apswap"]
         assert torch.equal(s.swap_in("fits").result(), torch.ones(1 << 19))
+        with pytest.raises(SwapSpaceError, match="'fits'"):  # replacing a key that no longer fits
+            s.swap_out("fits", torch.full((4 << 20,), 2.0)).result()
+        assert torch.equal(s.swap_in("fits").result(), torch.ones(1 << 19))  # the old swap is intact
+        assert sorted(p.name for p in mnt.iterdir() if p.name != "lost+found") == ["fits.apswap"]
         s.close()
     finally:
         subprocess.run(["umount", str(mnt)], check=False)

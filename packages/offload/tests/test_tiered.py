@@ -3,6 +3,7 @@
 import pytest
 import torch
 from apportion.testing.contracts import AllocatorContract
+from apportion_offload.errors import PoolCapacityError
 from apportion_offload.numa import page_nodes, topology
 from apportion_offload.tiered import Decision, TieredAllocator, TieredConfig, TierModel, predict
 
@@ -30,6 +31,18 @@ def test_decisions_by_access_class():
     assert a.stats().extra["tier_bytes"] == {"local": 0, "far": 0}
     with pytest.raises(ValueError, match="unknown access class"):
         a.allocate((4,), torch.float32, access="sometimes")
+
+
+def test_request_over_the_cap_is_an_error_not_an_oom():
+    a = TieredAllocator(TieredConfig(cap_bytes=8 << 20, emulate="on"))
+    with pytest.raises(PoolCapacityError, match="cap_bytes=8388608"):
+        a.allocate((1 << 40,), torch.float32)  # 4 TiB: refused before any memory is touched
+    keep = a.allocate((1 << 20,), torch.float32, access="activation")
+    with pytest.raises(PoolCapacityError, match="4194304 in use"):
+        a.allocate((5 << 20,), torch.uint8)
+    a.free(keep)
+    a.free(a.allocate((5 << 20,), torch.uint8))
+    assert a.stats().current_bytes == 0
 
 
 def test_pages_really_land_on_the_bound_node():

@@ -367,10 +367,10 @@ class NvmeSwapper(Allocator):
         body = head[_PREFIX.size:_PREFIX.size + json_bytes]
         if xxhash.xxh3_64_intdigest(body) != digest:
             raise SwapChecksumError(f"nvme: the header of {path} fails its checksum (the file is corrupted)")
-        meta = json.loads(body)
+        meta = _checked_meta(path, body)
         align, bs, nbytes = meta["alignment"], meta["block_bytes"], meta["nbytes"]
         padded = round_up(max(nbytes, 1), align)
-        if align % 512 or align & (align - 1) or header_bytes % align or bs % align:
+        if align < 512 or align & (align - 1) or header_bytes % align or bs % align:
             raise SwapFormatError(f"nvme: {path} is not aligned (alignment {align}, header {header_bytes})")
         if size != header_bytes + padded or len(meta["blocks"]) != -(-padded // bs):
             raise SwapFormatError(
@@ -475,6 +475,46 @@ class NvmeSwapper(Allocator):
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+_META_TYPES = {"key": str, "dtype": str, "shape": list, "nbytes": int, "alignment": int,
+               "block_bytes": int, "checksum": str, "blocks": list}
+_HEX16 = re.compile(r"[0-9a-f]{16}")
+
+
+def _checked_meta(path: Path, body: bytes) -> dict[str, Any]:
+    """The header's JSON, with every field this reader relies on present and consistent
+    (a file whose header checksum holds can still come from a foreign or buggy writer)."""
+    import torch
+
+    def bad(what: str) -> SwapFormatError:
+        return SwapFormatError(f"nvme: {path} has a malformed header: {what}")
+
+    try:
+        meta = json.loads(body)
+    except ValueError:
+        raise bad("its metadata is not JSON") from None
+    if not isinstance(meta, dict):
+        raise bad("its metadata is not a JSON object")
+    for name, kind in _META_TYPES.items():
+        value = meta.get(name)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise bad(f"field {name!r} is {value!r}, not {kind.__name__}")
+    if meta["checksum"] != "xxh3_64":
+        raise bad(f"unknown checksum {meta['checksum']!r}")
+    if not all(isinstance(b, str) and _HEX16.fullmatch(b) for b in meta["blocks"]):
+        raise bad("block checksums are not 16 hex digits")
+    if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in meta["shape"]):
+        raise bad(f"shape {meta['shape']!r} is not a list of non-negative integers")
+    if meta["block_bytes"] <= 0 or meta["alignment"] <= 0:
+        raise bad("block_bytes and alignment must be positive")
+    dtype = _dtype_from(meta["dtype"])
+    numel = 1
+    for d in meta["shape"]:
+        numel *= d
+    if numel * torch.empty((), dtype=dtype).element_size() != meta["nbytes"]:
+        raise bad(f"nbytes {meta['nbytes']} does not match shape {meta['shape']} of {meta['dtype']}")
+    return meta
 
 
 def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:

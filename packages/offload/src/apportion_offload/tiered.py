@@ -171,11 +171,11 @@ class TieredAllocator(Allocator):
     def allocate(self, shape: Sequence[int], dtype: Any, *, access: str = "default") -> Any:
         nbytes = tensor_nbytes(shape, dtype)
         cap = self.config.cap_bytes
-        if cap is not None and self._stats.current_bytes + nbytes > cap:
-            raise PoolCapacityError(
-                f"tiered: allocating {nbytes} bytes would exceed cap_bytes={cap} "
-                f"({self._stats.current_bytes} in use)")
         with self._lock:
+            if cap is not None and self._stats.current_bytes + nbytes > cap:  # before any memory is touched
+                raise PoolCapacityError(
+                    f"tiered: allocating {nbytes} bytes would exceed cap_bytes={cap} "
+                    f"({self._stats.current_bytes} in use)")
             decision = self.place(nbytes, access)
             buf = HostBuffer.create(max(nbytes, 1))
             self._bind(buf, decision)
