@@ -1,4 +1,12 @@
-"""Entry point of apportion-attention: registers its components by import path (nothing heavy here)."""
+"""Entry point of apportion-attention (``[project.entry-points.apportion]``): registers its
+components by import path, nothing heavy.
+
+It is a top-level module of the wheel, not ``apportion_attention.plugin``, on purpose: importing
+any submodule of ``apportion_attention`` runs the package's ``__init__``, which imports
+transformers (and torch) to register the attention functions for plain transformers. Loading
+plugins (``apportion plugins``) must not import torch, so this module never imports
+``apportion_attention``; the registered import paths are resolved only when a component is used.
+"""
 
 from apportion import hookimpl
 

@@ -1,13 +1,28 @@
-"""transformers integration: register this package's backends in ``AttentionInterface`` and
-``AttentionMaskInterface`` so ``attn_implementation="apportion-<name>"`` works on any
+"""transformers integration: this package's attention functions in ``AttentionInterface`` and
+``AttentionMaskInterface``, so ``attn_implementation="apportion-<name>"`` works on any
 Llama-like model loaded with plain transformers::
 
-    import apportion_attention.hf  # registers (importing transformers)
+    import apportion_attention  # registers (importing transformers and torch)
     model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="apportion-squeezed")
 
-``import apportion_attention`` registers them too when transformers is already imported
-(the package itself stays torch-free at import, for ``apportion plugins``). The registered
-functions use default-config backends; :func:`register` takes your own instances.
+``import apportion_attention`` runs :func:`register` once (this module is imported by the
+package's ``__init__``). The registered functions belong to default-config backends, kept in
+:data:`BACKENDS` (change one's ``config`` there, or call :func:`register` with your own
+instances, which replace them under the same names).
+
+Registered by default, the backends whose attention function is the technique on its own:
+
+- ``apportion-squeezed``: the whole prompt is the fixed context; decode steps read the keys
+  the centroid lookup selects (the host also tells it where the question starts).
+- ``apportion-longheads``: per-head chunk selection once the cache outgrows
+  ``(top_k + 2) * chunk_size`` tokens (reading prompts past the window needs the host's
+  block prefill).
+- ``apportion-distattention``: micro-attention over KV shards merged by log-sum-exp (exact).
+- ``apportion-ssa``: block-sparse attention (top-k key blocks, sink, local).
+
+Not registered: ``ape`` and ``infiniretri``. What they do happens in the host's prefill
+(parallel context encoding; chunked reading); outside it their attention function is plain
+SDPA, so a name for it in plain transformers would promise what it does not do.
 """
 
 from __future__ import annotations
@@ -20,13 +35,21 @@ from apportion.host.attention import AttentionBackend, register_attention
 BACKENDS: dict[str, AttentionBackend] = {}
 
 
-def register(*backends: Any) -> list[str]:
-    """Register backend instances (default: this package's function-based backends with
-    default configs); returns the registered names."""
-    if not backends:
-        from apportion_attention.squeezed import Squeezed
+def default_backends() -> tuple[AttentionBackend, ...]:
+    """Default-config instances of the backends registered at import."""
+    from apportion_attention.distattention import DistAttention
+    from apportion_attention.longheads import LongHeads
+    from apportion_attention.squeezed import Squeezed
+    from apportion_attention.ssa import SSAAttention
 
-        backends = (Squeezed(),)
+    return (Squeezed(), LongHeads(), DistAttention(), SSAAttention())
+
+
+def register(*backends: Any) -> list[str]:
+    """Register backend instances as ``apportion-<name>`` (default: :func:`default_backends`);
+    returns the registered names. A backend without an attention function is skipped."""
+    if not backends:
+        backends = default_backends()
     names = []
     for b in backends:
         fn = b.attention_function()
