@@ -4,6 +4,7 @@ import os
 import pytest
 from apportion.config import parse_config
 from apportion.errors import ConfigError
+from apportion.plugins import get_registry
 from apportion.runner import RunOptions, execute, read_records
 
 
@@ -81,3 +82,138 @@ def test_cli_doctor(cli, cli_env):
     assert out.returncode == 0, out.stderr
     for word in ("torch", "transformers", "triton", "device", "plugins"):
         assert word in out.stdout
+
+
+# ------------------------------------------------------------------- time budget
+def test_time_budget_stops_starting_samples_and_a_rerun_finishes(tmp_path, smollm2):
+    run_dir = tmp_path / "run"
+    stopped = execute(_cfg(), run_dir, RunOptions(time_budget_s=1e-6, progress=False), loaded=smollm2)
+    assert stopped == []  # spent before the first sample: nothing started, nothing torn
+    done = execute(_cfg(), run_dir, RunOptions(limit=1, progress=False), loaded=smollm2)
+    assert len(done) == 1
+
+
+@pytest.mark.parametrize("bad", [0, -5.0])
+def test_time_budget_must_be_positive(bad):
+    with pytest.raises(ConfigError, match="positive number of seconds"):
+        RunOptions(time_budget_s=bad)
+
+
+def test_cli_run_time_budget_option(cli, cli_env, tmp_path):
+    out = cli("run", "--help", env={**cli_env, "COLUMNS": "200"})
+    assert out.returncode == 0 and "--time-budget" in out.stdout and "SECONDS" in out.stdout
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('name = "tb"\n[[benchmarks]]\nname = "niah"\nlengths = [256]\n')
+    out = cli("run", str(cfg), "--time-budget", "0", "--out", str(tmp_path / "r"), env=cli_env)
+    assert out.returncode == 2 and "positive number of seconds" in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "r").exists()
+
+
+# ------------------------------------------------------------- length + new tokens
+def test_length_plus_new_tokens_beyond_context_refused(tmp_path, smollm2):
+    window = smollm2.max_context
+    cfg = parse_config({"benchmarks": [{"name": "niah", "lengths": [window - 10]}]})
+    with pytest.raises(ConfigError) as err:
+        execute(cfg, tmp_path / "r", RunOptions(progress=False), loaded=smollm2)
+    msg = str(err.value)  # both numbers, the sum and the window
+    assert f"length {window - 10} + 32 answer tokens" in msg and f"({window + 22} > {window}" in msg
+    assert not (tmp_path / "r" / "records.jsonl").exists()
+    # the same length fits once fewer tokens are generated
+    from apportion.runner import check_lengths
+
+    ok = parse_config({"benchmarks": [{"name": "niah", "lengths": [window - 10]}],
+                       "generation": {"max_new_tokens": 10}})
+    check_lengths(ok, get_registry(), window, {"baseline": False})
+    check_lengths(cfg, get_registry(), window, {"baseline": True})  # context-extending attention
+
+
+def test_a_sample_asking_for_more_new_tokens_is_refused_before_generation():
+    from apportion.base import Benchmark, Sample
+    from apportion.runner import check_samples
+
+    cfg = parse_config({})
+    bench = Benchmark()  # 48 new tokens by default
+    fits = Sample("a", "ctx", "q?", ["x"], length=8000)
+    greedy = Sample("b", "ctx", "q?", ["x"], length=8000, max_new_tokens=300)
+    check_samples(cfg, [("b1", bench, fits)], 8192, {"baseline": False})
+    with pytest.raises(ConfigError, match=r"length 8000 \+ up to 300 answer tokens.*8300 > 8192"):
+        check_samples(cfg, [("b1", bench, fits), ("b1", bench, greedy)], 8192, {"baseline": False})
+    capped = parse_config({"generation": {"max_new_tokens": 100}})  # the run's setting wins
+    check_samples(capped, [("b1", bench, greedy)], 8192, {"baseline": False})
+
+
+# ---------------------------------------------------------------- demos and budget
+class _Recorder:
+    """A real zero-shot strategy that remembers what the runner passed to build()."""
+
+    def __init__(self):
+        from apportion.base import PromptStrategy
+
+        self.inner = PromptStrategy()
+        self.calls = []
+
+    def build(self, query, **kw):
+        self.calls.append(kw)
+        return self.inner.build(query, **kw)
+
+
+def _demo_bench(demos):
+    from apportion.base import Benchmark, Sample
+
+    class WithDemos(Benchmark):
+        name = "with-demos"
+        max_new_tokens = 4
+
+        def samples(self, tokenizer):
+            yield Sample("s0", "The code is 12.", "What is the code?", ["12"], length=16)
+
+        def demos(self, sample):
+            return demos
+
+    return WithDemos()
+
+
+def test_runner_passes_demos_and_a_budget_to_the_prompt_strategy(smollm2):
+    from apportion.host import Host
+    from apportion.runner import run_sample
+
+    host = Host(smollm2)
+    pool = [("What is 2 + 2?", "4"), {"input": "Capital of France?", "output": "Paris"}]
+    bench = _demo_bench(pool)
+    sample = next(bench.samples(smollm2.tokenizer))
+    strategy = _Recorder()
+    rec = run_sample(host, strategy, bench, sample, None)
+    call = strategy.calls[-1]
+    assert list(call["demos"]) == pool
+    assert call["budget"] == smollm2.max_context - 4 == rec["prompt_budget"]
+    assert rec["demos_offered"] == 2 and rec["prompt_accounting"]["demos_offered"] == 2
+    # a configured budget wins; max_new_tokens of the run moves the default
+    run_sample(host, strategy, bench, sample, None, budget=500)
+    assert strategy.calls[-1]["budget"] == 500
+    run_sample(host, strategy, bench, sample, 6)
+    assert strategy.calls[-1]["budget"] == smollm2.max_context - 6
+
+
+def test_without_demos_the_strategy_is_called_zero_shot(smollm2):
+    from apportion.host import AttentionBackend, Host
+    from apportion.runner import prompt_budget, run_sample
+
+    bench = _demo_bench([])
+    sample = next(bench.samples(smollm2.tokenizer))
+    strategy = _Recorder()
+    rec = run_sample(Host(smollm2), strategy, bench, sample, None)
+    assert "demos" not in strategy.calls[-1] and "budget" not in strategy.calls[-1]
+    assert "prompt_budget" not in rec
+
+    class Extends(AttentionBackend):
+        extends_context = True
+
+    assert prompt_budget(Host(smollm2, Extends()), 4) is None  # no window to stay inside
+    assert prompt_budget(Host(smollm2, Extends()), 4, 700) == 700
+
+
+def test_config_prompt_budget_reaches_the_strategy(tmp_path, smollm2):
+    cfg = _cfg(generation={"prompt_budget": 20, "max_new_tokens": 4})
+    records = execute(cfg, tmp_path / "r", RunOptions(limit=1, progress=False), loaded=smollm2)
+    # the zero-shot strategy refuses a prompt over its budget: a recorded error, not a crash
+    assert records[0]["score"] == 0.0 and "budget is 20" in records[0]["error"]

@@ -201,3 +201,21 @@ def test_report_command_rerenders(finished_run, tmp_path):
     out = subprocess.run([sys.executable, "-m", "apportion.cli", "report", str(tmp_path / "nothing")],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and "not a run directory" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_time_budget_option_overrides_the_config(tmp_path, smollm2):
+    # `apportion run --time-budget` arrives as RunOptions.time_budget_s and wins over [harness]
+    res = run(_cfg(harness={"time_budget_s": 3600}), tmp_path / "r",
+              RunOptions(time_budget_s=1e-6, progress=False), loaded=smollm2)
+    assert res.records == [] and res.pending > 0
+
+
+def test_a_sample_needing_more_answer_tokens_than_fit_is_refused_before_generation(tmp_path, smollm2):
+    # multi-value niah asks for more new tokens than the benchmark's 32: the length passes the
+    # config-level check, the built samples do not
+    length = smollm2.max_context - 40
+    cfg = parse_config({"benchmarks": [{"name": "niah", "variant": "multi-value", "lengths": [length],
+                                        "depths": [0.5], "samples": 1}]})
+    with pytest.raises(ConfigError, match=rf"samples of length {length} \+ up to \d+ answer tokens"):
+        run(cfg, tmp_path / "r", RunOptions(progress=False), loaded=smollm2)
+    assert not (tmp_path / "r" / "records.jsonl").exists()

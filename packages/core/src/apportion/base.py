@@ -64,6 +64,12 @@ class Benchmark(Component):
     def samples(self, tokenizer: Any) -> Iterator[Sample]:
         raise NotImplementedError
 
+    def demos(self, sample: Sample) -> Sequence[Any]:
+        """Demonstrations a prompt strategy may put before ``sample`` (``Demo``-like objects,
+        ``(input, output)`` pairs or mappings with input/output keys). The runner passes them
+        to ``PromptStrategy.build`` with a token budget. Default: none (zero-shot)."""
+        return ()
+
     def score(self, sample: Sample, prediction: str) -> float:
         """Default: fraction of gold answers found in the prediction (case-insensitive)."""
         if not sample.answers:

@@ -123,6 +123,10 @@ def run(
     limit: Annotated[int | None, typer.Option(min=1, help="at most N samples per benchmark")] = None,
     seed: Annotated[int | None, typer.Option(help="override the config's seed")] = None,
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+    time_budget: Annotated[float | None, typer.Option(
+        "--time-budget", metavar="SECONDS",
+        help="start no sample after SECONDS from the start of the run; rerun the same command to "
+             "finish the rest (default: the config's [harness] time_budget_s, else no limit)")] = None,
 ) -> None:
     """Run a config (benchmarks x variants) and write records and a report to the run directory."""
     import time
@@ -133,7 +137,7 @@ def run(
     path = config or default_config_path()
     cfg = load_config(path) if path is not None else RunConfig(name="default")
     run_dir = out or Path(cfg.output_dir) / cfg.name
-    options = RunOptions(limit=limit, seed=seed, progress=progress)
+    options = RunOptions(limit=limit, seed=seed, progress=progress, time_budget_s=time_budget)
     console.print(f"[bold]apportion run[/bold] {path or '(built-in default)'} -> {run_dir}")
     t0 = time.perf_counter()
     result = _host().hook.apportion_run(config=cfg, run_dir=run_dir, options=options)

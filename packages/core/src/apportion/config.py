@@ -83,6 +83,11 @@ class GenerationSpec(BaseModel):
         None, ge=1, le=8192, description="None: each benchmark's own default"
     )
     batch_size: int = Field(1, ge=1, le=256)
+    prompt_budget: int | None = Field(
+        None, ge=1,
+        description="tokens the prompt strategy may fill (demonstrations included); None: when a "
+                    "benchmark offers demonstrations, the model's context less max_new_tokens",
+    )
 
 
 _COMPONENT_FIELDS = {

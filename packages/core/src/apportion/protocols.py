@@ -124,7 +124,11 @@ class PromptStrategy(Protocol):
 
 @runtime_checkable
 class Benchmark(Protocol):
-    """Generates samples in the model's own tokens and scores predictions."""
+    """Generates samples in the model's own tokens and scores predictions.
+
+    Optional: ``demos(sample) -> Sequence`` offers a demonstration pool for a sample; the
+    runner then passes it, with a token budget, to the prompt strategy (``Benchmark.demos``
+    in :mod:`apportion.base` returns none)."""
 
     name: str
     config: Any

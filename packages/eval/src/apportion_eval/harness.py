@@ -13,7 +13,8 @@ JSONL appends, torn-tail repair, the per-sample generate-and-score step) and add
   or model re-measures instead of silently reusing stale results;
 - **sample-major, round-robin order and a time budget** — every config runs a sample before
   the next sample starts, and each (benchmark, length) gets its first sample before any gets
-  a second, so a run stopped by ``time_budget_s`` (or Ctrl-C) leaves every config measured
+  a second, so a run stopped by ``time_budget_s`` (``apportion run --time-budget`` overrides
+  it) or Ctrl-C leaves every config measured
   on the same samples at every length; rerunning the same command finishes the rest;
 - **failures recorded, not fatal** — a component that raises on a sample gets an ``error``
   record (type and message) and the sweep goes on; the table shows error counts;
@@ -40,6 +41,7 @@ from apportion.runner import (
     append_record,
     build_components,
     check_lengths,
+    check_samples,
     prepare_run_dir,
     read_records,
     repair_tail,
@@ -187,25 +189,6 @@ def _write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
-def check_fit(config: RunConfig, benches: list[tuple[str, Any]], max_context: int,
-              extends: dict[str, bool]) -> None:
-    """Refuse samples whose length plus answer tokens overflow the window, before any sample
-    is generated (the core's check covers the lengths alone)."""
-    errors = []
-    if all(extends.values()):
-        return
-    for j, (label, bench) in enumerate(benches):
-        new = config.generation.max_new_tokens or bench.max_new_tokens
-        for n in getattr(bench.config, "lengths", []) or []:
-            if n + new > max_context:
-                errors.append((f"benchmarks[{j}].lengths",
-                               f"{label}: length {n} + {new} answer tokens exceeds the model's "
-                               f"context of {max_context} tokens"))
-    if errors:
-        lines = "\n".join(f"  {loc}: {msg}" for loc, msg in errors)
-        raise ConfigError(f"run config {config.name!r} is invalid:\n{lines}", errors)
-
-
 def run(config: RunConfig, run_dir: str | Path, options: RunOptions | None = None, *,
         loaded: Any = None, console: Any = None) -> RunResult:
     """Run every variant over every benchmark sample; returns the run's records and report."""
@@ -258,7 +241,6 @@ def run(config: RunConfig, run_dir: str | Path, options: RunOptions | None = Non
     labels = benchmark_labels([r.name for r in config.benchmarks],
                               [b.config.model_dump(mode="json") for b in built])
     benches = list(zip(labels, built, strict=True))
-    check_fit(config, benches, loaded.max_context, extends)
     _write_json(run_path / "config.json", config.model_dump(mode="json"))
 
     limit = options.limit or config.limit
@@ -272,6 +254,7 @@ def run(config: RunConfig, run_dir: str | Path, options: RunOptions | None = Non
         for s in samples:
             rnd = seen[s.length] = seen.get(s.length, -1) + 1
             work.append((rnd, s.length, bi, label, bench, s, sample_hash(s)))
+    check_samples(config, ((w[3], w[4], w[5]) for w in work), loaded.max_context, extends)
     # round-robin: one sample of every (benchmark, length) before the second of any, so a
     # run cut short by its time budget still covers every length for every config
     work.sort(key=lambda w: (w[0], w[1], w[2]))
@@ -285,7 +268,8 @@ def run(config: RunConfig, run_dir: str | Path, options: RunOptions | None = Non
     ]
     hosts = {v.label: Host(loaded, components[v.label]["attention"], components[v.label]["kv_policy"])
              for v in variants}
-    deadline = t_start + hopts.time_budget_s if hopts.time_budget_s else None
+    time_budget = options.time_budget_s if options.time_budget_s is not None else hopts.time_budget_s
+    deadline = t_start + time_budget if time_budget else None
     pending = 0
     console.print(f"{len(variants)} configs x {len(work)} samples: {len(todo)} to run, "
                   f"{len(variants) * len(work) - len(todo)} already recorded")
@@ -299,7 +283,7 @@ def run(config: RunConfig, run_dir: str | Path, options: RunOptions | None = Non
                 guess = max((w * sample.length / n for n, w in cost.items()), default=0.0)
                 if deadline is not None and time.perf_counter() + guess > deadline:
                     pending = len(todo) - i
-                    console.print(f"[yellow]time budget of {hopts.time_budget_s:.0f} s spent: "
+                    console.print(f"[yellow]time budget of {time_budget:g} s spent: "
                                   f"{pending} samples left; rerun the same command to finish[/yellow]")
                     break
                 t_sample = time.perf_counter()
@@ -339,7 +323,8 @@ def _measure(config: RunConfig, v: Any, label: str, bench: Any, sample: Any, sha
         "context_chars": len(sample.context), "time": time.time(),
     }
     try:
-        rec.update(run_sample(host, comp["prompt"], bench, sample, config.generation.max_new_tokens))
+        rec.update(run_sample(host, comp["prompt"], bench, sample, config.generation.max_new_tokens,
+                              budget=config.generation.prompt_budget))
         metrics = getattr(bench, "metrics", None)
         if metrics is not None:
             rec["metrics"] = metrics(sample, rec["prediction"])
