@@ -79,3 +79,25 @@ def test_loading_plugins_does_not_import_the_package():
             "print(info.module, info.error, 'apportion_attention' in sys.modules, 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["apportion_attention_plugin", "None", "False", "False"], out
+
+
+def test_the_host_restores_the_registered_function(smollm2):
+    # the host installs its own instance under the same name for a generation, then puts
+    # back the one `import apportion_attention` registered for plain transformers
+    from apportion.host import Host
+    from apportion_attention import hf
+    from apportion_attention.squeezed import Squeezed
+    from transformers import AttentionInterface
+
+    seen = []
+
+    class Watch(Squeezed):
+        def _attend(self, module, *args, **kwargs):
+            seen.append(AttentionInterface._global_mapping["apportion-squeezed"])
+            return super()._attend(module, *args, **kwargs)
+
+    watch = Watch()
+    Host(smollm2, watch).generate("Say hello.", max_new_tokens=2)
+    assert seen and seen[0] == watch.attention_function()
+    restored = AttentionInterface._global_mapping["apportion-squeezed"]
+    assert restored == hf.BACKENDS["apportion-squeezed"].attention_function() != seen[0]

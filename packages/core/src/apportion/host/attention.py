@@ -5,8 +5,9 @@ A backend that computes attention differently returns a function from
 ``fn(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs) ->
 (output, weights)``. :meth:`AttentionBackend.installed` registers it in
 ``AttentionInterface`` (and a mask builder in ``AttentionMaskInterface``) under
-``"apportion-<name>"`` and switches the model to it for the ``with`` block, so the same
-function also works as ``attn_implementation="apportion-<name>"`` in plain transformers.
+``"apportion-<name>"`` and switches the model to it for the ``with`` block (restoring on exit
+what was registered under that name before), so the same function also works as
+``attn_implementation="apportion-<name>"`` in plain transformers.
 
 A backend that changes *how the prompt is read* (chunked reading, retrieval) overrides
 :meth:`prefill`; ``inner`` is the KV policy's prefill, so backends and policies compose.
@@ -31,6 +32,18 @@ def register_attention(name: str, fn: Callable[..., Any], mask_fn: Callable[...,
     return name
 
 
+def registered_attention(name: str) -> tuple[Callable[..., Any], Callable[..., Any] | None] | None:
+    """The (attention, mask) functions registered as ``name``, or ``None`` if there are none."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    functions: dict[str, Any] = AttentionInterface._global_mapping
+    masks: dict[str, Any] = AttentionMaskInterface._global_mapping
+    if name not in functions:
+        return None
+    return functions[name], masks.get(name)
+
+
 class AttentionBackend(Component):
     """``dense``: transformers' SDPA attention, unchanged."""
 
@@ -52,9 +65,14 @@ class AttentionBackend(Component):
 
     @contextmanager
     def installed(self, model: Any) -> Iterator[None]:
+        """Switch ``model`` to this backend's function for the ``with`` block. A function that
+        was registered under the same name before (e.g. by ``import apportion_attention``, for
+        plain transformers) is registered again on exit; a new name stays registered."""
         fn = self.attention_function()
         key = "sdpa"
+        before = None
         if fn is not None:
+            before = registered_attention(f"apportion-{self.name}")
             key = register_attention(f"apportion-{self.name}", fn, self.mask_function())
         previous = model.config._attn_implementation
         if previous != key:
@@ -64,6 +82,8 @@ class AttentionBackend(Component):
         finally:
             if previous != key:
                 model.set_attn_implementation(previous)
+            if before is not None:
+                register_attention(key, *before)
 
     def prefill(
         self,
