@@ -5,8 +5,9 @@ One attention call of one SmolLM2 layer (9 query heads, 3 KV heads, head_dim 64)
 token over ``n`` cached keys: the context (``n - 32`` keys) plus 32 question/generated keys.
 Keys are synthetic but clustered like real keys (a mixture of Gaussians; the queries point
 at a few of the clusters); the index is built offline (not timed) exactly as the backend
-builds it, and the timed call is the backend's own decode path (centroid scoring, mask,
-compaction, sparse attention). Every figure is a ratio to dense measured alternately in the
+builds it, and the timed call is the backend's own decode path (centroid scoring, the kept
+clusters' key lists gathered from the index, sparse attention over them and the keys after
+the context). Every figure is a ratio to dense measured alternately in the
 same loop (minimum, and median, of ``--repeats``, cycling through 8 queries that were not used to
 calibrate). The selected fraction (mean over the timed calls) and the output's largest
 relative error against dense are reported beside each speed-up.

@@ -129,3 +129,27 @@ def test_dispatch():
     assert dispatch("auto", "cpu") is triton_kernels  # TRITON_INTERPRET=1 is set in this module
     with pytest.raises(ValueError, match="kernels must be"):
         dispatch("cuda", "cpu")
+
+
+def test_ragged_lists_equal_the_padded_reference():
+    g = torch.Generator().manual_seed(5)
+    rows, G, n, d, tail = 4, 3, 120, 16, 7
+    q, k, v = (torch.randn(rows, G, d, generator=g), torch.randn(rows, n, d, generator=g),
+               torch.randn(rows, n, d, generator=g))
+    mask = torch.rand(rows, n - tail, generator=g) < 0.3
+    mask[1] = False  # only the tail
+    parts = [mask[r].nonzero().flatten()[torch.randperm(int(mask[r].sum()), generator=g)] for r in range(rows)]
+    pos, counts = torch.cat(parts), [p.numel() for p in parts]  # any order within a row
+    full = torch.cat([mask, torch.ones(rows, tail, dtype=torch.bool)], dim=1)
+    ref_o, ref_l = reference.sparse_decode(q, k, v, *reference.compact(full), scale=0.3)
+    out, lse = reference.sparse_decode_lists(q, k, v, pos, counts, scale=0.3, tail_start=n - tail)
+    assert torch.allclose(out, ref_o, atol=1e-5) and torch.allclose(lse, ref_l, atol=1e-5)
+    out, lse = reference.sparse_decode_lists(q, k, v, pos, counts, scale=0.3)  # no tail
+    ref_o, ref_l = reference.sparse_decode(q, k, v, *reference.compact(torch.cat(
+        [mask, torch.zeros(rows, tail, dtype=torch.bool)], dim=1)), scale=0.3)
+    assert torch.allclose(out, ref_o, atol=1e-5) and torch.allclose(lse, ref_l, atol=1e-5)
+    assert bool((out[1] == 0).all()) and bool(torch.isinf(lse[1]).all())
+    with pytest.raises(ValueError, match="counts"):
+        reference.sparse_decode_lists(q, k, v, pos, counts[:-1])
+    with pytest.raises(IndexError, match="outside"):
+        reference.sparse_decode_lists(q, k, v, pos, counts, tail_start=5)

@@ -154,3 +154,68 @@ def test_index_calibrates_to_the_budget():
         build_layer_index(keys, calib[0], budget=0.1, scale=0.25)
     with pytest.raises(ValueError, match="budget"):
         build_layer_index(keys, calib, budget=1.5, scale=0.25)
+
+
+def _decode_case(n_ctx=700, tail=9, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.randn(3, 24, 32, generator=g) * 2
+    keys = centers.gather(1, torch.randint(0, 24, (3, n_ctx + tail, 1), generator=g).expand(-1, -1, 32))
+    keys = keys + torch.randn(3, n_ctx + tail, 32, generator=g)
+    values = torch.randn(3, n_ctx + tail, 32, generator=g)
+    calib = centers[:, None, :6] + 0.3 * torch.randn(3, 2, 6, 32, generator=g)
+    valid = torch.ones(3, n_ctx, dtype=torch.bool)
+    valid[1, :40] = False  # padding keys are in no cluster
+    index = build_layer_index(keys[:, :n_ctx], calib, budget=0.1, scale=0.2, valid=valid, cluster_size=8)
+    queries = centers[:, None, 6:10].permute(2, 0, 1, 3) + 0.3 * torch.randn(4, 3, 2, 32, generator=g)
+    return index, keys, values, queries  # queries: (4, rows, G, d)
+
+
+def test_cluster_positions_are_the_mask_selection():
+    from apportion_attention.kernels import reference
+
+    index, _, _, queries = _decode_case()
+    order, starts = index.by_cluster()
+    assert starts[:, -1].tolist() == [700, 660, 700]  # valid keys per row
+    for q in queries:
+        mask = index.select_one(q, 0.2, reference)
+        pos, counts = index.select_positions(q, 0.2, reference)
+        assert counts == mask.sum(-1).tolist() and sum(counts) > 0
+        for r, part in enumerate(pos.split(counts)):
+            assert part.sort().values.tolist() == mask[r].nonzero().flatten().tolist()
+    built = index.order.clone()
+    index.order = index.starts = None  # an index made without the lists gets them on first use
+    assert torch.equal(index.by_cluster()[0], built)
+
+
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_torch_decode_path_equals_the_masked_compaction_path(with_mask):
+    """The CPU decode path (cluster lists, tail read in place) against the generic one
+    (mask, compaction, padded index lists): same keys, same attention, same counts."""
+    from apportion_attention.kernels import reference
+
+    index, keys, values, queries = _decode_case()
+    n = keys.shape[1]
+    mask = None
+    if with_mask:  # an all-visible 4D mask keeps the fast path; one hidden key leaves it
+        mask = torch.ones(1, 1, 1, n, dtype=torch.bool)
+    for q in queries:
+        fast = Squeezed(SqueezedConfig(kernels="torch"))
+        out, _ = fast._decode(index, q.reshape(1, 6, 1, 32), keys[None], values[None], mask, 0.2)
+        sel = index.select_one(q, 0.2, reference)
+        keep = torch.cat([sel, torch.ones(3, n - index.n_ctx, dtype=torch.bool)], dim=1)
+        idx, cnt = reference.compact(keep)
+        ref, _ = reference.sparse_decode(q, keys, values, idx, cnt, scale=0.2)
+        assert torch.allclose(out.reshape(3, 2, 32), ref, atol=1e-5)
+        assert fast.stats["selected_keys"] == int(sel.sum())
+    if with_mask:
+        hidden = mask.clone()
+        hidden[..., n - 1] = False
+        q = queries[0]
+        out, _ = Squeezed(SqueezedConfig(kernels="torch"))._decode(index, q.reshape(1, 6, 1, 32), keys[None],
+                                                                   values[None], hidden, 0.2)
+        sel = index.select_one(q, 0.2, reference)
+        keep = torch.cat([sel, torch.ones(3, n - index.n_ctx, dtype=torch.bool)], dim=1)
+        keep[:, -1] = False
+        idx, cnt = reference.compact(keep)
+        ref, _ = reference.sparse_decode(q, keys, values, idx, cnt, scale=0.2)
+        assert torch.allclose(out.reshape(3, 2, 32), ref, atol=1e-5)

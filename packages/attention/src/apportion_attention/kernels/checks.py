@@ -62,3 +62,15 @@ def check_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.T
     devices = {t.device for t in (q, k, v, idx, counts)}
     if len(devices) != 1:
         raise ValueError(f"q, k, v, idx, counts must be on one device, got {sorted(map(str, devices))}")
+
+
+def check_lists(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, counts: list[int]) -> None:
+    """:func:`check_decode` for ragged position lists (``counts`` a host-side list)."""
+    check_rows("q", q, 3)
+    check_rows("positions", positions, 1)
+    rows = q.shape[0]
+    if len(counts) != rows or sum(counts) != positions.numel() or min(counts, default=0) < 0:
+        raise ValueError(f"counts must be {rows} non-negative entries summing to positions' "
+                         f"{positions.numel()}, got {len(counts)} summing to {sum(counts)}")
+    check_decode(q, k, v, positions.view(1, -1).expand(rows, -1), torch.zeros(rows, dtype=positions.dtype,
+                                                                              device=positions.device))

@@ -3,6 +3,8 @@
 These are the definitions the Triton kernels are tested against, and what the ``squeezed``
 backend runs on a CPU. They compute in float32 and return float32 (``sparse_decode``
 returns ``q``'s dtype for the output, float32 for the log-sum-exp).
+:func:`sparse_decode_lists` (torch only) is ``sparse_decode`` over ragged per-row lists, which
+``sparse_decode`` itself runs on and the CPU decode path calls directly.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import math
 
 import torch
 
-from apportion_attention.kernels.checks import check_decode, check_mask, check_scores
+from apportion_attention.kernels.checks import check_decode, check_lists, check_mask, check_scores
 
 
 def centroid_scores(
@@ -66,21 +68,55 @@ def sparse_decode(
     out 0 and lse -inf (it merges as absent, like :func:`apportion.host.lse.partial_attention`).
     """
     check_decode(q, k, v, idx, counts)
-    rows, n, d = k.shape
-    scale = 1.0 / math.sqrt(d) if scale is None else scale
-    width = idx.shape[1]
-    valid = torch.arange(width, device=idx.device)[None, :] < counts[:, None]
-    safe = torch.where(valid, idx.long(), torch.zeros_like(idx, dtype=torch.long))
-    if bool(((safe < 0) | (safe >= n)).any()):
+    n = k.shape[1]
+    valid = torch.arange(idx.shape[1], device=idx.device)[None, :] < counts[:, None]
+    positions = idx[valid].long()  # row 0's entries, then row 1's, ...
+    if positions.numel() and bool(((positions < 0) | (positions >= n)).any()):
         raise IndexError(f"idx holds positions outside [0, {n})")
-    flat = (safe + torch.arange(rows, device=idx.device)[:, None] * n).reshape(-1)
-    kg = k.reshape(rows * n, d).index_select(0, flat).view(rows, width, d)
-    vg = v.reshape(rows * n, d).index_select(0, flat).view(rows, width, d)
-    s = torch.bmm(q.float(), kg.float().transpose(1, 2)) * scale
-    s = s.masked_fill(~valid[:, None, :], float("-inf"))
-    lse = torch.logsumexp(s, dim=-1)
-    finite = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
-    p = torch.exp(s - finite.unsqueeze(-1))
-    out = torch.bmm(p, vg.float())
-    return out.to(q.dtype), lse
+    return sparse_decode_lists(q, k, v, positions, valid.sum(-1).tolist(), scale=scale)
 
+
+def sparse_decode_lists(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    counts: list[int],
+    *,
+    scale: float | None = None,
+    tail_start: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`sparse_decode` over ragged lists: row ``r`` attends to the ``counts[r]`` key
+    positions that follow row ``r - 1``'s in ``positions`` (int, distinct, in any order),
+    plus, with ``tail_start``, to every key from ``tail_start`` on (read in place).
+
+    This is what the CPU decode path runs: each row gathers only its own selection (no
+    padding to the longest row) and the keys after the context are not gathered at all.
+    Returns (out (rows, G, d) in q's dtype, lse (rows, G) float32), as :func:`sparse_decode`.
+    """
+    check_lists(q, k, v, positions, counts)
+    rows, G, d = q.shape
+    n = k.shape[1]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    if tail_start is not None and not 0 <= tail_start <= n:
+        raise ValueError(f"tail_start must be in [0, {n}], got {tail_start}")
+    if positions.numel():
+        lo, hi = torch.aminmax(positions)
+        if int(lo) < 0 or int(hi) >= (n if tail_start is None else tail_start):
+            raise IndexError(f"positions outside [0, {n if tail_start is None else tail_start})")
+    out = torch.empty(rows, G, d, dtype=q.dtype, device=q.device)
+    lse = torch.empty(rows, G, dtype=torch.float32, device=q.device)
+    tail = None if tail_start is None or tail_start == n else torch.arange(tail_start, n, device=q.device)
+    for r, part in enumerate(positions.split(counts)):
+        ids = part if tail is None else torch.cat([part.to(tail.dtype), tail])
+        kr, vr = k[r].index_select(0, ids).float(), v[r].index_select(0, ids).float()
+        s = torch.mm(q[r].float(), kr.t()).mul_(scale)  # (G, selected)
+        if s.shape[1] == 0:  # nothing selected: out 0, lse -inf
+            out[r], lse[r] = 0.0, float("-inf")
+            continue
+        m = s.amax(dim=-1, keepdim=True)  # one exp pass: p = exp(s - max), normalised after p @ v
+        p = s.sub_(m).exp_()
+        total = p.sum(dim=-1, keepdim=True)
+        out[r] = torch.mm(p, vr).div_(total)
+        lse[r] = (m + total.log()).squeeze(-1)
+    return out, lse

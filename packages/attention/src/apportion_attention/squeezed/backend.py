@@ -11,7 +11,9 @@ How it runs inside a forward pass (one transformers attention call per layer):
 - A later call on the same cache (decode, or a further question chunk) attends to the
   selected context keys plus every key after the context. Decode (one query) runs the
   kernels: centroid scoring, index compaction, sparse split-K decode (Triton on CUDA, the
-  torch path on CPU: see :mod:`apportion_attention.kernels`).
+  torch path on CPU: see :mod:`apportion_attention.kernels`). The torch path compacts by
+  cluster (:meth:`.index.LayerIndex.select_positions`: the kept clusters' precomputed key
+  lists, no pass over every key) and reads the keys after the context in place.
 - A cache changed behind the index (a KV policy evicted entries) is detected by length and
   that layer falls back to dense attention, with a logged reason.
 
@@ -211,21 +213,28 @@ class Squeezed(AttentionBackend):
         return out.transpose(1, 2).contiguous(), None
 
     def _decode(self, index: LayerIndex, query, key, value, attention_mask, scale):
-        from apportion_attention.kernels import dispatch
+        from apportion_attention.kernels import dispatch, reference
 
         kern = dispatch(self.config.kernels, query.device.type)
         B, H, _, d = query.shape
         Hkv, N = key.shape[1], key.shape[2]
         G, rows = H // Hkv, B * Hkv
         q = query.reshape(rows, G, d)
+        base = _bool_mask(attention_mask, 1, N)
+        k, v = key.reshape(rows, N, d), value.reshape(rows, N, d)
+        if kern is reference and (base is None or bool(base.all())):
+            # torch path: whole clusters' key lists, and the keys after the context in place
+            pos, counts = index.select_positions(q, scale, kern)
+            self._count(sum(counts), rows * index.n_ctx)
+            out, _ = kern.sparse_decode_lists(q, k, v, pos, counts, scale=scale, tail_start=index.n_ctx)
+            return out.view(B, H, 1, d).transpose(1, 2).contiguous(), None
         ctx = index.select_one(q, scale, kern)  # (rows, n_ctx)
         self._count(ctx.sum(), ctx.numel())
         keep = torch.cat([ctx, torch.ones(rows, N - index.n_ctx, dtype=torch.bool, device=ctx.device)], dim=1)
-        base = _bool_mask(attention_mask, 1, N)
         if base is not None:  # padding columns of each batch row
             keep = keep & base[:, 0, 0, :].unsqueeze(1).expand(B, Hkv, N).reshape(rows, N)
-        idx, counts = kern.compact(keep)
-        out, _ = kern.sparse_decode(q, key.reshape(rows, N, d), value.reshape(rows, N, d), idx, counts, scale=scale)
+        idx, counts_t = kern.compact(keep)
+        out, _ = kern.sparse_decode(q, k, v, idx, counts_t, scale=scale)
         return out.view(B, H, 1, d).transpose(1, 2).contiguous(), None
 
     def _count(self, selected: torch.Tensor, total: int) -> None:

@@ -16,7 +16,7 @@ is calibrated the same way to keep ``coarse_keep x budget`` of the keys (it only
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -33,6 +33,11 @@ class LayerIndex:
     ``coarse_c``/``coarse_bias`` likewise (rows, K1). ``t_fine``/``t_coarse`` (rows,) are
     log-mass thresholds (+inf selects nothing). ``last_n`` is the cache length seen at the
     last call, so a cache changed behind the index's back is detected.
+
+    ``order``/``starts`` (built with the index, else on first use by :meth:`by_cluster`): the
+    valid key positions of each row grouped by fine cluster, ascending within a cluster, as
+    (rows, n_ctx) int64 (padding keys at the end), and where each cluster's run begins
+    (rows, K2 + 1), so that a decode step selects whole clusters without a pass over every key.
     """
 
     n_ctx: int
@@ -45,10 +50,23 @@ class LayerIndex:
     t_fine: torch.Tensor
     t_coarse: torch.Tensor
     last_n: int = 0
+    order: torch.Tensor | None = field(default=None, repr=False)
+    starts: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def rows(self) -> int:
         return self.assign.shape[0]
+
+    def by_cluster(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(order, starts)``: key positions grouped by fine cluster (see the class doc)."""
+        if self.order is None or self.starts is None:
+            k2 = self.fine_c.shape[1]
+            a = torch.where(self.assign >= 0, self.assign, k2)  # padding sorts last, in no cluster
+            self.order = torch.argsort(a, dim=-1, stable=True)
+            sizes = torch.zeros(self.rows, k2 + 1, dtype=torch.long, device=a.device)
+            sizes.scatter_add_(1, a, torch.ones_like(a))
+            self.starts = torch.cat([torch.zeros_like(sizes[:, :1]), sizes[:, :k2].cumsum(-1)], dim=-1)
+        return self.order, self.starts
 
     def select(self, q: torch.Tensor, scale: float, scores_fn=None) -> torch.Tensor:
         """Context-key selection for queries ``q`` (rows, G, Q, d) -> bool (rows, Q, n_ctx)."""
@@ -66,15 +84,40 @@ class LayerIndex:
         assign = self.assign.clamp(min=0)[:, None, :].expand(rows, Q, -1)
         return keep_f.gather(2, assign) & (self.assign >= 0)[:, None, :]
 
-    def select_one(self, q: torch.Tensor, scale: float, kernels) -> torch.Tensor:
-        """Decode fast path: ``q`` (rows, G, d) -> bool (rows, n_ctx), with the scoring kernel."""
+    def select_clusters(self, q: torch.Tensor, scale: float, kernels) -> torch.Tensor:
+        """The fine clusters one query group keeps: ``q`` (rows, G, d) -> bool (rows, K2)."""
         coarse = kernels.centroid_scores(q, self.coarse_c.to(q.dtype), self.coarse_bias, scale=scale)
         lse = torch.logsumexp(coarse, dim=-1)  # (rows, G)
         keep_c = (coarse - lse[..., None]).amax(1) >= self.t_coarse[:, None]
         bias = self.fine_bias.masked_fill(~keep_c.gather(1, self.parent), float("-inf"))
         fine = kernels.centroid_scores(q, self.fine_c.to(q.dtype), bias, scale=scale)
-        keep_f = (fine - lse[..., None]).amax(1) >= self.t_fine[:, None]
+        return (fine - lse[..., None]).amax(1) >= self.t_fine[:, None]
+
+    def select_one(self, q: torch.Tensor, scale: float, kernels) -> torch.Tensor:
+        """Decode fast path: ``q`` (rows, G, d) -> bool (rows, n_ctx), with the scoring kernel."""
+        keep_f = self.select_clusters(q, scale, kernels)
         return keep_f.gather(1, self.assign.clamp(min=0)) & (self.assign >= 0)
+
+    def select_positions(self, q: torch.Tensor, scale: float, kernels) -> tuple[torch.Tensor, list[int]]:
+        """The same selection as :meth:`select_one`, as position lists built cluster by cluster.
+
+        Returns ``(positions, counts)``: ``positions`` int64, row 0's selected context
+        positions then row 1's, ...; each row's grouped by cluster (ascending within a
+        cluster), ``counts[r]`` of them. Its cost follows the selected keys, not ``n_ctx``.
+        """
+        keep_f = self.select_clusters(q, scale, kernels)
+        order, starts = self.by_cluster()
+        rows, n_ctx = order.shape
+        r, c = keep_f.nonzero(as_tuple=True)  # row-major: row 0's clusters first
+        first = starts[r, c]
+        sizes = starts[r, c + 1] - first
+        counts = torch.zeros(rows, dtype=torch.long, device=q.device).index_add_(0, r, sizes).tolist()
+        total = sum(counts)
+        # entry j of kept run s is order.flat[r_s * n_ctx + first_s + j], and it is output
+        # entry cum_s + j (cum_s: the runs before s): flat = output entry + (start - cum_s)
+        shift = torch.repeat_interleave(first + r * n_ctx - (sizes.cumsum(0) - sizes), sizes, output_size=total)
+        flat = shift.add_(torch.arange(total, device=q.device))
+        return order.reshape(-1).index_select(0, flat), counts
 
 
 def _log_sizes(counts: torch.Tensor) -> torch.Tensor:
@@ -100,8 +143,10 @@ def tail_only_index(rows: int, n_ctx: int, d: int, device: torch.device) -> Laye
     z = torch.zeros(rows, 1, d, device=device)
     zb = torch.zeros(rows, 1, device=device)
     inf = torch.full((rows,), float("inf"), device=device)
-    return LayerIndex(n_ctx, torch.zeros(rows, n_ctx, dtype=torch.long, device=device), z, zb,
-                      torch.zeros(rows, 1, dtype=torch.long, device=device), z.clone(), zb.clone(), inf, inf.clone())
+    index = LayerIndex(n_ctx, torch.zeros(rows, n_ctx, dtype=torch.long, device=device), z, zb,
+                       torch.zeros(rows, 1, dtype=torch.long, device=device), z.clone(), zb.clone(), inf, inf.clone())
+    index.by_cluster()
+    return index
 
 
 @torch.no_grad()
@@ -156,5 +201,7 @@ def build_layer_index(
     if budget >= 1.0:
         t_coarse = torch.full_like(t_coarse, float("-inf"))
         t_fine = torch.full_like(t_fine, float("-inf"))
-    return LayerIndex(n_ctx, fine.assign, fine.centroids, fine_bias, parent, coarse.centroids, coarse_bias,
-                      t_fine, t_coarse)
+    index = LayerIndex(n_ctx, fine.assign, fine.centroids, fine_bias, parent, coarse.centroids, coarse_bias,
+                       t_fine, t_coarse)
+    index.by_cluster()  # the per-cluster key lists decode selects from
+    return index
