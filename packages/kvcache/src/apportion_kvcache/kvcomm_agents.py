@@ -101,7 +101,7 @@ class Comparison:
     role: str
     round: int
     occurrences: int
-    reused: int
+    reused: float
     reused_tokens: int
     prompt_tokens: int
     prefill_s: float
@@ -159,8 +159,8 @@ def run_team(loaded: Any, policy: Any, tasks: list[Task], *, roles: list[str] | 
         messages: dict[str, str] = {}
         for rnd in (1, 2):
             if rnd == 2:
-                for role in roles:
-                    policy.share(messages[role], loaded.tokenizer)
+                for role in roles:  # written after reading the document: that is their base KV's context
+                    policy.share(messages[role], loaded.tokenizer, context=task.document)
             for role in roles:
                 prompt = round1_prompt(role, task) if rnd == 1 else round2_prompt(role, task, messages)
                 lf, full_text, full_s, n_tokens = _answer(ref, prompt, max_new_tokens)
