@@ -80,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--initial", type=int, default=4)
     ap.add_argument("--phases", type=int, default=2)
     ap.add_argument("--exploration", type=float, default=0.05)
+    ap.add_argument("--prior-variance", type=float, default=None, help="xrpo's v0 (default: its config's)")
+    ap.add_argument("--prior-strength", type=float, default=None, help="xrpo's m0 (default: its config's)")
     ap.add_argument("--seed", type=int, default=0)
     opts = ap.parse_args(argv)
 
@@ -90,7 +92,9 @@ def main(argv: list[str] | None = None) -> int:
         if name == "xrpo":
             r = run_xrpo(opts.rollouts, opts.batch, opts.budget_per_prompt, stream,
                          {"initial_rollouts": opts.initial, "phases": opts.phases,
-                          "exploration": opts.exploration, "max_rollouts_per_prompt": 32})
+                          "exploration": opts.exploration, "max_rollouts_per_prompt": 32,
+                          **({} if opts.prior_variance is None else {"prior_variance": opts.prior_variance}),
+                          **({} if opts.prior_strength is None else {"prior_strength": opts.prior_strength})})
         else:
             r = run_uniform(int(name.split("-")[1]), opts.rollouts, opts.batch, stream)
         r["informative_per_rollout"] = r["informative"] / r["rollouts"]

@@ -14,9 +14,9 @@ def test_half_width_by_hand():
     # rewards 1,0,1,0: sample var 1/3, t(0.975, 3) * sqrt(1/3 / 4)
     want = t.ppf(0.975, 3) * math.sqrt((1 / 3) / 4)
     assert s.half_width([1, 0, 1, 0]) == pytest.approx(want)
-    # with the prior (m0=1, v0=0.25): var = (1 + 0.25) / (3 + 1), df = 4
+    # with the prior (m0=1, v0=0.05): var = (1 + 0.05) / (3 + 1), df = 4
     p = XRPO()
-    assert p.half_width([1, 0, 1, 0]) == pytest.approx(t.ppf(0.975, 4) * math.sqrt(1.25 / 4 / 4))
+    assert p.half_width([1, 0, 1, 0]) == pytest.approx(t.ppf(0.975, 4) * math.sqrt(1.05 / 4 / 4))
     # an all-equal group is still uncertain under the prior, less than a mixed one
     assert 0 < p.half_width([1, 1, 1, 1]) < p.half_width([1, 0, 1, 0])
     assert p.half_width([]) == math.inf
@@ -35,6 +35,14 @@ def test_first_phase_then_uncertain_prompts_get_more():
     assert sum(last) == 16
     history = [h + [1] * c for h, c in zip(history, last, strict=True)]
     assert s.allocate_rollouts(4, 48, history) == [0, 0, 0, 0]
+
+
+def test_small_groups_are_not_allocated_uniformly():
+    # the real-run regime: 4 prompts, 2 initial rollouts each, a budget of 16
+    s = XRPO(XRPOConfig(initial_rollouts=2, phases=1))
+    extra = s.allocate_rollouts(4, 16, [[1, 0], [0, 1], [1, 1], [0, 0]])
+    assert sum(extra) == 8
+    assert min(extra[0], extra[1]) > max(extra[2], extra[3]) >= 1  # all-equal groups still get some
 
 
 def test_exploration_bonus_favours_little_sampled_prompts():

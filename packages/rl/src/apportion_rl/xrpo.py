@@ -42,7 +42,9 @@ class XRPOConfig(GRPOConfig):
     phases: int = Field(2, ge=1, description="allocation rounds after the first phase")
     max_rollouts_per_prompt: int = Field(32, ge=1, description="cap on one prompt's group")
     confidence: float = Field(0.95, gt=0, lt=1, description="level of the Student-t interval")
-    prior_variance: float = Field(0.25, ge=0, description="v0: reward variance assumed a priori")
+    # 0.25 (the Bernoulli maximum) swamped groups of 2-4: every prompt looked equally uncertain
+    # and the allocation came out uniform in a real TRL run (4 prompts x 2 initial, budget 16)
+    prior_variance: float = Field(0.05, ge=0, description="v0: reward variance assumed a priori")
     prior_strength: float = Field(1.0, ge=0, description="m0: pseudo-observations of v0")
     exploration: float = Field(0.05, ge=0, description="lambda: weight of the UCB bonus")
     novelty_coef: float = Field(0.5, ge=0, description="kappa: boost per std of likelihood deficit")
