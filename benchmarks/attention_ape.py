@@ -9,6 +9,7 @@ Per sample, in the same run: sequential encoding (dense, the whole prompt), plai
 encoding (APE with T = S = 1), and APE (defaults), cold (contexts encoded now) and warm
 (contexts found in the cache, as for a later query over the same documents).
 Quality = answer accuracy; speed = prefill seconds, as ratios against sequential.
+APE's default T and S were picked on --seed 1 (see ``APEConfig``); report --seed 0.
 
     uv run --no-sync python benchmarks/attention_ape.py --samples 8 --contexts 8
 """

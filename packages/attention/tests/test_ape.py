@@ -217,3 +217,13 @@ def test_default_temperature_and_scale_beat_plain_parallel_at_eight_contexts(smo
     lp_plain = sum(value_logprob(smollm2, plain, a) for a in asks)
     lp_ape = sum(value_logprob(smollm2, ape, a) for a in asks)
     assert lp_ape > lp_plain + 1.0, (lp_ape, lp_plain)
+
+
+def test_separator_patterns_do_not_reload_the_tokenizer_per_backend(smollm2, monkeypatch):
+    """A new backend's first (cold) prefill must not pay for loading the tokenizer again."""
+    import transformers
+
+    first = APE().separator_patterns(smollm2.model)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained",
+                        lambda *a, **k: pytest.fail("tokenizer loaded again"))
+    assert APE().separator_patterns(smollm2.model) == first

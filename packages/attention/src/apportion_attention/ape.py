@@ -39,6 +39,7 @@ in-process LRU (:class:`MemoryContextStore`).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import time
@@ -139,6 +140,21 @@ class APEState:
     stats: dict[str, Any] = field(default_factory=dict)
 
 
+@functools.lru_cache(maxsize=32)
+def _separator_patterns(model_name: str, separator: str) -> tuple[tuple[int, ...], ...]:
+    """The separator's token sequences for a model's tokenizer, the between-words form first
+    (it is the canonical separator a context ends with). Cached per process: loading the
+    tokenizer costs 0.2-0.5 s, which a per-instance cache charged to every new backend's
+    first (cold) prefill."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_name, local_files_only=True)
+    alone = tok.encode(separator, add_special_tokens=False)
+    a = tok.encode("a", add_special_tokens=False)
+    between = tok.encode(f"a{separator}b", add_special_tokens=False)[len(a):-1]
+    return tuple(p for p in dict.fromkeys([tuple(between), tuple(alone)]) if p)
+
+
 def _sdpa(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
           attention_mask: Any, **kwargs: Any) -> tuple[torch.Tensor, Any]:
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -156,7 +172,6 @@ class APE(AttentionBackend):
         super().__init__(config)
         self.state: APEState | None = None
         self.store = open_context_store(self.config)
-        self._separators: dict[str, list[list[int]]] = {}
 
     @contextmanager
     def installed(self, model: Any) -> Iterator[None]:
@@ -307,18 +322,7 @@ class APE(AttentionBackend):
     # ------------------------------------------------------------------ host integration
     def separator_patterns(self, model: Any) -> list[list[int]]:
         """Token sequences the separator becomes, alone and between words."""
-        key = str(getattr(model, "name_or_path", ""))
-        if key not in self._separators:
-            from transformers import AutoTokenizer
-
-            tok = AutoTokenizer.from_pretrained(key, local_files_only=True)
-            sep = self.config.separator
-            alone = tok.encode(sep, add_special_tokens=False)
-            a = tok.encode("a", add_special_tokens=False)
-            between = tok.encode(f"a{sep}b", add_special_tokens=False)[len(a):-1]
-            # the between-words form first: it is the canonical separator a context ends with
-            self._separators[key] = [p for p in dict.fromkeys([tuple(between), tuple(alone)]) if p]  # type: ignore[misc]
-        return [list(p) for p in self._separators[key]]
+        return [list(p) for p in _separator_patterns(str(getattr(model, "name_or_path", "")), self.config.separator)]
 
     @staticmethod
     def canonical(segment: list[int], patterns: list[list[int]]) -> list[int]:
