@@ -24,7 +24,7 @@ generated tokens, in the un-tempered part. The merge is the authors' released co
 Cost: encoding N contexts of length L independently makes attention ``N * L * (P + L)``
 instead of ``(P + N*L)^2 / 2``, but every context token still runs through every
 projection and MLP, so a *cold* prefill is only a little cheaper than sequential where the
-MLP dominates (short contexts, e.g. 8 x 190 tokens on a CPU: about 1.1x). The large
+MLP dominates (short contexts, e.g. 8 x 190 tokens on a CPU: 1.0-1.2x measured). The large
 speed-up is *warm*: contexts already in the store cost nothing and only the query is read.
 
 Prompt layout for the host: the contexts are the paragraphs (``separator``, default a blank
