@@ -91,14 +91,16 @@ def run_arm(arm: str, opts: argparse.Namespace, train, held_out) -> list[dict]:
         save_strategy="no", use_cpu=True, bf16=False, seed=opts.seed, temperature=1.0,
         disable_tqdm=True, shuffle_dataset=True, beta=0.0,
         gradient_checkpointing=False)  # LoRA on 135M params: memory is not the limit here
-    options = {"initial_rollouts": opts.initial, "phases": opts.phases} if arm == "xrpo" else {}
+    options = {"initial_rollouts": opts.initial, "phases": opts.phases} if arm.startswith("xrpo") else {}
+    if arm == "xrpo-alloc":  # ablation: the allocator alone, no seeding, no sharpening
+        options |= {"seed_exemplars": 0, "novelty_coef": 0.0}
     holder: list = []
     trainer = StrategyGRPOTrainer(
         loaded.model, exact_match_reward, args=args,
         train_dataset=Dataset.from_list([p.row() for p in train]), processing_class=tok,
         peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, task_type="CAUSAL_LM",
                                target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
-        strategy=arm, strategy_options=options, callbacks=[Eval()])
+        strategy=arm.split("-")[0], strategy_options=options, callbacks=[Eval()])
     holder.append(trainer)
     base = evaluate(trainer.model, tok, held_out, opts.max_new_tokens)
     row = {"arm": arm, "step": 0, "kind": "eval", "rollouts": 0, "held_out_reward": base,
@@ -146,6 +148,15 @@ def summarize(curves: dict[str, list[dict]], opts: argparse.Namespace) -> None:
     ratio = None if reached is None else reached / grpo_rollouts
     first_ratio = None if reached is None else reached / grpo_first
     base = curves["grpo"][0]["held_out_reward"]
+    ablation = {}
+    if curves.get("xrpo-alloc"):
+        abl = _mean_by_step(curves["xrpo-alloc"])
+        abl_sm = _smoothed(abl, w)
+        abl_reached = next((r for r, v in abl_sm if v >= target - 1e-9), None)
+        ablation = {"xrpo_alloc_curve": [[c["rollouts"], round(c["held_out_reward"], 4)] for c in abl],
+                    "xrpo_alloc_smoothed": [[r, round(v, 4)] for r, v in abl_sm],
+                    "xrpo_alloc_rollouts_to_grpo_final": abl_reached,
+                    "xrpo_alloc_rollout_ratio": None if abl_reached is None else abl_reached / grpo_rollouts}
     emit({
         "summary": True,
         "task": f"arithmetic levels {opts.levels}, exact match, {opts.held_out} held-out problems",
@@ -164,6 +175,7 @@ def summarize(curves: dict[str, list[dict]], opts: argparse.Namespace) -> None:
         "rollout_ratio_first_reach": first_ratio,
         "target_rollout_ratio_max": 0.7,
         "met": ratio is not None and ratio <= 0.7 and target > base,
+        **ablation,
         "note": "rollout_ratio: XRPO's rollouts to reach GRPO's final (smoothed) reward over GRPO's "
                 "total; rollout_ratio_first_reach: over the rollouts GRPO itself first needed to reach "
                 "it. met also requires GRPO to have improved over the base model",
@@ -186,21 +198,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--smooth", type=int, default=3,
                     help="trailing evaluations averaged when reading rewards off the curves")
-    ap.add_argument("--arm", choices=("both", "grpo", "xrpo"), default="both",
+    ap.add_argument("--arm", choices=("both", "grpo", "xrpo", "xrpo-alloc"), default="both",
                     help="run one arm only (run two processes in parallel, then --combine)")
     ap.add_argument("--combine", nargs="+", metavar="JSONL",
                     help="summarize the JSON lines of separately run arms")
     opts = ap.parse_args(argv)
 
     if opts.combine:
-        curves = {"grpo": [], "xrpo": []}
+        curves: dict[str, list[dict]] = {"grpo": [], "xrpo": [], "xrpo-alloc": []}
         for path in opts.combine:
             with open(path) as fh:
                 for line in fh:
                     if line.startswith('{"'):  # TRL prints its logs as dict reprs
                         row = json.loads(line)
                         if row.get("kind") == "eval":
-                            curves[row["arm"]].append(row)
+                            curves.setdefault(row["arm"], []).append(row)
         summarize(curves, opts)
         return 0
 
