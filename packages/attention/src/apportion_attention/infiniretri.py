@@ -40,7 +40,8 @@ class InfiniRetriConfig(ComponentConfig):
     chunk_tokens: int = Field(2048, ge=64, description="new context tokens read per pass")
     keep_tokens: int = Field(512, ge=0, description="token budget of the sentences carried to the next pass")
     head_tokens: int = Field(16, ge=0, description="prompt tokens (chat template head) kept in every pass")
-    score_layer: int | None = Field(None, description="layer whose attention scores tokens; None: the middle layer")
+    score_layer: int | None = Field(
+        None, description="layer whose attention scores tokens; None: three quarters of the way up")
     phrase_window: int = Field(5, ge=1, description="width of the average that turns token scores into phrase scores")
 
 
@@ -124,7 +125,9 @@ class InfiniRetri(AttentionBackend):
             raise ConfigError("infiniretri does not take padded prompts")
         c = self.config
         n_layers = model.config.num_hidden_layers
-        layer = n_layers // 2 if c.score_layer is None else c.score_layer
+        # Three quarters up, not the middle: on SmolLM2 (30 layers) at 16K, layer 22 kept the
+        # needle's sentence through every pass at depths 0.1 and 0.5; layers 5, 15 and 29 lost it.
+        layer = (3 * n_layers) // 4 if c.score_layer is None else c.score_layer
         if not -n_layers <= layer < n_layers:
             raise ConfigError(f"score_layer {layer} is outside the model's {n_layers} layers")
         layer %= n_layers
