@@ -9,6 +9,8 @@ the same prompts in the same run.
 
 On a 2-core CPU a 16K prompt takes many minutes per method; ``--lengths`` smaller than the
 trained window (e.g. 1024 2048) gives a quick in-window comparison only.
+``--hope-zero-threshold 1`` applies the paper's zeroing rule instead of the zero-shot default
+(16; see :mod:`apportion_attention.hope` for why the paper's rule collapses untrained).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 from apportion.baselines.niah import NeedleConfig, SingleNeedle
 from apportion.host import load_model
 from apportion.host.kv import cache_kwargs
-from apportion_attention.hope import HoPE
+from apportion_attention.hope import HoPE, HoPEConfig
 from apportion_attention.hope_scaling import DynamicNTK, RotaryPlugin, YaRN
 
 METHODS = {"rope": RotaryPlugin, "rope-ntk": DynamicNTK, "rope-yarn": YaRN, "hope": HoPE}
@@ -64,6 +66,8 @@ def main() -> None:
     ap.add_argument("--ppl-tokens", type=int, default=512)
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--hope-zero-threshold", type=float, default=None,
+                    help="HoPE zeroes frequencies with wavelength > this many windows (default: the plugin's)")
     args = ap.parse_args()
 
     loaded = load_model("smollm2")
@@ -79,7 +83,9 @@ def main() -> None:
         tail_ids = tok.encode(text[split:], add_special_tokens=False)
         for m in args.methods:
             t0 = time.perf_counter()
-            ppl, answer = run_one(loaded, METHODS[m](), context_ids, tail_ids, args.ppl_tokens, args.new_tokens)
+            plugin = (HoPE(HoPEConfig(zero_threshold=args.hope_zero_threshold))
+                      if m == "hope" and args.hope_zero_threshold is not None else METHODS[m]())
+            ppl, answer = run_one(loaded, plugin, context_ids, tail_ids, args.ppl_tokens, args.new_tokens)
             ok = s.answers[0] in answer.replace(",", "")
             slot = results[m].setdefault(s.length, {"ppl": [], "niah": []})
             slot["ppl"].append(ppl)
@@ -101,6 +107,8 @@ def main() -> None:
     print(json.dumps({
         "summary": True, "benchmark": "attention_hope", "window": window, "lengths": args.lengths,
         "samples": args.samples, "results": table,
+        "hope_config": (HoPEConfig() if args.hope_zero_threshold is None
+                        else HoPEConfig(zero_threshold=args.hope_zero_threshold)).model_dump(),
         "targets": {"hope_vs_rope_past_window": "ppl <= rope and niah >= rope at every length > window"},
         "met": {"hope_vs_rope_past_window": verdict},
         "note": None if past else "no length past the trained window was measured: the target is not assessed",

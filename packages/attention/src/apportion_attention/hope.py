@@ -13,11 +13,31 @@ seen every phase. HoPE therefore
    the factor is chosen from the length.
 
 Text adaptation (this module): text has one position axis, so the "temporal" allocation
-applies to it. A frequency is "lowest" when its wavelength ``2*pi/theta_i`` exceeds the
-trained window times ``zero_threshold`` (``zero_fraction`` sets the share directly instead).
+applies to it. A frequency is "lowest", and zeroed, when its wavelength ``2*pi/theta_i``
+exceeds ``zero_threshold`` trained windows (``zero_fraction`` sets the share directly instead).
 Dynamic scaling picks the largest ``gamma`` in ``scales`` that maps the sequence into the
 trained window (``gamma * length <= window``), else the smallest one; inside the window it
 is 1 (``dynamic_scaling=False`` keeps it 1 everywhere).
+
+Zero-shot caveat (why ``zero_threshold`` defaults to 16, not 1). The paper trains the model
+with its allocation; here HoPE is applied, untrained, to a RoPE-trained model. Zeroing a
+frequency removes the phase ``theta_i * distance`` the model learned to read, and that harms
+attention as soon as the phase is large inside the window. With the paper's plain rule
+(wavelength > one window, ``zero_threshold=1``) SmolLM2-135M (rope_theta 1e5, head_dim 64,
+window 8192) loses 12 of its 32 frequency pairs (pairs 20..31, i.e. head dims 20-31 and
+52-63 in HF's rotate-half layout), whose phases reach up to 6.1 rad within the window.
+Measured (niah haystack, perplexity of the last 512 context tokens, fp32 CPU):
+RoPE 28.93 / 24.93 / 13.61 / 21.33 at 1K / 2K / 4K / 8K tokens vs HoPE(zero_threshold=1)
+29.73 / 37.76 / 90.02 / 298.2 (no needle found at 4K and 8K) -- a collapse *inside* the
+trained window that is not a bug (the rotate-half pairing, decode positions and dtype match
+the model's own RoPE, and gamma is 1 in the window), but the cost of discarding learned
+phases. At 4K, zeroing 8 pairs (threshold 4, phases up to 1.46 rad in the window) still
+gives 19.29; 6 pairs (threshold 8, <= 0.71 rad) 13.66; 4 pairs (threshold 16, <= 0.35 rad)
+13.65; 2 pairs (threshold 32) 13.68. The default therefore zeroes only frequencies that
+turn by at most ``2*pi/16`` (0.39 rad) over the whole window -- for SmolLM2 pairs 28..31
+(head dims 28-31 and 60-63) -- which keeps in-window quality at RoPE's level; it is a
+smaller change than the paper's. Set ``zero_threshold=1`` for the paper's rule (meant for a
+model trained or fine-tuned with it).
 
 Selectable by name: ``attention.name = "hope"``; it installs its rotary embedding into the
 model for the duration of the run (:class:`~apportion_attention.hope_scaling.RotaryPlugin`).
@@ -36,8 +56,9 @@ from apportion_attention.hope_scaling import RotaryPlugin, head_dim, rope_base, 
 
 
 class HoPEConfig(ComponentConfig):
-    zero_threshold: float = Field(1.0, gt=0.0, description="zero frequencies whose wavelength exceeds "
-                                                            "this many trained windows")
+    zero_threshold: float = Field(16.0, gt=0.0, description="zero frequencies whose wavelength exceeds "
+                                                             "this many trained windows (1 = the paper's "
+                                                             "rule, which needs training: see the module)")
     zero_fraction: float | None = Field(None, ge=0.0, le=1.0, description="zero this share of the lowest "
                                                                           "frequencies instead")
     dynamic_scaling: bool = Field(True, description="scale positions past the trained window")
@@ -51,9 +72,13 @@ class HoPEConfig(ComponentConfig):
         return sorted(v)
 
 
-def hope_inv_freq(dim: int, base: float, window: int, *, zero_threshold: float = 1.0,
+def hope_inv_freq(dim: int, base: float, window: int, *, zero_threshold: float = 16.0,
                   zero_fraction: float | None = None) -> torch.Tensor:
-    """RoPE inverse frequencies with the lowest ones set to zero (HoPE's allocation)."""
+    """RoPE inverse frequencies with the lowest ones set to zero (HoPE's allocation).
+
+    Entry ``i`` rotates head dims ``i`` and ``i + dim/2`` (HF's rotate-half layout), so a zero
+    here makes both of those dims position-free.
+    """
     inv = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
     if zero_fraction is not None:
         n_zero = int(round(zero_fraction * inv.numel()))
