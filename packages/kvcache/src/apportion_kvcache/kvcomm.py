@@ -278,7 +278,7 @@ class AnchorPool:
         if header.get("format") != FORMAT:
             raise AnchorPoolFileError(f"{path}: format {header.get('format')!r}, expected {FORMAT!r}")
         if header.get("version") not in {str(v) for v in READABLE_VERSIONS}:
-            raise AnchorPoolFileError(f"{path}: version {header.get('version')}, this reader knows {FORMAT_VERSION}")
+            raise AnchorPoolFileError(f"{path}: version {header.get('version')}, this reader knows {', '.join(map(str, READABLE_VERSIONS))}")
         if _digest(tensors) != header.get("sha256"):
             raise AnchorPoolFileError(f"{path}: checksum mismatch (file damaged)")
         stored = header.get("fingerprint") or None
@@ -373,8 +373,7 @@ class KVCOMM(KVPolicy):
             raise ValueError("a shared segment must contain text")
         self._tokenizer = tokenizer
         ids = tokenizer.encode(text, add_special_tokens=False)
-        # a segment's first/last token may merge with its neighbours in a prompt: match the core
-        core = ids[1:-1] if len(ids) > 4 else ids
+        core = _core(ids)
         if len(core) < self.config.min_segment_tokens:
             raise ValueError(f"shared segment of {len(core)} tokens is shorter than min_segment_tokens="
                              f"{self.config.min_segment_tokens}")
@@ -384,8 +383,7 @@ class KVCOMM(KVPolicy):
         seg = SharedSegment(text, core, self.embed(text))
         if context is not None:
             ctx_ids = tokenizer.encode(context, add_special_tokens=False)
-            ctx_core = ctx_ids[1:-1] if len(ctx_ids) > 4 else ctx_ids
-            seg.context = next((s for s in self.segments if s.ids == ctx_core), ctx_ids)
+            seg.context = next((s for s in self.segments if s.ids == _core(ctx_ids)), ctx_ids)
             seg.full_ids = ids
         self.segments.append(seg)
         return seg
@@ -424,7 +422,7 @@ class KVCOMM(KVPolicy):
                 n0, run = p + len(ctx.ids), sep + full
             else:
                 n0, run = 0, tokenizer_ids + seg.context + sep + full
-            first = n0 + len(run) - len(full) + (1 if len(full) > 4 else 0)
+            first = n0 + len(run) - len(full) + (1 if len(_core(full)) < len(full) else 0)
         ids = torch.tensor([run], device=model.device)
         model(input_ids=ids, position_ids=torch.arange(n0, n0 + len(run), device=model.device)[None],
               use_cache=True, logits_to_keep=1, **cache_kwargs(model, cache))
@@ -605,16 +603,20 @@ class KVCOMM(KVPolicy):
         k = min(self.config.nearest_k, keys.shape[1])
         dk = torch.empty(layers, n, heads * d)
         dv = torch.empty_like(dk)
-        self.last_similarity = torch.empty(layers, n)
         for layer in range(layers):
             sim = query[layer] @ keys[layer].T  # (n, M)
             top, idx = sim.topk(k, dim=-1)
-            self.last_similarity[layer] = top[:, 0]
             w = torch.softmax(top / self.config.nearest_temperature + prior[idx], dim=-1)[..., None]
             dk[layer] = (dks[layer][idx] * w).sum(1)
             dv[layer] = (dvs[layer][idx] * w).sum(1)
         unflat = lambda t: t.reshape(layers, n, heads, d).permute(0, 2, 1, 3)  # noqa: E731
         return unflat(dk), unflat(dv)
+
+
+def _core(ids: list[int]) -> list[int]:
+    """The tokens a segment is matched by: without its first and last token (they may merge
+    with the neighbouring text in a prompt) when it has more than four."""
+    return ids[1:-1] if len(ids) > 4 else ids
 
 
 def _fit(delta: torch.Tensor, length: int) -> torch.Tensor:
