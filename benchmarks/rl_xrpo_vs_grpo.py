@@ -128,6 +128,15 @@ def _smoothed(curve: list[dict], window: int) -> list[tuple[int, float]]:
              / len(trained[max(0, i - window + 1):i + 1])) for i, c in enumerate(trained)]
 
 
+def _first_reach(smoothed: list[tuple[int, float]], reward: float) -> int | None:
+    """Rollouts at the first point of a smoothed curve at or above ``reward``."""
+    return next((r for r, v in smoothed if v >= reward - 1e-9), None)
+
+
+def _points(curve: list[dict]) -> list[list]:
+    return [[c["rollouts"], round(c["held_out_reward"], 4)] for c in curve]
+
+
 def summarize(curves: dict[str, list[dict]], opts: argparse.Namespace) -> None:
     """Held-out reward curves of both arms and the rollouts XRPO needed to reach GRPO's final
     reward. Single evaluations of a small held-out set are noisy, so the figures are read off
@@ -143,17 +152,17 @@ def summarize(curves: dict[str, list[dict]], opts: argparse.Namespace) -> None:
         raise SystemExit("no evaluation after training to summarize")
     target = sm["grpo"][-1][1]
     grpo_rollouts = sm["grpo"][-1][0]
-    reached = next((r for r, v in sm["xrpo"] if v >= target - 1e-9), None)
-    grpo_first = next(r for r, v in sm["grpo"] if v >= target - 1e-9)
+    reached = _first_reach(sm["xrpo"], target)
+    grpo_first = _first_reach(sm["grpo"], target)  # never None: GRPO's last point is the target
     ratio = None if reached is None else reached / grpo_rollouts
-    first_ratio = None if reached is None else reached / grpo_first
+    first_ratio = None if reached is None or not grpo_first else reached / grpo_first
     base = curves["grpo"][0]["held_out_reward"]
     ablation = {}
     if curves.get("xrpo-alloc"):
         abl = _mean_by_step(curves["xrpo-alloc"])
         abl_sm = _smoothed(abl, w)
-        abl_reached = next((r for r, v in abl_sm if v >= target - 1e-9), None)
-        ablation = {"xrpo_alloc_curve": [[c["rollouts"], round(c["held_out_reward"], 4)] for c in abl],
+        abl_reached = _first_reach(abl_sm, target)
+        ablation = {"xrpo_alloc_curve": _points(abl),
                     "xrpo_alloc_smoothed": [[r, round(v, 4)] for r, v in abl_sm],
                     "xrpo_alloc_rollouts_to_grpo_final": abl_reached,
                     "xrpo_alloc_rollout_ratio": None if abl_reached is None else abl_reached / grpo_rollouts}
@@ -163,8 +172,8 @@ def summarize(curves: dict[str, list[dict]], opts: argparse.Namespace) -> None:
         "runs_per_arm": max(c["runs"] for c in curves["grpo"]),
         "rollouts_per_step": opts.prompts_per_step * opts.group,
         "smooth_window_evals": w,
-        "grpo_curve": [[c["rollouts"], round(c["held_out_reward"], 4)] for c in curves["grpo"]],
-        "xrpo_curve": [[c["rollouts"], round(c["held_out_reward"], 4)] for c in curves["xrpo"]],
+        "grpo_curve": _points(curves["grpo"]),
+        "xrpo_curve": _points(curves["xrpo"]),
         "grpo_smoothed": [[r, round(v, 4)] for r, v in sm["grpo"]],
         "xrpo_smoothed": [[r, round(v, 4)] for r, v in sm["xrpo"]],
         "base_reward": base, "grpo_final_reward": round(target, 4), "grpo_rollouts": grpo_rollouts,
