@@ -116,6 +116,13 @@ def answer_tokens(sample: Any, bench: Any, max_new_tokens: int | None) -> int:
     return int(max_new_tokens or sample.max_new_tokens or bench.max_new_tokens)
 
 
+def _overflow(n: int, new: int, max_context: int, short: list[str]) -> str:
+    """What an overflowing length is told: the sum, why it counts, and the two ways out."""
+    return (f"the model's context of {max_context} tokens ({n + new} > {max_context}; variants {short} use "
+            f"attention that does not extend it): use lengths up to {max_context - new} or "
+            f"generation.max_new_tokens up to {max_context - n}")
+
+
 def _raise(config: RunConfig, errors: list[tuple[str, str]]) -> None:
     if errors:
         lines = "\n".join(f"  {loc}: {msg}" for loc, msg in errors)
@@ -156,10 +163,8 @@ def check_lengths(config: RunConfig, registry: Any, max_context: int, extends: d
                 errors.append(
                     (
                         f"benchmarks[{j}].lengths",
-                        f"{ref.name}: length {n} + {new} answer tokens exceeds the model's context of "
-                        f"{max_context} tokens ({n + new} > {max_context}; variants {short} use attention "
-                        f"that does not extend it): use lengths up to {max_context - new} or "
-                        f"generation.max_new_tokens up to {max_context - n}",
+                        f"{ref.name}: length {n} + {new} answer tokens exceeds "
+                        + _overflow(n, new, max_context, short),
                     )
                 )
     _raise(config, errors)
@@ -183,9 +188,7 @@ def check_samples(config: RunConfig, samples: Iterable[tuple[str, Any, Any]], ma
             worst[(label, n)] = max(worst.get((label, n), 0), new)
     errors = [
         (f"{label} length {n}",
-         f"samples of length {n} + up to {new} answer tokens exceed the model's context of {max_context} "
-         f"tokens ({n + new} > {max_context}; variants {short} use attention that does not extend it): "
-         f"use lengths up to {max_context - new} or generation.max_new_tokens up to {max_context - n}")
+         f"samples of length {n} + up to {new} answer tokens exceed " + _overflow(n, new, max_context, short))
         for (label, n), new in sorted(worst.items())
     ]
     _raise(config, errors)
