@@ -26,6 +26,37 @@ def test_prune_keeps_needle_removes_half(needle, tok):
     assert 0 < a["rerank_score"] <= 1
 
 
+def test_prune_second_hop_follows_the_bridge_entity(tok):
+    """A two-hop question names the company; the founder's city is in a document about the
+    founder. One round keeps only the company's sentences; the second round follows the
+    founder's name (a term of the kept sentence that the question lacks)."""
+    hop2 = [e for e in data.qa("test") if e.meta["hop"] == 2][:6]
+    one = two = 0
+    removed = []
+    for ex in hop2:
+        ctx = data.qa_context(ex)
+        for hops in (1, 2):
+            text, acc = Prune(PruneConfig(hops=hops)).prune(ex.query, ctx, tok)
+            found = ex.answer in text and ex.meta["bridge"] in text
+            one += found and hops == 1
+            two += found and hops == 2
+            if hops == 2:
+                assert len(acc["hops"]) == 1
+                removed.append(acc["removed_fraction"])
+    assert one == 0 and two >= 5
+    assert sum(removed) / len(removed) >= 0.5
+
+
+def test_prune_keeps_the_sentence_after_a_match(tok):
+    """"What does X make?" matches "X was founded ..."; the product is in the next sentence
+    ("The company makes ..."), kept as a same-paragraph neighbour."""
+    ex = next(e for e in data.qa("test") if e.query.startswith("What does"))
+    text, _ = Prune().prune(ex.query, data.qa_context(ex), tok)
+    assert ex.answer in text
+    text, _ = Prune(PruneConfig(neighbors=0, hops=1)).prune(ex.query, data.qa_context(ex), tok)
+    assert ex.answer not in text
+
+
 def test_prune_attention_scorer_finds_needle(needle, tok):
     p = Prune(PruneConfig(scorer="attention")).build(needle.question, context=needle.context, tokenizer=tok)
     assert needle.answers[0] in p.messages[-1]["content"]
@@ -72,6 +103,11 @@ def test_allocation_model_fit_predict_roundtrip(tmp_path):
         AllocationModel.load(path)
     with pytest.raises(BudgetError, match="no configuration fits"):
         model.best(10)
+    measured = [(1, 0, 1), (2, 2, 1), (4, 0, 1)]
+    assert model.best(10_000, among=measured) == (2, 2, 1)
+    assert model.best(100, among=measured) == (1, 0, 1)
+    with pytest.raises(ValueError, match="no candidate"):
+        model.best(10_000, among=[])
 
 
 def test_structurize_groups_and_orders(tok):

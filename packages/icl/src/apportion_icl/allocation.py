@@ -82,12 +82,16 @@ class AllocationModel:
             out = [c for c in out if c[2] == 1]
         return out
 
-    def best(self, budget: int, iterative: bool | None = None) -> tuple[int, int, int]:
+    def best(self, budget: float, iterative: bool | None = None,
+             among: Sequence[tuple[int, int, int]] | None = None) -> tuple[int, int, int]:
         """The (k, m, n) with the best predicted accuracy whose predicted tokens fit ``budget``
-        (ties: fewer tokens)."""
-        fits = [c for c in self.candidates(iterative) if self.tokens(*c) <= budget]
+        (ties: fewer tokens), among ``among`` if given, else the grid's product."""
+        options = [tuple(c) for c in among] if among is not None else self.candidates(iterative)
+        if not options:
+            raise ValueError("no candidate configurations to choose from")
+        fits = [c for c in options if self.tokens(*c) <= budget]
         if not fits:
-            cheapest = min(self.candidates(iterative), key=lambda c: self.tokens(*c))
+            cheapest = min(options, key=lambda c: self.tokens(*c))
             raise BudgetError(f"no configuration fits {budget} tokens; the cheapest, k,m,n={cheapest}, "
                               f"needs about {self.tokens(*cheapest):.0f}")
         return max(fits, key=lambda c: (round(self.accuracy(*c), 6), -self.tokens(*c)))

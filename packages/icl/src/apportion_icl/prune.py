@@ -28,7 +28,12 @@ class PruneConfig(StrategyConfig):
         None, ge=0.0, le=1.0,
         description="fixed cut on the normalised score; None = Otsu's per-context threshold")
     min_keep: int = Field(1, ge=0, description="always keep at least this many sentences")
-    neighbors: int = Field(0, ge=0, le=5, description="also keep this many sentences around each kept one")
+    neighbors: int = Field(1, ge=0, le=5, description="also keep this many sentences around each kept one, "
+                           "within its paragraph (a kept fact's subject is often named one sentence earlier)")
+    hops: int = Field(2, ge=1, le=4, description="selection rounds: each round after the first adds the sentences that "
+                      "best match the kept sentences' new terms (multi-hop questions: the bridge fact "
+                      "names what the next fact is about; IRCoT-style expansion)")
+    hop_width: int = Field(1, ge=1, description="sentences each expansion round adds (its best-scored ones)")
     attention_layers: list[int] = Field(
         [14, 17, 18, 20, 21, 22, 23], description="layers read by the attention scorer (the default: "
         "SmolLM2-135M's layers whose question-to-context attention finds a needle; pick per model)")
@@ -86,6 +91,31 @@ class Prune(ICLStrategy):
             out["attention"] = [float(att[a:b].mean()) if b > a else 0.0 for a, b in spans]
         return out
 
+    def _with_neighbors(self, keep: set[int], sentences: list[sent.Sentence]) -> set[int]:
+        n = self.config.neighbors
+        return {j for i in keep for j in range(i - n, i + n + 1)
+                if 0 <= j < len(sentences) and sentences[j].paragraph == sentences[i].paragraph}
+
+    def _hop(self, sentences: list[sent.Sentence], keep: set[int], seeds: list[int], query: str) -> set[int]:
+        """One expansion round: the ``hop_width`` sentences not yet kept that best match, by
+        BM25, the *bridge terms*: words of the ``seeds`` (the previous round's best sentences)
+        that the query does not contain (for "where does the founder of X live", the
+        founder's name). Sentence embeddings
+        rank by sentence shape here (every "X was founded by Y" looks alike), so the hop is
+        lexical."""
+        from rank_bm25 import BM25Okapi
+
+        from apportion_icl.retrieve import words
+
+        rest = [s for s in sentences if s.index not in keep]
+        asked = set(words(query))
+        bridge = sorted({w for i in seeds for w in words(sentences[i].text)} - asked - {"_"})
+        if not rest or not bridge:
+            return set()
+        scores = BM25Okapi([words(s.text) for s in rest]).get_scores(bridge)
+        order = sorted(range(len(rest)), key=lambda i: -scores[i])
+        return {rest[i].index for i in order[: self.config.hop_width] if scores[i] > 0}
+
     def prune(self, query: str, context: str, tokenizer: Any = None, budget_tokens: int | None = None
               ) -> tuple[str, dict[str, Any]]:
         """The pruned context and its accounting (usable without building a prompt)."""
@@ -103,10 +133,16 @@ class Prune(ICLStrategy):
         by_score = sorted(range(len(combined)), key=lambda i: -combined[i])
         for i in by_score[: self.config.min_keep]:
             keep.add(i)
-        for i in list(keep):
-            for j in range(i - self.config.neighbors, i + self.config.neighbors + 1):
-                if 0 <= j < len(sentences) and sentences[j].paragraph == sentences[i].paragraph:
-                    keep.add(j)
+        keep = self._with_neighbors(keep, sentences)
+        hops: list[list[int]] = []
+        seeds = by_score[: max(1, self.config.min_keep)]
+        for _ in range(self.config.hops - 1):
+            added = self._hop(sentences, keep, seeds, query)
+            hops.append(sorted(added))
+            if not added:
+                break
+            keep |= self._with_neighbors(added, sentences)
+            seeds = sorted(added)
         if budget_tokens is not None and tokenizer is not None:
             # tighten: keep the best sentences that fit the room left for the context
             from apportion_icl.strategy import Tokens
@@ -127,6 +163,7 @@ class Prune(ICLStrategy):
             "scorer": self.config.scorer,
             "threshold": round(cut, 4),
             "threshold_rule": "fixed" if self.config.threshold is not None else "otsu per context",
+            "hops": hops,
             "sentences_total": len(sentences),
             "sentences_kept": len(kept),
             "kept_sentences": [
