@@ -116,6 +116,109 @@ def classify(rng: random.Random) -> list[dict]:
     return out
 
 
+# Written in session 4 to give the DynaICL controller and its test more than ~45 queries each.
+# Added as new rows (ids continue after the first set; their own seed), so the first set and
+# the QA file are unchanged.
+SUBJECTS_2 = ["The breakfast buffet", "The yoga class", "The train journey", "This vacuum cleaner",
+              "The dentist visit", "The sushi bar", "The wedding band", "This mattress", "The boat trip",
+              "The bookshop", "The online course", "The bakery", "The campsite", "The headphones",
+              "The theatre show", "The gym", "The tailor", "The ski lesson", "This blender", "The bus tour"]
+POSITIVE_2 = ["was a pleasure", "was superb", "was so much better than I hoped", "is brilliant value",
+              "was calm, clean and lovely", "impressed the whole family", "was a joy",
+              "deserves five stars", "was excellent in every way", "made the trip memorable",
+              "works perfectly", "was charming and warm"]
+NEGATIVE_2 = ["was a disaster", "was terrible", "disappointed all of us", "stopped working within a week",
+              "was noisy, cramped and unpleasant", "is a rip-off", "was painfully slow",
+              "deserves zero stars", "was rude and careless", "spoiled our holiday",
+              "fell apart immediately", "was a total mess"]
+SUBTLE_POS_2 = ["I will definitely book again", "worth the trip", "I cannot wait to go back",
+                "honestly better than the reviews say"]
+SUBTLE_NEG_2 = ["I want those hours back", "not worth the trip", "I will be asking for my money back",
+                "honestly worse than the reviews say"]
+
+TOPICS_2 = {
+    "sports": ["{team} beat {team2} in a dramatic penalty shootout", "Marathon runner breaks course record",
+               "{team} sacks manager after fifth straight loss", "Tennis champion retires at thirty-four",
+               "Olympic swimmer wins third gold medal", "{team} fans celebrate promotion",
+               "Cyclist crashes out of mountain stage", "Boxer defends world title in {city}"],
+    "science": ["Scientists discover new species of {thing} in rainforest", "Spacecraft lands on {thing}",
+                "Study links sleep to memory in {thing} brains", "Quantum computer solves chemistry problem",
+                "Volcano eruption studied with drones", "Vaccine trial shows strong immune response",
+                "Astronomers detect signal from distant galaxy", "Climate model predicts wetter winters"],
+    "business": ["{company} profits fall as costs rise", "{company} chief executive steps down",
+                 "Stock markets slide on inflation fears", "{company} buys start-up for 3 billion",
+                 "Retail sales drop for second month", "{company} raises prices amid supply shortage",
+                 "Investors pull money from {company}", "Oil prices climb as output is cut"],
+    "food": ["The best {dish} in {city}, ranked", "Grandmother's {dish} recipe goes viral",
+             "Five mistakes people make with {dish}", "Vegan {dish} that even meat lovers enjoy",
+             "Food festival draws crowds for {dish}", "How to store fresh herbs for longer",
+             "A quick weeknight {dish} in twenty minutes", "Bakers share tips for flaky pastry"],
+}
+FILL_2 = {"team": ["Riverton United", "the Harbor Hawks", "North City", "the Valley Rovers", "Eastfield Athletic",
+                   "the Coastline Sharks"],
+          "team2": ["Millbrook", "the Iron Bears", "Southgate Town"],
+          "thing": ["frog", "asteroid", "mars", "octopus", "bee", "jellyfish"],
+          "company": ["Norvex", "Talbright", "Quillon Corp", "Ashgrove Bank", "Mercato Foods", "Pellwood Motors",
+                      "Stratus Air"],
+          "dish": ["sourdough", "ramen", "lemon tart", "paella", "dumplings", "curry", "lasagne", "pancakes",
+                   "risotto"],
+          "city": ["Lisbon", "Osaka", "Chicago", "Naples", "Melbourne"]}
+
+INTENTS_2 = {
+    "refund": ["I returned the shoes two weeks ago and still have not been paid back",
+               "Cancel order {n} and give me my money back", "The jacket does not fit, I would like a refund",
+               "I was charged for a subscription I cancelled", "Can I get reimbursed for the broken lamp?",
+               "Please credit my card for the missing items", "The refund for order {n} is not on my statement",
+               "I paid for express shipping but it came late, I want that fee back",
+               "Your app took payment twice for one ticket", "How long until my refund is processed?"],
+    "shipping": ["Has order {n} left the warehouse yet?", "The courier left my parcel at the wrong house",
+                 "Do you deliver to Canada?", "How much is next-day delivery?",
+                 "My package says delivered but I never got it", "Can I pick up order {n} from a store instead?",
+                 "The box arrived crushed, when is the replacement shipped?",
+                 "Please change the delivery date for order {n}", "Which carrier do you use for large items?",
+                 "Tracking has not updated for five days"],
+    "account": ["I cannot reset my password, the link has expired", "How do I turn on two-factor login?",
+                "Please update the phone number on my profile", "I want to merge my two accounts",
+                "My account was locked after too many attempts", "How do I unsubscribe from your emails?",
+                "I did not sign up but I get account emails", "Change my username please",
+                "Why can I not sign in with my Google login?", "Close my profile and erase my data"],
+}
+
+
+def classify_more(rng: random.Random, start: int, seen: set[str], per_task: int = 100) -> list[dict]:
+    rows = []
+    for i in range(per_task):
+        pos = i % 2 == 0
+        subj = rng.choice(SUBJECTS_2)
+        if i % 4 == 3:
+            text = f"{subj}? {rng.choice(SUBTLE_POS_2 if pos else SUBTLE_NEG_2)}."
+        else:
+            text = f"{subj} {rng.choice(POSITIVE_2 if pos else NEGATIVE_2)}."
+        rows.append({"task": "sentiment", "text": text, "label": "positive" if pos else "negative",
+                     "options": ["positive", "negative"]})
+    labels = list(TOPICS_2)
+    for i in range(per_task):
+        label = labels[i % 4]
+        text = rng.choice(TOPICS_2[label]).format(**{k: rng.choice(v) for k, v in FILL_2.items()})
+        rows.append({"task": "topic", "text": text, "label": label, "options": labels})
+    intents = list(INTENTS_2)
+    for i in range(per_task):
+        label = intents[i % 3]
+        text = rng.choice(INTENTS_2[label]).format(n=rng.randrange(10000, 99999))
+        rows.append({"task": "intent", "text": text, "label": label, "options": intents})
+    rng.shuffle(rows)
+    out = []
+    for r in rows:
+        if r["text"] in seen:
+            continue
+        seen.add(r["text"])
+        out.append(r)
+    for i, r in enumerate(out):
+        r["id"] = f"c{start + i:03d}"
+        r["split"] = "pool" if i % 3 == 0 else ("train" if i % 3 == 1 else "test")
+    return out
+
+
 def qa(rng: random.Random) -> list[dict]:
     people = rng.sample([f"{f} {s}" for f in FIRST for s in LAST], 24)
     companies = rng.sample([f"{a} {b}" for a in CO_A for b in CO_B], 24)
@@ -159,7 +262,9 @@ def qa(rng: random.Random) -> list[dict]:
 def main() -> None:
     rng = random.Random(0)
     OUT.mkdir(parents=True, exist_ok=True)
-    for name, rows in (("classify", classify(rng)), ("qa", qa(rng))):
+    first = classify(rng)
+    more = classify_more(random.Random(1), len(first), {r["text"] for r in first})
+    for name, rows in (("classify", first + more), ("qa", qa(rng))):
         path = OUT / f"{name}.jsonl"
         path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows), encoding="utf-8")
         print(path, len(rows))
