@@ -86,3 +86,40 @@ def test_reads_past_the_window_and_refuses_bad_setups(smollm2):
         Host(smollm2, LongHeads(LongHeadsConfig(chunk_size=2048, top_k=4, prefill_block=2048))).generate("Hi.", 1)
     with pytest.raises(ValueError, match="multiple"):
         LongHeadsConfig(chunk_size=100, prefill_block=150)
+
+
+def test_max_scoring_finds_a_single_matching_key(smollm2):
+    """One key that matches the query (a needle) lifts its chunk under ``chunk_score="max"``,
+    though that chunk's mean key loses to a chunk of uniformly lukewarm keys."""
+    d, c = 64, 16
+    inv = inv_freq_for(smollm2.model.config, d, torch.device("cpu"))
+    g = torch.Generator().manual_seed(1)
+    q = torch.nn.functional.normalize(torch.randn(d, generator=g), dim=0)
+    noise = 0.01 * torch.randn(4 * c, d, generator=g)
+    raw = noise.clone()
+    raw[c:2 * c] += 0.5 * q  # chunk 1: every key lukewarm
+    raw[2 * c:3 * c] -= 0.5 * q  # chunk 2: one needle among cold keys
+    raw[2 * c + 5] = 3.0 * q
+    n = raw.shape[0]
+    key = rotate(raw[None, None], torch.arange(n), inv)  # cached keys carry RoPE at their positions
+    q_raw = q.view(1, 1, d).expand(1, 3, d)  # three query heads share the one kv head
+    best = {}
+    for how in ("max", "mean"):
+        lh = LongHeads(LongHeadsConfig(chunk_size=c, top_k=1, prefill_block=c, chunk_score=how))
+        scores = lh._chunk_scores(0, q_raw, key, n, inv)
+        assert scores.shape == (1, 3, 4)
+        best[how] = int(scores[0, 0, 1:].argmax()) + 1
+    assert best == {"max": 2, "mean": 1}
+    lh = LongHeads(LongHeadsConfig(chunk_size=c, top_k=1, prefill_block=c))
+    # a partial last chunk is scored too, and the selection keeps chunk 0 in front
+    query = rotate(q.view(1, 1, 1, d).expand(1, 3, 1, d), torch.tensor([n + c]), inv)
+    chunks = lh._select(0, query, key, n + c, n - 3, inv)
+    assert chunks.tolist() == [[[0, 2]] * 3]
+
+
+def test_question_is_read_as_its_own_block():
+    lh = LongHeads(LongHeadsConfig(chunk_size=32, top_k=2, prefill_block=64))
+    assert lh.blocks(200, 10) == [(0, 64), (64, 128), (128, 190), (190, 200)]
+    assert lh.blocks(200, 0) == [(0, 64), (64, 128), (128, 192), (192, 200)]
+    assert lh.blocks(200, 65) == lh.blocks(200, 0)  # a question longer than a block: plain blocks
+    assert lh.blocks(10, 10) == [(0, 10)]

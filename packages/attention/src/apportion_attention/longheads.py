@@ -2,8 +2,9 @@
 prompt, so each head stays inside the trained window while the heads together cover it.
 
 No training. The cached keys are split into chunks of ``chunk_size`` tokens; a chunk is
-represented by the mean of its keys with RoPE removed. For a block of queries each *query
-head* ranks the chunks by ``q . rep`` (RoPE removed from the queries too) and attends to:
+scored against a query by its best key, ``max_j q . k_j`` with RoPE removed from both
+(``chunk_score="max"``; ``"mean"`` scores the chunk's mean key). For a block of queries each
+*query head* ranks the chunks by its RoPE-free mean query and attends to:
 the first chunk (always: attention sinks and the prompt head), its ``top_k`` best chunks,
 and the local window (the previous ``chunk_size`` tokens and the block itself, causal).
 Positions are remapped: the selected chunks sit back to back from position 0 in their
@@ -13,14 +14,15 @@ original order, followed by the local window, so no relative distance exceeds
 
 While the whole cache fits the window, attention is exactly dense. The host's prompt is fed
 in blocks of ``prefill_block`` tokens (the selection is made per block, from the block's
-mean query), so prompts far past the model's window are read with bounded memory.
+mean query; the question tail is its own block), so prompts far past the model's window are
+read with bounded memory. While generating, every new token selects afresh.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from apportion.config import ComponentConfig
@@ -36,6 +38,8 @@ class LongHeadsConfig(ComponentConfig):
     chunk_size: int = Field(256, ge=16, description="tokens per chunk")
     top_k: int = Field(6, ge=1, description="chunks each head selects besides the first chunk and the local window")
     prefill_block: int = Field(1024, ge=16, description="prompt tokens fed per forward pass while reading")
+    chunk_score: Literal["max", "mean"] = Field(
+        "max", description="how a chunk is scored against a query: its best key ('max') or its mean key ('mean')")
 
     @model_validator(mode="after")
     def _block(self) -> LongHeadsConfig:
@@ -57,7 +61,7 @@ class LongHeads(AttentionBackend):
 
     def __init__(self, config: LongHeadsConfig | None = None):
         super().__init__(config)
-        self._reps: dict[int, torch.Tensor] = {}  # layer -> (B, Hkv, chunks, d) RoPE-free means
+        self._raw: dict[int, torch.Tensor] = {}  # layer -> (B, Hkv, n, d) RoPE-free keys
         self._inv_freq: torch.Tensor | None = None
         #: chunks selected per (layer, head) at the last call: for inspection and tests
         self.last_selection: dict[int, torch.Tensor] = {}
@@ -76,39 +80,77 @@ class LongHeads(AttentionBackend):
         if limit and self.config.window() > limit:
             raise ConfigError(f"longheads window {(self.config.window())} (= (top_k + 2) * chunk_size + "
                               f"prefill_block) exceeds the model's {limit} positions")
-        self._reps.clear()
+        self._raw.clear()
         L = input_ids.shape[1]
         logits = None
-        block = self.config.prefill_block
-        for start in range(0, L, block):
-            ids = input_ids[:, start:start + block]
-            pos = torch.arange(start, start + ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
+        for start, end in self.blocks(L, question_len):
+            ids = input_ids[:, start:end]
+            pos = torch.arange(start, end, device=ids.device).expand(ids.shape[0], -1)
             out = model(input_ids=ids, position_ids=pos, use_cache=True, logits_to_keep=1, **cache_kwargs(model, cache))
             logits = out.logits[:, -1, :]
         nxt = torch.full((input_ids.shape[0],), L, dtype=torch.long, device=input_ids.device)
         return PrefillOutput(logits=logits, kv_mask=None, next_position=nxt)
 
+    def blocks(self, n: int, question_len: int) -> list[tuple[int, int]]:
+        """The ``[start, end)`` spans the prompt is read in: ``prefill_block`` tokens at a time,
+        except that a question tail (``0 < question_len <= prefill_block``) is read as its own
+        last span, so its chunk selection is made from the question's queries alone rather
+        than diluted by the context before it."""
+        block = self.config.prefill_block
+        q = question_len if 0 < question_len <= block and question_len < n else 0
+        spans = [(s, min(s + block, n - q)) for s in range(0, n - q, block)]
+        return spans + ([(n - q, n)] if q else [])
+
     # ------------------------------------------------------------------ attention
-    def _chunk_reps(self, layer: int, key: torch.Tensor, n_hist: int, inv_freq: torch.Tensor) -> torch.Tensor:
-        """RoPE-free mean key of each chunk of ``key[:, :, :n_hist]`` (B, Hkv, chunks, d);
-        complete chunks are computed once per layer and kept, a partial last one each call."""
-        c = self.config.chunk_size
-        full = n_hist // c
-        have = self._reps.get(layer)
+    def _raw_keys(self, layer: int, key: torch.Tensor, n: int, inv_freq: torch.Tensor) -> torch.Tensor:
+        """``key[:, :, :n]`` with RoPE removed (float32, (B, Hkv, n, d)); kept per layer and
+        extended as the cache grows, so each key is un-rotated once."""
+        have = self._raw.get(layer)
         n_have = 0 if have is None else have.shape[2]
-        if n_have > full:  # a shorter cache than before: a new prompt
+        if n_have > n:  # a shorter cache than before: a new prompt
             have, n_have = None, 0
-        if n_have < full:
-            seg = key[:, :, n_have * c: full * c]
-            raw = rotate(seg, -torch.arange(n_have * c, full * c, device=key.device), inv_freq).float()
-            new = raw.view(*raw.shape[:2], full - n_have, c, raw.shape[-1]).mean(3)
+        if n_have < n:
+            new = rotate(key[:, :, n_have:n], -torch.arange(n_have, n, device=key.device), inv_freq).float()
             have = new if have is None else torch.cat([have, new], dim=2)
-            self._reps[layer] = have
-        if n_hist % c == 0:
-            return have
-        seg = key[:, :, full * c: n_hist]
-        part = rotate(seg, -torch.arange(full * c, n_hist, device=key.device), inv_freq).float().mean(2, keepdim=True)
-        return part if have is None else torch.cat([have, part], dim=2)
+            self._raw[layer] = have
+        assert have is not None
+        return have[:, :, :n]
+
+    def _chunk_scores(self, layer: int, q_raw: torch.Tensor, key: torch.Tensor, n_hist: int,
+                      inv_freq: torch.Tensor) -> torch.Tensor:
+        """Score every chunk of ``key[:, :, :n_hist]`` for each query head: (B, H, chunks).
+
+        ``q_raw`` (B, H, d) is the RoPE-free query. ``chunk_score="max"``: a chunk scores its
+        best key, ``max_j q . k_j`` (RoPE removed from both), so one matching token (a needle)
+        lifts its chunk. ``"mean"``: ``q . mean_j k_j``, the chunk's mean key."""
+        c = self.config.chunk_size
+        raw = self._raw_keys(layer, key, n_hist, inv_freq)  # (B, Hkv, n_hist, d)
+        B, H, d = q_raw.shape
+        Hkv = raw.shape[1]
+        G = H // Hkv
+        qg = q_raw.view(B, Hkv, G, d)
+        n_chunks = -(-n_hist // c)
+        if self.config.chunk_score == "max":
+            tok = torch.einsum("bkgd,bknd->bkgn", qg, raw)  # (B, Hkv, G, n_hist)
+            pad = n_chunks * c - n_hist
+            if pad:
+                tok = torch.nn.functional.pad(tok, (0, pad), value=float("-inf"))
+            return tok.view(B, Hkv, G, n_chunks, c).amax(-1).reshape(B, H, n_chunks)
+        sums = torch.nn.functional.pad(raw, (0, 0, 0, n_chunks * c - n_hist)).view(B, Hkv, n_chunks, c, d).sum(3)
+        counts = torch.full((n_chunks,), float(c), device=raw.device)
+        counts[-1] = n_hist - (n_chunks - 1) * c
+        means = sums / counts[:, None]
+        return torch.einsum("bkgd,bkcd->bkgc", qg, means).reshape(B, H, n_chunks)
+
+    def _select(self, layer: int, query: torch.Tensor, key: torch.Tensor, P0: int, n_hist: int,
+                inv_freq: torch.Tensor) -> torch.Tensor:
+        """Chunks each query head reads, ascending, the first chunk always first: (B, H, S).
+        The query is the RoPE-free mean of the call's queries (one query while decoding, so
+        the selection is remade at every generated token)."""
+        q_raw = rotate(query, -torch.arange(P0, P0 + query.shape[2], device=query.device), inv_freq).float().mean(2)
+        scores = self._chunk_scores(layer, q_raw, key, n_hist, inv_freq)[:, :, 1:]
+        sel = scores.topk(min(self.config.top_k, scores.shape[-1]), dim=-1).indices + 1
+        return torch.cat([torch.zeros_like(sel[..., :1]), sel.sort(-1).values], dim=-1)
 
     def _attend(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -129,14 +171,7 @@ class LongHeads(AttentionBackend):
         inv_freq = self._inv_freq
         scale = scaling if scaling is not None else 1.0 / math.sqrt(d)
         G = H // Hkv
-        reps = self._chunk_reps(layer, key, n_hist, inv_freq)  # (B, Hkv, C, d)
-        n_chunks = reps.shape[2]
-        # -- each query head ranks the chunks after the first by its block's mean RoPE-free query
-        q_raw = rotate(query, -torch.arange(P0, N, device=query.device), inv_freq).float().mean(2)  # (B, H, d)
-        reps_h = reps.repeat_interleave(G, dim=1)  # (B, H, C, d)
-        scores = torch.einsum("bhd,bhcd->bhc", q_raw, reps_h)[:, :, 1:]
-        sel = scores.topk(min(k, n_chunks - 1), dim=-1).indices + 1
-        chunks = torch.cat([torch.zeros_like(sel[..., :1]), sel.sort(-1).values], dim=-1)  # (B, H, S)
+        chunks = self._select(layer, query, key, P0, n_hist, inv_freq)  # (B, H, S)
         self.last_selection[layer] = chunks
         S = chunks.shape[-1]
         # -- gather the chunks' keys/values per query head
