@@ -24,6 +24,11 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=1)
     ap.add_argument("--budget", type=float, default=0.1)
     ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--question-share", type=float, default=None,
+                    help="SqueezedConfig.question_share (default: the config's; 0 = per-step selection only)")
+    ap.add_argument("--question-reduce", choices=["sum", "max"], default=None, help="SqueezedConfig.question_reduce")
+    ap.add_argument("--question-before", type=int, default=None, help="SqueezedConfig.question_before")
+    ap.add_argument("--question-after", type=int, default=None, help="SqueezedConfig.question_after")
     args = ap.parse_args()
 
     from apportion.host import Host, load_model
@@ -35,11 +40,18 @@ def main() -> None:
     reg = get_registry()
     bench = reg.create("benchmark", "niah", {"lengths": args.lengths, "depths": args.depths, "samples": args.samples})
     strategy = reg.create("prompt-strategy", "zero-shot")
+    opts: dict[str, float | int | str] = {"budget": args.budget}
+    if args.question_share is not None:
+        opts["question_share"] = args.question_share
+    for name in ("question_reduce", "question_before", "question_after"):
+        if getattr(args, name) is not None:
+            opts[name] = getattr(args, name)
+    cfg = SqueezedConfig(**opts)  # type: ignore[arg-type]
     scores: dict[str, list[float]] = {"dense": [], "squeezed": []}
     fractions = []
     for s in bench.samples(loaded.tokenizer):
         prompt = strategy.build(s.question, context=s.context)
-        for name, backend in (("dense", AttentionBackend()), ("squeezed", Squeezed(SqueezedConfig(budget=args.budget)))):
+        for name, backend in (("dense", AttentionBackend()), ("squeezed", Squeezed(cfg.model_copy()))):
             t0 = time.perf_counter()
             out = Host(loaded, backend).generate(prompt, max_new_tokens=args.max_new_tokens)[0]
             score = bench.score(s, out.text)
@@ -54,6 +66,8 @@ def main() -> None:
     acc = {k: 100.0 * sum(v) / len(v) for k, v in scores.items() if v}
     diff = acc["dense"] - acc["squeezed"]
     print(json.dumps({"summary": True, "benchmark": "attention_niah_squeezed", "budget": args.budget,
+                      "question_share": cfg.question_share, "question_reduce": cfg.question_reduce, "question_before": cfg.question_before,
+                      "question_after": cfg.question_after,
                       "samples": len(scores["dense"]), "lengths": args.lengths,
                       "dense_accuracy": round(acc["dense"], 1), "squeezed_accuracy": round(acc["squeezed"], 1),
                       "points_below_dense": round(diff, 1), "target_max_points_below": TARGET_POINTS,

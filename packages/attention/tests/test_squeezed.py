@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 
 import pytest
 import torch
@@ -219,3 +220,74 @@ def test_torch_decode_path_equals_the_masked_compaction_path(with_mask):
         idx, cnt = reference.compact(keep)
         ref, _ = reference.sparse_decode(q, keys, values, idx, cnt, scale=0.2)
         assert torch.allclose(out.reshape(3, 2, 32), ref, atol=1e-5)
+
+
+def test_question_votes_spread_and_budget():
+    from apportion_attention.squeezed.index import question_votes, top_voted
+
+    g = torch.Generator().manual_seed(3)
+    keys = torch.randn(2, 300, 16, generator=g)
+    q = torch.zeros(2, 3, 4, 16)
+    q[0] = keys[0, 120] * 4  # row 0's question reads key 120
+    q[1] = keys[1, 7] * 4
+    valid = torch.ones(2, 300, dtype=torch.bool)
+    valid[1, :5] = False
+    for reduce in ("sum", "max"):
+        votes = question_votes(keys, q, scale=0.25, valid=valid, reduce=reduce)
+        assert votes.shape == (2, 300) and votes[1, :5].eq(0).all()
+        keep = top_voted(votes, torch.tensor([10, 3]), valid=valid)
+        assert keep.sum(-1).tolist() == [10, 3] and keep[0, 120] and keep[1, 7] and not keep[1, :5].any()
+    spread = top_voted(votes, torch.tensor([6, 6]), valid=valid, before=1, after=4)
+    assert spread[0, 119:125].all() and spread[0].sum() == 6  # the read key, 1 before, 4 after
+    assert not top_voted(votes, torch.tensor([0, 0])).any()
+    with pytest.raises(ValueError, match="reduce"):
+        question_votes(keys, q, scale=0.25, reduce="mean")
+
+
+def test_sticky_keys_stay_selected_at_decode():
+    """Keys the question selected stay selected at every decode step (mask, cluster lists
+    and the decode kernels' output agree), and the fraction stays within the budget."""
+    from apportion_attention.kernels import reference
+
+    index, keys, values, queries = _decode_case()
+    n = keys.shape[1]
+    own = [index.select_one(q, 0.2, reference) for q in queries]  # per-step selection alone
+    sticky = torch.zeros(3, index.n_ctx, dtype=torch.bool)
+    sticky[:, 300:335] = True  # 5% of the context
+    sticky[1, :40] = True  # row 1's padding: never selected
+    index.set_sticky(sticky)
+    for q, alone in zip(queries, own, strict=True):
+        mask = index.select_one(q, 0.2, reference)
+        assert mask[:, 300:335].all() and not mask[1, :40].any()
+        assert mask.equal(alone | sticky & (index.assign >= 0))  # the union: no key counted twice
+        assert mask.sum() <= alone.sum() + 3 * 35
+        pos, counts = index.select_positions(q, 0.2, reference)
+        assert counts == mask.sum(-1).tolist()
+        for r, part in enumerate(pos.split(counts)):
+            assert part.sort().values.tolist() == mask[r].nonzero().flatten().tolist()
+        assert index.select(q[:, :, None], 0.2)[:, 0].equal(mask)
+        fast = Squeezed(SqueezedConfig(kernels="torch"))
+        out, _ = fast._decode(index, q.reshape(1, 6, 1, 32), keys[None], values[None], None, 0.2)
+        keep = torch.cat([mask, torch.ones(3, n - index.n_ctx, dtype=torch.bool)], dim=1)
+        idx, cnt = reference.compact(keep)
+        ref, _ = reference.sparse_decode(q, keys, values, idx, cnt, scale=0.2)
+        assert torch.allclose(out.reshape(3, 2, 32), ref, atol=1e-5)
+    index.set_sticky(None)
+    assert not index.select_one(queries[0], 0.2, reference)[:, 300:335].all()
+
+
+def test_question_share_keeps_question_keys_through_generation(smollm2, prompt):
+    from apportion.host import Host
+
+    backend = Squeezed(SqueezedConfig(budget=0.2, min_context_tokens=32, question_share=0.5))
+    out = Host(smollm2, backend).generate(prompt, max_new_tokens=6)[0]
+    assert out.new_tokens > 0
+    frac = backend.selected_fraction()
+    assert frac is not None and frac <= 0.2 * 1.5, frac  # sticky 10% + per-step ~10%, overlaps counted once
+    for index in backend._layers.values():
+        assert index is not None and index.sticky is not None
+        n_valid = int((index.assign >= 0).sum(-1).max())
+        assert 0 < int(index.sticky.sum(-1).max()) <= math.ceil(n_valid * 0.1)
+    old = Squeezed(SqueezedConfig(budget=0.2, min_context_tokens=32, question_share=0.0))
+    Host(smollm2, old).generate(prompt, max_new_tokens=2)
+    assert all(index is not None and index.sticky is None for index in old._layers.values())

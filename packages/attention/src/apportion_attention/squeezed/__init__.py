@@ -7,7 +7,9 @@ estimated attention mass of a cluster are calibrated so that a query selects abo
 ``budget`` of the context's keys. Online (:mod:`.backend`): each new query scores the coarse
 centroids, then the fine centroids under the coarse clusters it kept, and attends exactly
 to the keys of the selected clusters plus every token after the context (the question and
-the generated tokens).
+the generated tokens). By default (``question_share``) half of the budget instead holds the
+context keys the question's queries attended to most, kept at every decode step (see
+:mod:`.backend`); ``question_share=0`` is the per-step selection alone.
 """
 
 from apportion_attention.squeezed.backend import Squeezed, SqueezedConfig

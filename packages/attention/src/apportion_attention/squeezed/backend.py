@@ -17,8 +17,20 @@ How it runs inside a forward pass (one transformers attention call per layer):
 - A cache changed behind the index (a KV policy evicted entries) is detected by length and
   that layer falls back to dense attention, with a logged reason.
 
+Question-selected keys (``question_share`` > 0, a prompt with a question): at the question's
+prefill, ``question_share`` of the budget goes to the context keys the question's queries
+attend to most (:func:`.index.question_votes`: exact attention votes summed over the question
+window, as SnapKV's observation window, spread to neighbouring keys and ranked by
+:func:`.index.top_voted`); they stay selected for the question and every later
+step (decode included), united with each step's own centroid selection, whose thresholds are
+calibrated to the remaining ``(1 - question_share)`` of the budget. The per-step centroid
+lookup alone failed on needle retrieval: a generated token's query need not point at the
+needle's cluster even though the question's did. ``question_share=0`` is the paper's
+per-step selection only.
+
 Budget semantics (``budget``, or ``budget_tokens`` when set): the calibrated fraction (or
-count) of the context's keys a query selects, on average over calibration queries.
+count) of the context's keys a query selects, on average over calibration queries (the
+question-selected keys included; keys both sticky and selected count once).
 ``0`` selects no context key (queries see only the question and generated tokens);
 ``>= 1.0`` (or ``budget_tokens >=`` the context) is exact dense attention. A context
 shorter than ``min_context_tokens`` is not clustered: dense attention, logged.
@@ -36,7 +48,12 @@ from apportion.config import ComponentConfig
 from apportion.host.attention import AttentionBackend
 from pydantic import Field
 
-from apportion_attention.squeezed.index import LayerIndex, build_layer_index
+from apportion_attention.squeezed.index import (
+    LayerIndex,
+    build_layer_index,
+    question_votes,
+    top_voted,
+)
 
 log = logging.getLogger("apportion_attention.squeezed")
 
@@ -53,6 +70,17 @@ class SqueezedConfig(ComponentConfig):
                                         description="quantile of the per-query thresholds taken as the threshold")
     min_context_tokens: int = Field(256, ge=1, description="shorter contexts are not clustered (dense, logged)")
     kernels: Literal["auto", "torch", "triton"] = Field("auto", description="auto: Triton on CUDA, torch elsewhere")
+    question_share: float = Field(
+        0.5, ge=0.0, le=1.0,
+        description="share of the budget given to the keys the question selected (kept at every later "
+                    "step); the rest is each step's own centroid selection. 0: the paper's per-step "
+                    "selection only. Used only when the prompt has a question (question_len > 0)")
+    question_reduce: Literal["sum", "max"] = Field(
+        "max", description="a context key's question vote: its attention probability summed over the question's "
+                           "queries and heads (sum) or the largest one (max)")
+    question_before: int = Field(15, ge=0, description="a question-selected key brings this many keys before it")
+    question_after: int = Field(15, ge=0, description="a question-selected key brings this many keys after it "
+                                                      "(its sentence's continuation, e.g. a needle's value)")
     seed: int = 0
 
 
@@ -176,11 +204,19 @@ class Squeezed(AttentionBackend):
         calib = query[:, :, n_ctx:] if qlen > 0 else query[:, :, max(0, n_ctx - 64):n_ctx]
         calib = calib.reshape(B, Hkv, G, calib.shape[2], d).reshape(rows, G, calib.shape[2], d)
         c = self.config
+        share = c.question_share if qlen > 0 else 0.0
+        ctx_keys = key[:, :, :n_ctx].reshape(rows, n_ctx, d)
         index = build_layer_index(
-            key[:, :, :n_ctx].reshape(rows, n_ctx, d), calib, budget=budget, scale=scale, valid=valid,
+            ctx_keys, calib, budget=budget * (1.0 - share), scale=scale, valid=valid,
             cluster_size=c.cluster_size, coarse_ratio=c.coarse_ratio, coarse_keep=c.coarse_keep,
             iters=c.kmeans_iters, quantile=c.calibration_quantile, seed=c.seed + layer, max_points=c.kmeans_max_points,
         )
+        if share > 0.0:
+            n_valid = (torch.full((rows,), n_ctx, device=key.device) if valid is None
+                       else valid.sum(-1)).float()
+            n_keep = (n_valid * budget * share).ceil().long()
+            votes = question_votes(ctx_keys, calib, scale=scale, valid=valid, reduce=c.question_reduce)
+            index.set_sticky(top_voted(votes, n_keep, valid=valid, before=c.question_before, after=c.question_after))
         index.last_n = q_len
         self._layers[layer] = index
         if qlen == 0:

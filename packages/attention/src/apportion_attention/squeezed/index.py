@@ -38,6 +38,10 @@ class LayerIndex:
     valid key positions of each row grouped by fine cluster, ascending within a cluster, as
     (rows, n_ctx) int64 (padding keys at the end), and where each cluster's run begins
     (rows, K2 + 1), so that a decode step selects whole clusters without a pass over every key.
+
+    ``sticky`` (rows, n_ctx) bool or None (set with :meth:`set_sticky`): context keys every
+    query selects in addition to its own centroid selection (the keys the question picked,
+    see :func:`question_votes`, :func:`top_voted`). Every selection method returns the union.
     """
 
     n_ctx: int
@@ -52,6 +56,9 @@ class LayerIndex:
     last_n: int = 0
     order: torch.Tensor | None = field(default=None, repr=False)
     starts: torch.Tensor | None = field(default=None, repr=False)
+    sticky: torch.Tensor | None = field(default=None, repr=False)
+    _sticky_rows: torch.Tensor | None = field(default=None, repr=False)
+    _sticky_pos: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def rows(self) -> int:
@@ -68,6 +75,17 @@ class LayerIndex:
             self.starts = torch.cat([torch.zeros_like(sizes[:, :1]), sizes[:, :k2].cumsum(-1)], dim=-1)
         return self.order, self.starts
 
+    def set_sticky(self, keep: torch.Tensor | None) -> None:
+        """Make the context keys ``keep`` (rows, n_ctx) bool always selected (None: none).
+        Padding keys (``assign < 0``) are never selected."""
+        if keep is None:
+            self.sticky = self._sticky_rows = self._sticky_pos = None
+            return
+        if keep.shape != self.assign.shape:
+            raise ValueError(f"sticky must be (rows, n_ctx)={tuple(self.assign.shape)}, got {tuple(keep.shape)}")
+        self.sticky = keep.to(torch.bool) & (self.assign >= 0)
+        self._sticky_rows, self._sticky_pos = self.sticky.nonzero(as_tuple=True)
+
     def select(self, q: torch.Tensor, scale: float, scores_fn=None) -> torch.Tensor:
         """Context-key selection for queries ``q`` (rows, G, Q, d) -> bool (rows, Q, n_ctx)."""
         rows, G, Q, d = q.shape
@@ -82,7 +100,8 @@ class LayerIndex:
         fine = scores_fn(flat, self.fine_c.to(q.dtype), self.fine_bias, scale=scale).view(rows, G, Q, -1)
         keep_f = ((fine - lse).amax(1) >= self.t_fine[:, None, None]) & keep_parent
         assign = self.assign.clamp(min=0)[:, None, :].expand(rows, Q, -1)
-        return keep_f.gather(2, assign) & (self.assign >= 0)[:, None, :]
+        sel = keep_f.gather(2, assign) & (self.assign >= 0)[:, None, :]
+        return sel if self.sticky is None else sel | self.sticky[:, None, :]
 
     def select_clusters(self, q: torch.Tensor, scale: float, kernels) -> torch.Tensor:
         """The fine clusters one query group keeps: ``q`` (rows, G, d) -> bool (rows, K2)."""
@@ -96,7 +115,8 @@ class LayerIndex:
     def select_one(self, q: torch.Tensor, scale: float, kernels) -> torch.Tensor:
         """Decode fast path: ``q`` (rows, G, d) -> bool (rows, n_ctx), with the scoring kernel."""
         keep_f = self.select_clusters(q, scale, kernels)
-        return keep_f.gather(1, self.assign.clamp(min=0)) & (self.assign >= 0)
+        sel = keep_f.gather(1, self.assign.clamp(min=0)) & (self.assign >= 0)
+        return sel if self.sticky is None else sel | self.sticky
 
     def select_positions(self, q: torch.Tensor, scale: float, kernels) -> tuple[torch.Tensor, list[int]]:
         """The same selection as :meth:`select_one`, as position lists built cluster by cluster.
@@ -104,6 +124,7 @@ class LayerIndex:
         Returns ``(positions, counts)``: ``positions`` int64, row 0's selected context
         positions then row 1's, ...; each row's grouped by cluster (ascending within a
         cluster), ``counts[r]`` of them. Its cost follows the selected keys, not ``n_ctx``.
+        With sticky keys, each row's sticky positions come first, then its clusters' other keys.
         """
         keep_f = self.select_clusters(q, scale, kernels)
         order, starts = self.by_cluster()
@@ -117,7 +138,16 @@ class LayerIndex:
         # entry cum_s + j (cum_s: the runs before s): flat = output entry + (start - cum_s)
         shift = torch.repeat_interleave(first + r * n_ctx - (sizes.cumsum(0) - sizes), sizes, output_size=total)
         flat = shift.add_(torch.arange(total, device=q.device))
-        return order.reshape(-1).index_select(0, flat), counts
+        pos = order.reshape(-1).index_select(0, flat)
+        if self.sticky is None or self._sticky_rows is None or self._sticky_pos is None:
+            return pos, counts
+        row_of = torch.repeat_interleave(r, sizes, output_size=total)
+        fresh = ~self.sticky[row_of, pos]  # cluster keys not already sticky
+        row_all = torch.cat([self._sticky_rows, row_of[fresh]])
+        pos_all = torch.cat([self._sticky_pos, pos[fresh]])
+        by_row = torch.argsort(row_all, stable=True)
+        counts = torch.bincount(row_all, minlength=rows).tolist()
+        return pos_all.index_select(0, by_row), counts
 
 
 def _log_sizes(counts: torch.Tensor) -> torch.Tensor:
@@ -136,6 +166,58 @@ def _calibrate(log_mass: torch.Tensor, sizes: torch.Tensor, target: torch.Tensor
     per_query = order.values.gather(2, reach).squeeze(-1)  # (rows, Qc)
     t = torch.quantile(per_query.float().clamp(min=-1e30), quantile, dim=-1)
     return torch.where(target > 0, t, torch.full_like(t, float("inf")))
+
+
+@torch.no_grad()
+def question_votes(keys: torch.Tensor, question_q: torch.Tensor, *, scale: float,
+                   valid: torch.Tensor | None = None, reduce: str = "sum") -> torch.Tensor:
+    """Observation-window votes (as in SnapKV): ``keys`` (rows, n_ctx, d), ``question_q``
+    (rows, G, Qq, d) -> float32 (rows, n_ctx). A key's vote is its exact softmax attention
+    probability (softmax over the valid context keys), reduced over the question's queries
+    and the head group: ``"sum"`` (a row's votes sum to ``G * Qq``) or ``"max"`` (the
+    largest probability any one query gave it). Padding keys get 0."""
+    rows, n_ctx, d = keys.shape
+    if question_q.dim() != 4 or question_q.shape[0] != rows or question_q.shape[-1] != d:
+        raise ValueError(f"question_q must be (rows={rows}, G, Qq, d={d}), got {tuple(question_q.shape)}")
+    flat = question_q.float().reshape(rows, -1, d)
+    logits = torch.bmm(flat, keys.float().transpose(1, 2)) * scale  # (rows, G * Qq, n_ctx)
+    if valid is not None:
+        logits = logits.masked_fill(~valid[:, None, :], float("-inf"))
+    if reduce not in ("sum", "max"):
+        raise ValueError(f"reduce must be 'sum' or 'max', got {reduce!r}")
+    probs = torch.softmax(logits, dim=-1).nan_to_num_(0.0)
+    return probs.sum(1) if reduce == "sum" else probs.amax(1)
+
+
+def top_voted(votes: torch.Tensor, n_keep: torch.Tensor, *, valid: torch.Tensor | None = None,
+              before: int = 0, after: int = 0) -> torch.Tensor:
+    """The ``n_keep[r]`` best-voted keys of each row: ``votes`` (rows, n_ctx) >= 0 -> bool
+    (rows, n_ctx) (fewer keys where a row has fewer valid ones).
+
+    Votes are spread first: key ``p`` takes the largest vote among keys ``p - after ..
+    p + before``, so the ``before`` keys preceding and the ``after`` keys following a
+    strongly read key (the rest of its sentence, e.g. the value after a needle's name, which
+    decoding copies token by token) rank with it; ties go to the key with the larger own vote.
+    """
+    if before < 0 or after < 0:
+        raise ValueError(f"before/after must be >= 0, got {before}/{after}")
+    rows, n_ctx = votes.shape
+    keep = torch.zeros(rows, n_ctx, dtype=torch.bool, device=votes.device)
+    k_max = min(int(n_keep.max()) if rows else 0, n_ctx)
+    if k_max <= 0:
+        return keep
+    spread = votes.float()
+    if before or after:  # votes >= 0: zero padding never wins
+        padded = torch.nn.functional.pad(spread[:, None], (after, before))
+        spread = torch.nn.functional.max_pool1d(padded, before + after + 1, stride=1)[:, 0]
+    peak = spread.amax(-1, keepdim=True).clamp(min=1e-30)
+    rank = spread / peak + 1e-3 * votes.float() / peak  # own vote breaks ties within a spread run
+    if valid is not None:
+        rank = rank.masked_fill(~valid, float("-inf"))
+    top = rank.topk(k_max, dim=-1)
+    rank_ok = torch.arange(k_max, device=votes.device)[None, :] < n_keep[:, None]
+    keep.scatter_(1, top.indices, rank_ok & (top.values > float("-inf")))
+    return keep
 
 
 def tail_only_index(rows: int, n_ctx: int, d: int, device: torch.device) -> LayerIndex:
