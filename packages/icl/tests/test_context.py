@@ -80,6 +80,19 @@ def test_drag_retrieves_gold_and_demos(tok):
     assert p.accounting["k"] == 1 and p.accounting["demos_kept"] == 2 and len(p.accounting["documents_kept"]) == 1
 
 
+def test_iterdrag_counts_its_intermediate_prompts(tok, smollm2):
+    """The effective context length counts every model call: with n=2 the first round always
+    asks the model (answer or follow-up), so iteration tokens are at least that prompt's size."""
+    from apportion_icl.drag import DRAG, DRAGConfig, IterDRAG, IterDRAGConfig
+
+    ex = next(e for e in data.qa("test") if e.meta["hop"] == 2)
+    ctx = data.qa_context(ex, n_distractors=4)
+    one = DRAG(DRAGConfig(k=2, m=0)).bind(smollm2).build(ex.query, context=ctx, tokenizer=tok)
+    two = IterDRAG(IterDRAGConfig(k=2, m=0, n=2, sub_tokens=8)).bind(smollm2).build(ex.query, context=ctx, tokenizer=tok)
+    assert one.accounting["iteration_prompt_tokens"] == 0
+    assert two.accounting["iteration_prompt_tokens"] > one.accounting["prompt_tokens"] - 20
+
+
 def test_allocation_model_fit_predict_roundtrip(tmp_path):
     from apportion_icl.allocation import AllocationModel
     from apportion_icl.errors import ArtifactError, BudgetError

@@ -60,18 +60,21 @@ class DRAG(KNN):
         retriever = Retriever(docs, self.config.retriever)
         hits = retriever.search(query, k)
         demos = [d for d, _, _ in self.rank(query, pool, m)]
-        chain, used = self.iterate(query, docs, retriever, hits, n, demos)
+        chain, used, sub_tokens = self.iterate(query, docs, retriever, hits, n, demos)
         picked = [docs[i] for i in used]
         block = _doc_block(picked)
         if chain:
             block += "\n\n" + "\n".join(chain)
         acc = {"k": k, "m": m, "n": n, "retriever": self.config.retriever, "documents_total": len(docs),
-               "documents_kept": used, "rounds": chain, "reason": "top-k retrieval per (sub-)query"}
+               "documents_kept": used, "rounds": chain, "iteration_prompt_tokens": sub_tokens,
+               "reason": "top-k retrieval per (sub-)query"}
         return (block or None), demos, acc
 
     def iterate(self, query: str, docs: list[str], retriever: Retriever, hits: list[tuple[int, float]],
-                n: int, demos: list[Demo]) -> tuple[list[str], list[int]]:
-        return [], [i for i, _ in hits]
+                n: int, demos: list[Demo]) -> tuple[list[str], list[int], int]:
+        """The chain of sub-questions and answers, the documents used, and the prompt tokens the
+        intermediate model calls read (the paper's effective context length counts them)."""
+        return [], [i for i, _ in hits], 0
 
 
 _FINAL = re.compile(r"final answer is:?\s*(.+)", re.I)
@@ -85,15 +88,19 @@ class IterDRAG(DRAG):
 
     def iterate(self, query, docs, retriever, hits, n, demos):
         from apportion_icl.runtime import generate
+        from apportion_icl.strategy import Tokens
 
+        tokens = Tokens(self.llm.tokenizer)
         used = [i for i, _ in hits]
         chain: list[str] = []
+        spent = 0
         for _ in range(n - 1):
             ask = [{"role": "user", "content": (
                 f"Documents:\n{_doc_block([docs[i] for i in used])}\n\n" + "\n".join(chain) +
                 f"\nQuestion: {query}\nIf the documents answer the question, reply 'So the final "
                 "answer is: <answer>'. Otherwise reply 'Follow up: <one simpler question>'.")}]
             reply = generate(self.llm, [ask], self.config.sub_tokens)[0]
+            spent += tokens.messages(ask)
             follow = _FOLLOW.search(reply)
             if _FINAL.search(reply) or not follow:
                 break
@@ -102,5 +109,6 @@ class IterDRAG(DRAG):
             used += [i for i, _ in new]
             answer_prompt = [{"role": "user", "content": f"Documents:\n{_doc_block([docs[i] for i, _ in new] or [docs[i] for i in used])}\n\n{sub} Answer briefly."}]
             answer = generate(self.llm, [answer_prompt], self.config.sub_tokens)[0]
+            spent += tokens.messages(answer_prompt)
             chain += [f"Follow up: {sub}", f"Intermediate answer: {answer}"]
-        return chain, used
+        return chain, used, spent
