@@ -81,37 +81,43 @@ PRODUCTS = ["wooden bicycles", "solar lanterns", "seaweed snacks", "weather ball
             "hearing aids", "paper drones", "canvas tents", "glass marbles", "electric kettles"]
 
 
-def classify(rng: random.Random) -> list[dict]:
+def classify(rng: random.Random, phrases: dict | None = None, per_task: int = 60, subtle_every: int = 5,
+             start: int = 0, seen: set[str] | None = None) -> list[dict]:
+    """``per_task`` rows per task from ``phrases`` (default: the first lists), shuffled,
+    deduplicated against ``seen``, numbered from ``start`` and split pool/train/test."""
+    p = phrases or {"subjects": SUBJECTS, "pos": POSITIVE, "neg": NEGATIVE, "subtle_pos": SUBTLE_POS,
+                    "subtle_neg": SUBTLE_NEG, "topics": TOPICS, "fill": FILL, "intents": INTENTS}
     rows = []
-    for i in range(60):
+    for i in range(per_task):
         pos = i % 2 == 0
-        subj = rng.choice(SUBJECTS)
-        if i % 5 == 4:
-            text = f"{subj}? {rng.choice(SUBTLE_POS if pos else SUBTLE_NEG)}."
+        subj = rng.choice(p["subjects"])
+        if i % subtle_every == subtle_every - 1:
+            text = f"{subj}? {rng.choice(p['subtle_pos'] if pos else p['subtle_neg'])}."
         else:
-            text = f"{subj} {rng.choice(POSITIVE if pos else NEGATIVE)}."
+            text = f"{subj} {rng.choice(p['pos'] if pos else p['neg'])}."
         rows.append({"task": "sentiment", "text": text, "label": "positive" if pos else "negative",
                      "options": ["positive", "negative"]})
-    labels = list(TOPICS)
-    for i in range(60):
+    labels = list(p["topics"])
+    for i in range(per_task):
         label = labels[i % 4]
-        tmpl = rng.choice(TOPICS[label])
-        text = tmpl.format(**{k: rng.choice(v) for k, v in FILL.items()})
+        tmpl = rng.choice(p["topics"][label])
+        text = tmpl.format(**{k: rng.choice(v) for k, v in p["fill"].items()})
         rows.append({"task": "topic", "text": text, "label": label, "options": labels})
-    intents = list(INTENTS)
-    for i in range(60):
+    intents = list(p["intents"])
+    for i in range(per_task):
         label = intents[i % 3]
-        text = rng.choice(INTENTS[label]).format(n=rng.randrange(10000, 99999))
+        text = rng.choice(p["intents"][label]).format(n=rng.randrange(10000, 99999))
         rows.append({"task": "intent", "text": text, "label": label, "options": intents})
     rng.shuffle(rows)
-    seen, out = set(), []
+    seen = set() if seen is None else seen
+    out = []
     for r in rows:
         if r["text"] in seen:
             continue
         seen.add(r["text"])
         out.append(r)
     for i, r in enumerate(out):
-        r["id"] = f"c{i:03d}"
+        r["id"] = f"c{start + i:03d}"
         r["split"] = "pool" if i % 3 == 0 else ("train" if i % 3 == 1 else "test")
     return out
 
@@ -185,38 +191,8 @@ INTENTS_2 = {
 }
 
 
-def classify_more(rng: random.Random, start: int, seen: set[str], per_task: int = 100) -> list[dict]:
-    rows = []
-    for i in range(per_task):
-        pos = i % 2 == 0
-        subj = rng.choice(SUBJECTS_2)
-        if i % 4 == 3:
-            text = f"{subj}? {rng.choice(SUBTLE_POS_2 if pos else SUBTLE_NEG_2)}."
-        else:
-            text = f"{subj} {rng.choice(POSITIVE_2 if pos else NEGATIVE_2)}."
-        rows.append({"task": "sentiment", "text": text, "label": "positive" if pos else "negative",
-                     "options": ["positive", "negative"]})
-    labels = list(TOPICS_2)
-    for i in range(per_task):
-        label = labels[i % 4]
-        text = rng.choice(TOPICS_2[label]).format(**{k: rng.choice(v) for k, v in FILL_2.items()})
-        rows.append({"task": "topic", "text": text, "label": label, "options": labels})
-    intents = list(INTENTS_2)
-    for i in range(per_task):
-        label = intents[i % 3]
-        text = rng.choice(INTENTS_2[label]).format(n=rng.randrange(10000, 99999))
-        rows.append({"task": "intent", "text": text, "label": label, "options": intents})
-    rng.shuffle(rows)
-    out = []
-    for r in rows:
-        if r["text"] in seen:
-            continue
-        seen.add(r["text"])
-        out.append(r)
-    for i, r in enumerate(out):
-        r["id"] = f"c{start + i:03d}"
-        r["split"] = "pool" if i % 3 == 0 else ("train" if i % 3 == 1 else "test")
-    return out
+MORE = {"subjects": SUBJECTS_2, "pos": POSITIVE_2, "neg": NEGATIVE_2, "subtle_pos": SUBTLE_POS_2,
+        "subtle_neg": SUBTLE_NEG_2, "topics": TOPICS_2, "fill": FILL_2, "intents": INTENTS_2}
 
 
 def qa(rng: random.Random) -> list[dict]:
@@ -263,7 +239,8 @@ def main() -> None:
     rng = random.Random(0)
     OUT.mkdir(parents=True, exist_ok=True)
     first = classify(rng)
-    more = classify_more(random.Random(1), len(first), {r["text"] for r in first})
+    more = classify(random.Random(1), MORE, per_task=100, subtle_every=4, start=len(first),
+                    seen={r["text"] for r in first})
     for name, rows in (("classify", first + more), ("qa", qa(rng))):
         path = OUT / f"{name}.jsonl"
         path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows), encoding="utf-8")
