@@ -66,6 +66,9 @@ def main() -> None:
     ap.add_argument("--top-blocks", type=int, default=4)
     ap.add_argument("--new-tokens", type=int, default=24)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--align-weight", type=float, default=SSAConfig().align_weight,
+                    help="0 with --sparse-prob 0: the control (plain CE fine-tune, full attention)")
+    ap.add_argument("--sparse-prob", type=float, default=SSAConfig().sparse_prob)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -73,7 +76,8 @@ def main() -> None:
 
     loaded = load_model("smollm2")
     tok = loaded.tokenizer
-    cfg = SSAConfig(block_size=args.block_size, top_blocks=args.top_blocks)
+    cfg = SSAConfig(block_size=args.block_size, top_blocks=args.top_blocks, align_weight=args.align_weight,
+                    sparse_prob=args.sparse_prob)
     held_out = items(tok, [args.eval_length], args.eval_samples, seed=1000)
     t0 = time.perf_counter()
     before = evaluate(loaded, cfg, held_out, args.new_tokens)
@@ -102,7 +106,8 @@ def main() -> None:
     print(json.dumps({
         "summary": True, "benchmark": "attention_ssa", "steps": args.steps, "train_length": args.train_length,
         "eval_length": args.eval_length, "eval_samples": len(held_out), "block_size": cfg.block_size,
-        "top_blocks": cfg.top_blocks, "train_seconds": time.perf_counter() - t1,
+        "top_blocks": cfg.top_blocks, "align_weight": cfg.align_weight, "sparse_prob": cfg.sparse_prob,
+        "train_seconds": time.perf_counter() - t1,
         "sparsity_before": before["attention_sparsity"], "sparsity_after": after["attention_sparsity"],
         "niah_sparse_before": before["niah_sparse_accuracy"], "niah_sparse_after": after["niah_sparse_accuracy"],
         "niah_dense_before": before["niah_dense_accuracy"], "niah_dense_after": after["niah_dense_accuracy"],
