@@ -6,8 +6,9 @@ mean attention to the sentence's tokens, over the last layers), or both (the mea
 after per-context min-max normalisation). The threshold is chosen *per context*: Otsu's split
 of that context's score distribution (the cut that best separates the relevant from the
 rest), so a context with one needle keeps one sentence and a context full of relevant text
-keeps most of it. Neighbouring sentences can be kept for coherence; a budget tightens the
-cut. The result is the pruned context, the kept-sentence map and a rerank score (the best
+keeps most of it. Each kept sentence brings its same-paragraph neighbours (its subject is
+often named one sentence earlier), and a second, lexical round follows the bridge entity of
+the best sentence (multi-hop questions). A budget tightens the cut. The result is the pruned context, the kept-sentence map and a rerank score (the best
 sentence's relevance: a passage-level score a reranker can sort by).
 """
 
@@ -92,6 +93,7 @@ class Prune(ICLStrategy):
         return out
 
     def _with_neighbors(self, keep: set[int], sentences: list[sent.Sentence]) -> set[int]:
+        """``keep`` plus, for each, the ``neighbors`` sentences either side in its paragraph."""
         n = self.config.neighbors
         return {j for i in keep for j in range(i - n, i + n + 1)
                 if 0 <= j < len(sentences) and sentences[j].paragraph == sentences[i].paragraph}
@@ -100,9 +102,8 @@ class Prune(ICLStrategy):
         """One expansion round: the ``hop_width`` sentences not yet kept that best match, by
         BM25, the *bridge terms*: words of the ``seeds`` (the previous round's best sentences)
         that the query does not contain (for "where does the founder of X live", the
-        founder's name). Sentence embeddings
-        rank by sentence shape here (every "X was founded by Y" looks alike), so the hop is
-        lexical."""
+        founder's name). Sentence embeddings rank by sentence shape here (every "X was
+        founded by Y" looks alike), so the hop is lexical."""
         from rank_bm25 import BM25Okapi
 
         from apportion_icl.retrieve import words
