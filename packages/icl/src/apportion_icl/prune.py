@@ -104,18 +104,15 @@ class Prune(ICLStrategy):
         that the query does not contain (for "where does the founder of X live", the
         founder's name). Sentence embeddings rank by sentence shape here (every "X was
         founded by Y" looks alike), so the hop is lexical."""
-        from rank_bm25 import BM25Okapi
-
-        from apportion_icl.retrieve import words
+        from apportion_icl.retrieve import Retriever, words
 
         rest = [s for s in sentences if s.index not in keep]
         asked = set(words(query))
         bridge = sorted({w for i in seeds for w in words(sentences[i].text)} - asked - {"_"})
         if not rest or not bridge:
             return set()
-        scores = BM25Okapi([words(s.text) for s in rest]).get_scores(bridge)
-        order = sorted(range(len(rest)), key=lambda i: -scores[i])
-        return {rest[i].index for i in order[: self.config.hop_width] if scores[i] > 0}
+        hits = Retriever([s.text for s in rest]).search(" ".join(bridge), self.config.hop_width)
+        return {rest[i].index for i, score in hits if score > 0}
 
     def prune(self, query: str, context: str, tokenizer: Any = None, budget_tokens: int | None = None
               ) -> tuple[str, dict[str, Any]]:
