@@ -68,10 +68,11 @@ def main() -> None:
     runtime.share(loaded)
 
     def split(name, limit):
-        qs = data.qa(name)
-        half = (limit or len(qs)) // 2
-        return qs if limit is None else [e for e in qs if e.meta["hop"] == 1][: limit - half] + \
-            [e for e in qs if e.meta["hop"] == 2][:half]
+        """All of a split's questions, or ``limit`` of them, half one-hop and half two-hop."""
+        if limit is None:
+            return data.qa(name)
+        half = limit // 2
+        return data.qa(name, hop=1)[: limit - half] + data.qa(name, hop=2)[:half]
 
     sets = {"train": split("train", args.train), "test": split("test", args.test)}
     pool = [e.as_demo() for e in data.qa("pool")]
