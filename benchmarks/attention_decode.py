@@ -9,7 +9,9 @@ builds it, and the timed call is the backend's own decode path (centroid scoring
 clusters' key lists gathered from the index, sparse attention over them and the keys after
 the context). Every figure is a ratio to dense measured alternately in the
 same loop (minimum, and median, of ``--repeats``, cycling through 8 queries that were not used to
-calibrate). The selected fraction (mean over the timed calls) and the output's largest
+calibrate). With ``--estimate-rest`` (the backend's default) the clusters not selected take
+part through their centroids and mean values (``SqueezedConfig.estimate_rest``); the timed
+call includes it. The selected fraction (mean over the timed calls) and the output's largest
 relative error against dense are reported beside each speed-up.
 
     uv run --no-sync python benchmarks/attention_decode.py            # 8K, 32K, 128K x 5/10/20%
@@ -64,6 +66,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=24)
     ap.add_argument("--cluster-size", type=int, default=32)
     ap.add_argument("--kmeans-iters", type=int, default=4)
+    ap.add_argument("--estimate-rest", action=argparse.BooleanOptionalAction, default=True,
+                    help="the unselected clusters' estimate (SqueezedConfig.estimate_rest)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = ap.parse_args()
     if args.threads:
@@ -80,8 +84,11 @@ def main() -> None:
                 t0 = time.perf_counter()
                 index = build_layer_index(keys[0, :, :n_ctx], calib, budget=budget, scale=scale,
                                           cluster_size=args.cluster_size, iters=args.kmeans_iters)
+                if args.estimate_rest:
+                    index.summarize_rest(values[0, :, :n_ctx])
                 build_s = time.perf_counter() - t0
-                backend = Squeezed(SqueezedConfig(budget=budget, kernels="torch", cluster_size=args.cluster_size))
+                backend = Squeezed(SqueezedConfig(budget=budget, kernels="torch", cluster_size=args.cluster_size,
+                                                  estimate_rest=args.estimate_rest))
 
                 def sq_fn(q, index=index, backend=backend, n=n, keys=keys, values=values):
                     index.last_n = n - 1
@@ -103,6 +110,7 @@ def main() -> None:
                        "dense_median_ms": round(d_med * 1e3, 3), "squeezed_median_ms": round(s_med * 1e3, 3),
                        "speedup_median": round(d_med / s_med, 3), "max_rel_err_vs_dense": round(rel_err, 4),
                        "index_build_s": round(build_s, 2), "cluster_size": args.cluster_size,
+                       "estimate_rest": args.estimate_rest,
                        "path": "torch (CPU)", "repeats": args.repeats}
                 results.append(row)
                 print(json.dumps(row), flush=True)

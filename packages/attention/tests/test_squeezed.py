@@ -291,3 +291,80 @@ def test_question_share_keeps_question_keys_through_generation(smollm2, prompt):
     old = Squeezed(SqueezedConfig(budget=0.2, min_context_tokens=32, question_share=0.0))
     Host(smollm2, old).generate(prompt, max_new_tokens=2)
     assert all(index is not None and index.sticky is None for index in old._layers.values())
+
+
+def _equal_key_case(seed: int = 5):
+    """A context whose keys come in 12 groups of 24 equal keys (well apart), so every fine
+    cluster holds equal keys, with random values and 6 keys after the context."""
+    g = torch.Generator().manual_seed(seed)
+    rows, n_ctx, tail, d = 3, 288, 6, 16
+    distinct = 3.0 * torch.randn(rows, 12, d, generator=g)
+    perm = torch.stack([torch.randperm(n_ctx, generator=g) for _ in range(rows)])
+    ctx_keys = distinct.gather(1, (perm // 24)[..., None].expand(rows, n_ctx, d))
+    keys = torch.cat([ctx_keys, torch.randn(rows, tail, d, generator=g)], dim=1)
+    values = torch.randn(rows, n_ctx + tail, d, generator=g)
+    calib = torch.randn(rows, 2, 4, d, generator=g)
+    index = build_layer_index(ctx_keys, calib, budget=0.25, scale=0.25, cluster_size=12)
+    # precondition of exactness: every fine cluster holds one distinct key only
+    for r in range(rows):
+        for c in index.assign[r].unique():
+            members = ctx_keys[r][index.assign[r] == c]
+            assert torch.equal(members, members[:1].expand_as(members))
+    return index, keys, values, torch.randn(rows, 2, d, generator=g)
+
+
+def _dense(q, keys, values, scale):
+    p = torch.softmax(torch.einsum("rgd,rnd->rgn", q, keys) * scale, dim=-1)
+    return torch.einsum("rgn,rnd->rgd", p, values)
+
+
+@pytest.mark.parametrize("sticky", [False, True])
+def test_estimate_of_the_rest_is_exact_when_clusters_hold_equal_keys(sticky):
+    """Each unselected cluster stands in for its keys as one key of weight n with their mean
+    value: exactly the keys' attention when they are equal. So decode (torch path) and the
+    multi-query masked path then equal dense attention, whatever was selected."""
+    from apportion_attention.kernels import reference
+
+    index, keys, values, q = _equal_key_case()
+    n_ctx = index.n_ctx
+    if sticky:
+        keep = torch.zeros(3, n_ctx, dtype=torch.bool)
+        keep[:, 40:60] = True
+        index.set_sticky(keep)
+        assert index.rest_v is None  # set_sticky invalidates the summaries
+    index.summarize_rest(values[:, :n_ctx])
+    sel = index.select_one(q, 0.25, reference)
+    assert 0 < int(sel.sum()) < sel.numel()  # some keys read exactly, some estimated
+    dense = _dense(q, keys, values, 0.25)
+    backend = Squeezed(SqueezedConfig(kernels="torch"))
+    out, _ = backend._decode(index, q.reshape(1, 6, 1, 16), keys[None], values[None], None, 0.25)
+    assert torch.allclose(out.reshape(3, 2, 16), dense, atol=1e-5)
+    # several queries at once (the question's path): the last query sees every tail key
+    qs = torch.randn(1, 6, 3, 16, generator=torch.Generator().manual_seed(9))
+    out, _ = backend._masked(index, qs, keys[None], values[None], None, 0.25)
+    last = _dense(qs[0, :, -1].reshape(3, 2, 16), keys, values, 0.25)
+    assert torch.allclose(out[0, -1].reshape(3, 2, 16), last, atol=1e-5)
+    # without the estimate the same selection misses the rest's mass
+    index.rest_v = index.rest_shift = None
+    sparse, _ = backend._decode(index, q.reshape(1, 6, 1, 16), keys[None], values[None], None, 0.25)
+    assert not torch.allclose(sparse.reshape(3, 2, 16), dense, atol=1e-3)
+
+
+def test_sticky_keys_count_against_the_budget():
+    """With sticky keys the centroid thresholds are calibrated to the rest of the budget, so
+    the union fills about the budget instead of spending part of it twice."""
+    index, keys, values, _ = _decode_case()
+    n_ctx = index.n_ctx
+    g = torch.Generator().manual_seed(4)
+    calib = torch.randn(3, 2, 8, 32, generator=g)
+    sticky = torch.zeros(3, n_ctx, dtype=torch.bool)
+    sticky[:, 300:335] = True
+    ctx = keys[:, :n_ctx]
+    plain = build_layer_index(ctx, calib, budget=0.2, scale=0.2)
+    filled = build_layer_index(ctx, calib, budget=0.2, scale=0.2, sticky=sticky)
+    assert filled.sticky is not None and filled.sticky[:, 300:335].all()
+    with_sticky = filled.select(calib, 0.2).float().mean().item()
+    assert with_sticky == pytest.approx(0.2, abs=0.06)
+    assert (filled.t_fine >= plain.t_fine).all()  # the centroid part selects less than the whole budget
+    with pytest.raises(ValueError, match="sticky"):
+        build_layer_index(ctx, calib, budget=0.2, scale=0.2, sticky=sticky[:, :10])

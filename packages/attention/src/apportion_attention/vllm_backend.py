@@ -11,7 +11,8 @@ context (vLLM does not say where a question starts):
 - At a request's first decode step the layer's prompt keys are indexed
   (:func:`~apportion_attention.squeezed.index.build_layer_index`); that and every later
   decode token attends to the context keys its centroid lookup selects plus every token
-  after the prompt, with the Squeezed kernels (torch path on CPU).
+  after the prompt, with the Squeezed kernels (torch path on CPU), and to the clusters left
+  out through their centroids (``estimate_rest``, as in the transformers backend).
 - A prompt shorter than ``min_context_tokens`` or a budget covering the whole context stays
   dense; a request the impl lost track of (preempted, or two requests whose block tables
   cannot be told apart) falls back to dense attention for good, logged once per reason.
@@ -232,6 +233,8 @@ class SqueezedImpl(CPUAttentionBackendImpl):
             keys, calib, budget=self._budget(n_ctx), scale=self.scale, cluster_size=c.cluster_size,
             coarse_ratio=c.coarse_ratio, coarse_keep=c.coarse_keep, iters=c.kmeans_iters,
             quantile=c.calibration_quantile, seed=c.seed, max_points=c.kmeans_max_points)
+        if c.estimate_rest and self._budget(n_ctx) > 0.0:
+            index.summarize_rest(req.values.view()[:, :n_ctx].float())  # type: ignore[union-attr]
         req.calib = None
         return index
 
@@ -246,11 +249,17 @@ class SqueezedImpl(CPUAttentionBackendImpl):
         g = self.num_heads // hkv
         n = req.keys.n
         qg = q.reshape(hkv, g, -1)
-        ctx = index.select_one(qg, self.scale, kern)  # (hkv, n_ctx)
+        keep_f, fine = index.cluster_scores(qg, self.scale, kern)
+        ctx = index.select_one(qg, self.scale, kern, keep_f=keep_f)  # (hkv, n_ctx)
         keep = torch.cat([ctx, torch.ones(hkv, n - index.n_ctx, dtype=torch.bool, device=ctx.device)], dim=1)
         idx, counts = kern.compact(keep)
         # the buffers' whole storage (contiguous); idx only points below n
-        out, _ = kern.sparse_decode(qg, req.keys.data, req.values.data, idx, counts, scale=self.scale)
+        out, lse = kern.sparse_decode(qg, req.keys.data, req.values.data, idx, counts, scale=self.scale)
+        if index.rest_v is not None:  # the clusters left out, as in the transformers backend
+            from apportion.host.lse import merge
+
+            o_rest, lse_rest = index.estimate_rest(fine, keep_f)
+            out = merge([out, o_rest], [lse, lse_rest])[0]
         self.stats["sparse_tokens"] += 1
         self.stats["context_keys"] += hkv * index.n_ctx
         self.stats["selected_keys"] += int(ctx.sum())

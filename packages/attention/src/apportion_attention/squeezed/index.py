@@ -42,6 +42,10 @@ class LayerIndex:
     ``sticky`` (rows, n_ctx) bool or None (set with :meth:`set_sticky`): context keys every
     query selects in addition to its own centroid selection (the keys the question picked,
     see :func:`question_votes`, :func:`top_voted`). Every selection method returns the union.
+
+    ``rest_v``/``rest_shift`` (set with :meth:`summarize_rest`, else None): each fine
+    cluster's mean value and ``log(rest count) - fine_bias`` over its keys that are not
+    sticky, so that :meth:`estimate_rest` can stand in for the keys a query did not select.
     """
 
     n_ctx: int
@@ -59,6 +63,8 @@ class LayerIndex:
     sticky: torch.Tensor | None = field(default=None, repr=False)
     _sticky_rows: torch.Tensor | None = field(default=None, repr=False)
     _sticky_pos: torch.Tensor | None = field(default=None, repr=False)
+    rest_v: torch.Tensor | None = field(default=None, repr=False)
+    rest_shift: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def rows(self) -> int:
@@ -78,6 +84,7 @@ class LayerIndex:
     def set_sticky(self, keep: torch.Tensor | None) -> None:
         """Make the context keys ``keep`` (rows, n_ctx) bool always selected (None: none).
         Padding keys (``assign < 0``) are never selected."""
+        self.rest_v = self.rest_shift = None  # the summaries exclude sticky keys: recompute them
         if keep is None:
             self.sticky = self._sticky_rows = self._sticky_pos = None
             return
@@ -86,8 +93,12 @@ class LayerIndex:
         self.sticky = keep.to(torch.bool) & (self.assign >= 0)
         self._sticky_rows, self._sticky_pos = self.sticky.nonzero(as_tuple=True)
 
-    def select(self, q: torch.Tensor, scale: float, scores_fn=None) -> torch.Tensor:
-        """Context-key selection for queries ``q`` (rows, G, Q, d) -> bool (rows, Q, n_ctx)."""
+    def select(self, q: torch.Tensor, scale: float, scores_fn=None, *, with_clusters: bool = False):
+        """Context-key selection for queries ``q`` (rows, G, Q, d) -> bool (rows, Q, n_ctx).
+
+        ``with_clusters``: return ``(selection, keep_f, fine)`` as well, the kept fine
+        clusters (rows, Q, K2) and the fine scores (rows, G, Q, K2) that :meth:`estimate_rest`
+        takes."""
         rows, G, Q, d = q.shape
         flat = q.reshape(rows, G * Q, d)
         if scores_fn is None:
@@ -101,24 +112,78 @@ class LayerIndex:
         keep_f = ((fine - lse).amax(1) >= self.t_fine[:, None, None]) & keep_parent
         assign = self.assign.clamp(min=0)[:, None, :].expand(rows, Q, -1)
         sel = keep_f.gather(2, assign) & (self.assign >= 0)[:, None, :]
-        return sel if self.sticky is None else sel | self.sticky[:, None, :]
+        sel = sel if self.sticky is None else sel | self.sticky[:, None, :]
+        return (sel, keep_f, fine) if with_clusters else sel
 
-    def select_clusters(self, q: torch.Tensor, scale: float, kernels) -> torch.Tensor:
-        """The fine clusters one query group keeps: ``q`` (rows, G, d) -> bool (rows, K2)."""
+    def cluster_scores(self, q: torch.Tensor, scale: float, kernels) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fine clusters one query group keeps and the fine scores: ``q`` (rows, G, d) ->
+        (keep_f bool (rows, K2), fine (rows, G, K2) = ``scale * q . mu_c + log n_c``)."""
         coarse = kernels.centroid_scores(q, self.coarse_c.to(q.dtype), self.coarse_bias, scale=scale)
         lse = torch.logsumexp(coarse, dim=-1)  # (rows, G)
         keep_c = (coarse - lse[..., None]).amax(1) >= self.t_coarse[:, None]
-        bias = self.fine_bias.masked_fill(~keep_c.gather(1, self.parent), float("-inf"))
-        fine = kernels.centroid_scores(q, self.fine_c.to(q.dtype), bias, scale=scale)
-        return (fine - lse[..., None]).amax(1) >= self.t_fine[:, None]
+        fine = kernels.centroid_scores(q, self.fine_c.to(q.dtype), self.fine_bias, scale=scale)
+        keep_f = ((fine - lse[..., None]).amax(1) >= self.t_fine[:, None]) & keep_c.gather(1, self.parent)
+        return keep_f, fine
 
-    def select_one(self, q: torch.Tensor, scale: float, kernels) -> torch.Tensor:
-        """Decode fast path: ``q`` (rows, G, d) -> bool (rows, n_ctx), with the scoring kernel."""
-        keep_f = self.select_clusters(q, scale, kernels)
+    def select_clusters(self, q: torch.Tensor, scale: float, kernels) -> torch.Tensor:
+        """The fine clusters one query group keeps: ``q`` (rows, G, d) -> bool (rows, K2)."""
+        return self.cluster_scores(q, scale, kernels)[0]
+
+    def select_one(self, q: torch.Tensor, scale: float, kernels, keep_f: torch.Tensor | None = None) -> torch.Tensor:
+        """Decode fast path: ``q`` (rows, G, d) -> bool (rows, n_ctx), with the scoring kernel
+        (or the clusters ``keep_f`` already chosen for ``q``)."""
+        keep_f = self.select_clusters(q, scale, kernels) if keep_f is None else keep_f
         sel = keep_f.gather(1, self.assign.clamp(min=0)) & (self.assign >= 0)
         return sel if self.sticky is None else sel | self.sticky
 
-    def select_positions(self, q: torch.Tensor, scale: float, kernels) -> tuple[torch.Tensor, list[int]]:
+    # ------------------------------------------------------------------ the rest's estimate
+    def summarize_rest(self, values: torch.Tensor) -> None:
+        """Summarise each fine cluster's keys that are not sticky: their mean value and their
+        count. ``values`` (rows, n_ctx, d) are the context's values (call after
+        :meth:`set_sticky`, which clears the summaries)."""
+        rows, n_ctx, d = values.shape
+        if n_ctx != self.n_ctx or rows != self.rows:
+            raise ValueError(f"values must be (rows={self.rows}, n_ctx={self.n_ctx}, d), got {tuple(values.shape)}")
+        rest = self.assign >= 0
+        if self.sticky is not None:
+            rest = rest & ~self.sticky
+        k2 = self.fine_c.shape[1]
+        a = self.assign.clamp(min=0)
+        w = rest.to(torch.float32)
+        count = torch.zeros(rows, k2, device=values.device).scatter_add_(1, a, w)
+        total = torch.zeros(rows, k2, d, device=values.device).scatter_add_(
+            1, a[..., None].expand(rows, n_ctx, d), values.float() * w[..., None])
+        self.rest_v = total / count.clamp(min=1.0)[..., None]
+        log_n = torch.where(count > 0, count.clamp(min=1.0).log(), torch.full_like(count, float("-inf")))
+        # fine scores carry + log n_c (all keys); swap it for log(rest count). An empty
+        # cluster has fine_bias -inf and no rest: keep -inf rather than form -inf - -inf.
+        self.rest_shift = torch.where(count > 0, log_n - self.fine_bias, torch.full_like(count, float("-inf")))
+
+    def estimate_rest(self, fine: torch.Tensor, keep_f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention over the context keys a query did not select, each cluster's rest
+        standing in as one key (its centroid) of weight ``rest count`` carrying the rest's
+        mean value: exact when a cluster's keys are equal, an estimate otherwise.
+
+        ``fine`` (rows, G, [Q,] K2): the fine scores of :meth:`cluster_scores` /
+        :meth:`select`; ``keep_f`` (rows, [Q,] K2): the clusters selected (read exactly).
+        Returns (out (rows, G, [Q,] d), lse (rows, G, [Q])) float32, to be merged with the
+        selected keys' attention (:func:`apportion.host.lse.merge`); lse ``-inf`` where
+        nothing is left out."""
+        if self.rest_v is None or self.rest_shift is None:
+            raise RuntimeError("estimate_rest needs summarize_rest() first")
+        multi = fine.dim() == 4
+        shift = self.rest_shift[:, None, None, :] if multi else self.rest_shift[:, None, :]
+        logits = fine.float() + shift
+        logits = logits.masked_fill(keep_f.unsqueeze(1), float("-inf"))
+        lse = torch.logsumexp(logits, dim=-1)
+        safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+        probs = torch.exp(logits - safe.unsqueeze(-1))
+        rows, k2, d = self.rest_v.shape
+        out = torch.matmul(probs.reshape(rows, -1, k2), self.rest_v).reshape(*probs.shape[:-1], d)
+        return out, lse
+
+    def select_positions(self, q: torch.Tensor, scale: float, kernels,
+                         keep_f: torch.Tensor | None = None) -> tuple[torch.Tensor, list[int]]:
         """The same selection as :meth:`select_one`, as position lists built cluster by cluster.
 
         Returns ``(positions, counts)``: ``positions`` int64, row 0's selected context
@@ -126,7 +191,7 @@ class LayerIndex:
         cluster), ``counts[r]`` of them. Its cost follows the selected keys, not ``n_ctx``.
         With sticky keys, each row's sticky positions come first, then its clusters' other keys.
         """
-        keep_f = self.select_clusters(q, scale, kernels)
+        keep_f = self.select_clusters(q, scale, kernels) if keep_f is None else keep_f
         order, starts = self.by_cluster()
         rows, n_ctx = order.shape
         r, c = keep_f.nonzero(as_tuple=True)  # row-major: row 0's clusters first
@@ -246,6 +311,7 @@ def build_layer_index(
     quantile: float = 0.5,
     seed: int = 0,
     max_points: int | None = 16384,
+    sticky: torch.Tensor | None = None,
 ) -> LayerIndex:
     """Cluster ``keys`` (rows, n_ctx, d) and calibrate on ``calib_q`` (rows, G, Qc, d).
 
@@ -253,6 +319,10 @@ def build_layer_index(
     select. ``valid`` (rows, n_ctx) bool marks real keys (False: left padding).
     ``max_points``: the fine K-means is fitted on at most this many keys per row (every key
     is then assigned), bounding the offline cost of very long contexts.
+    ``sticky`` (rows, n_ctx) bool: keys every query selects anyway (set on the index with
+    :meth:`LayerIndex.set_sticky`); ``budget`` then counts them, and the fine thresholds are
+    calibrated to select the budget's *remaining* keys among the others, so the union fills
+    the budget instead of spending part of it on keys already selected.
     """
     rows, n_ctx, d = keys.shape
     if calib_q.dim() != 4 or calib_q.shape[0] != rows or calib_q.shape[-1] != d:
@@ -279,11 +349,21 @@ def build_layer_index(
     fs = (torch.bmm(flat, fine.centroids.transpose(1, 2)) * scale + fine_bias[:, None, :]).view(rows, G, Qc, -1)
     fine_lm = (fs - lse).amax(1)
     t_coarse = _calibrate(coarse_lm, coarse.counts, (n_valid * min(1.0, coarse_keep * budget)).ceil(), quantile)
-    t_fine = _calibrate(fine_lm, fine.counts, (n_valid * budget).ceil(), quantile)
+    fine_sizes, fine_target = fine.counts, (n_valid * budget).ceil()
+    if sticky is not None:
+        if sticky.shape != (rows, n_ctx):
+            raise ValueError(f"sticky must be (rows, n_ctx)={(rows, n_ctx)}, got {tuple(sticky.shape)}")
+        stuck = sticky.to(torch.bool) & (fine.assign >= 0)
+        fine_sizes = fine.counts - torch.zeros_like(fine.counts).scatter_add_(
+            1, fine.assign.clamp(min=0), stuck.to(fine.counts.dtype))
+        fine_target = (fine_target - stuck.sum(-1).to(fine_target.dtype)).clamp(min=0)
+    t_fine = _calibrate(fine_lm, fine_sizes, fine_target, quantile)
     if budget >= 1.0:
         t_coarse = torch.full_like(t_coarse, float("-inf"))
         t_fine = torch.full_like(t_fine, float("-inf"))
     index = LayerIndex(n_ctx, fine.assign, fine.centroids, fine_bias, parent, coarse.centroids, coarse_bias,
                        t_fine, t_coarse)
     index.by_cluster()  # the per-cluster key lists decode selects from
+    if sticky is not None:
+        index.set_sticky(sticky)
     return index
