@@ -1,8 +1,12 @@
 """APE vs sequential encoding on multi-document QA (JSON lines; last line is the summary).
 
-Task: ``--contexts`` documents of stdlib-docstring prose (``--doc-tokens`` each), every one
-holding one "special magic number" fact under its own key; the question asks for one key's
-number. The eval package ships no multi-document QA benchmark, so the documents are built
+Task: ``--contexts`` documents of stdlib-docstring prose (``--doc-tokens`` each); the
+question asks for one key's "special magic number" (the eval package's niah needle), held by
+one document. ``--facts every`` (default): every document holds a fact of the same form
+under its own key, so the other seven are near-identical distractors (niah multi-key spread
+over documents). ``--facts one``: only the asked document holds a fact and the others are
+plain prose, as in retrieval-augmented QA where most retrieved passages are merely
+unrelated. The eval package ships no multi-document QA benchmark, so the documents are built
 here from the core haystack (deterministic by seed).
 
 Per sample, in the same run: sequential encoding (dense, the whole prompt), plain parallel
@@ -35,11 +39,14 @@ FACT = "The special magic number for {key} is: {value}."
 QUESTION = "What is the special magic number for {key}? Answer with the number only."
 
 
-def documents(tokenizer, n_docs: int, doc_tokens: int, rng: random.Random) -> tuple[list[str], dict[str, str]]:
+def documents(tokenizer, n_docs: int, doc_tokens: int, rng: random.Random,
+              asked: int | None = None) -> tuple[list[str], dict[str, str]]:
+    """``n_docs`` documents and their facts (key -> value); with ``asked``, only document
+    ``asked`` holds its fact (the others are returned in ``facts`` but not written)."""
     pool = sentences()
     keys = rng.sample(list(KEYS), n_docs) if n_docs <= len(KEYS) else [f"{rng.choice(KEYS)}-{i}" for i in range(n_docs)]
     docs, facts = [], {}
-    for key in keys:
+    for j, key in enumerate(keys):
         value = str(rng.randrange(1_000_000, 10_000_000))
         facts[key] = value
         body, total, i = [], 0, rng.randrange(len(pool))
@@ -48,7 +55,9 @@ def documents(tokenizer, n_docs: int, doc_tokens: int, rng: random.Random) -> tu
             body.append(s)
             total += len(tokenizer.encode(" " + s, add_special_tokens=False))
             i += 1
-        body.insert(rng.randrange(len(body) + 1), FACT.format(key=key, value=value))
+        at = rng.randrange(len(body) + 1)
+        if asked is None or asked == j:
+            body.insert(at, FACT.format(key=key, value=value))
         docs.append(" ".join(body).replace("\n", " "))
     return docs, facts
 
@@ -83,6 +92,8 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=APEConfig().temperature)
     ap.add_argument("--scale", type=float, default=APEConfig().scale)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--facts", choices=["every", "one"], default="every",
+                    help="every document holds a same-form fact (distractors), or only the asked one")
     args = ap.parse_args()
 
     loaded = load_model("smollm2")
@@ -97,8 +108,9 @@ def main() -> None:
     times: dict[str, list[float]] = {"sequential": [], "ape_cold": [], "ape_warm": []}
     for k in range(args.samples):
         rng = random.Random(f"{args.seed}:{k}")
-        docs, facts = documents(tok, args.contexts, args.doc_tokens, rng)
-        key = rng.choice(sorted(facts))
+        asked = rng.randrange(args.contexts) if args.facts == "one" else None
+        docs, facts = documents(tok, args.contexts, args.doc_tokens, rng, asked)
+        key = rng.choice(sorted(facts)) if asked is None else list(facts)[asked]
         question = QUESTION.format(key=key)
         text = "\n\n".join([INSTRUCTION, *docs, question])
         row: dict = {"sample": k, "contexts": len(docs), "key": key}
@@ -135,7 +147,7 @@ def main() -> None:
     speed_warm = seq_t / statistics.median(times["ape_warm"])
     rel = acc["ape"] / acc["sequential"] if acc["sequential"] else float("nan")
     print(json.dumps({
-        "summary": True, "benchmark": "attention_ape", "samples": n, "contexts": args.contexts,
+        "summary": True, "benchmark": "attention_ape", "facts": args.facts, "samples": n, "contexts": args.contexts,
         "doc_tokens": args.doc_tokens, "temperature": args.temperature, "scale": args.scale,
         "accuracy": acc, "ape_relative_quality": rel,
         "prefill_speedup_cold": speed_cold, "prefill_speedup_warm": speed_warm,
