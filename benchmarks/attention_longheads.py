@@ -23,6 +23,8 @@ def main() -> None:
     ap.add_argument("--top-k", type=int, default=None, help="LongHeadsConfig.top_k")
     ap.add_argument("--prefill-block", type=int, default=None, help="LongHeadsConfig.prefill_block")
     ap.add_argument("--chunk-score", choices=["max", "mean"], default=None, help="LongHeadsConfig.chunk_score")
+    ap.add_argument("--question-chunks", action=argparse.BooleanOptionalAction, default=None,
+                    help="LongHeadsConfig.question_chunks")
     args = ap.parse_args()
 
     from apportion.host import Host, load_model
@@ -36,7 +38,8 @@ def main() -> None:
         extends_context = True
 
     opts = {k: v for k, v in (("chunk_size", args.chunk_size), ("top_k", args.top_k),
-                              ("prefill_block", args.prefill_block), ("chunk_score", args.chunk_score)) if v is not None}
+                              ("prefill_block", args.prefill_block), ("chunk_score", args.chunk_score),
+                              ("question_chunks", args.question_chunks)) if v is not None}
     cfg = LongHeadsConfig(**opts)  # type: ignore[arg-type]
     loaded = load_model("smollm2")
     reg = get_registry()

@@ -123,3 +123,29 @@ def test_question_is_read_as_its_own_block():
     assert lh.blocks(200, 0) == [(0, 64), (64, 128), (128, 192), (192, 200)]
     assert lh.blocks(200, 65) == lh.blocks(200, 0)  # a question longer than a block: plain blocks
     assert lh.blocks(10, 10) == [(0, 10)]
+
+
+def test_question_chunks_are_read_while_generating(smollm2):
+    """With ``question_chunks`` every head reads, at each generated token, the chunks it chose
+    for the question besides its own fresh choice (a chunk in both is read once); without,
+    only the fresh choice. The window bound counts the extra chunks."""
+    from apportion.base import Prompt
+    from apportion.host import Host
+
+    prompt = Prompt([{"role": "user", "content": f"{_long_context(20)}\n\n{QUESTION}"}], question=QUESTION)
+    cfg = LongHeadsConfig(chunk_size=32, top_k=2, prefill_block=64)
+    assert cfg.model_copy(update={"question_chunks": True}).window() == cfg.window() + 2 * 32
+    texts = {}
+    for keep in (False, True):
+        lh = LongHeads(cfg.model_copy(update={"question_chunks": keep}))
+        texts[keep] = Host(smollm2, lh).generate(prompt, max_new_tokens=3)[0].text
+        asked = lh._question_sel[5]  # (B, H, top_k + 1): the question block's choice, chunk 0 first
+        now = lh.last_selection[5]  # the last generated token's
+        assert asked.shape[-1] == 3
+        if not keep:
+            assert now.shape[-1] == 3
+            continue
+        assert now.shape[-1] == 6 and bool((now[..., 1:] >= now[..., :-1]).all())
+        for h in range(now.shape[1]):
+            assert set(asked[0, h].tolist()) <= set(now[0, h].tolist())
+    assert all(t.strip() for t in texts.values())

@@ -15,7 +15,8 @@ original order, followed by the local window, so no relative distance exceeds
 While the whole cache fits the window, attention is exactly dense. The host's prompt is fed
 in blocks of ``prefill_block`` tokens (the selection is made per block, from the block's
 mean query; the question tail is its own block), so prompts far past the model's window are
-read with bounded memory. While generating, every new token selects afresh.
+read with bounded memory. While generating, every new token selects afresh; with
+``question_chunks`` each head also keeps reading the chunks it chose for the question.
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ class LongHeadsConfig(ComponentConfig):
     prefill_block: int = Field(1024, ge=16, description="prompt tokens fed per forward pass while reading")
     chunk_score: Literal["max", "mean"] = Field(
         "max", description="how a chunk is scored against a query: its best key ('max') or its mean key ('mean')")
+    question_chunks: bool = Field(
+        False, description="while generating, each head also reads the chunks it selected for the question "
+                           "(the prompt's question tail), besides the ones the new token selects")
 
     @model_validator(mode="after")
     def _block(self) -> LongHeadsConfig:
@@ -49,7 +53,8 @@ class LongHeadsConfig(ComponentConfig):
 
     def window(self) -> int:
         """The largest relative distance any query sees."""
-        return (self.top_k + 2) * self.chunk_size + self.prefill_block
+        selected = 2 * self.top_k if self.question_chunks else self.top_k
+        return (selected + 2) * self.chunk_size + self.prefill_block
 
 
 class LongHeads(AttentionBackend):
@@ -65,6 +70,8 @@ class LongHeads(AttentionBackend):
         self._inv_freq: torch.Tensor | None = None
         #: chunks selected per (layer, head) at the last call: for inspection and tests
         self.last_selection: dict[int, torch.Tensor] = {}
+        self._question_at: int | None = None  # position of the question tail's first token
+        self._question_sel: dict[int, torch.Tensor] = {}  # layer -> the question's chunks (B, H, S)
 
     def attention_function(self) -> Callable[..., Any]:
         return self._attend
@@ -81,9 +88,12 @@ class LongHeads(AttentionBackend):
             raise ConfigError(f"longheads window {(self.config.window())} (= (top_k + 2) * chunk_size + "
                               f"prefill_block) exceeds the model's {limit} positions")
         self._raw.clear()
+        self._question_sel.clear()
         L = input_ids.shape[1]
         logits = None
-        for start, end in self.blocks(L, question_len):
+        spans = self.blocks(L, question_len)
+        self._question_at = spans[-1][0] if 0 < question_len <= self.config.prefill_block and len(spans) > 1 else None
+        for start, end in spans:
             ids = input_ids[:, start:end]
             pos = torch.arange(start, end, device=ids.device).expand(ids.shape[0], -1)
             out = model(input_ids=ids, position_ids=pos, use_cache=True, logits_to_keep=1, **cache_kwargs(model, cache))
@@ -172,12 +182,21 @@ class LongHeads(AttentionBackend):
         scale = scaling if scaling is not None else 1.0 / math.sqrt(d)
         G = H // Hkv
         chunks = self._select(layer, query, key, P0, n_hist, inv_freq)  # (B, H, S)
+        fresh = None  # (B, H, S) False for a chunk already in an earlier slot
+        if Q > 1 and P0 == self._question_at:
+            self._question_sel[layer] = chunks
+        elif Q == 1 and self.config.question_chunks and layer in self._question_sel:
+            chunks = torch.cat([self._question_sel[layer], chunks], dim=-1).sort(-1).values
+            fresh = torch.ones_like(chunks, dtype=torch.bool)
+            fresh[..., 1:] = chunks[..., 1:] != chunks[..., :-1]
         self.last_selection[layer] = chunks
         S = chunks.shape[-1]
         # -- gather the chunks' keys/values per query head
         offs = torch.arange(c, device=query.device)
         orig = (chunks[..., None] * c + offs).reshape(B, H, S * c)  # original positions
         in_hist = orig < n_hist
+        if fresh is not None:  # a chunk in two slots is read once
+            in_hist = in_hist & fresh[..., None].expand(B, H, S, c).reshape(B, H, S * c)
         orig_safe = orig.clamp(max=n_hist - 1)
         kv_row = (torch.arange(B, device=query.device)[:, None] * Hkv + torch.arange(H, device=query.device)[None, :] // G)
         flat = (kv_row[..., None] * N + orig_safe).reshape(-1)
