@@ -39,6 +39,8 @@ def main() -> int:
     ap.add_argument("--heads", type=int, default=32)
     ap.add_argument("--kv-heads", type=int, default=8)
     ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--estimate-rest", action=argparse.BooleanOptionalAction, default=True,
+                    help="time the step with SqueezedConfig.estimate_rest (the default) or without")
     ap.add_argument("--peak-tbs", type=float, default=4.8, help="the card's peak memory bandwidth, TB/s")
     args = ap.parse_args()
 
@@ -89,7 +91,10 @@ def main() -> int:
         dense_bytes = 2 * rows * n * D * esize
         for budget in args.budgets:
             index = build_layer_index(keys.float(), calib, budget=budget, scale=scale, cluster_size=32, iters=4)
-            backend = Squeezed(SqueezedConfig(budget=budget, kernels="triton", cluster_size=32))
+            if args.estimate_rest:  # the backend's default: the clusters left out, via their centroids
+                index.summarize_rest(values.float())
+            backend = Squeezed(SqueezedConfig(budget=budget, kernels="triton", cluster_size=32,
+                                              estimate_rest=args.estimate_rest))
 
             def step(index=index, backend=backend, n=n, query=query, k4=k4, v4=v4):
                 index.last_n = n - 1
@@ -109,7 +114,7 @@ def main() -> int:
             index_bytes = (index.fine_c.numel() + index.coarse_c.numel()) * 4 + index.assign.numel() * 8
             out_ref = torch.nn.functional.scaled_dot_product_attention(query, k4, v4, scale=scale, enable_gqa=True)
             out_sq = step()[0].transpose(1, 2)
-            row = {"gpu": name, "n_keys": n, "budget": budget, "batch": B,
+            row = {"gpu": name, "n_keys": n, "budget": budget, "batch": B, "estimate_rest": args.estimate_rest,
                    "selected_fraction": round(selected / (rows * n), 4),
                    "dense_sdpa_ms": round(dense_sdpa, 4), "dense_flash_ms": dense_fa and round(dense_fa, 4),
                    "squeezed_step_ms": round(full_ms, 4), "sparse_kernel_ms": round(sparse_ms, 4),

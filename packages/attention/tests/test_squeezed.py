@@ -344,6 +344,11 @@ def test_estimate_of_the_rest_is_exact_when_clusters_hold_equal_keys(sticky):
     out, _ = backend._masked(index, qs, keys[None], values[None], None, 0.25)
     last = _dense(qs[0, :, -1].reshape(3, 2, 16), keys, values, 0.25)
     assert torch.allclose(out[0, -1].reshape(3, 2, 16), last, atol=1e-5)
+    # the Triton path (compaction + split-K kernel, interpreted here) merges the estimate too
+    tri = Squeezed(SqueezedConfig(kernels="triton"))
+    visible = torch.ones(1, 1, 1, keys.shape[1], dtype=torch.bool)
+    out, _ = tri._decode(index, q.reshape(1, 6, 1, 16), keys[None], values[None], visible, 0.25)
+    assert torch.allclose(out.reshape(3, 2, 16), dense, atol=1e-5)
     # without the estimate the same selection misses the rest's mass
     index.rest_v = index.rest_shift = None
     sparse, _ = backend._decode(index, q.reshape(1, 6, 1, 16), keys[None], values[None], None, 0.25)
