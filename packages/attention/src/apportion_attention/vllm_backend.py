@@ -255,11 +255,7 @@ class SqueezedImpl(CPUAttentionBackendImpl):
         idx, counts = kern.compact(keep)
         # the buffers' whole storage (contiguous); idx only points below n
         out, lse = kern.sparse_decode(qg, req.keys.data, req.values.data, idx, counts, scale=self.scale)
-        if index.rest_v is not None:  # the clusters left out, as in the transformers backend
-            from apportion.host.lse import merge
-
-            o_rest, lse_rest = index.estimate_rest(fine, keep_f)
-            out = merge([out, o_rest], [lse, lse_rest])[0]
+        out = index.add_rest(out, lse, fine, keep_f)  # the clusters left out, as in the transformers backend
         self.stats["sparse_tokens"] += 1
         self.stats["context_keys"] += hkv * index.n_ctx
         self.stats["selected_keys"] += int(ctx.sum())

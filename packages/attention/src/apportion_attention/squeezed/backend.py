@@ -36,9 +36,9 @@ window, as SnapKV's observation window, spread to neighbouring keys and ranked b
 step (decode included), united with each step's own centroid selection, whose thresholds are
 calibrated to select the rest of the budget among the keys that are not already sticky (so
 the union fills the budget; calibrating to ``(1 - question_share)`` of all keys left it
-about a fifth short, as the centroid selection overlaps the question's keys). The per-step centroid
-lookup alone failed on needle retrieval: a generated token's query need not point at the
-needle's cluster even though the question's did. ``question_share=0`` is the paper's
+about a fifth short, as the centroid selection overlaps the question's keys). The per-step
+centroid lookup alone failed on needle retrieval: a generated token's query need not point
+at the needle's cluster even though the question's did. ``question_share=0`` is the paper's
 per-step selection only.
 
 Budget semantics (``budget``, or ``budget_tokens`` when set): the calibrated fraction (or
@@ -275,17 +275,15 @@ class Squeezed(AttentionBackend):
             out = torch.nn.functional.scaled_dot_product_attention(
                 query, key, value, attn_mask=full, scale=scale, enable_gqa=G > 1)
             return out.transpose(1, 2).contiguous(), None
-        from apportion.host.lse import merge, partial_attention
+        from apportion.host.lse import partial_attention
 
-        o_sel, lse_sel = partial_attention(query.view(B, Hkv, G, Q, d), key[:, :, None], value[:, :, None],
-                                           scale=scale, mask=full.view(B, Hkv, G, Q, N))
-        o_rest, lse_rest = index.estimate_rest(fine, keep_f)  # (rows, G, Q, d), (rows, G, Q)
-        out, _ = merge([o_sel, o_rest.view(B, Hkv, G, Q, d)], [lse_sel, lse_rest.view(B, Hkv, G, Q)])
+        o_sel, lse_sel = partial_attention(query.reshape(B * Hkv, G, Q, d), key.reshape(B * Hkv, 1, N, d),
+                                           value.reshape(B * Hkv, 1, N, d), scale=scale,
+                                           mask=full.view(B * Hkv, G, Q, N))
+        out = index.add_rest(o_sel, lse_sel, fine, keep_f)  # (rows, G, Q, d)
         return out.view(B, H, Q, d).to(query.dtype).transpose(1, 2).contiguous(), None
 
     def _decode(self, index: LayerIndex, query, key, value, attention_mask, scale):
-        from apportion.host.lse import merge
-
         from apportion_attention.kernels import dispatch, reference
 
         kern = dispatch(self.config.kernels, query.device.type)
@@ -309,9 +307,7 @@ class Squeezed(AttentionBackend):
                 keep = keep & base[:, 0, 0, :].unsqueeze(1).expand(B, Hkv, N).reshape(rows, N)
             idx, counts_t = kern.compact(keep)
             out, lse = kern.sparse_decode(q, k, v, idx, counts_t, scale=scale)
-        if index.rest_v is not None:
-            o_rest, lse_rest = index.estimate_rest(fine, keep_f)
-            out = merge([out, o_rest], [lse, lse_rest])[0].to(query.dtype)
+        out = index.add_rest(out, lse, fine, keep_f).to(query.dtype)
         return out.view(B, H, 1, d).transpose(1, 2).contiguous(), None
 
     def _count(self, selected: torch.Tensor, total: int) -> None:

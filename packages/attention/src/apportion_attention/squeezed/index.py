@@ -93,37 +93,39 @@ class LayerIndex:
         self.sticky = keep.to(torch.bool) & (self.assign >= 0)
         self._sticky_rows, self._sticky_pos = self.sticky.nonzero(as_tuple=True)
 
+    def _clusters(self, q: torch.Tensor, scale: float, scores_fn) -> tuple[torch.Tensor, torch.Tensor]:
+        """Kept fine clusters and fine scores for queries ``q`` (rows, G, Q, d): (bool (rows,
+        Q, K2), float (rows, G, Q, K2) = ``scale * q . mu_c + log n_c``). A head group keeps a
+        cluster if any of its heads does, and only under a kept coarse parent."""
+        rows, G, Q, d = q.shape
+        flat = q.reshape(rows, G * Q, d)
+        coarse = scores_fn(flat, self.coarse_c.to(q.dtype), self.coarse_bias, scale=scale).view(rows, G, Q, -1)
+        lse = torch.logsumexp(coarse, dim=-1, keepdim=True)
+        keep_c = (coarse - lse).amax(1) >= self.t_coarse[:, None, None]  # (rows, Q, K1)
+        keep_parent = keep_c.gather(2, self.parent[:, None, :].expand(rows, Q, -1))  # (rows, Q, K2)
+        fine = scores_fn(flat, self.fine_c.to(q.dtype), self.fine_bias, scale=scale).view(rows, G, Q, -1)
+        keep_f = ((fine - lse).amax(1) >= self.t_fine[:, None, None]) & keep_parent
+        return keep_f, fine
+
     def select(self, q: torch.Tensor, scale: float, scores_fn=None, *, with_clusters: bool = False):
         """Context-key selection for queries ``q`` (rows, G, Q, d) -> bool (rows, Q, n_ctx).
 
         ``with_clusters``: return ``(selection, keep_f, fine)`` as well, the kept fine
         clusters (rows, Q, K2) and the fine scores (rows, G, Q, K2) that :meth:`estimate_rest`
         takes."""
-        rows, G, Q, d = q.shape
-        flat = q.reshape(rows, G * Q, d)
         if scores_fn is None:
             from apportion_attention.kernels.reference import centroid_scores as scores_fn
-        coarse = scores_fn(flat, self.coarse_c.to(q.dtype), self.coarse_bias, scale=scale).view(rows, G, Q, -1)
-        lse = torch.logsumexp(coarse, dim=-1, keepdim=True)
-        keep_c = ((coarse - lse).amax(1) >= self.t_coarse[:, None, None])  # (rows, Q, K1)
-        parent = self.parent[:, None, :].expand(rows, Q, -1)
-        keep_parent = keep_c.gather(2, parent)  # (rows, Q, K2)
-        fine = scores_fn(flat, self.fine_c.to(q.dtype), self.fine_bias, scale=scale).view(rows, G, Q, -1)
-        keep_f = ((fine - lse).amax(1) >= self.t_fine[:, None, None]) & keep_parent
-        assign = self.assign.clamp(min=0)[:, None, :].expand(rows, Q, -1)
+        keep_f, fine = self._clusters(q, scale, scores_fn)
+        assign = self.assign.clamp(min=0)[:, None, :].expand(self.rows, q.shape[2], -1)
         sel = keep_f.gather(2, assign) & (self.assign >= 0)[:, None, :]
         sel = sel if self.sticky is None else sel | self.sticky[:, None, :]
         return (sel, keep_f, fine) if with_clusters else sel
 
     def cluster_scores(self, q: torch.Tensor, scale: float, kernels) -> tuple[torch.Tensor, torch.Tensor]:
         """The fine clusters one query group keeps and the fine scores: ``q`` (rows, G, d) ->
-        (keep_f bool (rows, K2), fine (rows, G, K2) = ``scale * q . mu_c + log n_c``)."""
-        coarse = kernels.centroid_scores(q, self.coarse_c.to(q.dtype), self.coarse_bias, scale=scale)
-        lse = torch.logsumexp(coarse, dim=-1)  # (rows, G)
-        keep_c = (coarse - lse[..., None]).amax(1) >= self.t_coarse[:, None]
-        fine = kernels.centroid_scores(q, self.fine_c.to(q.dtype), self.fine_bias, scale=scale)
-        keep_f = ((fine - lse[..., None]).amax(1) >= self.t_fine[:, None]) & keep_c.gather(1, self.parent)
-        return keep_f, fine
+        (keep_f bool (rows, K2), fine (rows, G, K2)), with the kernels' centroid scoring."""
+        keep_f, fine = self._clusters(q[:, :, None], scale, kernels.centroid_scores)
+        return keep_f[:, 0], fine[:, :, 0]
 
     def select_clusters(self, q: torch.Tensor, scale: float, kernels) -> torch.Tensor:
         """The fine clusters one query group keeps: ``q`` (rows, G, d) -> bool (rows, K2)."""
@@ -181,6 +183,17 @@ class LayerIndex:
         rows, k2, d = self.rest_v.shape
         out = torch.matmul(probs.reshape(rows, -1, k2), self.rest_v).reshape(*probs.shape[:-1], d)
         return out, lse
+
+    def add_rest(self, out: torch.Tensor, lse: torch.Tensor, fine: torch.Tensor,
+                 keep_f: torch.Tensor) -> torch.Tensor:
+        """The selected keys' attention ``out`` (rows, G, [Q,] d) with log-sum-exp ``lse``,
+        merged with :meth:`estimate_rest` when the index has summaries (else ``out`` as is)."""
+        if self.rest_v is None:
+            return out
+        from apportion.host.lse import merge
+
+        o_rest, lse_rest = self.estimate_rest(fine, keep_f)
+        return merge([out, o_rest], [lse, lse_rest])[0]
 
     def select_positions(self, q: torch.Tensor, scale: float, kernels,
                          keep_f: torch.Tensor | None = None) -> tuple[torch.Tensor, list[int]]:
