@@ -8,8 +8,9 @@ of that context's score distribution (the cut that best separates the relevant f
 rest), so a context with one needle keeps one sentence and a context full of relevant text
 keeps most of it. Each kept sentence brings its same-paragraph neighbours (its subject is
 often named one sentence earlier), and a second, lexical round follows the bridge entity of
-the best sentence (multi-hop questions). A budget tightens the cut. The result is the pruned context, the kept-sentence map and a rerank score (the best
-sentence's relevance: a passage-level score a reranker can sort by).
+the best sentence (multi-hop questions). A budget tightens the cut. The result is the pruned
+context, the kept-sentence map and a rerank score (the best sentence's relevance: a
+passage-level score a reranker can sort by).
 """
 
 from __future__ import annotations
