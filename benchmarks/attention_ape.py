@@ -39,12 +39,17 @@ FACT = "The special magic number for {key} is: {value}."
 QUESTION = "What is the special magic number for {key}? Answer with the number only."
 
 
-def documents(tokenizer, n_docs: int, doc_tokens: int, rng: random.Random,
-              asked: int | None = None) -> tuple[list[str], dict[str, str]]:
+def documents(
+    tokenizer, n_docs: int, doc_tokens: int, rng: random.Random, asked: int | None = None
+) -> tuple[list[str], dict[str, str]]:
     """``n_docs`` documents and their facts (key -> value); with ``asked``, only document
     ``asked`` holds its fact (the others are returned in ``facts`` but not written)."""
     pool = sentences()
-    keys = rng.sample(list(KEYS), n_docs) if n_docs <= len(KEYS) else [f"{rng.choice(KEYS)}-{i}" for i in range(n_docs)]
+    keys = (
+        rng.sample(list(KEYS), n_docs)
+        if n_docs <= len(KEYS)
+        else [f"{rng.choice(KEYS)}-{i}" for i in range(n_docs)]
+    )
     docs, facts = [], {}
     for j, key in enumerate(keys):
         value = str(rng.randrange(1_000_000, 10_000_000))
@@ -71,16 +76,27 @@ def timed_prefill(loaded, backend, text: str, question: str) -> tuple[float, dic
     cache = KVPolicy().make_cache(loaded.model)
     with torch.inference_mode(), backend.installed(loaded.model):
         t0 = time.perf_counter()
-        out = backend.prefill(loaded.model, ids, torch.ones_like(ids), cache, question_len=enc.question_len,
-                              inner=KVPolicy().prefill)
+        out = backend.prefill(
+            loaded.model,
+            ids,
+            torch.ones_like(ids),
+            cache,
+            question_len=enc.question_len,
+            inner=KVPolicy().prefill,
+        )
         return time.perf_counter() - t0, (out.info or {}) | {"prompt_tokens": len(enc.ids)}
 
 
 def answer(loaded, backend, text: str, question: str, n: int) -> str:
     from apportion.base import Prompt
 
-    return Host(loaded, backend).generate(Prompt([{"role": "user", "content": text}], question=question),
-                                          max_new_tokens=n)[0].text
+    return (
+        Host(loaded, backend)
+        .generate(Prompt([{"role": "user", "content": text}], question=question), max_new_tokens=n)[
+            0
+        ]
+        .text
+    )
 
 
 def main() -> None:
@@ -92,8 +108,12 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=APEConfig().temperature)
     ap.add_argument("--scale", type=float, default=APEConfig().scale)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--facts", choices=["every", "one"], default="every",
-                    help="every document holds a same-form fact (distractors), or only the asked one")
+    ap.add_argument(
+        "--facts",
+        choices=["every", "one"],
+        default="every",
+        help="every document holds a same-form fact (distractors), or only the asked one",
+    )
     args = ap.parse_args()
 
     loaded = load_model("smollm2")
@@ -128,7 +148,9 @@ def main() -> None:
                 q2 = QUESTION.format(key=other)
                 shuffled = docs[:]
                 rng.shuffle(shuffled)
-                warm, info2 = timed_prefill(loaded, backend, "\n\n".join([INSTRUCTION, *shuffled, q2]), q2)
+                warm, info2 = timed_prefill(
+                    loaded, backend, "\n\n".join([INSTRUCTION, *shuffled, q2]), q2
+                )
                 assert info2.get("reused") == len(docs), info2
                 times["ape_cold"].append(cold)
                 times["ape_warm"].append(warm)
@@ -146,15 +168,35 @@ def main() -> None:
     speed_cold = seq_t / statistics.median(times["ape_cold"])
     speed_warm = seq_t / statistics.median(times["ape_warm"])
     rel = acc["ape"] / acc["sequential"] if acc["sequential"] else float("nan")
-    print(json.dumps({
-        "summary": True, "benchmark": "attention_ape", "facts": args.facts, "samples": n, "contexts": args.contexts,
-        "doc_tokens": args.doc_tokens, "temperature": args.temperature, "scale": args.scale,
-        "accuracy": acc, "ape_relative_quality": rel,
-        "prefill_speedup_cold": speed_cold, "prefill_speedup_warm": speed_warm,
-        "sequential_prefill_s_median": seq_t,
-        "targets": {"ape_relative_quality": ">= 0.90", "prefill_speedup": ">= 3.0 (warm: cached contexts)"},
-        "met": {"quality": rel >= 0.9, "speedup_warm": speed_warm >= 3.0, "speedup_cold": speed_cold >= 3.0},
-    }), flush=True)
+    print(
+        json.dumps(
+            {
+                "summary": True,
+                "benchmark": "attention_ape",
+                "facts": args.facts,
+                "samples": n,
+                "contexts": args.contexts,
+                "doc_tokens": args.doc_tokens,
+                "temperature": args.temperature,
+                "scale": args.scale,
+                "accuracy": acc,
+                "ape_relative_quality": rel,
+                "prefill_speedup_cold": speed_cold,
+                "prefill_speedup_warm": speed_warm,
+                "sequential_prefill_s_median": seq_t,
+                "targets": {
+                    "ape_relative_quality": ">= 0.90",
+                    "prefill_speedup": ">= 3.0 (warm: cached contexts)",
+                },
+                "met": {
+                    "quality": rel >= 0.9,
+                    "speedup_warm": speed_warm >= 3.0,
+                    "speedup_cold": speed_cold >= 3.0,
+                },
+            }
+        ),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -31,8 +31,14 @@ METHODS = {"rope": RotaryPlugin, "rope-ntk": DynamicNTK, "rope-yarn": YaRN, "hop
 
 
 @torch.inference_mode()
-def run_one(loaded, plugin: RotaryPlugin, context_ids: list[int], tail_ids: list[int], ppl_tokens: int,
-            new_tokens: int) -> tuple[float, str]:
+def run_one(
+    loaded,
+    plugin: RotaryPlugin,
+    context_ids: list[int],
+    tail_ids: list[int],
+    ppl_tokens: int,
+    new_tokens: int,
+) -> tuple[float, str]:
     from transformers import DynamicCache
 
     model = loaded.model
@@ -40,11 +46,15 @@ def run_one(loaded, plugin: RotaryPlugin, context_ids: list[int], tail_ids: list
     plugin.seq_len = ids.shape[-1]
     cache = DynamicCache(config=model.config)
     with plugin.installed(model):
-        hidden = model.model(input_ids=ids, position_ids=torch.arange(ids.shape[-1])[None], use_cache=True,
-                             **cache_kwargs(model.model, cache)).last_hidden_state
+        hidden = model.model(
+            input_ids=ids,
+            position_ids=torch.arange(ids.shape[-1])[None],
+            use_cache=True,
+            **cache_kwargs(model.model, cache),
+        ).last_hidden_state
         n_ctx = len(context_ids)
         lo = max(1, n_ctx - ppl_tokens)
-        logits = model.lm_head(hidden[0, lo - 1: n_ctx - 1]).float()
+        logits = model.lm_head(hidden[0, lo - 1 : n_ctx - 1]).float()
         nll = torch.nn.functional.cross_entropy(logits, ids[0, lo:n_ctx])
         logits = model.lm_head(hidden[:, -1]).float()
         out, pos = [], ids.shape[-1]
@@ -53,8 +63,12 @@ def run_one(loaded, plugin: RotaryPlugin, context_ids: list[int], tail_ids: list
             if nxt == loaded.tokenizer.eos_token_id:
                 break
             out.append(nxt)
-            step = model(input_ids=torch.tensor([[nxt]]), position_ids=torch.tensor([[pos]]), use_cache=True,
-                         **cache_kwargs(model, cache))
+            step = model(
+                input_ids=torch.tensor([[nxt]]),
+                position_ids=torch.tensor([[pos]]),
+                use_cache=True,
+                **cache_kwargs(model, cache),
+            )
             logits, pos = step.logits[:, -1].float(), pos + 1
     return math.exp(float(nll)), loaded.tokenizer.decode(out, skip_special_tokens=True)
 
@@ -66,8 +80,12 @@ def main() -> None:
     ap.add_argument("--ppl-tokens", type=int, default=512)
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    ap.add_argument("--hope-zero-threshold", type=float, default=None,
-                    help="HoPE zeroes frequencies with wavelength > this many windows (default: the plugin's)")
+    ap.add_argument(
+        "--hope-zero-threshold",
+        type=float,
+        default=None,
+        help="HoPE zeroes frequencies with wavelength > this many windows (default: the plugin's)",
+    )
     args = ap.parse_args()
 
     loaded = load_model("smollm2")
@@ -76,43 +94,84 @@ def main() -> None:
     results: dict[str, dict[int, dict[str, list[float]]]] = {m: {} for m in args.methods}
     bench = SingleNeedle(NeedleConfig(lengths=args.lengths, depths=[0.5], samples=args.samples))
     for s in bench.samples(tok):
-        text = tok.apply_chat_template([{"role": "user", "content": f"{s.context}\n\n{s.question}"}],
-                                       add_generation_prompt=True, tokenize=False)
+        text = tok.apply_chat_template(
+            [{"role": "user", "content": f"{s.context}\n\n{s.question}"}],
+            add_generation_prompt=True,
+            tokenize=False,
+        )
         split = text.rfind(s.question)
         context_ids = tok.encode(text[:split], add_special_tokens=False)
         tail_ids = tok.encode(text[split:], add_special_tokens=False)
         for m in args.methods:
             t0 = time.perf_counter()
-            plugin = (HoPE(HoPEConfig(zero_threshold=args.hope_zero_threshold))
-                      if m == "hope" and args.hope_zero_threshold is not None else METHODS[m]())
-            ppl, answer = run_one(loaded, plugin, context_ids, tail_ids, args.ppl_tokens, args.new_tokens)
+            plugin = (
+                HoPE(HoPEConfig(zero_threshold=args.hope_zero_threshold))
+                if m == "hope" and args.hope_zero_threshold is not None
+                else METHODS[m]()
+            )
+            ppl, answer = run_one(
+                loaded, plugin, context_ids, tail_ids, args.ppl_tokens, args.new_tokens
+            )
             ok = s.answers[0] in answer.replace(",", "")
             slot = results[m].setdefault(s.length, {"ppl": [], "niah": []})
             slot["ppl"].append(ppl)
             slot["niah"].append(float(ok))
-            print(json.dumps({"method": m, "length": s.length, "x_window": round(s.length / window, 2),
-                              "sample": s.id, "ppl": ppl, "niah_correct": ok, "answer": answer[:60],
-                              "seconds": time.perf_counter() - t0}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "method": m,
+                        "length": s.length,
+                        "x_window": round(s.length / window, 2),
+                        "sample": s.id,
+                        "ppl": ppl,
+                        "niah_correct": ok,
+                        "answer": answer[:60],
+                        "seconds": time.perf_counter() - t0,
+                    }
+                ),
+                flush=True,
+            )
 
     def mean(xs: list[float]) -> float:
         return sum(xs) / len(xs)
 
-    table = {m: {str(n): {"ppl": mean(v["ppl"]), "niah": mean(v["niah"])} for n, v in per.items()}
-             for m, per in results.items()}
+    table = {
+        m: {str(n): {"ppl": mean(v["ppl"]), "niah": mean(v["niah"])} for n, v in per.items()}
+        for m, per in results.items()
+    }
     past = [n for n in args.lengths if n > window]
     verdict = None
     if past and "hope" in table and "rope" in table:
-        verdict = all(table["hope"][str(n)]["ppl"] <= table["rope"][str(n)]["ppl"]
-                      and table["hope"][str(n)]["niah"] >= table["rope"][str(n)]["niah"] for n in past)
-    print(json.dumps({
-        "summary": True, "benchmark": "attention_hope", "window": window, "lengths": args.lengths,
-        "samples": args.samples, "results": table,
-        "hope_config": (HoPEConfig() if args.hope_zero_threshold is None
-                        else HoPEConfig(zero_threshold=args.hope_zero_threshold)).model_dump(),
-        "targets": {"hope_vs_rope_past_window": "ppl <= rope and niah >= rope at every length > window"},
-        "met": {"hope_vs_rope_past_window": verdict},
-        "note": None if past else "no length past the trained window was measured: the target is not assessed",
-    }), flush=True)
+        verdict = all(
+            table["hope"][str(n)]["ppl"] <= table["rope"][str(n)]["ppl"]
+            and table["hope"][str(n)]["niah"] >= table["rope"][str(n)]["niah"]
+            for n in past
+        )
+    print(
+        json.dumps(
+            {
+                "summary": True,
+                "benchmark": "attention_hope",
+                "window": window,
+                "lengths": args.lengths,
+                "samples": args.samples,
+                "results": table,
+                "hope_config": (
+                    HoPEConfig()
+                    if args.hope_zero_threshold is None
+                    else HoPEConfig(zero_threshold=args.hope_zero_threshold)
+                ).model_dump(),
+                "targets": {
+                    "hope_vs_rope_past_window": "ppl <= rope and niah >= rope at every length > window"
+                },
+                "met": {"hope_vs_rope_past_window": verdict},
+                "note": None
+                if past
+                else "no length past the trained window was measured: the target is not assessed",
+            }
+        ),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

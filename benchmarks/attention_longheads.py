@@ -19,12 +19,23 @@ def main() -> None:
     ap.add_argument("--depths", type=float, nargs="+", default=[0.5])
     ap.add_argument("--samples", type=int, default=1)
     ap.add_argument("--no-dense", action="store_true", help="skip dense (the slow one)")
-    ap.add_argument("--chunk-size", type=int, default=None, help="LongHeadsConfig.chunk_size (default: the config's)")
+    ap.add_argument(
+        "--chunk-size",
+        type=int,
+        default=None,
+        help="LongHeadsConfig.chunk_size (default: the config's)",
+    )
     ap.add_argument("--top-k", type=int, default=None, help="LongHeadsConfig.top_k")
     ap.add_argument("--prefill-block", type=int, default=None, help="LongHeadsConfig.prefill_block")
-    ap.add_argument("--chunk-score", choices=["max", "mean"], default=None, help="LongHeadsConfig.chunk_score")
-    ap.add_argument("--question-chunks", action=argparse.BooleanOptionalAction, default=None,
-                    help="LongHeadsConfig.question_chunks")
+    ap.add_argument(
+        "--chunk-score", choices=["max", "mean"], default=None, help="LongHeadsConfig.chunk_score"
+    )
+    ap.add_argument(
+        "--question-chunks",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="LongHeadsConfig.question_chunks",
+    )
     args = ap.parse_args()
 
     from apportion.host import Host, load_model
@@ -37,19 +48,33 @@ def main() -> None:
 
         extends_context = True
 
-    opts = {k: v for k, v in (("chunk_size", args.chunk_size), ("top_k", args.top_k),
-                              ("prefill_block", args.prefill_block), ("chunk_score", args.chunk_score),
-                              ("question_chunks", args.question_chunks)) if v is not None}
+    opts = {
+        k: v
+        for k, v in (
+            ("chunk_size", args.chunk_size),
+            ("top_k", args.top_k),
+            ("prefill_block", args.prefill_block),
+            ("chunk_score", args.chunk_score),
+            ("question_chunks", args.question_chunks),
+        )
+        if v is not None
+    }
     cfg = LongHeadsConfig(**opts)  # type: ignore[arg-type]
     loaded = load_model("smollm2")
     reg = get_registry()
-    bench = reg.create("benchmark", "niah", {"lengths": args.lengths, "depths": args.depths, "samples": args.samples})
+    bench = reg.create(
+        "benchmark",
+        "niah",
+        {"lengths": args.lengths, "depths": args.depths, "samples": args.samples},
+    )
     strategy = reg.create("prompt-strategy", "zero-shot")
     acc: dict[str, dict[int, list[float]]] = {"dense": {}, "longheads": {}}
     wall: dict[str, dict[int, list[float]]] = {"dense": {}, "longheads": {}}
     for s in bench.samples(loaded.tokenizer):
         prompt = strategy.build(s.question, context=s.context)
-        backends = [("longheads", LongHeads(cfg.model_copy()))] + ([] if args.no_dense else [("dense", DenseUnbounded())])
+        backends = [("longheads", LongHeads(cfg.model_copy()))] + (
+            [] if args.no_dense else [("dense", DenseUnbounded())]
+        )
         for name, backend in backends:
             t0 = time.perf_counter()
             out = Host(loaded, backend).generate(prompt, max_new_tokens=32)[0]
@@ -57,12 +82,30 @@ def main() -> None:
             seconds = time.perf_counter() - t0
             acc[name].setdefault(s.length, []).append(score)
             wall[name].setdefault(s.length, []).append(seconds)
-            print(json.dumps({"id": s.id, "length": s.length, "depth": s.depth, "backend": name, "score": score,
-                              "answer": s.answers[0], "text": out.text[:80], "prompt_tokens": out.prompt_tokens,
-                              "wall_s": round(seconds, 1)}), flush=True)
-    summary = {"summary": True, "benchmark": "attention_longheads", "samples_per_length": args.samples * len(args.depths),
-               "target": "longheads answers past 8K where dense degrades", "longheads_config": cfg.model_dump(),
-               "window": cfg.window()}
+            print(
+                json.dumps(
+                    {
+                        "id": s.id,
+                        "length": s.length,
+                        "depth": s.depth,
+                        "backend": name,
+                        "score": score,
+                        "answer": s.answers[0],
+                        "text": out.text[:80],
+                        "prompt_tokens": out.prompt_tokens,
+                        "wall_s": round(seconds, 1),
+                    }
+                ),
+                flush=True,
+            )
+    summary = {
+        "summary": True,
+        "benchmark": "attention_longheads",
+        "samples_per_length": args.samples * len(args.depths),
+        "target": "longheads answers past 8K where dense degrades",
+        "longheads_config": cfg.model_dump(),
+        "window": cfg.window(),
+    }
     for name, by_len in acc.items():
         for n, v in by_len.items():
             summary[f"{name}_accuracy_{n}"] = round(100.0 * sum(v) / len(v), 1)

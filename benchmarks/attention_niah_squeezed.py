@@ -24,11 +24,24 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=1)
     ap.add_argument("--budget", type=float, default=0.1)
     ap.add_argument("--max-new-tokens", type=int, default=32)
-    ap.add_argument("--question-share", type=float, default=None,
-                    help="SqueezedConfig.question_share (default: the config's; 0 = per-step selection only)")
-    ap.add_argument("--question-reduce", choices=["sum", "max"], default=None, help="SqueezedConfig.question_reduce")
-    ap.add_argument("--question-before", type=int, default=None, help="SqueezedConfig.question_before")
-    ap.add_argument("--question-after", type=int, default=None, help="SqueezedConfig.question_after")
+    ap.add_argument(
+        "--question-share",
+        type=float,
+        default=None,
+        help="SqueezedConfig.question_share (default: the config's; 0 = per-step selection only)",
+    )
+    ap.add_argument(
+        "--question-reduce",
+        choices=["sum", "max"],
+        default=None,
+        help="SqueezedConfig.question_reduce",
+    )
+    ap.add_argument(
+        "--question-before", type=int, default=None, help="SqueezedConfig.question_before"
+    )
+    ap.add_argument(
+        "--question-after", type=int, default=None, help="SqueezedConfig.question_after"
+    )
     args = ap.parse_args()
 
     from apportion.host import Host, load_model
@@ -38,7 +51,11 @@ def main() -> None:
 
     loaded = load_model("smollm2")
     reg = get_registry()
-    bench = reg.create("benchmark", "niah", {"lengths": args.lengths, "depths": args.depths, "samples": args.samples})
+    bench = reg.create(
+        "benchmark",
+        "niah",
+        {"lengths": args.lengths, "depths": args.depths, "samples": args.samples},
+    )
     strategy = reg.create("prompt-strategy", "zero-shot")
     opts: dict[str, float | int | str] = {"budget": args.budget}
     if args.question_share is not None:
@@ -51,13 +68,24 @@ def main() -> None:
     fractions = []
     for s in bench.samples(loaded.tokenizer):
         prompt = strategy.build(s.question, context=s.context)
-        for name, backend in (("dense", AttentionBackend()), ("squeezed", Squeezed(cfg.model_copy()))):
+        for name, backend in (
+            ("dense", AttentionBackend()),
+            ("squeezed", Squeezed(cfg.model_copy())),
+        ):
             t0 = time.perf_counter()
             out = Host(loaded, backend).generate(prompt, max_new_tokens=args.max_new_tokens)[0]
             score = bench.score(s, out.text)
             scores[name].append(score)
-            row = {"id": s.id, "length": s.length, "depth": s.depth, "backend": name, "score": score,
-                   "answer": s.answers[0], "text": out.text[:80], "wall_s": round(time.perf_counter() - t0, 2)}
+            row = {
+                "id": s.id,
+                "length": s.length,
+                "depth": s.depth,
+                "backend": name,
+                "score": score,
+                "answer": s.answers[0],
+                "text": out.text[:80],
+                "wall_s": round(time.perf_counter() - t0, 2),
+            }
             if name == "squeezed":
                 row["selected_fraction"] = backend.selected_fraction()
                 if row["selected_fraction"] is not None:
@@ -65,14 +93,29 @@ def main() -> None:
             print(json.dumps(row), flush=True)
     acc = {k: 100.0 * sum(v) / len(v) for k, v in scores.items() if v}
     diff = acc["dense"] - acc["squeezed"]
-    print(json.dumps({"summary": True, "benchmark": "attention_niah_squeezed", "budget": args.budget,
-                      "question_share": cfg.question_share, "question_reduce": cfg.question_reduce, "question_before": cfg.question_before,
-                      "question_after": cfg.question_after,
-                      "samples": len(scores["dense"]), "lengths": args.lengths,
-                      "dense_accuracy": round(acc["dense"], 1), "squeezed_accuracy": round(acc["squeezed"], 1),
-                      "points_below_dense": round(diff, 1), "target_max_points_below": TARGET_POINTS,
-                      "mean_selected_fraction": round(sum(fractions) / len(fractions), 4) if fractions else None,
-                      "met": diff <= TARGET_POINTS}))
+    print(
+        json.dumps(
+            {
+                "summary": True,
+                "benchmark": "attention_niah_squeezed",
+                "budget": args.budget,
+                "question_share": cfg.question_share,
+                "question_reduce": cfg.question_reduce,
+                "question_before": cfg.question_before,
+                "question_after": cfg.question_after,
+                "samples": len(scores["dense"]),
+                "lengths": args.lengths,
+                "dense_accuracy": round(acc["dense"], 1),
+                "squeezed_accuracy": round(acc["squeezed"], 1),
+                "points_below_dense": round(diff, 1),
+                "target_max_points_below": TARGET_POINTS,
+                "mean_selected_fraction": round(sum(fractions) / len(fractions), 4)
+                if fractions
+                else None,
+                "met": diff <= TARGET_POINTS,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -43,19 +43,34 @@ def plugins_wall(repeats: int) -> tuple[list[float], bool]:
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "apportion.cli", "plugins", "--json"], check=True,
-                       capture_output=True)
+        subprocess.run(
+            [sys.executable, "-m", "apportion.cli", "plugins", "--json"],
+            check=True,
+            capture_output=True,
+        )
         times.append(time.perf_counter() - t0)
     probe = subprocess.run(
-        [sys.executable, "-c", "import sys\nsys.argv=['apportion','plugins','--json']\n"
-         "from apportion.cli import main\nmain()\nprint('TORCH', 'torch' in sys.modules)"],
-        check=True, capture_output=True, text=True).stdout
+        [
+            sys.executable,
+            "-c",
+            "import sys\nsys.argv=['apportion','plugins','--json']\n"
+            "from apportion.cli import main\nmain()\nprint('TORCH', 'torch' in sys.modules)",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     return times, "TORCH False" in probe
 
 
 def load(mode: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", LOAD_SNIPPET, mode], check=True, capture_output=True,
-                         text=True).stdout.strip().splitlines()[-1]
+    out = (
+        subprocess.run(
+            [sys.executable, "-c", LOAD_SNIPPET, mode], check=True, capture_output=True, text=True
+        )
+        .stdout.strip()
+        .splitlines()[-1]
+    )
     return json.loads(out)
 
 
@@ -70,20 +85,45 @@ def main() -> None:
     cache = [load("cache") for _ in range(max(1, args.repeats // 2))]
     gguf = load("gguf")
     for c in cache:
-        print(json.dumps({"measure": "load smollm2 from safetensors cache", **{k: round(v, 3) for k, v in c.items()}}))
-    print(json.dumps({"measure": "load smollm2 from GGUF (baseline)", **{k: round(v, 3) for k, v in gguf.items()}}))
+        print(
+            json.dumps(
+                {
+                    "measure": "load smollm2 from safetensors cache",
+                    **{k: round(v, 3) for k, v in c.items()},
+                }
+            )
+        )
+    print(
+        json.dumps(
+            {
+                "measure": "load smollm2 from GGUF (baseline)",
+                **{k: round(v, 3) for k, v in gguf.items()},
+            }
+        )
+    )
     cache_load = statistics.median(c["load_s"] for c in cache)
-    print(json.dumps({
-        "summary": True,
-        "plugins_wall_s_median": round(statistics.median(times), 4),
-        "plugins_torch_free": torch_free,
-        "cache_load_s_median": round(cache_load, 3),
-        "gguf_load_s": round(gguf["load_s"], 3),
-        "cache_speedup_vs_gguf": round(gguf["load_s"] / cache_load, 2),
-        "targets": {"plugins_wall_s": "< 0.5", "plugins_torch_free": True, "cache_load_s": "<= 3"},
-        "met": {"plugins_wall_s": statistics.median(times) < 0.5, "plugins_torch_free": torch_free,
-                "cache_load_s": cache_load <= 3.0},
-    }))
+    print(
+        json.dumps(
+            {
+                "summary": True,
+                "plugins_wall_s_median": round(statistics.median(times), 4),
+                "plugins_torch_free": torch_free,
+                "cache_load_s_median": round(cache_load, 3),
+                "gguf_load_s": round(gguf["load_s"], 3),
+                "cache_speedup_vs_gguf": round(gguf["load_s"] / cache_load, 2),
+                "targets": {
+                    "plugins_wall_s": "< 0.5",
+                    "plugins_torch_free": True,
+                    "cache_load_s": "<= 3",
+                },
+                "met": {
+                    "plugins_wall_s": statistics.median(times) < 0.5,
+                    "plugins_torch_free": torch_free,
+                    "cache_load_s": cache_load <= 3.0,
+                },
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

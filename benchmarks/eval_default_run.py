@@ -30,11 +30,18 @@ def main() -> None:
     ap.add_argument("--out", default="runs/default")
     args = ap.parse_args()
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "apportion.cli", "run", "--out", args.out, "--no-progress"],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "apportion.cli", "run", "--out", args.out, "--no-progress"],
+        capture_output=True,
+        text=True,
+    )
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
-        print(json.dumps({"summary": True, "error": proc.stderr[-2000:], "wall_seconds": round(wall, 1)}))
+        print(
+            json.dumps(
+                {"summary": True, "error": proc.stderr[-2000:], "wall_seconds": round(wall, 1)}
+            )
+        )
         sys.exit(1)
     plan = re.search(r"(\d+) configs x (\d+) samples: (\d+) to run", proc.stdout)
     left = re.search(r"(\d+) samples left", proc.stdout)
@@ -46,22 +53,41 @@ def main() -> None:
         configs.setdefault(r["variant"], []).append(r)
     for variant, rs in configs.items():
         ok = [r for r in rs if "error" not in r]
-        pairs = [(r["peak_kv_bytes"], base_kv[(r["benchmark"], r["sample_id"])]) for r in ok
-                 if (r["benchmark"], r["sample_id"]) in base_kv]
-        print(json.dumps({
-            "config": variant, "samples": len(rs), "errors": len(rs) - len(ok),
-            "accuracy": round(sum(r["score"] for r in rs) / len(rs), 4),
-            "peak_kv_vs_full": round(sum(a for a, _ in pairs) / sum(b for _, b in pairs), 4) if pairs else None,
-            "lengths": sorted({r["length"] for r in rs}),
-        }))
-    print(json.dumps({
-        "summary": True, "benchmark": "eval_default_run", "wall_seconds": round(wall, 1),
-        "target": {"wall_seconds_max": TARGET_S}, "met": wall <= TARGET_S,
-        "configs": int(plan.group(1)) if plan else len(configs),
-        "samples_per_config": int(plan.group(2)) if plan else None,
-        "measured": len(records), "left_for_rerun": int(left.group(1)) if left else 0,
-        "report": str(Path(args.out) / "report.html"),
-    }))
+        pairs = [
+            (r["peak_kv_bytes"], base_kv[(r["benchmark"], r["sample_id"])])
+            for r in ok
+            if (r["benchmark"], r["sample_id"]) in base_kv
+        ]
+        print(
+            json.dumps(
+                {
+                    "config": variant,
+                    "samples": len(rs),
+                    "errors": len(rs) - len(ok),
+                    "accuracy": round(sum(r["score"] for r in rs) / len(rs), 4),
+                    "peak_kv_vs_full": round(sum(a for a, _ in pairs) / sum(b for _, b in pairs), 4)
+                    if pairs
+                    else None,
+                    "lengths": sorted({r["length"] for r in rs}),
+                }
+            )
+        )
+    print(
+        json.dumps(
+            {
+                "summary": True,
+                "benchmark": "eval_default_run",
+                "wall_seconds": round(wall, 1),
+                "target": {"wall_seconds_max": TARGET_S},
+                "met": wall <= TARGET_S,
+                "configs": int(plan.group(1)) if plan else len(configs),
+                "samples_per_config": int(plan.group(2)) if plan else None,
+                "measured": len(records),
+                "left_for_rerun": int(left.group(1)) if left else 0,
+                "report": str(Path(args.out) / "report.html"),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

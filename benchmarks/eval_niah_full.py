@@ -29,13 +29,23 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="runs/eval-niah-full")
     args = ap.parse_args()
-    cfg = parse_config({
-        "name": "eval-niah-full",
-        "model": {"name": "smollm2", "device": "cpu", "dtype": "float32"},
-        "seed": args.seed,
-        "benchmarks": [{"name": "niah", "variant": "single", "value_type": "number",
-                        "lengths": args.lengths, "depths": args.depths, "samples": args.samples}],
-    })
+    cfg = parse_config(
+        {
+            "name": "eval-niah-full",
+            "model": {"name": "smollm2", "device": "cpu", "dtype": "float32"},
+            "seed": args.seed,
+            "benchmarks": [
+                {
+                    "name": "niah",
+                    "variant": "single",
+                    "value_type": "number",
+                    "lengths": args.lengths,
+                    "depths": args.depths,
+                    "samples": args.samples,
+                }
+            ],
+        }
+    )
     t0 = time.perf_counter()
     result = run(cfg, args.out, RunOptions(progress=False))
     wall = time.perf_counter() - t0
@@ -47,18 +57,48 @@ def main() -> None:
         rs = by_length[length]
         acc = sum(r["score"] for r in rs) / len(rs)
         summary[str(length)] = round(acc, 4)
-        misses = [{"depth": r["depth"], "gold": r["answers"][0], "said": r.get("prediction", r.get("error"))}
-                  for r in rs if r["score"] < 1]
-        print(json.dumps({"length": length, "n": len(rs), "accuracy": round(acc, 4),
-                          "prompt_tokens_mean": round(sum(r.get("prompt_tokens", 0) for r in rs) / len(rs), 1),
-                          "prefill_seconds_mean": round(sum(r.get("prefill_seconds", 0) for r in rs) / len(rs), 3),
-                          "misses": misses}))
-    print(json.dumps({"summary": True, "benchmark": "eval_niah_full", "model": "smollm2",
-                      "kv_policy": "full", "attention": "dense", "accuracy_by_length": summary,
-                      "target": {"accuracy_each_length": GOAL},
-                      "met": {k: v >= GOAL for k, v in summary.items()},
-                      "n_per_length": {str(k): len(v) for k, v in sorted(by_length.items())},
-                      "report": str(result.report), "wall_seconds": round(wall, 1)}))
+        misses = [
+            {
+                "depth": r["depth"],
+                "gold": r["answers"][0],
+                "said": r.get("prediction", r.get("error")),
+            }
+            for r in rs
+            if r["score"] < 1
+        ]
+        print(
+            json.dumps(
+                {
+                    "length": length,
+                    "n": len(rs),
+                    "accuracy": round(acc, 4),
+                    "prompt_tokens_mean": round(
+                        sum(r.get("prompt_tokens", 0) for r in rs) / len(rs), 1
+                    ),
+                    "prefill_seconds_mean": round(
+                        sum(r.get("prefill_seconds", 0) for r in rs) / len(rs), 3
+                    ),
+                    "misses": misses,
+                }
+            )
+        )
+    print(
+        json.dumps(
+            {
+                "summary": True,
+                "benchmark": "eval_niah_full",
+                "model": "smollm2",
+                "kv_policy": "full",
+                "attention": "dense",
+                "accuracy_by_length": summary,
+                "target": {"accuracy_each_length": GOAL},
+                "met": {k: v >= GOAL for k, v in summary.items()},
+                "n_per_length": {str(k): len(v) for k, v in sorted(by_length.items())},
+                "report": str(result.report),
+                "wall_seconds": round(wall, 1),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

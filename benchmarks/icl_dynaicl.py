@@ -39,12 +39,23 @@ def main() -> None:
     t0 = time.perf_counter()
     path = args.controller
     if path is None:
-        ctl, path = train("/tmp/apportion-bench-dynaicl/controller.json",
-                          k_values=[int(k) for k in args.ladder.split(",")],
-                          limit=args.train_limit, loaded=loaded)
-        print(json.dumps({"phase": "train", "n_train": ctl.meta["n_train"],
-                          "accuracy_by_k": ctl.meta["accuracy_by_k"],
-                          "seconds": round(time.perf_counter() - t0, 1)}), flush=True)
+        ctl, path = train(
+            "/tmp/apportion-bench-dynaicl/controller.json",
+            k_values=[int(k) for k in args.ladder.split(",")],
+            limit=args.train_limit,
+            loaded=loaded,
+        )
+        print(
+            json.dumps(
+                {
+                    "phase": "train",
+                    "n_train": ctl.meta["n_train"],
+                    "accuracy_by_k": ctl.meta["accuracy_by_k"],
+                    "seconds": round(time.perf_counter() - t0, 1),
+                }
+            ),
+            flush=True,
+        )
     pool = [e.as_demo() for e in data.classification("pool")]
     tests = data.classification("test")[: args.test_limit]
     fixed = KNN(KNNConfig(k=args.fixed_k, mmr_lambda=1.0)).bind(loaded)
@@ -55,28 +66,50 @@ def main() -> None:
             jobs.append((ex, label, strat.build(ex.query, demos=pool, tokenizer=loaded.tokenizer)))
     totals = {"fixed-k": [0, 0.0], "dynaicl": [0, 0.0]}
     for i in range(0, len(jobs), args.batch_size):
-        batch = jobs[i:i + args.batch_size]
+        batch = jobs[i : i + args.batch_size]
         texts = runtime.generate(loaded, [p for _, _, p in batch], max_new_tokens=8)
         for (ex, label, p), text in zip(batch, texts, strict=True):
             s = data.score(ex, text)
             totals[label][0] += p.accounting["prompt_tokens"]
             totals[label][1] += s
-            print(json.dumps({"id": ex.id, "task": ex.task, "config": label,
-                              "k": p.accounting["demos_kept"], "prompt_tokens": p.accounting["prompt_tokens"],
-                              "correct": s, "prediction": text}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "id": ex.id,
+                        "task": ex.task,
+                        "config": label,
+                        "k": p.accounting["demos_kept"],
+                        "prompt_tokens": p.accounting["prompt_tokens"],
+                        "correct": s,
+                        "prediction": text,
+                    }
+                ),
+                flush=True,
+            )
     n = len(tests)
     acc_f, acc_d = totals["fixed-k"][1] / n, totals["dynaicl"][1] / n
     saving = 1 - totals["dynaicl"][0] / totals["fixed-k"][0]
-    print(json.dumps({
-        "summary": True, "benchmark": "icl_dynaicl", "model": "SmolLM2-135M-Instruct", "n_test": n,
-        "baseline": f"fixed k={args.fixed_k} nearest demos",
-        "tokens_fixed_k": totals["fixed-k"][0], "tokens_dynaicl": totals["dynaicl"][0],
-        "token_saving": round(saving, 4), "accuracy_fixed_k": round(acc_f, 4),
-        "accuracy_dynaicl": round(acc_d, 4), "accuracy_delta_points": round(100 * (acc_d - acc_f), 2),
-        "targets": {"token_saving": ">= 0.40", "accuracy_delta_points": ">= -1.0"},
-        "met": {"token_saving": saving >= 0.40, "accuracy": 100 * (acc_d - acc_f) >= -1.0},
-        "seconds": round(time.perf_counter() - t0, 1),
-    }), flush=True)
+    print(
+        json.dumps(
+            {
+                "summary": True,
+                "benchmark": "icl_dynaicl",
+                "model": "SmolLM2-135M-Instruct",
+                "n_test": n,
+                "baseline": f"fixed k={args.fixed_k} nearest demos",
+                "tokens_fixed_k": totals["fixed-k"][0],
+                "tokens_dynaicl": totals["dynaicl"][0],
+                "token_saving": round(saving, 4),
+                "accuracy_fixed_k": round(acc_f, 4),
+                "accuracy_dynaicl": round(acc_d, 4),
+                "accuracy_delta_points": round(100 * (acc_d - acc_f), 2),
+                "targets": {"token_saving": ">= 0.40", "accuracy_delta_points": ">= -1.0"},
+                "met": {"token_saving": saving >= 0.40, "accuracy": 100 * (acc_d - acc_f) >= -1.0},
+                "seconds": round(time.perf_counter() - t0, 1),
+            }
+        ),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

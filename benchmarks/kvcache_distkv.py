@@ -43,11 +43,11 @@ def haystack_prompt(host: Host, tokens: int) -> Prompt:
     while True:
         body.append(pool[i % len(pool)])
         i += 1
-        text = " ".join(body[: len(body) // 3] + [FACT] + body[len(body) // 3:])
+        text = " ".join(body[: len(body) // 3] + [FACT] + body[len(body) // 3 :])
         p = Prompt([{"role": "user", "content": f"{text}\n\n{QUESTION}"}], question=QUESTION)
         if len(host.encode(p).ids) > tokens:
             body.pop()
-            text = " ".join(body[: len(body) // 3] + [FACT] + body[len(body) // 3:])
+            text = " ".join(body[: len(body) // 3] + [FACT] + body[len(body) // 3 :])
             return Prompt([{"role": "user", "content": f"{text}\n\n{QUESTION}"}], question=QUESTION)
 
 
@@ -73,7 +73,11 @@ def main() -> None:
         prompt = haystack_prompt(ref_host, budget)
         enc = ref_host.encode(prompt)
         cfg = DistKVConfig(block_size=a.block_size, local_capacity_tokens=a.capacity)
-        cluster = Cluster(n, capacity_blocks=a.capacity // a.block_size, timeout_s=a.timeout) if n > 1 else None
+        cluster = (
+            Cluster(n, capacity_blocks=a.capacity // a.block_size, timeout_s=a.timeout)
+            if n > 1
+            else None
+        )
         try:
             policy = DistKV(cfg, instances=cluster.instances if cluster else [])
             t0 = time.perf_counter()
@@ -82,7 +86,9 @@ def main() -> None:
             # one block more than the whole budget is refused, not crashed
             over = torch.ones(1, policy.capacity_tokens() + a.block_size, dtype=torch.long)
             try:
-                policy.prefill(loaded.model, over, torch.ones_like(over), policy.make_cache(loaded.model))
+                policy.prefill(
+                    loaded.model, over, torch.ones_like(over), policy.make_cache(loaded.model)
+                )
                 refused = False
             except KVCapacityError:
                 refused = True
@@ -94,17 +100,36 @@ def main() -> None:
         exact = got.text == ref.text
         all_exact &= exact
         served[n] = len(enc.ids)
-        emit({"measure": "served", "ranks": n, "capacity_per_rank": a.capacity, "prompt_tokens": len(enc.ids),
-              "answer": got.text, "reference": ref.text, "exact": exact, "found_needle": "4417" in got.text,
-              "over_budget_refused": refused, "seconds": dist_s, "reference_seconds": ref_s,
-              "worker_exit_codes": codes})
+        emit(
+            {
+                "measure": "served",
+                "ranks": n,
+                "capacity_per_rank": a.capacity,
+                "prompt_tokens": len(enc.ids),
+                "answer": got.text,
+                "reference": ref.text,
+                "exact": exact,
+                "found_needle": "4417" in got.text,
+                "over_budget_refused": refused,
+                "seconds": dist_s,
+                "reference_seconds": ref_s,
+                "worker_exit_codes": codes,
+            }
+        )
     one = served.get(1) or min(served.values())
     ratios = {str(n): served[n] / one for n in served}
     top = max(served)
-    emit({"summary": True, "longest_context": {str(n): served[n] for n in served}, "context_ratio": ratios,
-          "exact_outputs": all_exact, "target": TARGET,
-          "met": all_exact and (4 not in served or ratios["4"] >= TARGET["context_ratio_at_4"]),
-          "ranks_max": top})
+    emit(
+        {
+            "summary": True,
+            "longest_context": {str(n): served[n] for n in served},
+            "context_ratio": ratios,
+            "exact_outputs": all_exact,
+            "target": TARGET,
+            "met": all_exact and (4 not in served or ratios["4"] >= TARGET["context_ratio_at_4"]),
+            "ranks_max": top,
+        }
+    )
 
 
 if __name__ == "__main__":

@@ -45,28 +45,44 @@ def main() -> None:
     from apportion.config import ModelSpec
     from apportion.host import load_model
 
-    loaded = load_model(ModelSpec(name="smollm2", device="cuda" if torch.cuda.is_available() else "cpu",
-                                  dtype="float32"))
+    loaded = load_model(
+        ModelSpec(
+            name="smollm2", device="cuda" if torch.cuda.is_available() else "cpu", dtype="float32"
+        )
+    )
     policy = KVCOMM(KVCOMMConfig())
     tasks = make_tasks(a.tasks, seed=a.seed, sentences_per_doc=a.sentences)
-    rows = run_team(loaded, policy, tasks, roles=list(ROLES)[: a.agents], max_new_tokens=a.new_tokens,
-                    on_result=lambda c: emit({"measure": "prompt", **c.as_dict()}))
+    rows = run_team(
+        loaded,
+        policy,
+        tasks,
+        roles=list(ROLES)[: a.agents],
+        max_new_tokens=a.new_tokens,
+        on_result=lambda c: emit({"measure": "prompt", **c.as_dict()}),
+    )
     s = summarize(rows)
     later = summarize([r for r in rows if r.task != tasks[0].id])  # once the pool has anchors
-    emit({
-        "summary": True,
-        **s,
-        "prefill_time_ratio": s["prefill_s"] / s["full_prefill_s"] if s["full_prefill_s"] else None,
-        "base_kv_seconds": policy.stats.base_seconds,
-        "recomputed_tokens": policy.stats.recomputed_tokens,
-        "after_first_task": {k: later[k] for k in ("reuse_rate", "answer_agreement", "top1_agreement")},
-        "anchors": len(policy.pool),
-        "anchor_bytes": policy.pool.nbytes,
-        "agents": a.agents,
-        "tasks": a.tasks,
-        "target": TARGET,
-        "met": s["reuse_rate"] >= TARGET["reuse_rate"] and s["answer_agreement"] >= TARGET["answer_agreement"],
-    })
+    emit(
+        {
+            "summary": True,
+            **s,
+            "prefill_time_ratio": s["prefill_s"] / s["full_prefill_s"]
+            if s["full_prefill_s"]
+            else None,
+            "base_kv_seconds": policy.stats.base_seconds,
+            "recomputed_tokens": policy.stats.recomputed_tokens,
+            "after_first_task": {
+                k: later[k] for k in ("reuse_rate", "answer_agreement", "top1_agreement")
+            },
+            "anchors": len(policy.pool),
+            "anchor_bytes": policy.pool.nbytes,
+            "agents": a.agents,
+            "tasks": a.tasks,
+            "target": TARGET,
+            "met": s["reuse_rate"] >= TARGET["reuse_rate"]
+            and s["answer_agreement"] >= TARGET["answer_agreement"],
+        }
+    )
 
 
 if __name__ == "__main__":

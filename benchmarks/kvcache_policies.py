@@ -35,8 +35,11 @@ def main() -> None:
     strategy = reg.create("prompt-strategy", "zero-shot")
     acc: dict[tuple[str, float], list[float]] = {}
     for length in args.lengths:
-        bench = reg.create("benchmark", "niah", {"lengths": [length], "samples": args.samples,
-                                                 "depths": args.depths})
+        bench = reg.create(
+            "benchmark",
+            "niah",
+            {"lengths": [length], "samples": args.samples, "depths": args.depths},
+        )
         samples = list(bench.samples(loaded.tokenizer))
         runs = [("full", 0.0)] + [(p, r) for r in args.ratios for p in args.policies]
         for name, ratio in runs:
@@ -44,13 +47,21 @@ def main() -> None:
             host = Host(loaded, kv_policy=reg.create("kv-policy", name, opts))
             scores, peak, t0 = [], 0, time.perf_counter()
             for s in samples:
-                out = host.generate(strategy.build(s.question, context=s.context),
-                                    max_new_tokens=args.max_new_tokens)[0]
+                out = host.generate(
+                    strategy.build(s.question, context=s.context),
+                    max_new_tokens=args.max_new_tokens,
+                )[0]
                 scores.append(bench.score(s, out.text))
                 peak = max(peak, out.peak_kv_bytes)
-            row = {"policy": name, "compression_ratio": ratio, "length": length, "samples": len(samples),
-                   "accuracy": sum(scores) / len(scores), "peak_kv_bytes": peak,
-                   "seconds": round(time.perf_counter() - t0, 1)}
+            row = {
+                "policy": name,
+                "compression_ratio": ratio,
+                "length": length,
+                "samples": len(samples),
+                "accuracy": sum(scores) / len(scores),
+                "peak_kv_bytes": peak,
+                "seconds": round(time.perf_counter() - t0, 1),
+            }
             acc.setdefault((name, ratio), []).extend(scores)
             print(json.dumps(row), flush=True)
     mean = {f"{n}@{r}": sum(v) / len(v) for (n, r), v in acc.items()}
@@ -58,11 +69,16 @@ def main() -> None:
     summary: dict = {"summary": True, "accuracy": mean, "full": full}
     for r in args.ratios:
         best = max(args.policies, key=lambda p: mean[f"{p}@{r}"])
-        summary[f"best@{r}"] = {"policy": best, "accuracy": mean[f"{best}@{r}"],
-                                "gap_points": round(100 * (full - mean[f"{best}@{r}"]), 1)}
+        summary[f"best@{r}"] = {
+            "policy": best,
+            "accuracy": mean[f"{best}@{r}"],
+            "gap_points": round(100 * (full - mean[f"{best}@{r}"]), 1),
+        }
         if "qspan" in args.policies:
             others = max(mean[f"{p}@{r}"] for p in args.policies if p != "qspan")
-            summary[f"qspan_minus_best_baseline@{r}"] = round(100 * (mean[f"qspan@{r}"] - others), 1)
+            summary[f"qspan_minus_best_baseline@{r}"] = round(
+                100 * (mean[f"qspan@{r}"] - others), 1
+            )
     summary["targets"] = {"best@0.5_gap_points_max": 5.0, "qspan_beats_baselines_at": args.ratios}
     if 0.5 in args.ratios:
         summary["met_best@0.5_within_5"] = summary["best@0.5"]["gap_points"] <= 5.0

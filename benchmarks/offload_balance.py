@@ -34,28 +34,44 @@ def main() -> None:
     for ranks in args.ranks:
         for seed in range(args.seeds):
             lengths = long_tailed_lengths(args.sequences, seed=seed)
-            row = {"ranks": ranks, "seed": seed, "sequences": len(lengths), "max_len": max(lengths),
-                   "median_len": int(statistics.median(lengths))}
-            for name, fn in (("balance", balance), ("naive_pack", naive_pack), ("token_balanced", token_balanced)):
+            row = {
+                "ranks": ranks,
+                "seed": seed,
+                "sequences": len(lengths),
+                "max_len": max(lengths),
+                "median_len": int(statistics.median(lengths)),
+            }
+            for name, fn in (
+                ("balance", balance),
+                ("naive_pack", naive_pack),
+                ("token_balanced", token_balanced),
+            ):
                 sched = fn(lengths, ranks, args.tokens_per_rank, cost)
                 sched.check(lengths)
                 row[name] = sched.summary()
-            row["naive_over_ours_step_time"] = round(row["naive_pack"]["max_load"] / row["balance"]["max_load"], 4)
+            row["naive_over_ours_step_time"] = round(
+                row["naive_pack"]["max_load"] / row["balance"]["max_load"], 4
+            )
             ours_all.append(row["balance"]["imbalance"])
             naive_all.append(row["naive_pack"]["imbalance"])
             tok_all.append(row["token_balanced"]["imbalance"])
             print(json.dumps(row))
-    print(json.dumps({
-        "summary": True,
-        "benchmark": "offload_balance",
-        "ours_max_over_mean_worst": max(ours_all),
-        "ours_max_over_mean_mean": round(statistics.mean(ours_all), 4),
-        "naive_max_over_mean_mean": round(statistics.mean(naive_all), 4),
-        "naive_max_over_mean_worst": max(naive_all),
-        "token_balanced_max_over_mean_mean": round(statistics.mean(tok_all), 4),
-        "target": {"ours_max_over_mean_worst": "<= 1.1", "beats_naive": True},
-        "met": max(ours_all) <= 1.1 and statistics.mean(ours_all) < statistics.mean(naive_all),
-    }))
+    print(
+        json.dumps(
+            {
+                "summary": True,
+                "benchmark": "offload_balance",
+                "ours_max_over_mean_worst": max(ours_all),
+                "ours_max_over_mean_mean": round(statistics.mean(ours_all), 4),
+                "naive_max_over_mean_mean": round(statistics.mean(naive_all), 4),
+                "naive_max_over_mean_worst": max(naive_all),
+                "token_balanced_max_over_mean_mean": round(statistics.mean(tok_all), 4),
+                "target": {"ours_max_over_mean_worst": "<= 1.1", "beats_naive": True},
+                "met": max(ours_all) <= 1.1
+                and statistics.mean(ours_all) < statistics.mean(naive_all),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -138,8 +138,13 @@ else:
 
 
 def run(kind: str, ev: list, cap: int, inv: list[int]) -> dict:
-    proc = subprocess.run([sys.executable, "-c", CHILD, kind, str(cap), json.dumps(inv)], input=json.dumps(ev), text=True,
-                          capture_output=True, timeout=1200)
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD, kind, str(cap), json.dumps(inv)],
+        input=json.dumps(ev),
+        text=True,
+        capture_output=True,
+        timeout=1200,
+    )
     if proc.returncode:
         raise SystemExit(f"{kind} run failed:\n{proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -150,35 +155,64 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--ffn", type=int, default=2816)
     ap.add_argument("--layers", type=int, default=8)
-    ap.add_argument("--seq-lens", type=int, nargs="+", default=[4096, 24576, 12288, 32768, 6144, 16384])
-    ap.add_argument("--cap-factor", type=float, default=1.1, help="pool cap = factor x peak live bytes")
+    ap.add_argument(
+        "--seq-lens", type=int, nargs="+", default=[4096, 24576, 12288, 32768, 6144, 16384]
+    )
+    ap.add_argument(
+        "--cap-factor", type=float, default=1.1, help="pool cap = factor x peak live bytes"
+    )
     args = ap.parse_args()
     ev = trace(args.hidden, args.layers, args.ffn, args.seq_lens)
     live = peak_live(ev)
     cap = int(live * args.cap_factor)
     inv = inventory(args.hidden, args.layers, args.ffn)
     results = {}
-    for name, kind, c in (("naive", "naive", 0), ("ours", "ours", cap), ("ours_loose_cap", "ours", 4 * live)):
+    for name, kind, c in (
+        ("naive", "naive", 0),
+        ("ours", "ours", cap),
+        ("ours_loose_cap", "ours", 4 * live),
+    ):
         results[name] = run(kind, ev, c, inv)
-        print(json.dumps({"allocator": name, "events": len(ev), "peak_live_bytes": live,
-                          **({"cap_bytes": c} if c else {}), **results[name]}))
+        print(
+            json.dumps(
+                {
+                    "allocator": name,
+                    "events": len(ev),
+                    "peak_live_bytes": live,
+                    **({"cap_bytes": c} if c else {}),
+                    **results[name],
+                }
+            )
+        )
     naive = results["naive"]
     ratio_rss = results["ours"]["peak_rss_growth"] / naive["peak_rss_growth"]
     ratio_acc = results["ours"]["allocator_peak"] / naive["allocator_peak"]
-    print(json.dumps({
-        "summary": True,
-        "benchmark": "offload_pool",
-        "peak_host_ratio_rss": round(ratio_rss, 4),
-        "peak_host_ratio_accounted": round(ratio_acc, 4),
-        "reduction_percent": round(100 * (1 - ratio_rss), 1),
-        "peak_host_ratio_rss_loose_cap": round(results["ours_loose_cap"]["peak_rss_growth"] / naive["peak_rss_growth"], 4),
-        "ours_peak_over_peak_live": round(results["ours"]["allocator_peak"] / live, 4),
-        "ours_hit_rate": round(results["ours"]["hits"] / (results["ours"]["hits"] + results["ours"]["misses"]), 4),
-        "ours_seconds_over_naive": round(results["ours"]["seconds"] / naive["seconds"], 3),
-        "cap_factor": args.cap_factor,
-        "target": {"peak_host_ratio_rss": "<= 0.5", "memascend_reported_reduction_percent": 55.7},
-        "met": ratio_rss <= 0.5,
-    }))
+    print(
+        json.dumps(
+            {
+                "summary": True,
+                "benchmark": "offload_pool",
+                "peak_host_ratio_rss": round(ratio_rss, 4),
+                "peak_host_ratio_accounted": round(ratio_acc, 4),
+                "reduction_percent": round(100 * (1 - ratio_rss), 1),
+                "peak_host_ratio_rss_loose_cap": round(
+                    results["ours_loose_cap"]["peak_rss_growth"] / naive["peak_rss_growth"], 4
+                ),
+                "ours_peak_over_peak_live": round(results["ours"]["allocator_peak"] / live, 4),
+                "ours_hit_rate": round(
+                    results["ours"]["hits"] / (results["ours"]["hits"] + results["ours"]["misses"]),
+                    4,
+                ),
+                "ours_seconds_over_naive": round(results["ours"]["seconds"] / naive["seconds"], 3),
+                "cap_factor": args.cap_factor,
+                "target": {
+                    "peak_host_ratio_rss": "<= 0.5",
+                    "memascend_reported_reduction_percent": 55.7,
+                },
+                "met": ratio_rss <= 0.5,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -47,10 +47,25 @@ def dd(args: list[str]) -> float:
 
 def fio(path: Path, rw: str, nbytes: int) -> float:
     """Bytes per second that fio reports for one sequential O_DIRECT pass over ``path``."""
-    proc = subprocess.run(["fio", "--name=bench", f"--filename={path}", f"--rw={rw}", "--bs=8M",
-                           f"--size={nbytes}", "--direct=1", "--ioengine=libaio", "--iodepth=8",
-                           "--numjobs=1", "--output-format=json"], capture_output=True, text=True, check=True)
-    job = json.loads(proc.stdout[proc.stdout.index("{"):])["jobs"][0]
+    proc = subprocess.run(
+        [
+            "fio",
+            "--name=bench",
+            f"--filename={path}",
+            f"--rw={rw}",
+            "--bs=8M",
+            f"--size={nbytes}",
+            "--direct=1",
+            "--ioengine=libaio",
+            "--iodepth=8",
+            "--numjobs=1",
+            "--output-format=json",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    job = json.loads(proc.stdout[proc.stdout.index("{") :])["jobs"][0]
     return float(job["read" if rw == "read" else "write"]["bw_bytes"])
 
 
@@ -65,11 +80,19 @@ def deepspeed_aio(nbytes: int):
         if not builder.is_compatible(verbose=False):
             return None, "AsyncIOBuilder is not compatible here (libaio-dev missing?)"
         aio = builder.load(verbose=False)
-        handle = aio.aio_handle(block_size=8 << 20, queue_depth=8, single_submit=False,
-                                overlap_events=True, intra_op_parallelism=4)
+        handle = aio.aio_handle(
+            block_size=8 << 20,
+            queue_depth=8,
+            single_submit=False,
+            overlap_events=True,
+            intra_op_parallelism=4,
+        )
         example = torch.empty(0, dtype=torch.uint8)
-        return (handle, handle.new_cpu_locked_tensor(nbytes, example),
-                handle.new_cpu_locked_tensor(nbytes, example)), None
+        return (
+            handle,
+            handle.new_cpu_locked_tensor(nbytes, example),
+            handle.new_cpu_locked_tensor(nbytes, example),
+        ), None
     except Exception as exc:  # reported in the output, not fatal
         return None, f"{type(exc).__name__}: {exc}"
 
@@ -77,7 +100,12 @@ def deepspeed_aio(nbytes: int):
 def _order(item: tuple) -> tuple:
     """Rows read alike whatever order a round ran in: round, bytes, then writes, reads, ratios."""
     k = item[0]
-    return (("round", "bytes").index(k) if k in ("round", "bytes") else 2, "ratio" in k, "_read_" in k, k)
+    return (
+        ("round", "bytes").index(k) if k in ("round", "bytes") else 2,
+        "ratio" in k,
+        "_read_" in k,
+        k,
+    )
 
 
 def main() -> None:
@@ -85,7 +113,12 @@ def main() -> None:
     ap.add_argument("--mib", type=int, default=1024)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--dir", default="/tmp")
-    ap.add_argument("--io-threads", type=int, default=None, help="the swapper's blocks in flight (default: its own)")
+    ap.add_argument(
+        "--io-threads",
+        type=int,
+        default=None,
+        help="the swapper's blocks in flight (default: its own)",
+    )
     ap.add_argument("--no-deepspeed", action="store_true")
     args = ap.parse_args()
     import torch
@@ -94,12 +127,17 @@ def main() -> None:
     nbytes = args.mib << 20
     work = Path(tempfile.mkdtemp(prefix="apportion-swapbench-", dir=args.dir))
     threads = {} if args.io_threads is None else {"io_threads": args.io_threads}
-    swapper = NvmeSwapper(NvmeSwapConfig(directory=str(work / "swap"), pool_cap_bytes=2 * nbytes + (64 << 20),
-                                         **threads))
+    swapper = NvmeSwapper(
+        NvmeSwapConfig(
+            directory=str(work / "swap"), pool_cap_bytes=2 * nbytes + (64 << 20), **threads
+        )
+    )
     src = swapper.allocate((nbytes,), torch.uint8)
     src.copy_(torch.randint(0, 256, (nbytes,), dtype=torch.uint8))
     dst = swapper.allocate((nbytes,), torch.uint8)
-    ds, ds_reason = (None, "skipped (--no-deepspeed)") if args.no_deepspeed else deepspeed_aio(nbytes)
+    ds, ds_reason = (
+        (None, "skipped (--no-deepspeed)") if args.no_deepspeed else deepspeed_aio(nbytes)
+    )
     if ds is not None:
         ds[1].copy_(src)
     raw = work / "dd.bin"
@@ -139,7 +177,7 @@ def main() -> None:
             # (the file written last is the warmest in the host's caches) is not always the same.
             for way, methods in (("write", writers), ("read", readers)):
                 names = list(methods)
-                for name in names[r % len(names):] + names[:r % len(names)]:
+                for name in names[r % len(names) :] + names[: r % len(names)]:
                     row[f"{name}_{way}_gbps"] = methods[name]() / 1e9
             if r == 0 and not torch.equal(src, dst):
                 raise SystemExit("swap-in returned different bytes")
@@ -149,27 +187,49 @@ def main() -> None:
                 row[f"{way}_ratio"] = row[f"ours_{way}_gbps"] / row[f"dd_{way}_gbps"]
                 row[f"{way}_ratio_fio"] = row[f"ours_{way}_gbps"] / row[f"fio_{way}_gbps"]
                 if ds is not None:
-                    row[f"{way}_ratio_deepspeed"] = row[f"ours_{way}_gbps"] / row[f"deepspeed_{way}_gbps"]
+                    row[f"{way}_ratio_deepspeed"] = (
+                        row[f"ours_{way}_gbps"] / row[f"deepspeed_{way}_gbps"]
+                    )
             row["write_ratio_nosync"] = row["ours_nosync_write_gbps"] / row["dd_write_gbps"]
             if ds is not None:  # like for like: neither makes the data durable
-                row["write_ratio_nosync_deepspeed"] = row["ours_nosync_write_gbps"] / row["deepspeed_write_gbps"]
-            row = {k: round(v, 4) if isinstance(v, float) else v for k, v in sorted(row.items(), key=_order)}
+                row["write_ratio_nosync_deepspeed"] = (
+                    row["ours_nosync_write_gbps"] / row["deepspeed_write_gbps"]
+                )
+            row = {
+                k: round(v, 4) if isinstance(v, float) else v
+                for k, v in sorted(row.items(), key=_order)
+            }
             rows.append(row)
             print(json.dumps(row), flush=True)
             for f in (raw, work / "fio.bin", work / "ds.bin", swapper.path("nosync")):
-                f.unlink(missing_ok=True)  # at the round's end: no file system work during the reads
+                f.unlink(
+                    missing_ok=True
+                )  # at the round's end: no file system work during the reads
     finally:
         swapper.close()
         shutil.rmtree(work, ignore_errors=True)
-    med = {k: round(statistics.median(r[k] for r in rows), 4) for k in rows[0] if k.endswith("gbps") or "ratio" in k}
-    summary = {"summary": True, "benchmark": "offload_swap", "bytes": nbytes, "rounds": len(rows),
-               "direct_io": swapper.direct, "io_threads": swapper.config.io_threads, **{f"median_{k}": v for k, v in med.items()},
-               "deepspeed_aio": "measured" if ds is not None else ds_reason,
-               "target": {"median_write_ratio": ">= 0.8", "median_read_ratio": ">= 0.8"},
-               "met": med["write_ratio"] >= 0.8 and med["read_ratio"] >= 0.8}
+    med = {
+        k: round(statistics.median(r[k] for r in rows), 4)
+        for k in rows[0]
+        if k.endswith("gbps") or "ratio" in k
+    }
+    summary = {
+        "summary": True,
+        "benchmark": "offload_swap",
+        "bytes": nbytes,
+        "rounds": len(rows),
+        "direct_io": swapper.direct,
+        "io_threads": swapper.config.io_threads,
+        **{f"median_{k}": v for k, v in med.items()},
+        "deepspeed_aio": "measured" if ds is not None else ds_reason,
+        "target": {"median_write_ratio": ">= 0.8", "median_read_ratio": ">= 0.8"},
+        "met": med["write_ratio"] >= 0.8 and med["read_ratio"] >= 0.8,
+    }
     if ds is not None:
         for way in ("write", "read"):
-            summary[f"deepspeed_over_fio_{way}"] = round(med[f"deepspeed_{way}_gbps"] / med[f"fio_{way}_gbps"], 4)
+            summary[f"deepspeed_over_fio_{way}"] = round(
+                med[f"deepspeed_{way}_gbps"] / med[f"fio_{way}_gbps"], 4
+            )
     print(json.dumps(summary))
 
 

@@ -53,7 +53,10 @@ def run_xrpo(total: int, batch: int, per_prompt: int, stream, options: dict) -> 
         ps = [next(stream) for _ in range(batch)]
 
         def sample(counts, ps=ps):
-            return [[float(random.random() < p) for _ in range(c)] for p, c in zip(ps, counts, strict=True)]
+            return [
+                [float(random.random() < p) for _ in range(c)]
+                for p, c in zip(ps, counts, strict=True)
+            ]
 
         got = s.collect(batch, budget, sample)
         for g in got:
@@ -61,8 +64,14 @@ def run_xrpo(total: int, batch: int, per_prompt: int, stream, options: dict) -> 
             groups += 1
             info += informative(g)
             sizes.append(len(g))
-    return {"rollouts": spent, "groups": groups, "informative": info,
-            "mean_group": sum(sizes) / len(sizes), "max_group": max(sizes), "min_group": min(sizes)}
+    return {
+        "rollouts": spent,
+        "groups": groups,
+        "informative": info,
+        "mean_group": sum(sizes) / len(sizes),
+        "max_group": max(sizes),
+        "min_group": min(sizes),
+    }
 
 
 def stream_of(seed: int, a: float):
@@ -80,8 +89,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--initial", type=int, default=4)
     ap.add_argument("--phases", type=int, default=2)
     ap.add_argument("--exploration", type=float, default=0.05)
-    ap.add_argument("--prior-variance", type=float, default=None, help="xrpo's v0 (default: its config's)")
-    ap.add_argument("--prior-strength", type=float, default=None, help="xrpo's m0 (default: its config's)")
+    ap.add_argument(
+        "--prior-variance", type=float, default=None, help="xrpo's v0 (default: its config's)"
+    )
+    ap.add_argument(
+        "--prior-strength", type=float, default=None, help="xrpo's m0 (default: its config's)"
+    )
     ap.add_argument("--seed", type=int, default=0)
     opts = ap.parse_args(argv)
 
@@ -90,11 +103,28 @@ def main(argv: list[str] | None = None) -> int:
         random.seed(opts.seed)
         stream = stream_of(opts.seed, opts.beta)
         if name == "xrpo":
-            r = run_xrpo(opts.rollouts, opts.batch, opts.budget_per_prompt, stream,
-                         {"initial_rollouts": opts.initial, "phases": opts.phases,
-                          "exploration": opts.exploration, "max_rollouts_per_prompt": 32,
-                          **({} if opts.prior_variance is None else {"prior_variance": opts.prior_variance}),
-                          **({} if opts.prior_strength is None else {"prior_strength": opts.prior_strength})})
+            r = run_xrpo(
+                opts.rollouts,
+                opts.batch,
+                opts.budget_per_prompt,
+                stream,
+                {
+                    "initial_rollouts": opts.initial,
+                    "phases": opts.phases,
+                    "exploration": opts.exploration,
+                    "max_rollouts_per_prompt": 32,
+                    **(
+                        {}
+                        if opts.prior_variance is None
+                        else {"prior_variance": opts.prior_variance}
+                    ),
+                    **(
+                        {}
+                        if opts.prior_strength is None
+                        else {"prior_strength": opts.prior_strength}
+                    ),
+                },
+            )
         else:
             r = run_uniform(int(name.split("-")[1]), opts.rollouts, opts.batch, stream)
         r["informative_per_rollout"] = r["informative"] / r["rollouts"]
@@ -104,17 +134,19 @@ def main(argv: list[str] | None = None) -> int:
 
     base = results["uniform-16"]["informative_per_rollout"]
     ratio = results["xrpo"]["informative_per_rollout"] / base
-    emit({
-        "summary": True,
-        "difficulty_prior": f"Beta({opts.beta}, {opts.beta})",
-        "xrpo_informative_per_rollout": results["xrpo"]["informative_per_rollout"],
-        "uniform16_informative_per_rollout": base,
-        "ratio_vs_uniform16": ratio,
-        "ratio_vs_uniform8": results["xrpo"]["informative_per_rollout"]
-        / results["uniform-8"]["informative_per_rollout"],
-        "target_ratio_vs_uniform16_min": 1.5,
-        "met": ratio >= 1.5,
-    })
+    emit(
+        {
+            "summary": True,
+            "difficulty_prior": f"Beta({opts.beta}, {opts.beta})",
+            "xrpo_informative_per_rollout": results["xrpo"]["informative_per_rollout"],
+            "uniform16_informative_per_rollout": base,
+            "ratio_vs_uniform16": ratio,
+            "ratio_vs_uniform8": results["xrpo"]["informative_per_rollout"]
+            / results["uniform-8"]["informative_per_rollout"],
+            "target_ratio_vs_uniform16_min": 1.5,
+            "met": ratio >= 1.5,
+        }
+    )
     return 0
 
 

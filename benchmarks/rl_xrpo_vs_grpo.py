@@ -35,17 +35,23 @@ def evaluate(model, tokenizer, problems, max_new_tokens: int) -> float:
     from apportion_rl.tasks import exact_match_reward
 
     tokenizer.padding_side = "left"
-    texts = [tokenizer.apply_chat_template(p.messages(), tokenize=False, add_generation_prompt=True)
-             for p in problems]
+    texts = [
+        tokenizer.apply_chat_template(p.messages(), tokenize=False, add_generation_prompt=True)
+        for p in problems
+    ]
     enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        out = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens,
-                             pad_token_id=tokenizer.pad_token_id)
+        out = model.generate(
+            **enc,
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+        )
     if was_training:
         model.train()
-    completions = tokenizer.batch_decode(out[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
+    completions = tokenizer.batch_decode(out[:, enc.input_ids.shape[1] :], skip_special_tokens=True)
     rewards = exact_match_reward(completions, [p.answer for p in problems])
     return sum(rewards) / len(rewards)
 
@@ -71,40 +77,83 @@ def run_arm(arm: str, opts: argparse.Namespace, train, held_out) -> list[dict]:
         def on_log(self, args, state, control, logs=None, **kw):
             trainer = holder[0]
             if logs and "reward" in logs and trainer.allocations:
-                emit({"arm": arm, "step": state.global_step, "kind": "train",
-                      "groups": trainer.allocations[-1], "train_reward": logs["reward"]})
+                emit(
+                    {
+                        "arm": arm,
+                        "step": state.global_step,
+                        "kind": "train",
+                        "groups": trainer.allocations[-1],
+                        "train_reward": logs["reward"],
+                    }
+                )
 
         def on_step_end(self, args, state, control, **kw):
             trainer = holder[0]
             if state.global_step % opts.eval_every == 0 or state.global_step == opts.steps:
                 r = evaluate(trainer.model, tok, held_out, opts.max_new_tokens)
-                row = {"arm": arm, "step": state.global_step, "kind": "eval",
-                       "rollouts": state.global_step * per_step, "held_out_reward": r,
-                       "seconds": round(time.perf_counter() - t0, 1)}
+                row = {
+                    "arm": arm,
+                    "step": state.global_step,
+                    "kind": "eval",
+                    "rollouts": state.global_step * per_step,
+                    "held_out_reward": r,
+                    "seconds": round(time.perf_counter() - t0, 1),
+                }
                 curve.append(row)
                 emit(row)
 
     args = GRPOConfig(
-        output_dir=tempfile.mkdtemp(prefix=f"rl-{arm}-"), per_device_train_batch_size=per_step,
-        num_generations=opts.group, max_completion_length=opts.max_new_tokens,
-        max_steps=opts.steps, learning_rate=opts.lr, logging_steps=1, report_to="none",
-        save_strategy="no", use_cpu=True, bf16=False, seed=opts.seed, temperature=1.0,
-        disable_tqdm=True, shuffle_dataset=True, beta=0.0,
-        gradient_checkpointing=False)  # LoRA on 135M params: memory is not the limit here
-    options = {"initial_rollouts": opts.initial, "phases": opts.phases} if arm.startswith("xrpo") else {}
+        output_dir=tempfile.mkdtemp(prefix=f"rl-{arm}-"),
+        per_device_train_batch_size=per_step,
+        num_generations=opts.group,
+        max_completion_length=opts.max_new_tokens,
+        max_steps=opts.steps,
+        learning_rate=opts.lr,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        bf16=False,
+        seed=opts.seed,
+        temperature=1.0,
+        disable_tqdm=True,
+        shuffle_dataset=True,
+        beta=0.0,
+        gradient_checkpointing=False,
+    )  # LoRA on 135M params: memory is not the limit here
+    options = (
+        {"initial_rollouts": opts.initial, "phases": opts.phases} if arm.startswith("xrpo") else {}
+    )
     if arm == "xrpo-alloc":  # ablation: the allocator alone, no seeding, no sharpening
         options |= {"seed_exemplars": 0, "novelty_coef": 0.0}
     holder: list = []
     trainer = StrategyGRPOTrainer(
-        loaded.model, exact_match_reward, args=args,
-        train_dataset=Dataset.from_list([p.row() for p in train]), processing_class=tok,
-        peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, task_type="CAUSAL_LM",
-                               target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
-        strategy=arm.split("-")[0], strategy_options=options, callbacks=[Eval()])
+        loaded.model,
+        exact_match_reward,
+        args=args,
+        train_dataset=Dataset.from_list([p.row() for p in train]),
+        processing_class=tok,
+        peft_config=LoraConfig(
+            r=16,
+            lora_alpha=32,
+            lora_dropout=0.0,
+            task_type="CAUSAL_LM",
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+        ),
+        strategy=arm.split("-")[0],
+        strategy_options=options,
+        callbacks=[Eval()],
+    )
     holder.append(trainer)
     base = evaluate(trainer.model, tok, held_out, opts.max_new_tokens)
-    row = {"arm": arm, "step": 0, "kind": "eval", "rollouts": 0, "held_out_reward": base,
-           "seconds": 0.0}
+    row = {
+        "arm": arm,
+        "step": 0,
+        "kind": "eval",
+        "rollouts": 0,
+        "held_out_reward": base,
+        "seconds": 0.0,
+    }
     curve.insert(0, row)
     emit(row)
     trainer.train()
@@ -116,16 +165,28 @@ def _mean_by_step(rows: list[dict]) -> list[dict]:
     by: dict[int, list[dict]] = {}
     for r in rows:
         by.setdefault(r["step"], []).append(r)
-    return [{"step": k, "rollouts": v[0]["rollouts"], "runs": len(v),
-             "held_out_reward": sum(r["held_out_reward"] for r in v) / len(v)}
-            for k, v in sorted(by.items())]
+    return [
+        {
+            "step": k,
+            "rollouts": v[0]["rollouts"],
+            "runs": len(v),
+            "held_out_reward": sum(r["held_out_reward"] for r in v) / len(v),
+        }
+        for k, v in sorted(by.items())
+    ]
 
 
 def _smoothed(curve: list[dict], window: int) -> list[tuple[int, float]]:
     """(rollouts, trailing mean of the last ``window`` evaluations), after the base model."""
     trained = [c for c in curve if c["rollouts"] > 0]
-    return [(c["rollouts"], sum(x["held_out_reward"] for x in trained[max(0, i - window + 1):i + 1])
-             / len(trained[max(0, i - window + 1):i + 1])) for i, c in enumerate(trained)]
+    return [
+        (
+            c["rollouts"],
+            sum(x["held_out_reward"] for x in trained[max(0, i - window + 1) : i + 1])
+            / len(trained[max(0, i - window + 1) : i + 1]),
+        )
+        for i, c in enumerate(trained)
+    ]
 
 
 def _first_reach(smoothed: list[tuple[int, float]], reward: float) -> int | None:
@@ -162,33 +223,41 @@ def summarize(curves: dict[str, list[dict]], opts: argparse.Namespace) -> None:
         abl = _mean_by_step(curves["xrpo-alloc"])
         abl_sm = _smoothed(abl, w)
         abl_reached = _first_reach(abl_sm, target)
-        ablation = {"xrpo_alloc_curve": _points(abl),
-                    "xrpo_alloc_smoothed": [[r, round(v, 4)] for r, v in abl_sm],
-                    "xrpo_alloc_rollouts_to_grpo_final": abl_reached,
-                    "xrpo_alloc_rollout_ratio": None if abl_reached is None else abl_reached / grpo_rollouts}
-    emit({
-        "summary": True,
-        "task": f"arithmetic levels {opts.levels}, exact match, {opts.held_out} held-out problems",
-        "runs_per_arm": max(c["runs"] for c in curves["grpo"]),
-        "rollouts_per_step": opts.prompts_per_step * opts.group,
-        "smooth_window_evals": w,
-        "grpo_curve": _points(curves["grpo"]),
-        "xrpo_curve": _points(curves["xrpo"]),
-        "grpo_smoothed": [[r, round(v, 4)] for r, v in sm["grpo"]],
-        "xrpo_smoothed": [[r, round(v, 4)] for r, v in sm["xrpo"]],
-        "base_reward": base, "grpo_final_reward": round(target, 4), "grpo_rollouts": grpo_rollouts,
-        "xrpo_final_reward": round(sm["xrpo"][-1][1], 4),
-        "xrpo_rollouts_to_grpo_final": reached,
-        "rollout_ratio": ratio,
-        "grpo_rollouts_to_own_final": grpo_first,
-        "rollout_ratio_first_reach": first_ratio,
-        "target_rollout_ratio_max": 0.7,
-        "met": ratio is not None and ratio <= 0.7 and target > base,
-        **ablation,
-        "note": "rollout_ratio: XRPO's rollouts to reach GRPO's final (smoothed) reward over GRPO's "
-                "total; rollout_ratio_first_reach: over the rollouts GRPO itself first needed to reach "
-                "it. met also requires GRPO to have improved over the base model",
-    })
+        ablation = {
+            "xrpo_alloc_curve": _points(abl),
+            "xrpo_alloc_smoothed": [[r, round(v, 4)] for r, v in abl_sm],
+            "xrpo_alloc_rollouts_to_grpo_final": abl_reached,
+            "xrpo_alloc_rollout_ratio": None
+            if abl_reached is None
+            else abl_reached / grpo_rollouts,
+        }
+    emit(
+        {
+            "summary": True,
+            "task": f"arithmetic levels {opts.levels}, exact match, {opts.held_out} held-out problems",
+            "runs_per_arm": max(c["runs"] for c in curves["grpo"]),
+            "rollouts_per_step": opts.prompts_per_step * opts.group,
+            "smooth_window_evals": w,
+            "grpo_curve": _points(curves["grpo"]),
+            "xrpo_curve": _points(curves["xrpo"]),
+            "grpo_smoothed": [[r, round(v, 4)] for r, v in sm["grpo"]],
+            "xrpo_smoothed": [[r, round(v, 4)] for r, v in sm["xrpo"]],
+            "base_reward": base,
+            "grpo_final_reward": round(target, 4),
+            "grpo_rollouts": grpo_rollouts,
+            "xrpo_final_reward": round(sm["xrpo"][-1][1], 4),
+            "xrpo_rollouts_to_grpo_final": reached,
+            "rollout_ratio": ratio,
+            "grpo_rollouts_to_own_final": grpo_first,
+            "rollout_ratio_first_reach": first_ratio,
+            "target_rollout_ratio_max": 0.7,
+            "met": ratio is not None and ratio <= 0.7 and target > base,
+            **ablation,
+            "note": "rollout_ratio: XRPO's rollouts to reach GRPO's final (smoothed) reward over GRPO's "
+            "total; rollout_ratio_first_reach: over the rollouts GRPO itself first needed to reach "
+            "it. met also requires GRPO to have improved over the base model",
+        }
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -205,12 +274,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-every", type=int, default=3)
     ap.add_argument("--levels", default="0,3")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--smooth", type=int, default=3,
-                    help="trailing evaluations averaged when reading rewards off the curves")
-    ap.add_argument("--arm", choices=("both", "grpo", "xrpo", "xrpo-alloc"), default="both",
-                    help="run one arm only (run two processes in parallel, then --combine)")
-    ap.add_argument("--combine", nargs="+", metavar="JSONL",
-                    help="summarize the JSON lines of separately run arms")
+    ap.add_argument(
+        "--smooth",
+        type=int,
+        default=3,
+        help="trailing evaluations averaged when reading rewards off the curves",
+    )
+    ap.add_argument(
+        "--arm",
+        choices=("both", "grpo", "xrpo", "xrpo-alloc"),
+        default="both",
+        help="run one arm only (run two processes in parallel, then --combine)",
+    )
+    ap.add_argument(
+        "--combine",
+        nargs="+",
+        metavar="JSONL",
+        help="summarize the JSON lines of separately run arms",
+    )
     opts = ap.parse_args(argv)
 
     if opts.combine:

@@ -39,8 +39,14 @@ def prefill(smollm2, backend, text):
     ids = torch.tensor([enc.ids])
     cache = KVPolicy().make_cache(smollm2.model)
     with torch.inference_mode(), backend.installed(smollm2.model):
-        return backend.prefill(smollm2.model, ids, torch.ones_like(ids), cache,
-                               question_len=enc.question_len, inner=KVPolicy().prefill)
+        return backend.prefill(
+            smollm2.model,
+            ids,
+            torch.ones_like(ids),
+            cache,
+            question_len=enc.question_len,
+            inner=KVPolicy().prefill,
+        )
 
 
 def test_split_keeps_every_token(smollm2):
@@ -124,7 +130,10 @@ def test_batched_context_encoding_matches_one_context_at_a_time(smollm2):
         single = [ape._forward_kv(smollm2.model, [c], past, len(prefix))[0] for c in contexts]
     for b, s, c in zip(batched, single, contexts, strict=True):
         assert b[0][0].shape[-2] == len(c)
-        diff = max(max((bk - sk).abs().max().item(), (bv - sv).abs().max().item()) for (bk, bv), (sk, sv) in zip(b, s, strict=True))
+        diff = max(
+            max((bk - sk).abs().max().item(), (bv - sv).abs().max().item())
+            for (bk, bv), (sk, sv) in zip(b, s, strict=True)
+        )
         assert diff < 1e-3
 
 
@@ -146,8 +155,12 @@ def test_parallel_at_unit_temperature_and_scale_is_exact_attention(smollm2):
             if not use_ape:
                 ape.state = None  # dense SDPA, causal over the cache as laid out
             positions = st.next_position + torch.arange(len(query))
-            out = model(input_ids=torch.tensor([query]), position_ids=positions[None], use_cache=True,
-                        **cache_kwargs(model, cache))
+            out = model(
+                input_ids=torch.tensor([query]),
+                position_ids=positions[None],
+                use_cache=True,
+                **cache_kwargs(model, cache),
+            )
             logits.append(out.logits[0])
     assert (logits[0] - logits[1]).abs().max().item() < 1e-3
 
@@ -168,8 +181,16 @@ FILLER = [
     "Old railway tracks run along the river towards the quarry.",
     "The choir rehearses in the chapel on Thursday evenings.",
 ]
-KEYS8 = ["amber-canyon", "silent-meadow", "hollow-river", "quiet-summit", "misty-bridge", "golden-marsh",
-         "pale-comet", "frozen-lantern"]
+KEYS8 = [
+    "amber-canyon",
+    "silent-meadow",
+    "hollow-river",
+    "quiet-summit",
+    "misty-bridge",
+    "golden-marsh",
+    "pale-comet",
+    "frozen-lantern",
+]
 VALUES8 = ["4417309", "8991540", "2019454", "2084812", "7909627", "4108701", "2907993", "5470368"]
 
 
@@ -187,8 +208,13 @@ def value_logprob(smollm2, ape, ask):
     from apportion.host import Host
     from apportion.host.kv import KVPolicy, cache_kwargs
 
-    text = "\n\n".join([INSTRUCTION, *eight_docs(),
-                        f"What is the special magic number for {KEYS8[ask]}? Answer with the number only."])
+    text = "\n\n".join(
+        [
+            INSTRUCTION,
+            *eight_docs(),
+            f"What is the special magic number for {KEYS8[ask]}? Answer with the number only.",
+        ]
+    )
     enc = Host(smollm2, ape).encode(text)
     ids = torch.tensor([enc.ids])
     tok = smollm2.tokenizer
@@ -196,14 +222,23 @@ def value_logprob(smollm2, ape, ask):
     value = tok.encode(f" {VALUES8[ask]}", add_special_tokens=False)
     cache = KVPolicy().make_cache(smollm2.model)
     with torch.inference_mode(), ape.installed(smollm2.model):
-        out = ape.prefill(smollm2.model, ids, torch.ones_like(ids), cache, question_len=enc.question_len,
-                          inner=KVPolicy().prefill)
+        out = ape.prefill(
+            smollm2.model,
+            ids,
+            torch.ones_like(ids),
+            cache,
+            question_len=enc.question_len,
+            inner=KVPolicy().prefill,
+        )
         assert out.info["contexts"] == 8
         feed = lead + value[:-1]
-        nxt = smollm2.model(input_ids=torch.tensor([feed]),
-                            position_ids=(out.next_position + torch.arange(len(feed)))[None],
-                            use_cache=True, **cache_kwargs(smollm2.model, cache))
-    lp = torch.log_softmax(nxt.logits[0, len(lead) - 1:].float(), -1)
+        nxt = smollm2.model(
+            input_ids=torch.tensor([feed]),
+            position_ids=(out.next_position + torch.arange(len(feed)))[None],
+            use_cache=True,
+            **cache_kwargs(smollm2.model, cache),
+        )
+    lp = torch.log_softmax(nxt.logits[0, len(lead) - 1 :].float(), -1)
     return lp[torch.arange(len(value)), torch.tensor(value)].sum().item()
 
 
@@ -224,6 +259,9 @@ def test_separator_patterns_do_not_reload_the_tokenizer_per_backend(smollm2, mon
     import transformers
 
     first = APE().separator_patterns(smollm2.model)
-    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained",
-                        lambda *a, **k: pytest.fail("tokenizer loaded again"))
+    monkeypatch.setattr(
+        transformers.AutoTokenizer,
+        "from_pretrained",
+        lambda *a, **k: pytest.fail("tokenizer loaded again"),
+    )
     assert APE().separator_patterns(smollm2.model) == first

@@ -32,7 +32,7 @@ def test_micro_attention_exact_fp32(shards: int, q_len: int) -> None:
     k = torch.randn(b, hkv, k_len, d, generator=g) * 2
     v = torch.randn(b, hkv, k_len, d, generator=g)
     mask = as_bool_mask(None, q_len, k_len, q.device)
-    got = micro_attention(q, k, v, scale=d ** -0.5, mask=mask, shards=shards)
+    got = micro_attention(q, k, v, scale=d**-0.5, mask=mask, shards=shards)
     ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
     assert (got - ref).abs().max().item() < 1e-5
 
@@ -46,7 +46,9 @@ def test_padding_mask_rows_and_float_masks() -> None:
     additive = torch.zeros(1, 1, 4, 10).masked_fill(~allowed, torch.finfo(torch.float32).min)
     ref = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
     for m in (allowed, additive):
-        got = micro_attention(q, k, v, scale=8 ** -0.5, mask=as_bool_mask(m, 4, 10, q.device), shards=4)
+        got = micro_attention(
+            q, k, v, scale=8**-0.5, mask=as_bool_mask(m, 4, 10, q.device), shards=4
+        )
         assert (got - ref).abs().max().item() < 1e-5
 
 

@@ -49,10 +49,12 @@ def test_import_registers_for_plain_transformers():
     from apportion.host.model import converted_embedded
 
     folder = converted_embedded()
-    out = subprocess.run([sys.executable, "-c", PLAIN, str(folder)], capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [sys.executable, "-c", PLAIN, str(folder)], capture_output=True, text=True, timeout=600
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     line = next(ln for ln in out.stdout.splitlines() if ln.startswith("REPORT "))
-    rep = json.loads(line[len("REPORT "):])
+    rep = json.loads(line[len("REPORT ") :])
     assert rep["impl"] == "apportion-squeezed" and rep["prompt"] > 100
     for name, toks in rep["new"].items():
         assert len(toks) == 4, (name, toks)
@@ -68,16 +70,25 @@ def test_ape_and_infiniretri_are_not_registered():
     from transformers import AttentionInterface
 
     names = set(AttentionInterface._global_mapping)
-    assert {"apportion-squeezed", "apportion-longheads", "apportion-distattention", "apportion-ssa"} <= names
+    assert {
+        "apportion-squeezed",
+        "apportion-longheads",
+        "apportion-distattention",
+        "apportion-ssa",
+    } <= names
     assert set(hf.BACKENDS) >= {"apportion-squeezed", "apportion-ssa"}
     assert not {"apportion-ape", "apportion-infiniretri"} & set(hf.BACKENDS)
 
 
 def test_loading_plugins_does_not_import_the_package():
-    code = ("import sys, apportion.plugins as p\nhost = p.get_plugin_host()\n"
-            "info = {x.name: x for x in host.plugins}['attention']\n"
-            "print(info.module, info.error, 'apportion_attention' in sys.modules, 'torch' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    code = (
+        "import sys, apportion.plugins as p\nhost = p.get_plugin_host()\n"
+        "info = {x.name: x for x in host.plugins}['attention']\n"
+        "print(info.module, info.error, 'apportion_attention' in sys.modules, 'torch' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.split()
     assert out == ["apportion_attention_plugin", "None", "False", "False"], out
 
 

@@ -33,7 +33,9 @@ def test_lowest_frequencies_are_zeroed():
     inv = hope_inv_freq(64, 100000.0, 8192)
     wavelengths = 2 * math.pi * (100000.0 ** (torch.arange(0, 64, 2) / 64))
     assert torch.equal(inv == 0, wavelengths > 16 * 8192)
-    assert torch.equal(hope_inv_freq(64, 100000.0, 8192, zero_threshold=1.0) == 0, wavelengths > 8192)
+    assert torch.equal(
+        hope_inv_freq(64, 100000.0, 8192, zero_threshold=1.0) == 0, wavelengths > 8192
+    )
     assert 0 < int((inv == 0).sum()) < 32
     assert torch.all(inv[inv > 0] == (1.0 / 100000.0 ** (torch.arange(0, 64, 2) / 64))[inv > 0])
     assert int((hope_inv_freq(64, 1e5, 8192, zero_fraction=0.25) == 0).sum()) == 8
@@ -56,7 +58,10 @@ def test_rope_plugin_reproduces_the_models_rotary(smollm2):
     ref = getattr(parent, attr)(x, pos)
     with RotaryPlugin().installed(model):
         got = getattr(parent, attr)(x, pos)
-    assert getattr(parent, attr) is not None and type(getattr(parent, attr)).__name__ != "PluggedRotary"
+    assert (
+        getattr(parent, attr) is not None
+        and type(getattr(parent, attr)).__name__ != "PluggedRotary"
+    )
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(got, ref, strict=True))
 
 
@@ -97,8 +102,10 @@ def _tail_perplexity(loaded, plugin, ids, tail=512):
     model = loaded.model
     plugin.seq_len = ids.shape[-1]
     with plugin.installed(model):
-        hidden = model.model(input_ids=ids, position_ids=torch.arange(ids.shape[-1])[None]).last_hidden_state
-    logits = model.lm_head(hidden[0, -tail - 1:-1]).float()
+        hidden = model.model(
+            input_ids=ids, position_ids=torch.arange(ids.shape[-1])[None]
+        ).last_hidden_state
+    logits = model.lm_head(hidden[0, -tail - 1 : -1]).float()
     return math.exp(float(torch.nn.functional.cross_entropy(logits, ids[0, -tail:])))
 
 
@@ -108,7 +115,9 @@ def test_hope_keeps_ropes_perplexity_inside_the_window(smollm2):
     (measured 24.93 vs 37.76), and collapses by 4K-8K (13.61 vs 90.02, 21.33 vs 298)."""
     from apportion.plugins import get_registry
 
-    bench = get_registry().create("benchmark", "niah", {"lengths": [2048], "depths": [0.5], "samples": 1})
+    bench = get_registry().create(
+        "benchmark", "niah", {"lengths": [2048], "depths": [0.5], "samples": 1}
+    )
     s = next(iter(bench.samples(smollm2.tokenizer)))
     ids = torch.tensor([smollm2.tokenizer.encode(s.context, add_special_tokens=False)])
     assert ids.shape[-1] > 1500

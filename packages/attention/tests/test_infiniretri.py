@@ -18,9 +18,13 @@ def _needle_prompt(smollm2, length=900, depth=0.4):
     from apportion.base import Prompt
     from apportion.plugins import get_registry
 
-    bench = get_registry().create("benchmark", "niah", {"lengths": [length], "depths": [depth], "samples": 1})
+    bench = get_registry().create(
+        "benchmark", "niah", {"lengths": [length], "depths": [depth], "samples": 1}
+    )
     s = next(iter(bench.samples(smollm2.tokenizer)))
-    return Prompt([{"role": "user", "content": f"{s.context}\n\n{s.question}"}], question=s.question), s
+    return Prompt(
+        [{"role": "user", "content": f"{s.context}\n\n{s.question}"}], question=s.question
+    ), s
 
 
 def test_chunked_reading_carries_the_needle(smollm2):
@@ -50,7 +54,11 @@ def test_bad_setups_are_named(smollm2):
         Host(smollm2, InfiniRetri()).generate(["Hi.", "Hello there."], max_new_tokens=1)
     with pytest.raises(ConfigError, match="exceeds"):
         prompt, _ = _needle_prompt(smollm2, length=256)
-        Host(smollm2, InfiniRetri(InfiniRetriConfig(chunk_tokens=8000, keep_tokens=1000))).generate(prompt, 1)
+        Host(smollm2, InfiniRetri(InfiniRetriConfig(chunk_tokens=8000, keep_tokens=1000))).generate(
+            prompt, 1
+        )
     text = prompt.messages[-1]["content"]  # a plain string: no question to score with
     with pytest.raises(ConfigError, match="question"):
-        Host(smollm2, InfiniRetri(InfiniRetriConfig(chunk_tokens=128))).generate(text, max_new_tokens=1)
+        Host(smollm2, InfiniRetri(InfiniRetriConfig(chunk_tokens=128))).generate(
+            text, max_new_tokens=1
+        )

@@ -40,7 +40,9 @@ def test_centroid_scores_matches_reference(dtype, rows, G, K, d):
     fin = torch.isfinite(ref)
     assert (ref[fin] - got[fin]).abs().max().item() <= DTYPES[dtype][0]
     nob = triton_kernels.centroid_scores(q, c, None, scale=0.125)
-    assert torch.allclose(nob, reference.centroid_scores(q, c, None, scale=0.125), atol=DTYPES[dtype][0])
+    assert torch.allclose(
+        nob, reference.centroid_scores(q, c, None, scale=0.125), atol=DTYPES[dtype][0]
+    )
 
 
 @pytest.mark.parametrize("n", [1, 7, 1025, 2100])
@@ -55,7 +57,7 @@ def test_compaction_matches_reference(n):
     assert cnt[1] == 0 and cnt[2] == n
     assert idx.shape == (4, n)
     assert torch.equal(idx[:, : ref_idx.shape[1]], ref_idx)
-    assert bool((idx[:, ref_idx.shape[1]:] == -1).all())
+    assert bool((idx[:, ref_idx.shape[1] :] == -1).all())
     for r in range(4):  # the definition: ascending positions of the True entries
         assert idx[r, : cnt[r]].tolist() == mask[r].nonzero().flatten().tolist()
 
@@ -80,8 +82,9 @@ def test_sparse_decode_matches_reference(dtype, G, n, d, splits):
     assert bool(torch.isinf(got_l[1]).all()) and bool((got_o[1] == 0).all())
     fin = torch.isfinite(ref_l)
     assert (ref_l[fin] - got_l[fin]).abs().max().item() <= 1e-4
-    dense = torch.nn.functional.scaled_dot_product_attention(q[2:3].float().unsqueeze(2), k[2:3].float()[:, None],
-                                                             v[2:3].float()[:, None]).squeeze(2)
+    dense = torch.nn.functional.scaled_dot_product_attention(
+        q[2:3].float().unsqueeze(2), k[2:3].float()[:, None], v[2:3].float()[:, None]
+    ).squeeze(2)
     assert (dense - got_o[2:3].float()).abs().max().item() <= out_tol + 1e-5
 
 
@@ -89,7 +92,11 @@ def test_reference_against_core_partial_attention():
     from apportion.host.lse import partial_attention
 
     g = torch.Generator().manual_seed(0)
-    q, k, v = torch.randn(2, 3, 16, generator=g), torch.randn(2, 50, 16, generator=g), torch.randn(2, 50, 16, generator=g)
+    q, k, v = (
+        torch.randn(2, 3, 16, generator=g),
+        torch.randn(2, 50, 16, generator=g),
+        torch.randn(2, 50, 16, generator=g),
+    )
     mask = torch.rand(2, 50, generator=g) < 0.5
     idx, cnt = reference.compact(mask)
     out, lse = reference.sparse_decode(q, k, v, idx, cnt)
@@ -121,7 +128,9 @@ def test_bad_input_is_named(impl):
 def test_reference_rejects_out_of_range_indices():
     q, k = torch.randn(1, 1, 8), torch.randn(1, 4, 8)
     with pytest.raises(IndexError, match="outside"):
-        reference.sparse_decode(q, k, k, torch.tensor([[9]], dtype=torch.int32), torch.tensor([1], dtype=torch.int32))
+        reference.sparse_decode(
+            q, k, k, torch.tensor([[9]], dtype=torch.int32), torch.tensor([1], dtype=torch.int32)
+        )
 
 
 def test_dispatch():
@@ -134,19 +143,30 @@ def test_dispatch():
 def test_ragged_lists_equal_the_padded_reference():
     g = torch.Generator().manual_seed(5)
     rows, G, n, d, tail = 4, 3, 120, 16, 7
-    q, k, v = (torch.randn(rows, G, d, generator=g), torch.randn(rows, n, d, generator=g),
-               torch.randn(rows, n, d, generator=g))
+    q, k, v = (
+        torch.randn(rows, G, d, generator=g),
+        torch.randn(rows, n, d, generator=g),
+        torch.randn(rows, n, d, generator=g),
+    )
     mask = torch.rand(rows, n - tail, generator=g) < 0.3
     mask[1] = False  # only the tail
-    parts = [mask[r].nonzero().flatten()[torch.randperm(int(mask[r].sum()), generator=g)] for r in range(rows)]
+    parts = [
+        mask[r].nonzero().flatten()[torch.randperm(int(mask[r].sum()), generator=g)]
+        for r in range(rows)
+    ]
     pos, counts = torch.cat(parts), [p.numel() for p in parts]  # any order within a row
     full = torch.cat([mask, torch.ones(rows, tail, dtype=torch.bool)], dim=1)
     ref_o, ref_l = reference.sparse_decode(q, k, v, *reference.compact(full), scale=0.3)
     out, lse = reference.sparse_decode_lists(q, k, v, pos, counts, scale=0.3, tail_start=n - tail)
     assert torch.allclose(out, ref_o, atol=1e-5) and torch.allclose(lse, ref_l, atol=1e-5)
     out, lse = reference.sparse_decode_lists(q, k, v, pos, counts, scale=0.3)  # no tail
-    ref_o, ref_l = reference.sparse_decode(q, k, v, *reference.compact(torch.cat(
-        [mask, torch.zeros(rows, tail, dtype=torch.bool)], dim=1)), scale=0.3)
+    ref_o, ref_l = reference.sparse_decode(
+        q,
+        k,
+        v,
+        *reference.compact(torch.cat([mask, torch.zeros(rows, tail, dtype=torch.bool)], dim=1)),
+        scale=0.3,
+    )
     assert torch.allclose(out, ref_o, atol=1e-5) and torch.allclose(lse, ref_l, atol=1e-5)
     assert bool((out[1] == 0).all()) and bool(torch.isinf(lse[1]).all())
     with pytest.raises(ValueError, match="counts"):

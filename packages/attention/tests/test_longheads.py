@@ -22,8 +22,14 @@ def _prefill_logits(smollm2, backend, ids):
 
     cache = KVPolicy().make_cache(smollm2.model)
     with torch.inference_mode(), backend.installed(smollm2.model):
-        return backend.prefill(smollm2.model, ids, torch.ones_like(ids), cache, question_len=0,
-                               inner=KVPolicy().prefill).logits.float()
+        return backend.prefill(
+            smollm2.model,
+            ids,
+            torch.ones_like(ids),
+            cache,
+            question_len=0,
+            inner=KVPolicy().prefill,
+        ).logits.float()
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +67,9 @@ def test_rotation_remaps_positions(smollm2):
     assert torch.allclose(rotate(rotate(x, a, inv), b, inv), rotate(x, a + b, inv), atol=1e-4)
     q, k = torch.randn(64, generator=g), torch.randn(64, generator=g)
     # q.k depends only on the relative shift: rotating both alike changes nothing
-    d1 = (rotate(q[None], torch.tensor([9000]), inv) * rotate(k[None], torch.tensor([8990]), inv)).sum()
+    d1 = (
+        rotate(q[None], torch.tensor([9000]), inv) * rotate(k[None], torch.tensor([8990]), inv)
+    ).sum()
     d2 = (rotate(q[None], torch.tensor([20]), inv) * rotate(k[None], torch.tensor([10]), inv)).sum()
     assert torch.allclose(d1, d2, atol=1e-3)
 
@@ -76,14 +84,18 @@ def test_reads_past_the_window_and_refuses_bad_setups(smollm2):
     out = Host(smollm2, backend).generate(f"{_long_context(20)}\n\n{QUESTION}", max_new_tokens=4)[0]
     assert out.new_tokens > 0
     with pytest.raises(ConfigError, match="full"):
+
         class Other(KVPolicy):
             def prefill(self, *a, **k):
                 return super().prefill(*a, **k)
+
         Host(smollm2, backend, Other()).generate("Hi.", max_new_tokens=1)
     with pytest.raises(ConfigError, match="padded"):
         Host(smollm2, backend).generate(["Hi.", "A longer prompt here."], max_new_tokens=1)
     with pytest.raises(ConfigError, match="exceeds"):
-        Host(smollm2, LongHeads(LongHeadsConfig(chunk_size=2048, top_k=4, prefill_block=2048))).generate("Hi.", 1)
+        Host(
+            smollm2, LongHeads(LongHeadsConfig(chunk_size=2048, top_k=4, prefill_block=2048))
+        ).generate("Hi.", 1)
     with pytest.raises(ValueError, match="multiple"):
         LongHeadsConfig(chunk_size=100, prefill_block=150)
 
@@ -97,8 +109,8 @@ def test_max_scoring_finds_a_single_matching_key(smollm2):
     q = torch.nn.functional.normalize(torch.randn(d, generator=g), dim=0)
     noise = 0.01 * torch.randn(4 * c, d, generator=g)
     raw = noise.clone()
-    raw[c:2 * c] += 0.5 * q  # chunk 1: every key lukewarm
-    raw[2 * c:3 * c] -= 0.5 * q  # chunk 2: one needle among cold keys
+    raw[c : 2 * c] += 0.5 * q  # chunk 1: every key lukewarm
+    raw[2 * c : 3 * c] -= 0.5 * q  # chunk 2: one needle among cold keys
     raw[2 * c + 5] = 3.0 * q
     n = raw.shape[0]
     key = rotate(raw[None, None], torch.arange(n), inv)  # cached keys carry RoPE at their positions
@@ -132,7 +144,9 @@ def test_question_chunks_are_read_while_generating(smollm2):
     from apportion.base import Prompt
     from apportion.host import Host
 
-    prompt = Prompt([{"role": "user", "content": f"{_long_context(20)}\n\n{QUESTION}"}], question=QUESTION)
+    prompt = Prompt(
+        [{"role": "user", "content": f"{_long_context(20)}\n\n{QUESTION}"}], question=QUESTION
+    )
     cfg = LongHeadsConfig(chunk_size=32, top_k=2, prefill_block=64)
     assert cfg.model_copy(update={"question_chunks": True}).window() == cfg.window() + 2 * 32
     texts = {}

@@ -38,8 +38,14 @@ def _prefill(smollm2, backend, prompt):
     ids = torch.tensor([enc.ids])
     cache = KVPolicy().make_cache(smollm2.model)
     with torch.inference_mode(), backend.installed(smollm2.model):
-        pre = backend.prefill(smollm2.model, ids, torch.ones_like(ids), cache, question_len=enc.question_len,
-                              inner=KVPolicy().prefill)
+        pre = backend.prefill(
+            smollm2.model,
+            ids,
+            torch.ones_like(ids),
+            cache,
+            question_len=enc.question_len,
+            inner=KVPolicy().prefill,
+        )
     return pre.logits.float(), enc
 
 
@@ -47,7 +53,9 @@ def _prefill(smollm2, backend, prompt):
 def prompt():
     from apportion.base import Prompt
 
-    return Prompt([{"role": "user", "content": f"{_long_context(24)}\n\n{QUESTION}"}], question=QUESTION)
+    return Prompt(
+        [{"role": "user", "content": f"{_long_context(24)}\n\n{QUESTION}"}], question=QUESTION
+    )
 
 
 @pytest.fixture(scope="module")
@@ -59,10 +67,14 @@ def dense_logits(smollm2, prompt):
 
 def test_budget_one_and_budget_tokens_over_context_are_dense(smollm2, prompt, dense_logits, caplog):
     with caplog.at_level(logging.WARNING, "apportion_attention.squeezed"):
-        full, _ = _prefill(smollm2, Squeezed(SqueezedConfig(budget=1.0, min_context_tokens=32)), prompt)
+        full, _ = _prefill(
+            smollm2, Squeezed(SqueezedConfig(budget=1.0, min_context_tokens=32)), prompt
+        )
     assert (full - dense_logits).abs().max().item() < 1e-4
     assert "whole context" in caplog.text
-    over, _ = _prefill(smollm2, Squeezed(SqueezedConfig(budget_tokens=10**6, min_context_tokens=32)), prompt)
+    over, _ = _prefill(
+        smollm2, Squeezed(SqueezedConfig(budget_tokens=10**6, min_context_tokens=32)), prompt
+    )
     assert (over - dense_logits).abs().max().item() < 1e-4
 
 
@@ -107,8 +119,11 @@ def test_plain_transformers_attn_implementation(smollm2):
     backend = hf.BACKENDS["apportion-squeezed"]
     model, tok = smollm2.model, smollm2.tokenizer
     backend.config = SqueezedConfig(min_context_tokens=32, budget=0.5)
-    text = tok.apply_chat_template([{"role": "user", "content": f"{_long_context(12)}\n\n{QUESTION}"}],
-                                   add_generation_prompt=True, tokenize=False)
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": f"{_long_context(12)}\n\n{QUESTION}"}],
+        add_generation_prompt=True,
+        tokenize=False,
+    )
     ids = tok(text, return_tensors="pt").input_ids
     previous = model.config._attn_implementation
     model.set_attn_implementation("apportion-squeezed")
@@ -130,9 +145,13 @@ def test_changed_cache_falls_back_to_dense(smollm2, caplog):
     backend._attend(module, q, k, v, None)
     assert backend._layers[0] is not None
     with caplog.at_level(logging.WARNING, "apportion_attention.squeezed"):
-        out, _ = backend._attend(module, q[:, :, :1], k[:, :, :40], v[:, :, :40], None)  # evicted behind its back
+        out, _ = backend._attend(
+            module, q[:, :, :1], k[:, :, :40], v[:, :, :40], None
+        )  # evicted behind its back
     assert "evicted" in caplog.text and backend._layers[0] is None
-    ref = torch.nn.functional.scaled_dot_product_attention(q[:, :, :1], k[:, :, :40], v[:, :, :40], enable_gqa=True)
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q[:, :, :1], k[:, :, :40], v[:, :, :40], enable_gqa=True
+    )
     assert torch.allclose(out, ref.transpose(1, 2), atol=1e-5)
     with pytest.raises(ValueError, match="multiple"):
         backend._attend(module, torch.randn(1, 4, 1, 64), k, v, None)
@@ -160,14 +179,20 @@ def test_index_calibrates_to_the_budget():
 def _decode_case(n_ctx=700, tail=9, seed=2):
     g = torch.Generator().manual_seed(seed)
     centers = torch.randn(3, 24, 32, generator=g) * 2
-    keys = centers.gather(1, torch.randint(0, 24, (3, n_ctx + tail, 1), generator=g).expand(-1, -1, 32))
+    keys = centers.gather(
+        1, torch.randint(0, 24, (3, n_ctx + tail, 1), generator=g).expand(-1, -1, 32)
+    )
     keys = keys + torch.randn(3, n_ctx + tail, 32, generator=g)
     values = torch.randn(3, n_ctx + tail, 32, generator=g)
     calib = centers[:, None, :6] + 0.3 * torch.randn(3, 2, 6, 32, generator=g)
     valid = torch.ones(3, n_ctx, dtype=torch.bool)
     valid[1, :40] = False  # padding keys are in no cluster
-    index = build_layer_index(keys[:, :n_ctx], calib, budget=0.1, scale=0.2, valid=valid, cluster_size=8)
-    queries = centers[:, None, 6:10].permute(2, 0, 1, 3) + 0.3 * torch.randn(4, 3, 2, 32, generator=g)
+    index = build_layer_index(
+        keys[:, :n_ctx], calib, budget=0.1, scale=0.2, valid=valid, cluster_size=8
+    )
+    queries = centers[:, None, 6:10].permute(2, 0, 1, 3) + 0.3 * torch.randn(
+        4, 3, 2, 32, generator=g
+    )
     return index, keys, values, queries  # queries: (4, rows, G, d)
 
 
@@ -212,8 +237,9 @@ def test_torch_decode_path_equals_the_masked_compaction_path(with_mask):
         hidden = mask.clone()
         hidden[..., n - 1] = False
         q = queries[0]
-        out, _ = Squeezed(SqueezedConfig(kernels="torch"))._decode(index, q.reshape(1, 6, 1, 32), keys[None],
-                                                                   values[None], hidden, 0.2)
+        out, _ = Squeezed(SqueezedConfig(kernels="torch"))._decode(
+            index, q.reshape(1, 6, 1, 32), keys[None], values[None], hidden, 0.2
+        )
         sel = index.select_one(q, 0.2, reference)
         keep = torch.cat([sel, torch.ones(3, n - index.n_ctx, dtype=torch.bool)], dim=1)
         keep[:, -1] = False
@@ -236,7 +262,12 @@ def test_question_votes_spread_and_budget():
         votes = question_votes(keys, q, scale=0.25, valid=valid, reduce=reduce)
         assert votes.shape == (2, 300) and votes[1, :5].eq(0).all()
         keep = top_voted(votes, torch.tensor([10, 3]), valid=valid)
-        assert keep.sum(-1).tolist() == [10, 3] and keep[0, 120] and keep[1, 7] and not keep[1, :5].any()
+        assert (
+            keep.sum(-1).tolist() == [10, 3]
+            and keep[0, 120]
+            and keep[1, 7]
+            and not keep[1, :5].any()
+        )
     spread = top_voted(votes, torch.tensor([6, 6]), valid=valid, before=1, after=4)
     assert spread[0, 119:125].all() and spread[0].sum() == 6  # the read key, 1 before, 4 after
     assert not top_voted(votes, torch.tensor([0, 0])).any()
@@ -283,7 +314,9 @@ def test_question_share_keeps_question_keys_through_generation(smollm2, prompt):
     out = Host(smollm2, backend).generate(prompt, max_new_tokens=6)[0]
     assert out.new_tokens > 0
     frac = backend.selected_fraction()
-    assert frac is not None and frac <= 0.2 * 1.5, frac  # sticky 10% + per-step ~10%, overlaps counted once
+    assert frac is not None and frac <= 0.2 * 1.5, (
+        frac
+    )  # sticky 10% + per-step ~10%, overlaps counted once
     for index in backend._layers.values():
         assert index is not None and index.sticky is not None
         n_valid = int((index.assign >= 0).sum(-1).max())
@@ -370,6 +403,8 @@ def test_sticky_keys_count_against_the_budget():
     assert filled.sticky is not None and filled.sticky[:, 300:335].all()
     with_sticky = filled.select(calib, 0.2).float().mean().item()
     assert with_sticky == pytest.approx(0.2, abs=0.06)
-    assert (filled.t_fine >= plain.t_fine).all()  # the centroid part selects less than the whole budget
+    assert (
+        filled.t_fine >= plain.t_fine
+    ).all()  # the centroid part selects less than the whole budget
     with pytest.raises(ValueError, match="sticky"):
         build_layer_index(ctx, calib, budget=0.2, scale=0.2, sticky=sticky[:, :10])

@@ -48,16 +48,27 @@ def main(model_dir: str, budget: float) -> None:
     os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=model_dir, enforce_eager=True, max_model_len=2048, seed=0,
-              kv_cache_memory_bytes=256 << 20, enable_prefix_caching=False,
-              max_num_batched_tokens=256)  # chunked prefill: the impl tracks prompts over steps
+    llm = LLM(
+        model=model_dir,
+        enforce_eager=True,
+        max_model_len=2048,
+        seed=0,
+        kv_cache_memory_bytes=256 << 20,
+        enable_prefix_caching=False,
+        max_num_batched_tokens=256,
+    )  # chunked prefill: the impl tracks prompts over steps
     tok = llm.get_tokenizer()
 
     def chat(room: int, items: int) -> str:
-        facts = " ".join(f"Item {i}: the locker code for room {100 + i} is {4417 + 37 * i}." for i in range(items))
+        facts = " ".join(
+            f"Item {i}: the locker code for room {100 + i} is {4417 + 37 * i}."
+            for i in range(items)
+        )
         return tok.apply_chat_template(
             [{"role": "user", "content": f"{facts}\n\nWhat is the locker code for room {room}?"}],
-            tokenize=False, add_generation_prompt=True)
+            tokenize=False,
+            add_generation_prompt=True,
+        )
 
     prompts = [chat(105, 24), chat(112, 28)]
     params = SamplingParams(temperature=0.0, max_tokens=16)
@@ -69,8 +80,11 @@ def main(model_dir: str, budget: float) -> None:
         outs = llm.generate(texts, params, use_tqdm=False)
         after = llm.collective_rpc(_impl_stats)[0]
         delta = {k: after[k] - before.get(k, 0) for k in after if isinstance(after[k], int)}
-        result[name] = {"texts": [o.outputs[0].text for o in outs], "stats": delta,
-                        "impls": after["impls"]}
+        result[name] = {
+            "texts": [o.outputs[0].text for o in outs],
+            "stats": delta,
+            "impls": after["impls"],
+        }
 
     run("dense", {"budget": 1.0}, prompts)
     run("sparse", {"budget": budget}, prompts)

@@ -21,44 +21,59 @@ BUDGET = 0.5
 def _in_subprocess(code: str, **env: str) -> str:
     """vLLM's registry is process-global: registration is checked in a fresh process."""
     run_env = {k: v for k, v in os.environ.items() if not k.startswith("APPORTION_VLLM_")}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                         env={**run_env, **env})
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**run_env, **env},
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return out.stdout.strip().splitlines()[-1]
 
 
 # vLLM's own plugin loader, then: the class behind the name, its name, whether CPU_ATTN is
 # overridden, and the backend vLLM's CPU platform picks when asked for APPORTION_SQUEEZED
-_PROBE = ("from vllm.plugins import load_general_plugins; load_general_plugins(); "
-          "from vllm.platforms import current_platform as p; "
-          "from vllm.v1.attention.backends.registry import AttentionBackendEnum as E; "
-          "from types import SimpleNamespace as N; "
-          "c = E['APPORTION_SQUEEZED'].get_class(); "
-          "print(c.__module__ + '.' + c.__name__, c.get_name(), E.CPU_ATTN.is_overridden(), "
-          "p.get_attn_backend_cls(E['APPORTION_SQUEEZED'], N(use_sparse=False, use_mla=False)))")
+_PROBE = (
+    "from vllm.plugins import load_general_plugins; load_general_plugins(); "
+    "from vllm.platforms import current_platform as p; "
+    "from vllm.v1.attention.backends.registry import AttentionBackendEnum as E; "
+    "from types import SimpleNamespace as N; "
+    "c = E['APPORTION_SQUEEZED'].get_class(); "
+    "print(c.__module__ + '.' + c.__name__, c.get_name(), E.CPU_ATTN.is_overridden(), "
+    "p.get_attn_backend_cls(E['APPORTION_SQUEEZED'], N(use_sparse=False, use_mla=False)))"
+)
 
 
 def test_general_plugin_registers_the_backend_by_name():
     """By default the name is registered and nothing else changes. Asked for it, vLLM's CPU
     platform still answers CPU_ATTN: it ignores the requested backend."""
     assert _in_subprocess(_PROBE).split() == [
-        "apportion_attention.vllm_backend.SqueezedBackend", "APPORTION_SQUEEZED", "False",
-        "vllm.v1.attention.backends.cpu_attn.CPUAttentionBackend"]
+        "apportion_attention.vllm_backend.SqueezedBackend",
+        "APPORTION_SQUEEZED",
+        "False",
+        "vllm.v1.attention.backends.cpu_attn.CPUAttentionBackend",
+    ]
 
 
 def test_selecting_squeezed_makes_it_the_cpu_platform_backend():
     """APPORTION_VLLM_ATTENTION=squeezed overrides CPU_ATTN in the registry; the platform's
     selection then resolves to the squeezed backend."""
     assert _in_subprocess(_PROBE, APPORTION_VLLM_ATTENTION="squeezed").split() == [
-        "apportion_attention.vllm_backend.SqueezedBackend", "APPORTION_SQUEEZED", "True",
-        "apportion_attention.vllm_backend.SqueezedBackend"]
+        "apportion_attention.vllm_backend.SqueezedBackend",
+        "APPORTION_SQUEEZED",
+        "True",
+        "apportion_attention.vllm_backend.SqueezedBackend",
+    ]
 
 
 def test_an_unknown_choice_is_refused(monkeypatch):
     from apportion_attention.vllm_plugin import register
 
     monkeypatch.setenv("APPORTION_VLLM_ATTENTION", "flash")
-    with pytest.raises(ValueError, match="the only apportion attention backend for vLLM is 'squeezed'"):
+    with pytest.raises(
+        ValueError, match="the only apportion attention backend for vLLM is 'squeezed'"
+    ):
         register()
 
 
@@ -77,8 +92,15 @@ def impl(vllm_model_dir):
     from vllm.config import ModelConfig, VllmConfig, set_current_vllm_config
 
     with set_current_vllm_config(VllmConfig(model_config=ModelConfig(model=str(vllm_model_dir)))):
-        return SqueezedImpl(num_heads=9, head_size=64, scale=0.125, num_kv_heads=3, alibi_slopes=None,
-                            sliding_window=None, kv_cache_dtype="auto")
+        return SqueezedImpl(
+            num_heads=9,
+            head_size=64,
+            scale=0.125,
+            num_kv_heads=3,
+            alibi_slopes=None,
+            sliding_window=None,
+            kv_cache_dtype="auto",
+        )
 
 
 def _dense(q, k, v, scale):
@@ -94,8 +116,12 @@ def _dense(q, k, v, scale):
 def _meta(qsl, seq_lens, table):
     import torch
 
-    return SimpleNamespace(query_start_loc=torch.tensor(qsl), seq_lens=torch.tensor(seq_lens),
-                           block_table=torch.tensor(table), num_actual_tokens=qsl[-1])
+    return SimpleNamespace(
+        query_start_loc=torch.tensor(qsl),
+        seq_lens=torch.tensor(seq_lens),
+        block_table=torch.tensor(table),
+        num_actual_tokens=qsl[-1],
+    )
 
 
 def test_tracking_over_chunked_prefill_and_decode(impl):
@@ -116,18 +142,33 @@ def test_tracking_over_chunked_prefill_and_decode(impl):
 
     # step 1: A's first chunk (200 tokens), B's whole prompt (200)
     m = _meta([0, 200, 400], [200, 200], [ta, tb])
-    sparse = impl._track(torch.cat([qa[:200], qb[:200]]), torch.cat([ka[:200], kb[:200]]),
-                         torch.cat([va[:200], vb[:200]]), m, block)
+    sparse = impl._track(
+        torch.cat([qa[:200], qb[:200]]),
+        torch.cat([ka[:200], kb[:200]]),
+        torch.cat([va[:200], vb[:200]]),
+        m,
+        block,
+    )
     assert sparse == []
     # step 2: A's second chunk (100), B decodes its first token -> B indexed
     m = _meta([0, 100, 101], [300, 201], [ta, tb])
-    sparse = impl._track(torch.cat([qa[200:300], qb[200:201]]), torch.cat([ka[200:300], kb[200:201]]),
-                         torch.cat([va[200:300], vb[200:201]]), m, block)
+    sparse = impl._track(
+        torch.cat([qa[200:300], qb[200:201]]),
+        torch.cat([ka[200:300], kb[200:201]]),
+        torch.cat([va[200:300], vb[200:201]]),
+        m,
+        block,
+    )
     assert [t for t, _ in sparse] == [100]
     # step 3: both decode
     m = _meta([0, 1, 2], [301, 202], [ta, tb])
-    sparse = impl._track(torch.cat([qa[300:301], qb[201:202]]), torch.cat([ka[300:301], kb[201:202]]),
-                         torch.cat([va[300:301], vb[201:202]]), m, block)
+    sparse = impl._track(
+        torch.cat([qa[300:301], qb[201:202]]),
+        torch.cat([ka[300:301], kb[201:202]]),
+        torch.cat([va[300:301], vb[201:202]]),
+        m,
+        block,
+    )
     assert [t for t, _ in sparse] == [0, 1]
     (_, req_a), (_, req_b) = sparse
     assert req_a.index.n_ctx == na and req_b.index.n_ctx == nb
@@ -155,20 +196,34 @@ def test_sparse_decode_equals_dense_when_every_key_is_selected(impl):
     # an index that selects every context key (one cluster, thresholds -inf)
     z = torch.zeros(3, 1, 64)
     minus_inf = torch.full((3,), float("-inf"))
-    req.index = LayerIndex(n_ctx, torch.zeros(3, n_ctx, dtype=torch.long), z, torch.zeros(3, 1),
-                           torch.zeros(3, 1, dtype=torch.long), z.clone(), torch.zeros(3, 1), minus_inf,
-                           minus_inf.clone())
+    req.index = LayerIndex(
+        n_ctx,
+        torch.zeros(3, n_ctx, dtype=torch.long),
+        z,
+        torch.zeros(3, 1),
+        torch.zeros(3, 1, dtype=torch.long),
+        z.clone(),
+        torch.zeros(3, 1),
+        minus_inf,
+        minus_inf.clone(),
+    )
     out = impl._decode(req, q)
-    torch.testing.assert_close(out, _dense(q, k.transpose(0, 1), v.transpose(0, 1), impl.scale),
-                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        out, _dense(q, k.transpose(0, 1), v.transpose(0, 1), impl.scale), rtol=1e-4, atol=1e-4
+    )
 
 
 @pytest.fixture(scope="module")
 def served(vllm_model_dir):
     script = Path(__file__).with_name("serve_squeezed.py")
     env = {k: v for k, v in os.environ.items() if not k.startswith("APPORTION_VLLM_")}
-    proc = subprocess.run([sys.executable, str(script), str(vllm_model_dir), str(BUDGET)],
-                          capture_output=True, text=True, timeout=900, env={**env, "HF_HUB_OFFLINE": "1"})
+    proc = subprocess.run(
+        [sys.executable, str(script), str(vllm_model_dir), str(BUDGET)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**env, "HF_HUB_OFFLINE": "1"},
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads([x for x in proc.stdout.splitlines() if x.startswith("{")][-1])
 

@@ -22,20 +22,31 @@ def plugin_dir(tmp_path):
             (tmp_path / f"{name}.py").write_text(textwrap.dedent(body))
             info = tmp_path / f"{name}-{version}.dist-info"
             info.mkdir()
-            (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+            (info / "METADATA").write_text(
+                f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n"
+            )
             (info / "entry_points.txt").write_text(f"[apportion]\n{name} = {name}\n")
 
         def run(self, code: str, **env: str):
             full_env = {**os.environ, "PYTHONPATH": str(tmp_path), **env}
-            full_env.pop("APPORTION_STRICT_PLUGINS", None) if "APPORTION_STRICT_PLUGINS" not in env else None
-            proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
-                                  text=True, env=full_env, timeout=120)
+            full_env.pop(
+                "APPORTION_STRICT_PLUGINS", None
+            ) if "APPORTION_STRICT_PLUGINS" not in env else None
+            proc = subprocess.run(
+                [sys.executable, "-c", textwrap.dedent(code)],
+                capture_output=True,
+                text=True,
+                env=full_env,
+                timeout=120,
+            )
             return proc.returncode, proc.stdout, proc.stderr
 
         def report(self, **env: str) -> dict:
             rc, out, err = self.run(
                 "import json; from apportion.plugins import get_plugin_host as h;"
-                "print(json.dumps([p.as_dict() for p in h().plugins]))", **env)
+                "print(json.dumps([p.as_dict() for p in h().plugins]))",
+                **env,
+            )
             assert rc == 0, err
             return {p["name"]: p for p in json.loads(out)}
 
@@ -50,8 +61,13 @@ def cli_env():
 
 
 def run_cli(*args: str, env: dict | None = None, timeout: int = 600):
-    return subprocess.run([sys.executable, "-m", "apportion.cli", *args], capture_output=True,
-                          text=True, env=env, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "apportion.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture

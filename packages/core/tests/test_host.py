@@ -9,7 +9,9 @@ from apportion.host import Host, load_model
 
 
 def test_generates_an_answer_with_stats(smollm2):
-    r = Host(smollm2).generate("What is the capital of France? Answer in one word.", max_new_tokens=16)[0]
+    r = Host(smollm2).generate(
+        "What is the capital of France? Answer in one word.", max_new_tokens=16
+    )[0]
     assert "paris" in r.text.lower()
     assert r.prompt_tokens > 10 and 0 < r.new_tokens <= 16
     assert r.kv_tokens == r.prompt_tokens
@@ -33,7 +35,7 @@ def test_question_is_split_off(smollm2):
     host = Host(smollm2)
     enc = host.encode(Prompt([{"role": "user", "content": "ctx ctx\n\nWhat?"}], question="What?"))
     assert 0 < enc.question_len < len(enc.ids)
-    assert host.tokenizer.decode(enc.ids[-enc.question_len:]).startswith("What?")
+    assert host.tokenizer.decode(enc.ids[-enc.question_len :]).startswith("What?")
 
 
 def test_prompt_longer_than_context_refused_before_compute(smollm2):
@@ -68,7 +70,10 @@ def test_lse_merge_is_exact():
     ref = torch.softmax(q @ k.transpose(-1, -2) / 4.0, -1) @ v
     assert torch.allclose(full, ref, atol=1e-5)
     cuts = [0, 10, 11, 30, 37]
-    parts = [partial_attention(q, k[..., a:b, :], v[..., a:b, :]) for a, b in zip(cuts, cuts[1:], strict=False)]
+    parts = [
+        partial_attention(q, k[..., a:b, :], v[..., a:b, :])
+        for a, b in zip(cuts, cuts[1:], strict=False)
+    ]
     merged, _ = merge([p[0] for p in parts], [p[1] for p in parts])
     assert torch.allclose(merged, ref, atol=1e-5)
     empty = partial_attention(q, k[..., :0, :], v[..., :0, :])

@@ -21,9 +21,16 @@ def test_kv_bytes_per_token_by_hand():
 
 
 def test_shape_from_hf_config_matches_smollm2():
-    cfg = {"hidden_size": 576, "num_hidden_layers": 30, "num_attention_heads": 9,
-           "num_key_value_heads": 3, "head_dim": 64, "intermediate_size": 1536,
-           "vocab_size": 49152, "tie_word_embeddings": True}
+    cfg = {
+        "hidden_size": 576,
+        "num_hidden_layers": 30,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "head_dim": 64,
+        "intermediate_size": 1536,
+        "vocab_size": 49152,
+        "tie_word_embeddings": True,
+    }
     shape = ModelShape.from_hf_config(cfg, "smol")
     assert shape.params == pytest.approx(134.5e6, rel=0.01)
     assert shape.kv_bytes_per_token == MODELS["smollm2-135m"].kv_bytes_per_token

@@ -27,14 +27,17 @@ def test_import_error_is_reported_and_skipped(plugin_dir):
 
 
 def test_hook_that_raises_is_reported(plugin_dir):
-    plugin_dir.add("raiseplug", """
+    plugin_dir.add(
+        "raiseplug",
+        """
 from apportion import hookimpl
 
 @hookimpl
 def apportion_register_benchmarks(register):
     register("half", "x:y", summary="s")
     raise RuntimeError("boom in hook")
-""")
+""",
+    )
     report = plugin_dir.report()
     assert "boom in hook" in report["raiseplug"]["error"]
     assert report["raiseplug"]["components"] == {}
@@ -49,27 +52,34 @@ def test_duplicate_names_the_two_providers(plugin_dir):
 
 
 def test_duplicate_of_core_baseline_is_an_error_without_replace(plugin_dir):
-    plugin_dir.add("fullplug", """
+    plugin_dir.add(
+        "fullplug",
+        """
 from apportion import hookimpl
 
 @hookimpl
 def apportion_register_kv_policies(register):
     register("full", "apportion.host.kv:KVPolicy", summary="mine")
-""")
+""",
+    )
     assert "apportion-core" in plugin_dir.report()["fullplug"]["error"]
 
 
 def test_replace_core_baseline(plugin_dir):
-    plugin_dir.add("replug", """
+    plugin_dir.add(
+        "replug",
+        """
 from apportion import hookimpl
 
 @hookimpl
 def apportion_register_kv_policies(register):
     register("full", "apportion.host.kv:KVPolicy", summary="mine", replace=True)
-""")
+""",
+    )
     rc, out, err = plugin_dir.run(
         "from apportion import get_registry; s = get_registry().get('kv-policy', 'full');"
-        "print(s.provider, s.replaces)")
+        "print(s.provider, s.replaces)"
+    )
     assert rc == 0, err
     assert out.split()[0] == "replug" and "apportion-core" in out
 
@@ -94,17 +104,20 @@ def test_allow_and_deny_lists(plugin_dir):
 
 def test_strict_mode_fails(plugin_dir):
     plugin_dir.add("brokenplug", "raise ImportError('nope')\n")
-    rc, out, err = plugin_dir.run("from apportion import get_registry; get_registry()",
-                                  APPORTION_STRICT_PLUGINS="1")
+    rc, out, err = plugin_dir.run(
+        "from apportion import get_registry; get_registry()", APPORTION_STRICT_PLUGINS="1"
+    )
     assert rc != 0 and "brokenplug" in err and "nope" in err
 
 
 def test_cli_reports_broken_plugin(plugin_dir):
     plugin_dir.add("brokenplug", "raise ImportError('nope')\n")
     rc, out, err = plugin_dir.run(
-        "import sys; sys.argv=['apportion','plugins']\nfrom apportion.cli import main\nmain()")
+        "import sys; sys.argv=['apportion','plugins']\nfrom apportion.cli import main\nmain()"
+    )
     assert rc == 0 and "brokenplug" in out and "nope" in out
     rc, out, err = plugin_dir.run(
         "import sys; sys.argv=['apportion','plugins']\nfrom apportion.cli import main\nmain()",
-        APPORTION_STRICT_PLUGINS="1")
+        APPORTION_STRICT_PLUGINS="1",
+    )
     assert rc == 2 and "nope" in err and "Traceback" not in err

@@ -31,7 +31,9 @@ def test_every_component_constructible_by_name(registry):
 
 def test_malformed_config_points_at_field(tmp_path):
     bad = tmp_path / "bad.toml"
-    bad.write_text('[model]\nname = "smollm2"\ndtype = "float64"\n[generation]\nmax_new_tokens = -3\n')
+    bad.write_text(
+        '[model]\nname = "smollm2"\ndtype = "float64"\n[generation]\nmax_new_tokens = -3\n'
+    )
     with pytest.raises(ConfigError) as exc:
         load_config(bad)
     locs = [loc for loc, _ in exc.value.errors]
@@ -48,8 +50,9 @@ def test_bad_toml_and_missing_file(tmp_path):
 
 
 def test_component_options_validated_by_field(registry):
-    cfg = parse_config({"benchmarks": [{"name": "niah", "lengths": [10]}],
-                        "kv_policy": {"name": "fulll"}})
+    cfg = parse_config(
+        {"benchmarks": [{"name": "niah", "lengths": [10]}], "kv_policy": {"name": "fulll"}}
+    )
     with pytest.raises(ConfigError) as exc:
         resolve_config(cfg, registry)
     locs = dict(exc.value.errors)
@@ -67,22 +70,33 @@ def test_incompatible_combination_refused(registry):
     reg = Registry()
     for spec in registry.specs():
         reg.add(spec)
-    reg.add(ComponentSpec("kv-policy", "picky", "apportion.host.kv:KVPolicy", summary="s",
-                          incompatible_with={"attention": ["dense"]}))
+    reg.add(
+        ComponentSpec(
+            "kv-policy",
+            "picky",
+            "apportion.host.kv:KVPolicy",
+            summary="s",
+            incompatible_with={"attention": ["dense"]},
+        )
+    )
     cfg = parse_config({"kv_policy": {"name": "picky"}})
     with pytest.raises(ConfigError, match="cannot be combined with attention 'dense'"):
         resolve_config(cfg, reg)
 
 
 def test_sweep_and_grid_expand(registry):
-    cfg = parse_config({
-        "sweep": [{"label": "a"}, {"label": "b", "prompt": {"name": "zero-shot"}}],
-        "grid": {"allocator.cap_bytes": [1000, 2000]},
-    })
+    cfg = parse_config(
+        {
+            "sweep": [{"label": "a"}, {"label": "b", "prompt": {"name": "zero-shot"}}],
+            "grid": {"allocator.cap_bytes": [1000, 2000]},
+        }
+    )
     variants = resolve_config(cfg, registry)
     assert [v.label for v in variants] == [
-        "a[allocator.cap_bytes=1000]", "a[allocator.cap_bytes=2000]",
-        "b[allocator.cap_bytes=1000]", "b[allocator.cap_bytes=2000]",
+        "a[allocator.cap_bytes=1000]",
+        "a[allocator.cap_bytes=2000]",
+        "b[allocator.cap_bytes=1000]",
+        "b[allocator.cap_bytes=2000]",
     ]
     assert variants[1].configs["allocator"].cap_bytes == 2000
 

@@ -9,8 +9,13 @@ from apportion.runner import RunOptions, execute, read_records
 
 
 def _cfg(**kw):
-    return parse_config({"name": "t", "benchmarks": [{"name": "niah", "lengths": [256], "depths": [0.5],
-                                                      "samples": 3}], **kw})
+    return parse_config(
+        {
+            "name": "t",
+            "benchmarks": [{"name": "niah", "lengths": [256], "depths": [0.5], "samples": 3}],
+            **kw,
+        }
+    )
 
 
 def test_run_writes_records_and_resumes(tmp_path, smollm2):
@@ -60,7 +65,11 @@ def test_cli_plugins_and_list(cli, cli_env):
 
 def test_cli_errors_are_clear(cli, cli_env, tmp_path):
     out = cli("list", "kv-polcy", env=cli_env)
-    assert out.returncode == 2 and "Did you mean 'kv-policy'" in out.stderr and "Traceback" not in out.stderr
+    assert (
+        out.returncode == 2
+        and "Did you mean 'kv-policy'" in out.stderr
+        and "Traceback" not in out.stderr
+    )
     bad = tmp_path / "bad.toml"
     bad.write_text('[kv_policy]\nname = "snapkvv"\n')
     out = cli("run", str(bad), env=cli_env)
@@ -71,7 +80,9 @@ def test_cli_errors_are_clear(cli, cli_env, tmp_path):
 
 def test_cli_run_end_to_end(cli, cli_env, tmp_path):
     cfg = tmp_path / "c.toml"
-    cfg.write_text('name = "e2e"\n[[benchmarks]]\nname = "niah"\nlengths = [256]\ndepths = [0.5]\nsamples = 1\n')
+    cfg.write_text(
+        'name = "e2e"\n[[benchmarks]]\nname = "niah"\nlengths = [256]\ndepths = [0.5]\nsamples = 1\n'
+    )
     out = cli("run", str(cfg), "--out", str(tmp_path / "run"), "--no-progress", env=cli_env)
     assert out.returncode == 0, out.stderr
     assert len(read_records(tmp_path / "run" / "records.jsonl")) == 1
@@ -87,7 +98,9 @@ def test_cli_doctor(cli, cli_env):
 # ------------------------------------------------------------------- time budget
 def test_time_budget_stops_starting_samples_and_a_rerun_finishes(tmp_path, smollm2):
     run_dir = tmp_path / "run"
-    stopped = execute(_cfg(), run_dir, RunOptions(time_budget_s=1e-6, progress=False), loaded=smollm2)
+    stopped = execute(
+        _cfg(), run_dir, RunOptions(time_budget_s=1e-6, progress=False), loaded=smollm2
+    )
     assert stopped == []  # spent before the first sample: nothing started, nothing torn
     done = execute(_cfg(), run_dir, RunOptions(limit=1, progress=False), loaded=smollm2)
     assert len(done) == 1
@@ -105,7 +118,11 @@ def test_cli_run_time_budget_option(cli, cli_env, tmp_path):
     cfg = tmp_path / "c.toml"
     cfg.write_text('name = "tb"\n[[benchmarks]]\nname = "niah"\nlengths = [256]\n')
     out = cli("run", str(cfg), "--time-budget", "0", "--out", str(tmp_path / "r"), env=cli_env)
-    assert out.returncode == 2 and "positive number of seconds" in out.stderr and "Traceback" not in out.stderr
+    assert (
+        out.returncode == 2
+        and "positive number of seconds" in out.stderr
+        and "Traceback" not in out.stderr
+    )
     assert not (tmp_path / "r").exists()
 
 
@@ -121,8 +138,12 @@ def test_length_plus_new_tokens_beyond_context_refused(tmp_path, smollm2):
     # the same length fits once fewer tokens are generated
     from apportion.runner import check_lengths
 
-    ok = parse_config({"benchmarks": [{"name": "niah", "lengths": [window - 10]}],
-                       "generation": {"max_new_tokens": 10}})
+    ok = parse_config(
+        {
+            "benchmarks": [{"name": "niah", "lengths": [window - 10]}],
+            "generation": {"max_new_tokens": 10},
+        }
+    )
     check_lengths(ok, get_registry(), window, {"baseline": False})
     check_lengths(cfg, get_registry(), window, {"baseline": True})  # context-extending attention
 

@@ -38,7 +38,11 @@ class TestNeedleThreadingMultiBackward(BenchmarkContract):
 
 class TestHoloBench(BenchmarkContract):
     component = "holobench"
-    small_options = {"lengths": [512, 1024], "samples": 1, "queries": ["lookup", "count", "max", "group-by"]}
+    small_options = {
+        "lengths": [512, 1024],
+        "samples": 1,
+        "queries": ["lookup", "count", "max", "group-by"],
+    }
 
 
 class TestHoloBenchBimodal(BenchmarkContract):

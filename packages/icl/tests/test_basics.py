@@ -10,7 +10,9 @@ from apportion_icl.knn import KNN, KNNConfig
 
 
 def test_budget_smaller_than_query_names_both(tok):
-    with pytest.raises(BudgetError, match=r"budget of 5 tokens is smaller than the query alone \(\d+ tokens"):
+    with pytest.raises(
+        BudgetError, match=r"budget of 5 tokens is smaller than the query alone \(\d+ tokens"
+    ):
         KNN().build("How many legs does a spider have?", budget=5, tokenizer=tok)
 
 
@@ -49,8 +51,9 @@ def test_knn_picks_same_task_and_fits_budget(tok, pool):
     tasks = {next(d for d in pool if d.id == i).meta["task"] for i in p.accounting["demo_ids"]}
     assert tasks == {query.task}
     assert p.messages[-1]["content"] == query.query and p.messages[-2]["role"] == "assistant"
-    small = KNN(KNNConfig(k=4)).build(query.query, demos=pool, tokenizer=tok,
-                                      budget=p.accounting["prompt_tokens"] - 1)
+    small = KNN(KNNConfig(k=4)).build(
+        query.query, demos=pool, tokenizer=tok, budget=p.accounting["prompt_tokens"] - 1
+    )
     assert small.accounting["demos_kept"] < 4 and small.accounting["dropped_for_budget"]
     assert small.accounting["prompt_tokens"] <= p.accounting["prompt_tokens"] - 1
 

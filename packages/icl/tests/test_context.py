@@ -48,7 +48,7 @@ def test_prune_second_hop_follows_the_bridge_entity(tok):
 
 
 def test_prune_keeps_the_sentence_after_a_match(tok):
-    """"What does X make?" matches "X was founded ..."; the product is in the next sentence
+    """ "What does X make?" matches "X was founded ..."; the product is in the next sentence
     ("The company makes ..."), kept as a same-paragraph neighbour."""
     ex = next(e for e in data.qa("test") if e.query.startswith("What does"))
     text, _ = Prune().prune(ex.query, data.qa_context(ex), tok)
@@ -58,13 +58,17 @@ def test_prune_keeps_the_sentence_after_a_match(tok):
 
 
 def test_prune_attention_scorer_finds_needle(needle, tok):
-    p = Prune(PruneConfig(scorer="attention")).build(needle.question, context=needle.context, tokenizer=tok)
+    p = Prune(PruneConfig(scorer="attention")).build(
+        needle.question, context=needle.context, tokenizer=tok
+    )
     assert needle.answers[0] in p.messages[-1]["content"]
     assert all("attention" in s for s in p.accounting["kept_sentences"])
 
 
 def test_prune_tightens_to_budget(needle, tok):
-    p = Prune(PruneConfig(threshold=0.0)).build(needle.question, context=needle.context, tokenizer=tok, budget=120)
+    p = Prune(PruneConfig(threshold=0.0)).build(
+        needle.question, context=needle.context, tokenizer=tok, budget=120
+    )
     assert p.accounting["prompt_tokens"] <= 120
 
 
@@ -77,7 +81,11 @@ def test_drag_retrieves_gold_and_demos(tok):
     p = DRAG(DRAGConfig(k=1, m=2)).build(ex.query, context=ctx, demos=pool, tokenizer=tok)
     gold = data.documents()[ex.meta["docs"][0]]["text"]
     assert gold in p.messages[-1]["content"]
-    assert p.accounting["k"] == 1 and p.accounting["demos_kept"] == 2 and len(p.accounting["documents_kept"]) == 1
+    assert (
+        p.accounting["k"] == 1
+        and p.accounting["demos_kept"] == 2
+        and len(p.accounting["documents_kept"]) == 1
+    )
 
 
 def test_iterdrag_counts_its_intermediate_prompts(tok, smollm2):
@@ -88,7 +96,11 @@ def test_iterdrag_counts_its_intermediate_prompts(tok, smollm2):
     ex = next(e for e in data.qa("test") if e.meta["hop"] == 2)
     ctx = data.qa_context(ex, n_distractors=4)
     one = DRAG(DRAGConfig(k=2, m=0)).bind(smollm2).build(ex.query, context=ctx, tokenizer=tok)
-    two = IterDRAG(IterDRAGConfig(k=2, m=0, n=2, sub_tokens=8)).bind(smollm2).build(ex.query, context=ctx, tokenizer=tok)
+    two = (
+        IterDRAG(IterDRAGConfig(k=2, m=0, n=2, sub_tokens=8))
+        .bind(smollm2)
+        .build(ex.query, context=ctx, tokenizer=tok)
+    )
     assert one.accounting["iteration_prompt_tokens"] == 0
     assert two.accounting["iteration_prompt_tokens"] > one.accounting["prompt_tokens"] - 20
 
@@ -101,9 +113,17 @@ def test_allocation_model_fit_predict_roundtrip(tmp_path):
     for k in (1, 2, 4):
         for m in (0, 2):
             for n in (1, 2):
-                acc = min(0.95, 0.2 + 0.15 * k ** 0.5 + 0.05 * m + 0.1 * (n - 1))
-                runs.append({"k": k, "m": m, "n": n, "accuracy": acc, "n_samples": 10,
-                             "tokens": 40 + 50 * k * n + 30 * m + 20 * (n - 1)})
+                acc = min(0.95, 0.2 + 0.15 * k**0.5 + 0.05 * m + 0.1 * (n - 1))
+                runs.append(
+                    {
+                        "k": k,
+                        "m": m,
+                        "n": n,
+                        "accuracy": acc,
+                        "n_samples": 10,
+                        "tokens": 40 + 50 * k * n + 30 * m + 20 * (n - 1),
+                    }
+                )
     model = AllocationModel.fit(runs)
     assert model.best(10_000) == (4, 2, 2)
     k, m, n = model.best(200)
@@ -164,7 +184,9 @@ def test_recycle_cites_paragraphs(tok):
 
     ex = data.qa("test")[0]
     ctx = data.qa_context(ex, n_distractors=2)
-    p = Recycle(RecycleConfig(n_demos=1, candidates=2, gen_tokens=32)).build(ex.query, context=ctx, tokenizer=tok)
+    p = Recycle(RecycleConfig(n_demos=1, candidates=2, gen_tokens=32)).build(
+        ex.query, context=ctx, tokenizer=tok
+    )
     body = p.messages[-1]["content"]
     assert body.count(data.documents()[ex.meta["docs"][0]]["text"]) == 1  # the context appears once
     assert "[P1]" in body
@@ -177,7 +199,9 @@ def test_recycle_cites_paragraphs(tok):
 def test_latent_selects_by_hidden_states(tok, pool):
     from apportion_icl.latent import Latent, LatentConfig
 
-    small = [d for d in pool if d.meta["task"] == "sentiment"][:4] + [d for d in pool if d.meta["task"] == "intent"][:4]
+    small = [d for d in pool if d.meta["task"] == "sentiment"][:4] + [
+        d for d in pool if d.meta["task"] == "intent"
+    ][:4]
     ex = next(e for e in data.classification("test") if e.task == "intent")
     p = Latent(LatentConfig(k=2, mmr_lambda=1.0)).build(ex.query, demos=small, tokenizer=tok)
     tasks = {next(d for d in small if d.id == i).meta["task"] for i in p.accounting["demo_ids"]}

@@ -24,7 +24,9 @@ def task_controller(tmp_path_factory):
 
     train_set = data.classification("train")
     feats = get_embedder().encode([e.query for e in train_set])
-    outcomes = torch.tensor([[1.0, 1.0, 1.0] if e.task == "sentiment" else [0.0, 0.0, 1.0] for e in train_set])
+    outcomes = torch.tensor(
+        [[1.0, 1.0, 1.0] if e.task == "sentiment" else [0.0, 0.0, 1.0] for e in train_set]
+    )
     ctl = fit(feats, outcomes, [0, 1, 2])
     path = ctl.save(tmp_path_factory.mktemp("ctl") / "c.json")
     return path
@@ -68,7 +70,9 @@ def test_batch_allocation_respects_total_budget(task_controller, tok, pool):
     tight = s.build_batch(qs, demos=pool, tokenizer=tok, total_budget=need - 30)
     spent = sum(p.accounting["prompt_tokens"] for p in tight)
     assert spent <= need - 30
-    assert sum(p.accounting["k_chosen"] for p in tight) < sum(p.accounting["k_chosen"] for p in free)
+    assert sum(p.accounting["k_chosen"] for p in tight) < sum(
+        p.accounting["k_chosen"] for p in free
+    )
     from apportion_icl.errors import BudgetError
 
     with pytest.raises(BudgetError, match="batch budget"):

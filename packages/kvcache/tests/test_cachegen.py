@@ -32,7 +32,9 @@ def _kv(layers=4, batch=1, heads=3, tokens=95, dim=16, seed=0):
             offset = torch.randn(1, heads, 1, dim, generator=g) * 3
             scale = torch.rand(1, heads, 1, dim, generator=g) * 2 + 0.1
             drift = torch.randn(batch, heads, tokens, dim, generator=g).cumsum(2) * 0.05
-            pair.append(offset + scale * (drift + 0.2 * torch.randn(batch, heads, tokens, dim, generator=g)))
+            pair.append(
+                offset + scale * (drift + 0.2 * torch.randn(batch, heads, tokens, dim, generator=g))
+            )
         out.append((pair[0], pair[1]))
     return out
 
@@ -68,18 +70,27 @@ def test_header_names_everything_and_chunks_decode_alone():
     codec = CacheGenCodec(SMALL)
     bs = codec.encode(kv, fingerprint="model-a", level=1)
     h = codec.read_header(bs)
-    assert (h.version, h.fingerprint, h.dtype, h.layers, h.kv_heads, h.tokens, h.level) == \
-        (VERSION, "model-a", "float32", 4, 3, 95, 1)
+    assert (h.version, h.fingerprint, h.dtype, h.layers, h.kv_heads, h.tokens, h.level) == (
+        VERSION,
+        "model-a",
+        "float32",
+        4,
+        3,
+        95,
+        1,
+    )
     assert [c.tokens for c in h.chunks] == [40, 40, 15]
     whole = torch.stack([torch.stack([k, v]) for k, v in codec.decode(bs)])
     for i, c in enumerate(h.chunks):
         part = codec.decode_chunk(bs, i, header=h)
-        torch.testing.assert_close(part, whole[..., c.start:c.start + c.tokens, :])
+        torch.testing.assert_close(part, whole[..., c.start : c.start + c.tokens, :])
 
 
 def test_decodes_into_hf_cache_and_checks_model(smollm2):
     cfg = smollm2.model.config
-    kv = _kv(layers=cfg.num_hidden_layers, heads=cfg.num_key_value_heads, dim=cfg.head_dim, tokens=12)
+    kv = _kv(
+        layers=cfg.num_hidden_layers, heads=cfg.num_key_value_heads, dim=cfg.head_dim, tokens=12
+    )
     codec = CacheGenCodec(SMALL)
     bs = codec.encode(kv, fingerprint="fp")
     cache = codec.decode_into_cache(bs, smollm2.model, fingerprint="fp")
@@ -104,10 +115,15 @@ def test_bad_input_to_encoder():
 
 def _rewrite_header(bs: bytes, **changes) -> bytes:
     magic, version, hlen = struct.unpack_from("<8sHI", bs, 0)
-    header = json.loads(bs[14:14 + hlen])
+    header = json.loads(bs[14 : 14 + hlen])
     header.update(changes)
     hb = json.dumps(header).encode()
-    return struct.pack("<8sHI", magic, version, len(hb)) + hb + struct.pack("<I", zlib.crc32(hb)) + bs[14 + hlen + 4:]
+    return (
+        struct.pack("<8sHI", magic, version, len(hb))
+        + hb
+        + struct.pack("<I", zlib.crc32(hb))
+        + bs[14 + hlen + 4 :]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +182,9 @@ def test_header_lies_never_allocate(stream):
         codec.decode(_rewrite_header(stream, bins=[3]))
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(data=st.data())
 def test_fuzz_decoder_raises_only_corrupt(stream, data):
     """Random edits anywhere never crash or hang the decoder: it returns or raises CorruptKVError."""
@@ -178,7 +196,7 @@ def test_fuzz_decoder_raises_only_corrupt(stream, data):
         if op == "flip" and buf:
             buf[pos] ^= data.draw(st.integers(1, 255))
         elif op == "cut":
-            del buf[pos:pos + data.draw(st.integers(1, 64))]
+            del buf[pos : pos + data.draw(st.integers(1, 64))]
         else:
             buf[pos:pos] = data.draw(st.binary(min_size=1, max_size=16))
     try:

@@ -12,7 +12,9 @@ class TestCacheGenContract(KVPolicyContract):
 
 
 def test_round_trip_keeps_the_answer_and_store_reuses_context(registry, smollm2, tmp_path):
-    prompt = Prompt([{"role": "user", "content": f"{_long_context(20)}\n\n{QUESTION}"}], question=QUESTION)
+    prompt = Prompt(
+        [{"role": "user", "content": f"{_long_context(20)}\n\n{QUESTION}"}], question=QUESTION
+    )
     full = Host(smollm2).generate(prompt, max_new_tokens=16)[0]
     assert "4417" in full.text, ("the premise: full attention answers", full.text)
     policy = registry.create("kv-policy", "cachegen", {"level": 1, "store": str(tmp_path)})

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 from apportion_kvcache.controller import Controller, CostModel
 
-COSTS = CostModel(prefill_s=2e-3, level_bytes=[20_000.0, 12_000.0, 6_000.0], decode_s=[1e-4, 1e-4, 1e-4])
+COSTS = CostModel(
+    prefill_s=2e-3, level_bytes=[20_000.0, 12_000.0, 6_000.0], decode_s=[1e-4, 1e-4, 1e-4]
+)
 
 
 def test_high_bandwidth_sends_best_quality_kv_or_text():
@@ -48,7 +50,9 @@ def test_measured_costs_come_from_the_real_model(smollm2):
     import torch
     from apportion_kvcache.cachegen import CacheGenCodec, CodecConfig
 
-    ids = torch.tensor([smollm2.tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 6)])
+    ids = torch.tensor(
+        [smollm2.tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 6)]
+    )
     costs = CostModel.measure(smollm2, ids, CacheGenCodec(CodecConfig(chunk_tokens=32)))
     assert costs.prefill_s > 0 and len(costs.level_bytes) == 4
     assert costs.level_bytes == sorted(costs.level_bytes, reverse=True)

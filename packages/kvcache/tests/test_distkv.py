@@ -52,14 +52,24 @@ def test_attention_over_lent_blocks_is_exact(smollm2, prompt_ids):
 def test_gmanager_lends_from_the_idlest_instance():
     busy, idle = RManager(1, 10), RManager(2, 10)
     for b in range(8):
-        busy.put(99, b, 0, torch.zeros(1, 1, 2, 4), torch.zeros(1, 1, 2, 4), torch.ones(1, 2, dtype=torch.bool))
+        busy.put(
+            99,
+            b,
+            0,
+            torch.zeros(1, 1, 2, 4),
+            torch.zeros(1, 1, 2, 4),
+            torch.ones(1, 2, dtype=torch.bool),
+        )
     policy = DistKV(DistKVConfig(), instances=[busy, idle])
     assert policy.gmanager.lend() is idle
 
 
 def test_too_long_a_prompt_is_refused_before_compute(smollm2, prompt_ids):
-    policy = DistKV(DistKVConfig(instances=2, block_size=16, local_capacity_tokens=32,
-                                 instance_capacity_tokens=64))
+    policy = DistKV(
+        DistKVConfig(
+            instances=2, block_size=16, local_capacity_tokens=32, instance_capacity_tokens=64
+        )
+    )
     cache = policy.make_cache(smollm2.model)
     with pytest.raises(KVCapacityError, match="exceeds the 96 KV tokens"):
         policy.prefill(smollm2.model, prompt_ids, torch.ones_like(prompt_ids), cache)
@@ -79,7 +89,9 @@ def test_blocks_across_processes_exact(smollm2, prompt_ids):
 
     full, _ = _prefill_logits(smollm2, KVPolicy(), prompt_ids)
     with Cluster(3, capacity_blocks=64, timeout_s=60) as cluster:
-        policy = DistKV(DistKVConfig(block_size=16, local_capacity_tokens=64), instances=cluster.instances)
+        policy = DistKV(
+            DistKVConfig(block_size=16, local_capacity_tokens=64), instances=cluster.instances
+        )
         got, cache = _prefill_logits(smollm2, policy, prompt_ids)
         assert sum(i.puts for i in cluster.instances) > 0
         assert all(i.attends > 0 for i in cluster.instances)
@@ -91,7 +103,9 @@ def test_a_dead_rank_is_a_clear_error_and_the_others_exit(smollm2, prompt_ids):
     from apportion_kvcache.distkv_dist import Cluster
 
     cluster = Cluster(3, capacity_blocks=64, timeout_s=20, die_after={2: 30})
-    policy = DistKV(DistKVConfig(block_size=16, local_capacity_tokens=64), instances=cluster.instances)
+    policy = DistKV(
+        DistKVConfig(block_size=16, local_capacity_tokens=64), instances=cluster.instances
+    )
     t0 = time.monotonic()
     with pytest.raises(DistKVError, match="instance 2"):
         _prefill_logits(smollm2, policy, prompt_ids)

@@ -87,7 +87,9 @@ def test_swap_round_trip_moves_real_kv(granularity):
 
 def test_swap_runs_on_the_swap_thread():
     seen = []
-    mgr = SwapManager(SHAPE, 8, 8, device="cpu", fault=lambda r, i: seen.append(threading.current_thread().name))
+    mgr = SwapManager(
+        SHAPE, 8, 8, device="cpu", fault=lambda r, i: seen.append(threading.current_thread().name)
+    )
     mgr.allocate("r", 2)
     mgr.swap_out("r").result()
     assert seen and all(n.startswith("fastswitch-swap") for n in seen)
@@ -141,15 +143,31 @@ def test_fair_scheduler_prefers_the_least_served():
     assert s.order([a, b])[0] is b
 
 
-COST = CostModel(prefill_per_token=2e-4, decode_step=0.01, decode_per_seq=5e-4, block_bytes=SHAPE.block_bytes * 200,
-                 group_per_copy=2e-5, group_bandwidth=5e9, block_per_copy=2e-5, block_bandwidth=5e9, layers=30)
+COST = CostModel(
+    prefill_per_token=2e-4,
+    decode_step=0.01,
+    decode_per_seq=5e-4,
+    block_bytes=SHAPE.block_bytes * 200,
+    group_per_copy=2e-5,
+    group_bandwidth=5e9,
+    block_per_copy=2e-5,
+    block_bandwidth=5e9,
+    layers=30,
+)
 
 
 def test_simulator_completes_both_systems_under_memory_pressure():
-    trace = make_trace(conversations=8, turns=2, rate=20.0, prompt=(100, 300), output=(16, 48), seed=1)
-    results = {s: simulate(trace, s, COST, device_blocks=48, host_blocks=4000) for s in ("vllm", "fastswitch")}
+    trace = make_trace(
+        conversations=8, turns=2, rate=20.0, prompt=(100, 300), output=(16, 48), seed=1
+    )
+    results = {
+        s: simulate(trace, s, COST, device_blocks=48, host_blocks=4000)
+        for s in ("vllm", "fastswitch")
+    }
     for r in results.values():
-        assert len(r.ttft) == len(trace)  # every request served: admission control waits, never crashes
+        assert len(r.ttft) == len(
+            trace
+        )  # every request served: admission control waits, never crashes
         assert r.preemptions > 0
     fs, vl = results["fastswitch"].summary(), results["vllm"].summary()
     assert fs["reused_turns"] > 0 and vl["reused_turns"] == 0
@@ -171,8 +189,10 @@ def test_multi_turn_reuses_host_kept_kv(smollm2):
     turn1 = [{"role": "user", "content": "List three colours of the rainbow."}]
     first = host.generate(Prompt(turn1), max_new_tokens=8)[0]
     assert policy.kept
-    turn2 = turn1 + [{"role": "assistant", "content": first.text},
-                     {"role": "user", "content": "Now name one more."}]
+    turn2 = turn1 + [
+        {"role": "assistant", "content": first.text},
+        {"role": "user", "content": "Now name one more."},
+    ]
     got = host.generate(Prompt(turn2), max_new_tokens=8)[0]
     assert policy.last_info["reused_tokens"] >= 16
     assert got.text == ref.generate(Prompt(turn2), max_new_tokens=8)[0].text

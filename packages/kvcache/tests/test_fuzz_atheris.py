@@ -18,17 +18,31 @@ pytest.importorskip("atheris")
 TARGET = Path(__file__).parent / "fuzz" / "fuzz_cachegen.py"
 
 
-@pytest.mark.xfail(reason="open finding, CI dry run 2026-11-29 (-seed=1): an input grew the decoder's RSS to "
-                   "5 GB, past -rss_limit_mb=3072; not yet reduced (a local 51k-run session stayed at 577 MB)",
-                   strict=False)
+@pytest.mark.xfail(
+    reason="open finding, CI dry run 2026-11-29 (-seed=1): an input grew the decoder's RSS to "
+    "5 GB, past -rss_limit_mb=3072; not yet reduced (a local 51k-run session stayed at 577 MB)",
+    strict=False,
+)
 def test_decoder_survives_coverage_guided_fuzzing(tmp_path):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     subprocess.run([sys.executable, str(TARGET), "--seed", str(corpus)], check=True, timeout=120)
     out = subprocess.run(
-        [sys.executable, str(TARGET), str(corpus), "-runs=200000", "-max_total_time=20", "-rss_limit_mb=3072",
-         "-timeout=20", "-seed=1", f"-artifact_prefix={tmp_path}/"],
-        capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            str(TARGET),
+            str(corpus),
+            "-runs=200000",
+            "-max_total_time=20",
+            "-rss_limit_mb=3072",
+            "-timeout=20",
+            "-seed=1",
+            f"-artifact_prefix={tmp_path}/",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     tail = (out.stdout + out.stderr)[-3000:]
     assert out.returncode == 0, tail
     assert "Done" in tail or "INFO: " in tail

@@ -45,7 +45,9 @@ def _logits(smollm2, policy, prompt):
     ids = torch.tensor([enc.ids])
     with torch.inference_mode():
         cache = policy.make_cache(smollm2.model)
-        return policy.prefill(smollm2.model, ids, torch.ones_like(ids), cache, question_len=enc.question_len).logits[0]
+        return policy.prefill(
+            smollm2.model, ids, torch.ones_like(ids), cache, question_len=enc.question_len
+        ).logits[0]
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +55,10 @@ def team(smollm2):
     """Two tasks; task 0's prompts fill the pool, task 1's reuse it."""
     tasks = make_tasks(2, sentences_per_doc=6, seed=5)
     policy = KVCOMM()
-    messages = {"Researcher": "The answer is in the second sentence of the document, I checked it twice.",
-                "Critic": "I agree with the Researcher and found no other number that matches the question."}
+    messages = {
+        "Researcher": "The answer is in the second sentence of the document, I checked it twice.",
+        "Critic": "I agree with the Researcher and found no other number that matches the question.",
+    }
     return policy, tasks, messages
 
 
@@ -79,10 +83,14 @@ def test_same_slot_reuse_matches_full_prefill(smollm2, team):
     info = policy.last_info
     # the document's first tokens were recomputed: the occurrence counts only as its reused share
     assert info["recomputed_tokens"] > 0 and 2.9 < info["reused"] < 3
-    seg_tokens = sum(len(s.ids) for s in policy.segments if s.text in (tasks[1].document, *messages.values()))
+    seg_tokens = sum(
+        len(s.ids) for s in policy.segments if s.text in (tasks[1].document, *messages.values())
+    )
     assert info["reused_tokens"] + info["recomputed_tokens"] == seg_tokens
     assert int(got1.argmax()) == int(full1.argmax())
-    kl = torch.nn.functional.kl_div(got1.log_softmax(-1), full1.log_softmax(-1), log_target=True, reduction="sum")
+    kl = torch.nn.functional.kl_div(
+        got1.log_softmax(-1), full1.log_softmax(-1), log_target=True, reduction="sum"
+    )
     assert kl < 0.5, float(kl)
 
 
@@ -102,10 +110,19 @@ def test_pool_round_trip_and_model_check(smollm2, team, tmp_path):
     path = policy.pool.save(tmp_path / "anchors.safetensors")
     again = AnchorPool.load(path, fingerprint=fp)
     assert len(again) == len(policy.pool) and again.fingerprint == fp
-    assert all(a.base_k is not None for v in again.slots.values() for a in v)  # 'nearest' mode needs them
+    assert all(
+        a.base_k is not None for v in again.slots.values() for a in v
+    )  # 'nearest' mode needs them
     with pytest.raises(AnchorMismatchError, match="recorded with model"):
         AnchorPool.load(path, fingerprint="0" * 16)
-    foreign = Anchor("slot", 4, torch.zeros(384), torch.zeros(1, 1, 4, 2), torch.zeros(1, 1, 4, 2), "feedfacefeedface")
+    foreign = Anchor(
+        "slot",
+        4,
+        torch.zeros(384),
+        torch.zeros(1, 1, 4, 2),
+        torch.zeros(1, 1, 4, 2),
+        "feedfacefeedface",
+    )
     with pytest.raises(AnchorMismatchError, match="feedfacefeedface"):
         again.add(foreign)
     # a pool from another model is refused when used with this one
@@ -143,7 +160,11 @@ def test_recomputed_head_is_exact_and_counted_out(smollm2):
     for t in task:
         policy.share(t.document, smollm2.tokenizer)
     host = Host(smollm2, kv_policy=policy)
-    _logits(smollm2, policy, Prompt([{"role": "user", "content": f"Document:\n{task[0].document}\n\nWhat?"}]))
+    _logits(
+        smollm2,
+        policy,
+        Prompt([{"role": "user", "content": f"Document:\n{task[0].document}\n\nWhat?"}]),
+    )
     prompt = Prompt([{"role": "user", "content": f"Document:\n{task[1].document}\n\nWhat?"}])
     ids = torch.tensor([host.encode(prompt).ids])
     with torch.inference_mode():
@@ -156,13 +177,22 @@ def test_recomputed_head_is_exact_and_counted_out(smollm2):
     info = policy.last_info
     assert info["recomputed_tokens"] == head and info["reused_tokens"] == n - head
     assert info["reused"] == pytest.approx((n - head) / n)
-    start = next(i for i in range(ids.shape[1]) if ids[0, i:i + n].tolist() == seg.ids)
+    start = next(i for i in range(ids.shape[1]) if ids[0, i : i + n].tolist() == seg.ids)
     for layer in (0, len(cache.layers) // 2, len(cache.layers) - 1):
-        got, want = cache.layers[layer].keys[0, :, start:start + head], ref.layers[layer].keys[0, :, start:start + head]
+        got, want = (
+            cache.layers[layer].keys[0, :, start : start + head],
+            ref.layers[layer].keys[0, :, start : start + head],
+        )
         assert torch.allclose(got, want, atol=1e-4)
         # past the head the KV is reused (approximate): not bit-identical to full prefill
-        assert not torch.allclose(cache.layers[layer].keys[0, :, start + head:start + n],
-                                  ref.layers[layer].keys[0, :, start + head:start + n], atol=1e-4) or layer == 0
+        assert (
+            not torch.allclose(
+                cache.layers[layer].keys[0, :, start + head : start + n],
+                ref.layers[layer].keys[0, :, start + head : start + n],
+                atol=1e-4,
+            )
+            or layer == 0
+        )
 
 
 def test_message_base_after_its_document_is_closer_to_its_kv_in_a_prompt(smollm2):
@@ -171,12 +201,17 @@ def test_message_base_after_its_document_is_closer_to_its_kv_in_a_prompt(smollm2
     neutral prefix alone, so the offset left to the anchors is smaller."""
     task = make_tasks(1, sentences_per_doc=6, seed=5)[0]
     msg = f"The answer is {task.answer}, I found it in the document and checked it twice."
-    messages = {"Researcher": msg, "Critic": "I agree with the Researcher and found no other number to confuse."}
+    messages = {
+        "Researcher": msg,
+        "Critic": "I agree with the Researcher and found no other number to confuse.",
+    }
     prompt = round2_prompt("Analyst", task, messages)
     ids = Host(smollm2).encode(prompt).ids
     with torch.inference_mode():
         ref = KVPolicy().make_cache(smollm2.model)
-        smollm2.model(input_ids=torch.tensor([ids]), use_cache=True, **cache_kwargs(smollm2.model, ref))
+        smollm2.model(
+            input_ids=torch.tensor([ids]), use_cache=True, **cache_kwargs(smollm2.model, ref)
+        )
     dist = []
     for context in (None, task.document):
         policy = KVCOMM()
@@ -184,8 +219,15 @@ def test_message_base_after_its_document_is_closer_to_its_kv_in_a_prompt(smollm2
         seg = policy.share(msg, smollm2.tokenizer, context=context)
         with torch.inference_mode():
             policy._base(smollm2.model, seg, policy._base_prefix_ids(smollm2.model))
-        start = next(i for i in range(len(ids)) if ids[i:i + len(seg.ids)] == seg.ids)
-        cos, sin = rope_cos_sin(smollm2.model, torch.arange(start, start + len(seg.ids)), torch.float32)
-        true_k = torch.stack([derotate(c.keys[0, :, start:start + len(seg.ids)].float(), cos, sin) for c in ref.layers])
+        start = next(i for i in range(len(ids)) if ids[i : i + len(seg.ids)] == seg.ids)
+        cos, sin = rope_cos_sin(
+            smollm2.model, torch.arange(start, start + len(seg.ids)), torch.float32
+        )
+        true_k = torch.stack(
+            [
+                derotate(c.keys[0, :, start : start + len(seg.ids)].float(), cos, sin)
+                for c in ref.layers
+            ]
+        )
         dist.append(float((true_k - seg.base_k).norm(dim=-1).mean()))
     assert dist[1] < 0.7 * dist[0], dist

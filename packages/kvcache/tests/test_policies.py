@@ -27,7 +27,9 @@ class TestQSpanContract(KVPolicyContract):
 
 
 def _prompt(n: int = 30) -> Prompt:
-    return Prompt([{"role": "user", "content": f"{_long_context(n)}\n\n{QUESTION}"}], question=QUESTION)
+    return Prompt(
+        [{"role": "user", "content": f"{_long_context(n)}\n\n{QUESTION}"}], question=QUESTION
+    )
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +44,9 @@ def prefilled(smollm2):
 def _prefill(smollm2, policy, ids, question_len):
     cache = policy.make_cache(smollm2.model)
     with torch.inference_mode():
-        out = policy.prefill(smollm2.model, ids, torch.ones_like(ids), cache, question_len=question_len)
+        out = policy.prefill(
+            smollm2.model, ids, torch.ones_like(ids), cache, question_len=question_len
+        )
     return cache, out
 
 
@@ -70,14 +74,16 @@ def test_streaming_keeps_sinks_and_recent(registry, smollm2, prefilled):
     k_full, k = full_cache.layers[3].keys, cache.layers[3].keys
     n_keep = k.shape[-2]
     torch.testing.assert_close(k[..., :4, :], k_full[..., :4, :])
-    torch.testing.assert_close(k[..., 4:, :], k_full[..., -(n_keep - 4):, :])
+    torch.testing.assert_close(k[..., 4:, :], k_full[..., -(n_keep - 4) :, :])
 
 
 def test_snapkv_heads_keep_their_own_tokens(registry, smollm2, prefilled):
     """GQA-aware: different KV heads keep different token sets (not one shared selection)."""
     ids, qlen = prefilled
     full_cache, _ = _prefill(smollm2, KVPolicy(), ids, qlen)
-    cache, _ = _prefill(smollm2, registry.create("kv-policy", "snapkv", {"compression_ratio": 0.75}), ids, qlen)
+    cache, _ = _prefill(
+        smollm2, registry.create("kv-policy", "snapkv", {"compression_ratio": 0.75}), ids, qlen
+    )
     k_full, k = full_cache.layers[10].keys[0], cache.layers[10].keys[0]
     kept = []
     for h in range(k.shape[0]):
@@ -97,8 +103,9 @@ def test_eviction_keeps_the_needle_answer(registry, smollm2, ratio):
     prompt = _prompt(20)
     full = Host(smollm2).generate(prompt, max_new_tokens=16)[0]
     assert "4417" in full.text, ("the premise: full attention answers", full.text)
-    out = Host(smollm2, kv_policy=registry.create("kv-policy", "qspan", {"compression_ratio": ratio})).generate(
-        prompt, max_new_tokens=16)[0]
+    out = Host(
+        smollm2, kv_policy=registry.create("kv-policy", "qspan", {"compression_ratio": ratio})
+    ).generate(prompt, max_new_tokens=16)[0]
     assert out.peak_kv_bytes < full.peak_kv_bytes
     assert "4417" in out.text, (FACT, out.text)
 
@@ -112,7 +119,8 @@ def test_patch_plain_transformers_generate_matches_host(registry, smollm2):
     want = host.generate(prompt, max_new_tokens=12)[0].text
     ids = torch.tensor([enc.ids])
     with torch.inference_mode(), policy.patch(smollm2.model, question_len=enc.question_len):
-        out = smollm2.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
-                                     do_sample=False)
-    got = smollm2.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+        out = smollm2.model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False
+        )
+    got = smollm2.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
     assert got.startswith(want[:20]), (got, want)

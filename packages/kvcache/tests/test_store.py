@@ -18,8 +18,13 @@ from apportion_kvcache.store import LocalStore, RedisStore, StoreFullError, pref
 
 def _kv(layers=2, tokens=20, heads=3, dim=8, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(1, heads, tokens, dim, generator=g), torch.randn(1, heads, tokens, dim, generator=g))
-            for _ in range(layers)]
+    return [
+        (
+            torch.randn(1, heads, tokens, dim, generator=g),
+            torch.randn(1, heads, tokens, dim, generator=g),
+        )
+        for _ in range(layers)
+    ]
 
 
 def test_keys_depend_on_model_and_every_token():
@@ -81,8 +86,11 @@ def test_mismatched_model_shape_on_load(tmp_path, smollm2):
 
 
 def test_lru_cap_never_evicts_the_entry_being_written(tmp_path):
-    one = len(__import__("safetensors.torch", fromlist=["save"]).save(
-        {f"{s}.{i}": t for i, (k, v) in enumerate(_kv()) for s, t in (("k", k), ("v", v))}))
+    one = len(
+        __import__("safetensors.torch", fromlist=["save"]).save(
+            {f"{s}.{i}": t for i, (k, v) in enumerate(_kv()) for s, t in (("k", k), ("v", v))}
+        )
+    )
     store = LocalStore(tmp_path, max_bytes=int(one * 2.5))
     keys = [store.save_kv("fp", [i] * 20, _kv(tokens=20)) for i in range(2)]
     time.sleep(0.05)
@@ -123,6 +131,7 @@ def test_concurrent_writers_in_several_processes(tmp_path):
 
 # ------------------------------------------------------------------------------------- redis
 
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -137,9 +146,23 @@ def redis_url(tmp_path_factory):
         pytest.fail("redis-server is not installed (Debian package redis-server)")
     port = _free_port()
     workdir = tmp_path_factory.mktemp("redis")
-    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no", "--dir", str(workdir)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            exe,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(workdir),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     url = f"redis://127.0.0.1:{port}/0"
     deadline = time.time() + 20
     while True:

@@ -38,28 +38,51 @@ def main(store: str, model_dir: str) -> None:
     from vllm import LLM, SamplingParams
     from vllm.config import KVTransferConfig
 
-    cfg = KVTransferConfig(kv_connector="ApportionStoreConnector", kv_role="kv_both",
-                           kv_connector_extra_config={"store": store},
-                           kv_load_failure_policy="recompute")
-    llm = LLM(model=model_dir, kv_transfer_config=cfg, enforce_eager=True, max_model_len=2048,
-              enable_prefix_caching=False, seed=0, kv_cache_memory_bytes=256 << 20,
-              max_num_batched_tokens=256)  # chunked prefill: a prompt takes several steps
+    cfg = KVTransferConfig(
+        kv_connector="ApportionStoreConnector",
+        kv_role="kv_both",
+        kv_connector_extra_config={"store": store},
+        kv_load_failure_policy="recompute",
+    )
+    llm = LLM(
+        model=model_dir,
+        kv_transfer_config=cfg,
+        enforce_eager=True,
+        max_model_len=2048,
+        enable_prefix_caching=False,
+        seed=0,
+        kv_cache_memory_bytes=256 << 20,
+        max_num_batched_tokens=256,
+    )  # chunked prefill: a prompt takes several steps
     tok = llm.get_tokenizer()
+
     def chat(items: int, room: int) -> str:
-        facts = " ".join(f"Item {i}: the locker code for room {100 + i} is {4417 + 37 * i}." for i in range(items))
+        facts = " ".join(
+            f"Item {i}: the locker code for room {100 + i} is {4417 + 37 * i}."
+            for i in range(items)
+        )
         question = f"What is the locker code for room {room}?"
-        return tok.apply_chat_template([{"role": "user", "content": f"{facts}\n\n{question}"}],
-                                       tokenize=False, add_generation_prompt=True)
+        return tok.apply_chat_template(
+            [{"role": "user", "content": f"{facts}\n\n{question}"}],
+            tokenize=False,
+            add_generation_prompt=True,
+        )
 
     prompt, longer = chat(24, 105), chat(36, 130)
     params = SamplingParams(temperature=0.0, max_tokens=24)
-    result: dict = {"prompt_tokens": len(tok(prompt).input_ids), "longer_tokens": len(tok(longer).input_ids),
-                    "block_size": llm.llm_engine.vllm_config.cache_config.block_size}
+    result: dict = {
+        "prompt_tokens": len(tok(prompt).input_ids),
+        "longer_tokens": len(tok(longer).input_ids),
+        "block_size": llm.llm_engine.vllm_config.cache_config.block_size,
+    }
 
     def run(name: str, text: str) -> None:
         out = llm.generate([text], params, use_tqdm=False)[0]
-        result[name] = {"text": out.outputs[0].text, "num_cached_tokens": out.num_cached_tokens,
-                        "stats": llm.collective_rpc(_connector_stats)[0]}
+        result[name] = {
+            "text": out.outputs[0].text,
+            "num_cached_tokens": out.num_cached_tokens,
+            "stats": llm.collective_rpc(_connector_stats)[0],
+        }
 
     run("first", prompt)
     result["entries_after_first"] = len(open_store(store).keys())
@@ -73,8 +96,14 @@ def main(store: str, model_dir: str) -> None:
         if entry is None or "layer" not in entry.manifest.get("meta", {}):
             continue
         blocks = load(entry.payload)["blocks"]
-        st.put(key, "kv", save({"blocks": torch.zeros_like(blocks)}), fingerprint=entry.manifest["model"],
-               tokens=entry.manifest["tokens"], meta=entry.manifest["meta"])
+        st.put(
+            key,
+            "kv",
+            save({"blocks": torch.zeros_like(blocks)}),
+            fingerprint=entry.manifest["model"],
+            tokens=entry.manifest["tokens"],
+            meta=entry.manifest["meta"],
+        )
         zeroed += 1
     result["zeroed_entries"] = zeroed
     run("zeroed", prompt)

@@ -19,7 +19,9 @@ def test_connector_implements_the_v1_interface():
     from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1
 
     assert issubclass(ApportionStoreConnector, KVConnectorBase_V1)
-    assert not inspect.isabstract(ApportionStoreConnector), ApportionStoreConnector.__abstractmethods__
+    assert not inspect.isabstract(ApportionStoreConnector), (
+        ApportionStoreConnector.__abstractmethods__
+    )
 
 
 def test_general_plugin_registers_the_connector():
@@ -27,21 +29,28 @@ def test_general_plugin_registers_the_connector():
 
     from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
 
-    eps = [ep for ep in entry_points(group="vllm.general_plugins") if ep.name == "apportion_kvcache"]
+    eps = [
+        ep for ep in entry_points(group="vllm.general_plugins") if ep.name == "apportion_kvcache"
+    ]
     assert eps, "the vllm.general_plugins entry point is not installed"
     register = eps[0].load()
     register()
     register()  # vLLM loads plugins once per process; a repeat is harmless
     from apportion_kvcache.vllm_connector import ApportionStoreConnector
 
-    assert KVConnectorFactory.get_connector_class_by_name("ApportionStoreConnector") is ApportionStoreConnector
+    assert (
+        KVConnectorFactory.get_connector_class_by_name("ApportionStoreConnector")
+        is ApportionStoreConnector
+    )
 
 
 def test_vllm_loads_the_plugin_itself():
     """vLLM's own plugin loader (as every vLLM process runs it) registers the connector."""
-    code = ("from vllm.plugins import load_general_plugins; load_general_plugins(); "
-            "from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory as F; "
-            "print('ApportionStoreConnector' in F._registry)")
+    code = (
+        "from vllm.plugins import load_general_plugins; load_general_plugins(); "
+        "from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory as F; "
+        "print('ApportionStoreConnector' in F._registry)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().splitlines()[-1] == "True"
@@ -51,9 +60,13 @@ def test_vllm_loads_the_plugin_itself():
 def served(vllm_model_dir, tmp_path_factory):
     store = tmp_path_factory.mktemp("kvstore") / "store"
     script = Path(__file__).with_name("serve_twice.py")
-    proc = subprocess.run([sys.executable, str(script), str(store), str(vllm_model_dir)],
-                          capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    proc = subprocess.run(
+        [sys.executable, str(script), str(store), str(vllm_model_dir)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     line = [x for x in proc.stdout.splitlines() if x.startswith("{")][-1]
     return json.loads(line)

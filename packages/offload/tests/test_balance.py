@@ -51,8 +51,15 @@ def test_cost_is_quadratic():
     assert c(2000) - 2 * c(1000) == pytest.approx(2 * c.quadratic * 1000**2)
 
 
-@pytest.mark.parametrize(("lengths", "match"), [([], "no sequences"), ([10, 0], "sequence 1"),
-                                                 ([10, 2.5], "sequence 1"), ([10**7], "exceeds")])
+@pytest.mark.parametrize(
+    ("lengths", "match"),
+    [
+        ([], "no sequences"),
+        ([10, 0], "sequence 1"),
+        ([10, 2.5], "sequence 1"),
+        ([10**7], "exceeds"),
+    ],
+)
 def test_bad_input(lengths, match):
     with pytest.raises(ValueError, match=match):
         balance(lengths, 8, 4096)

@@ -16,9 +16,17 @@ def test_configs_from_placements():
     cfg = zero_config("nvme", largest_param_numel=28_311_552, nvme_path="/nvme/swap")
     z = cfg["zero_optimization"]
     assert z["stage"] == 3 and z["offload_param"]["device"] == "nvme"
-    assert z["offload_param"]["buffer_size"] >= 28_311_552 and z["offload_param"]["buffer_size"] % (1 << 20) == 0
-    assert z["offload_optimizer"] == {"device": "nvme", "pin_memory": True, "nvme_path": "/nvme/swap",
-                                      "buffer_count": 4, "fast_init": False}
+    assert (
+        z["offload_param"]["buffer_size"] >= 28_311_552
+        and z["offload_param"]["buffer_size"] % (1 << 20) == 0
+    )
+    assert z["offload_optimizer"] == {
+        "device": "nvme",
+        "pin_memory": True,
+        "nvme_path": "/nvme/swap",
+        "buffer_count": 4,
+        "fast_init": False,
+    }
     assert cfg["aio"]["block_size"] == 1 << 20
     cxl = zero_config("cxl", largest_param_numel=10)
     assert "offload_param" not in cxl["zero_optimization"]
@@ -78,7 +86,9 @@ def test_zero3_offload_step_on_our_pool():
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["stage"] == 3 and out["offload_param"] and out["offload_optimizer"]
-    assert out["losses"][0] == pytest.approx(out["plain"], rel=1e-4)  # partitioned + pinned in our pool: same model
+    assert out["losses"][0] == pytest.approx(
+        out["plain"], rel=1e-4
+    )  # partitioned + pinned in our pool: same model
     assert out["losses"][1] < out["losses"][0]  # the step trained it
     assert out["pinned_requests"] > 0
     assert out["pool_peak"] >= 4 * out["params"]  # at least the fp32 partitions sat in the pool

@@ -18,8 +18,10 @@ from apportion_offload.errors import SwapChecksumError
 from apportion_offload.hostmem import round_up
 from apportion_offload.swap import NvmeSwapConfig, NvmeSwapper
 
-BUILD_HINT = ('build it once with: DS_ACCELERATOR=cpu uv run --no-sync python -c "from deepspeed.ops.op_builder '
-              'import AsyncIOBuilder; AsyncIOBuilder().load()" (needs libaio-dev)')
+BUILD_HINT = (
+    'build it once with: DS_ACCELERATOR=cpu uv run --no-sync python -c "from deepspeed.ops.op_builder '
+    'import AsyncIOBuilder; AsyncIOBuilder().load()" (needs libaio-dev)'
+)
 
 
 def built_async_io():
@@ -62,8 +64,10 @@ def _jit_built(name: str) -> Path:
         m = re.search(r"__version__\s*=\s*['\"]([^'\"]+)", version_file.read_text())
         built_for = m.group(1) if m else None
     if built_for != torch.__version__:
-        pytest.skip(f"the {name} op in {so.parent} was built for torch {built_for}, not {torch.__version__}; "
-                    f"{BUILD_HINT}")
+        pytest.skip(
+            f"the {name} op in {so.parent} was built for torch {built_for}, not {torch.__version__}; "
+            f"{BUILD_HINT}"
+        )
     return so
 
 
@@ -76,8 +80,13 @@ def test_deepspeed_aio_reads_and_writes_our_swap_files(tmp_path):
     header = swapper.read_header(path)
     nbytes = header.nbytes
     padded = round_up(nbytes, header.alignment)
-    handle = aio.aio_handle(block_size=1 << 16, queue_depth=4, single_submit=False, overlap_events=False,
-                            intra_op_parallelism=1)
+    handle = aio.aio_handle(
+        block_size=1 << 16,
+        queue_depth=4,
+        single_submit=False,
+        overlap_events=False,
+        intra_op_parallelism=1,
+    )
     buf = handle.new_cpu_locked_tensor(padded, torch.empty(0, dtype=torch.uint8))
     try:
         # DeepSpeed reads our data region with O_DIRECT at the header's (aligned) length.

@@ -11,7 +11,9 @@ class TestPinnedPoolContract(AllocatorContract):
     component = "pinned-pool"
 
 
-@pytest.mark.parametrize("n", [1, 4095, 4096, 4097, 12345, 1 << 20, (1 << 20) + 1, 3 * (1 << 27) + 5])
+@pytest.mark.parametrize(
+    "n", [1, 4095, 4096, 4097, 12345, 1 << 20, (1 << 20) + 1, 3 * (1 << 27) + 5]
+)
 @pytest.mark.parametrize("per", [1, 4, 8])
 def test_size_class_bounds(n, per):
     c = size_class(n, 4096, per)
@@ -118,7 +120,6 @@ def _locked_kb() -> int:
         if line.startswith("VmLck:"):
             return int(line.split()[1])
     return 0
-
 
 
 def test_plan_makes_exact_classes():

@@ -10,8 +10,12 @@ def test_placements_parse():
     assert Placement.parse("nvme").params == "nvme"
     p = Placement.parse("params=cpu, optimizer=cpu ,activations=cxl")
     assert (p.params, p.gradients, p.optimizer, p.activations) == ("cpu", "gpu", "cpu", "cxl")
-    for bad, match in [("params=disk", "bad placement item"), ("weights=cpu", "bad placement"),
-                       ("params=cpu,params=nvme", "twice"), ("params=cpu", "optimizer off it too")]:
+    for bad, match in [
+        ("params=disk", "bad placement item"),
+        ("weights=cpu", "bad placement"),
+        ("params=cpu,params=nvme", "twice"),
+        ("params=cpu", "optimizer off it too"),
+    ]:
         with pytest.raises(ValueError, match=match):
             Placement.parse(bad)
 
@@ -57,13 +61,17 @@ def test_plan_hook():
 def test_hook_is_registered():
     from apportion.plugins import get_plugin_host
 
-    res = get_plugin_host().hook.apportion_plan_offload(plan={"params": 1e9}, placement="nvme", hardware=None)
+    res = get_plugin_host().hook.apportion_plan_offload(
+        plan={"params": 1e9}, placement="nvme", hardware=None
+    )
     assert res is not None and res["nvme_gb"] == pytest.approx(14.0)
 
 
 def test_core_plan_objects():
     plan_mod = pytest.importorskip("apportion.plan")
-    p = plan_mod.Plan(plan_mod.resolve_model("llama-3-8b"), plan_mod.resolve_hardware("a100-80gb"), 32768)
+    p = plan_mod.Plan(
+        plan_mod.resolve_model("llama-3-8b"), plan_mod.resolve_hardware("a100-80gb"), 32768
+    )
     out = plan_offload(p, "nvme", p.hardware)
     assert out["nvme_gb"] == pytest.approx(14 * 8.03, rel=1e-3)
     hw = Hardware.from_any(p.hardware)

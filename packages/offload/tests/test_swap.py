@@ -24,7 +24,9 @@ class TestNvmeContract(AllocatorContract):
 
 @pytest.fixture
 def swapper(tmp_path):
-    s = NvmeSwapper(NvmeSwapConfig(directory=str(tmp_path / "swap"), block_bytes=1 << 16, pin="none"))
+    s = NvmeSwapper(
+        NvmeSwapConfig(directory=str(tmp_path / "swap"), block_bytes=1 << 16, pin="none")
+    )
     yield s
     s.close()
 
@@ -80,7 +82,9 @@ def test_corruption_is_caught(swapper):
     path.write_bytes(bytes(data))
     with pytest.raises(SwapChecksumError, match="header"):
         swapper.swap_in("c")
-    assert swapper.stats().extra["pool"]["live_bytes"] == 0  # the failed reads gave their buffers back
+    assert (
+        swapper.stats().extra["pool"]["live_bytes"] == 0
+    )  # the failed reads gave their buffers back
 
 
 def test_foreign_truncated_and_unaligned_files_are_refused(swapper):
@@ -108,7 +112,7 @@ def _rewrite_header(path: Path, edit, version: int | None = None) -> None:
 
     data = path.read_bytes()
     _, _, header_bytes, json_bytes, _ = _PREFIX.unpack_from(data)
-    meta = json.loads(data[_PREFIX.size:_PREFIX.size + json_bytes])
+    meta = json.loads(data[_PREFIX.size : _PREFIX.size + json_bytes])
     edit(meta)
     header = bytearray(SwapHeader.encode(meta, 4096))
     if version is not None:
@@ -116,17 +120,20 @@ def _rewrite_header(path: Path, edit, version: int | None = None) -> None:
     path.write_bytes(bytes(header) + data[header_bytes:])
 
 
-@pytest.mark.parametrize(("edit", "version", "match"), [
-    (lambda m: None, 2, "format version 2"),
-    (lambda m: m.update(alignment=1000), None, "not aligned"),
-    (lambda m: m.update(alignment=256, block_bytes=256), None, "not aligned"),
-    (lambda m: m.pop("blocks"), None, "malformed header: field 'blocks'"),
-    (lambda m: m.update(nbytes=8), None, "nbytes 8 does not match"),
-    (lambda m: m.update(shape=[-4, 3]), None, "not a list of non-negative integers"),
-    (lambda m: m.update(dtype="Tensor"), None, "unknown dtype 'Tensor'"),
-    (lambda m: m.update(checksum="md5"), None, "unknown checksum"),
-    (lambda m: m.update(blocks=["zz"]), None, "16 hex digits"),
-])
+@pytest.mark.parametrize(
+    ("edit", "version", "match"),
+    [
+        (lambda m: None, 2, "format version 2"),
+        (lambda m: m.update(alignment=1000), None, "not aligned"),
+        (lambda m: m.update(alignment=256, block_bytes=256), None, "not aligned"),
+        (lambda m: m.pop("blocks"), None, "malformed header: field 'blocks'"),
+        (lambda m: m.update(nbytes=8), None, "nbytes 8 does not match"),
+        (lambda m: m.update(shape=[-4, 3]), None, "not a list of non-negative integers"),
+        (lambda m: m.update(dtype="Tensor"), None, "unknown dtype 'Tensor'"),
+        (lambda m: m.update(checksum="md5"), None, "unknown checksum"),
+        (lambda m: m.update(blocks=["zz"]), None, "16 hex digits"),
+    ],
+)
 def test_headers_that_checksum_but_lie_are_refused(swapper, edit, version, match):
     """A header from a foreign or buggy writer can pass its own checksum: every field the
     reader relies on is checked before a byte of data is read or a buffer allocated."""
@@ -138,8 +145,11 @@ def test_headers_that_checksum_but_lie_are_refused(swapper, edit, version, match
 
 
 def test_swap_in_over_the_pool_cap_is_an_error_not_an_oom(tmp_path):
-    s = NvmeSwapper(NvmeSwapConfig(directory=str(tmp_path), block_bytes=1 << 16, pool_cap_bytes=1 << 20,
-                                   pin="none"))
+    s = NvmeSwapper(
+        NvmeSwapConfig(
+            directory=str(tmp_path), block_bytes=1 << 16, pool_cap_bytes=1 << 20, pin="none"
+        )
+    )
     big = torch.randn(1 << 19)  # 2 MiB: swapped out through 64 KiB staging blocks, under the cap
     s.swap_out("big", big).result()
     with pytest.raises(PoolCapacityError, match="cap_bytes=1048576"):
@@ -185,7 +195,9 @@ def test_full_disk_is_a_clear_error_and_leaves_nothing(tmp_path):
         assert torch.equal(s.swap_in("fits").result(), torch.ones(1 << 19))
         with pytest.raises(SwapSpaceError, match="'fits'"):  # replacing a key that no longer fits
             s.swap_out("fits", torch.full((4 << 20,), 2.0)).result()
-        assert torch.equal(s.swap_in("fits").result(), torch.ones(1 << 19))  # the old swap is intact
+        assert torch.equal(
+            s.swap_in("fits").result(), torch.ones(1 << 19)
+        )  # the old swap is intact
         assert sorted(p.name for p in mnt.iterdir() if p.name != "lost+found") == ["fits.apswap"]
         s.close()
     finally:

@@ -57,7 +57,9 @@ def test_grpo_advantages_by_hand():
 
 def test_dr_grpo_advantages_are_centred_not_scaled():
     assert DrGRPO().advantages([[3.0, 1.0, 2.0]])[0] == pytest.approx([1.0, -1.0, 0.0])
-    assert DrGRPO().advantages([[1.0, 0.0, 0.0, 0.0]])[0] == pytest.approx([0.75, -0.25, -0.25, -0.25])
+    assert DrGRPO().advantages([[1.0, 0.0, 0.0, 0.0]])[0] == pytest.approx(
+        [0.75, -0.25, -0.25, -0.25]
+    )
 
 
 def test_bad_rewards_excluded_and_counted():
@@ -151,8 +153,13 @@ def test_dapo_dynamic_sampling_drops_equal_groups():
 
 def test_dapo_overlong_shaping_by_hand():
     s = DAPO(DAPOConfig(max_completion_length=20, overlong_buffer=4))
-    assert s.shape_rewards([1.0, 1.0, 1.0, 1.0, None], [16, 18, 20, 21, 30]) == \
-        [1.0, 0.5, 0.0, 0.0, None]
+    assert s.shape_rewards([1.0, 1.0, 1.0, 1.0, None], [16, 18, 20, 21, 30]) == [
+        1.0,
+        0.5,
+        0.0,
+        0.0,
+        None,
+    ]
     with pytest.raises(ValueError, match="lengths"):
         s.shape_rewards([1.0], [1, 2])
 

@@ -12,8 +12,9 @@ MESSAGES = [{"role": "user", "content": "Write a long story about a brave knight
 @pytest.fixture(scope="module")
 def trajectory(smollm2):
     torch.manual_seed(0)
-    cfg = SUPOConfig(working_limit=200, summary_tokens=12, max_summaries=1, max_new_tokens=130,
-                     temperature=0.0)
+    cfg = SUPOConfig(
+        working_limit=200, summary_tokens=12, max_summaries=1, max_new_tokens=130, temperature=0.0
+    )
     return rollout(smollm2.model, smollm2.tokenizer, MESSAGES, cfg), cfg
 
 

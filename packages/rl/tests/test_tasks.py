@@ -18,8 +18,10 @@ def test_missing_reward_function_is_a_clear_error():
 
 
 def test_exact_match_reward():
-    assert exact_match_reward(["12 + 7 = 19", "The answer is 20.", "no idea", [{"content": "1,024"}]],
-                              ["19", "19", "19", "1024"]) == [1.0, 0.0, 0.0, 1.0]
+    assert exact_match_reward(
+        ["12 + 7 = 19", "The answer is 20.", "no idea", [{"content": "1,024"}]],
+        ["19", "19", "19", "1024"],
+    ) == [1.0, 0.0, 0.0, 1.0]
     with pytest.raises(ValueError, match="2 completions but 1 answers"):
         exact_match_reward(["1", "2"], ["1"])
 

@@ -23,10 +23,22 @@ def _args(tmp_path, **kw):
     from trl import GRPOConfig
 
     return GRPOConfig(
-        output_dir=str(tmp_path), per_device_train_batch_size=8, num_generations=4,
-        max_completion_length=4, max_steps=1, learning_rate=5e-3, logging_steps=1,
-        report_to="none", save_strategy="no", use_cpu=True, bf16=False, seed=0,
-        disable_tqdm=True, gradient_checkpointing=False, **kw)
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=8,
+        num_generations=4,
+        max_completion_length=4,
+        max_steps=1,
+        learning_rate=5e-3,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        bf16=False,
+        seed=0,
+        disable_tqdm=True,
+        gradient_checkpointing=False,
+        **kw,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -37,11 +49,17 @@ def xrpo_run(smollm2, tmp_path_factory):
     torch.manual_seed(0)
     ds = Dataset.from_list([p.row() for p in arithmetic_problems(4, seed=0, levels=(0, 3))])
     trainer = StrategyGRPOTrainer(
-        smollm2.model, has_digit_reward, args=_args(tmp_path_factory.mktemp("xrpo")),
-        train_dataset=ds, processing_class=smollm2.tokenizer,
-        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                               task_type="CAUSAL_LM"),
-        strategy="xrpo", strategy_options={"initial_rollouts": 1, "phases": 2, "seed_strategy": None})
+        smollm2.model,
+        has_digit_reward,
+        args=_args(tmp_path_factory.mktemp("xrpo")),
+        train_dataset=ds,
+        processing_class=smollm2.tokenizer,
+        peft_config=LoraConfig(
+            r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"
+        ),
+        strategy="xrpo",
+        strategy_options={"initial_rollouts": 1, "phases": 2, "seed_strategy": None},
+    )
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
     result = trainer.train()
     yield trainer, before, result
@@ -72,6 +90,7 @@ def test_training_step_ran_and_logged(xrpo_run):
     logged = trainer.state.log_history[0]
     assert {"reward", "apportion/max_group", "apportion/min_group"} <= set(logged)
     informative = any(len(set(r)) > 1 for r in trainer.last_round["rewards"])
-    changed = any(not torch.equal(before[n], p) for n, p in trainer.model.named_parameters()
-                  if n in before)
+    changed = any(
+        not torch.equal(before[n], p) for n, p in trainer.model.named_parameters() if n in before
+    )
     assert changed == informative  # the LoRA weights move exactly when some group had signal

@@ -101,13 +101,19 @@ def test_seed_prompt_lexical_when_no_icl_selector():
     s = XRPO(XRPOConfig(seed_strategy=None, seed_exemplars=1))
     pool = [Exemplar("What is 3 * 4?", "12"), Exemplar("Spell cat backwards.", "tac")]
     messages, info = s.seed_prompt("What is 7 * 8?", pool)
-    assert messages == [{"role": "user", "content": "What is 3 * 4?"},
-                        {"role": "assistant", "content": "12"},
-                        {"role": "user", "content": "What is 7 * 8?"}]
+    assert messages == [
+        {"role": "user", "content": "What is 3 * 4?"},
+        {"role": "assistant", "content": "12"},
+        {"role": "user", "content": "What is 7 * 8?"},
+    ]
     assert info == {"seeded": 1, "selector": "lexical"}
     assert s.seed_prompt("What is 7 * 8?", []) == (
-        [{"role": "user", "content": "What is 7 * 8?"}], {"seeded": 0, "selector": None})
-    assert s.all_failed([0.0, None, 0.0]) and not s.all_failed([0.0, 1.0]) and not s.all_failed([None])
+        [{"role": "user", "content": "What is 7 * 8?"}],
+        {"seeded": 0, "selector": None},
+    )
+    assert (
+        s.all_failed([0.0, None, 0.0]) and not s.all_failed([0.0, 1.0]) and not s.all_failed([None])
+    )
 
 
 def test_seed_prompt_auto_uses_icl_selection_when_installed():

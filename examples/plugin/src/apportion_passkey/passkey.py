@@ -39,6 +39,12 @@ class Passkey(Benchmark):
                 n = max(1, (length - 80) // filler_tokens)
                 parts = [FILLER] * n
                 parts.insert(rng.randrange(n + 1), needle)
-                yield Sample(id=f"passkey-{length}-{k}", context=" ".join(parts), question=QUESTION,
-                             answers=[key], length=length, depth=None,
-                             tags={"diffusion": "low", "scope": "small"})
+                yield Sample(
+                    id=f"passkey-{length}-{k}",
+                    context=" ".join(parts),
+                    question=QUESTION,
+                    answers=[key],
+                    length=length,
+                    depth=None,
+                    tags={"diffusion": "low", "scope": "small"},
+                )

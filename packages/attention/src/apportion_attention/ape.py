@@ -69,13 +69,24 @@ class APEConfig(ComponentConfig):
     # picked on benchmarks/attention_ape.py's development seed (--seed 1, 8 samples, 8
     # contexts) for SmolLM2-135M: T = S = 1 (plain parallel) 3/8, the former 0.9 / 0.9 3/8,
     # T = 0.6-0.7 with S = 0.9-1.0 5/8 = sequential's 5/8; S <= 0.7 collapses.
-    temperature: float = Field(0.7, gt=0.0, le=2.0, description="attention temperature T on the contexts")
-    scale: float = Field(0.9, gt=0.0, le=2.0, description="scaling factor S on the contexts' log-sum-exp")
-    separator: str = Field("\n\n", min_length=1, description="text separating prefix, contexts and query")
+    temperature: float = Field(
+        0.7, gt=0.0, le=2.0, description="attention temperature T on the contexts"
+    )
+    scale: float = Field(
+        0.9, gt=0.0, le=2.0, description="scaling factor S on the contexts' log-sum-exp"
+    )
+    separator: str = Field(
+        "\n\n", min_length=1, description="text separating prefix, contexts and query"
+    )
     min_contexts: int = Field(2, ge=1, description="fewer contexts than this: read sequentially")
-    store: str | None = Field(None, description="apportion-kvcache store (directory or redis:// URL) "
-                                                "for context KV; None: in-process LRU")
-    cache_entries: int = Field(512, ge=0, description="contexts kept by the in-process LRU (0: no caching)")
+    store: str | None = Field(
+        None,
+        description="apportion-kvcache store (directory or redis:// URL) "
+        "for context KV; None: in-process LRU",
+    )
+    cache_entries: int = Field(
+        512, ge=0, description="contexts kept by the in-process LRU (0: no caching)"
+    )
 
 
 # --------------------------------------------------------------------------- context store
@@ -94,7 +105,9 @@ class MemoryContextStore:
     def _key(fingerprint: str, token_ids: Sequence[int]) -> str:
         return hashlib.sha256(f"{fingerprint}:{','.join(map(str, token_ids))}".encode()).hexdigest()
 
-    def load_kv(self, fingerprint: str, token_ids: Sequence[int], *, model: Any = None) -> KV | None:
+    def load_kv(
+        self, fingerprint: str, token_ids: Sequence[int], *, model: Any = None
+    ) -> KV | None:
         kv = self._entries.get(self._key(fingerprint, token_ids))
         if kv is None:
             self.misses += 1
@@ -123,7 +136,9 @@ def open_context_store(config: APEConfig) -> Any:
     try:
         from apportion_kvcache.store import open_store
     except ImportError as exc:
-        raise ConfigError(f"ape: store={config.store!r} needs apportion-kvcache installed ({exc})") from None
+        raise ConfigError(
+            f"ape: store={config.store!r} needs apportion-kvcache installed ({exc})"
+        ) from None
     return open_store(config.store)
 
 
@@ -151,12 +166,18 @@ def _separator_patterns(model_name: str, separator: str) -> tuple[tuple[int, ...
     tok = AutoTokenizer.from_pretrained(model_name, local_files_only=True)
     alone = tok.encode(separator, add_special_tokens=False)
     a = tok.encode("a", add_special_tokens=False)
-    between = tok.encode(f"a{separator}b", add_special_tokens=False)[len(a):-1]
+    between = tok.encode(f"a{separator}b", add_special_tokens=False)[len(a) : -1]
     return tuple(p for p in dict.fromkeys([tuple(between), tuple(alone)]) if p)
 
 
-def _sdpa(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-          attention_mask: Any, **kwargs: Any) -> tuple[torch.Tensor, Any]:
+def _sdpa(
+    module: Any,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Any,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, Any]:
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
@@ -187,12 +208,28 @@ class APE(AttentionBackend):
     def attention_function(self) -> Callable[..., Any]:
         temperature, scale_s = self.config.temperature, self.config.scale
 
-        def attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                      attention_mask: Any, scaling: float | None = None, dropout: float = 0.0,
-                      **kwargs: Any) -> tuple[torch.Tensor, Any]:
+        def attention(
+            module: Any,
+            query: torch.Tensor,
+            key: torch.Tensor,
+            value: torch.Tensor,
+            attention_mask: Any,
+            scaling: float | None = None,
+            dropout: float = 0.0,
+            **kwargs: Any,
+        ) -> tuple[torch.Tensor, Any]:
             st = self.state
             if st is None or st.ctx_end <= st.ctx_start or key.shape[-2] < st.ctx_end:
-                return _sdpa(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+                return _sdpa(
+                    module,
+                    query,
+                    key,
+                    value,
+                    attention_mask,
+                    scaling=scaling,
+                    dropout=dropout,
+                    **kwargs,
+                )
             if query.shape[0] != 1:
                 raise APEError("ape reads one prompt at a time (batch size 1)")
             sm = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
@@ -225,7 +262,9 @@ class APE(AttentionBackend):
         return base, f"{base}:ape-prefix-{digest}"
 
     @torch.inference_mode()
-    def _forward_kv(self, model: Any, ids: list[list[int]], past: KV | None, start: int) -> list[KV]:
+    def _forward_kv(
+        self, model: Any, ids: list[list[int]], past: KV | None, start: int
+    ) -> list[KV]:
         """Encode right-padded rows ``ids`` after ``past`` (shared, batch 1) at positions
         ``start, start+1, ...``; returns each row's own new KV (padding cut off)."""
         from transformers import DynamicCache
@@ -238,26 +277,44 @@ class APE(AttentionBackend):
         mask[:, :start] = 1
         for i, r in enumerate(ids):
             input_ids[i, : len(r)] = torch.tensor(r, device=device)
-            mask[i, start: start + len(r)] = 1
+            mask[i, start : start + len(r)] = 1
         cache = DynamicCache(config=model.config)
         if past is not None:
             for layer, (k, v) in enumerate(past):
-                cache.update(k.expand(n, -1, -1, -1).contiguous(), v.expand(n, -1, -1, -1).contiguous(), layer)
+                cache.update(
+                    k.expand(n, -1, -1, -1).contiguous(),
+                    v.expand(n, -1, -1, -1).contiguous(),
+                    layer,
+                )
         positions = (start + torch.arange(width, device=device)).expand(n, -1)
         previous, self.state = self.state, None  # plain causal attention while encoding
         try:
-            model(input_ids=input_ids, attention_mask=mask if n > 1 or past is not None else None,
-                  position_ids=positions, use_cache=True, logits_to_keep=1, **cache_kwargs(model, cache))
+            model(
+                input_ids=input_ids,
+                attention_mask=mask if n > 1 or past is not None else None,
+                position_ids=positions,
+                use_cache=True,
+                logits_to_keep=1,
+                **cache_kwargs(model, cache),
+            )
         finally:
             self.state = previous
         out = []
         for i, r in enumerate(ids):
-            out.append([(layer.keys[i: i + 1, :, start: start + len(r)].clone(),
-                         layer.values[i: i + 1, :, start: start + len(r)].clone()) for layer in cache.layers])
+            out.append(
+                [
+                    (
+                        layer.keys[i : i + 1, :, start : start + len(r)].clone(),
+                        layer.values[i : i + 1, :, start : start + len(r)].clone(),
+                    )
+                    for layer in cache.layers
+                ]
+            )
         return out
 
-    def encode_contexts(self, model: Any, prefix_ids: Sequence[int],
-                        contexts: Sequence[Sequence[int]]) -> tuple[KV, list[KV], dict[str, Any]]:
+    def encode_contexts(
+        self, model: Any, prefix_ids: Sequence[int], contexts: Sequence[Sequence[int]]
+    ) -> tuple[KV, list[KV], dict[str, Any]]:
         """KV of the shared prefix and of every context (from the store, or encoded in one
         parallel batch at the reused positions and stored). Returns (prefix, contexts, stats)."""
         if not prefix_ids:
@@ -274,18 +331,26 @@ class APE(AttentionBackend):
         kvs: list[KV | None] = [self._load(fp, list(c), model) for c in contexts]
         missing = [i for i, kv in enumerate(kvs) if kv is None]
         if missing:
-            fresh = self._forward_kv(model, [list(contexts[i]) for i in missing], prefix, len(prefix_ids))
+            fresh = self._forward_kv(
+                model, [list(contexts[i]) for i in missing], prefix, len(prefix_ids)
+            )
             for i, kv in zip(missing, fresh, strict=True):
                 kvs[i] = kv
                 self.store.save_kv(fp, list(contexts[i]), kv)
-        stats = {"contexts": len(contexts), "encoded": len(missing), "reused": len(contexts) - len(missing),
-                 "encode_seconds": time.perf_counter() - t0}
+        stats = {
+            "contexts": len(contexts),
+            "encoded": len(missing),
+            "reused": len(contexts) - len(missing),
+            "encode_seconds": time.perf_counter() - t0,
+        }
         return prefix, [kv for kv in kvs if kv is not None], stats
 
     def _load(self, fp: str, ids: list[int], model: Any) -> KV | None:
         kv = self.store.load_kv(fp, ids, model=model)
         if kv is not None and kv[0][0].shape[-2] != len(ids):
-            raise APEError(f"stored KV holds {kv[0][0].shape[-2]} tokens, the segment has {len(ids)}")
+            raise APEError(
+                f"stored KV holds {kv[0][0].shape[-2]} tokens, the segment has {len(ids)}"
+            )
         return kv
 
     def assemble(self, model: Any, cache: Any, prefix: KV, contexts: list[KV]) -> APEState:
@@ -297,13 +362,22 @@ class APE(AttentionBackend):
             k = torch.cat([prefix[layer][0]] + [c[layer][0] for c in contexts], dim=-2)
             v = torch.cat([prefix[layer][1]] + [c[layer][1] for c in contexts], dim=-2)
             cache.update(k, v, layer)
-        self.state = APEState(ctx_start=n_prefix, ctx_end=n_prefix + sum(lengths),
-                              next_position=n_prefix + max(lengths))
+        self.state = APEState(
+            ctx_start=n_prefix,
+            ctx_end=n_prefix + sum(lengths),
+            next_position=n_prefix + max(lengths),
+        )
         return self.state
 
     @torch.inference_mode()
-    def prefill_parts(self, model: Any, prefix_ids: Sequence[int], contexts: Sequence[Sequence[int]],
-                      query_ids: Sequence[int], cache: Any) -> PrefillOutput:
+    def prefill_parts(
+        self,
+        model: Any,
+        prefix_ids: Sequence[int],
+        contexts: Sequence[Sequence[int]],
+        query_ids: Sequence[int],
+        cache: Any,
+    ) -> PrefillOutput:
         """The APE prefill of (prefix, contexts, query) into ``cache`` (batch 1)."""
         if not query_ids:
             raise APEError("ape needs a non-empty query")
@@ -312,17 +386,31 @@ class APE(AttentionBackend):
         device = next(model.parameters()).device
         positions = st.next_position + torch.arange(len(query_ids), device=device)
         t0 = time.perf_counter()
-        out = model(input_ids=torch.tensor([list(query_ids)], device=device), position_ids=positions[None],
-                    use_cache=True, logits_to_keep=1, **cache_kwargs(model, cache))
+        out = model(
+            input_ids=torch.tensor([list(query_ids)], device=device),
+            position_ids=positions[None],
+            use_cache=True,
+            logits_to_keep=1,
+            **cache_kwargs(model, cache),
+        )
         stats["query_seconds"] = time.perf_counter() - t0
         st.stats = stats
-        return PrefillOutput(logits=out.logits[:, -1, :], kv_mask=None,
-                             next_position=positions[-1:].clone() + 1, info=stats)
+        return PrefillOutput(
+            logits=out.logits[:, -1, :],
+            kv_mask=None,
+            next_position=positions[-1:].clone() + 1,
+            info=stats,
+        )
 
     # ------------------------------------------------------------------ host integration
     def separator_patterns(self, model: Any) -> list[list[int]]:
         """Token sequences the separator becomes, alone and between words."""
-        return [list(p) for p in _separator_patterns(str(getattr(model, "name_or_path", "")), self.config.separator)]
+        return [
+            list(p)
+            for p in _separator_patterns(
+                str(getattr(model, "name_or_path", "")), self.config.separator
+            )
+        ]
 
     @staticmethod
     def canonical(segment: list[int], patterns: list[list[int]]) -> list[int]:
@@ -330,18 +418,20 @@ class APE(AttentionBackend):
         separator differently depending on the next word, and a context must have the
         same tokens (the same cache key) wherever it appears."""
         for p in patterns:
-            if len(segment) > len(p) and segment[-len(p):] == p:
+            if len(segment) > len(p) and segment[-len(p) :] == p:
                 return segment[: -len(p)] + patterns[0]
         return segment + patterns[0]
 
-    def split(self, ids: list[int], patterns: list[list[int]], question_len: int) -> list[list[int]]:
+    def split(
+        self, ids: list[int], patterns: list[list[int]], question_len: int
+    ) -> list[list[int]]:
         """Split prompt ids into [prefix, context..., query]; separators stay with the segment
         they end, so the concatenation is the original prompt."""
         segments, start, i = [], 0, 0
         while i < len(ids):
-            hit = next((p for p in patterns if ids[i: i + len(p)] == p), None)
+            hit = next((p for p in patterns if ids[i : i + len(p)] == p), None)
             if hit is not None:
-                segments.append(ids[start: i + len(hit)])
+                segments.append(ids[start : i + len(hit)])
                 i += len(hit)
                 start = i
             else:
@@ -354,12 +444,22 @@ class APE(AttentionBackend):
             segments[-1] = segments[-1] + tail
         return segments
 
-    def prefill(self, model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: Any, *,
-                question_len: int, inner: Callable[..., Any]) -> Any:
+    def prefill(
+        self,
+        model: Any,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        cache: Any,
+        *,
+        question_len: int,
+        inner: Callable[..., Any],
+    ) -> Any:
         self.state = None
         if input_ids.shape[0] != 1:
-            raise APEError("ape reads one prompt at a time; got a batch of "
-                           f"{input_ids.shape[0]} (run the prompts one by one)")
+            raise APEError(
+                "ape reads one prompt at a time; got a batch of "
+                f"{input_ids.shape[0]} (run the prompts one by one)"
+            )
         ids = input_ids[0][attention_mask[0].bool()].tolist()
         patterns = self.separator_patterns(model)
         segments = self.split(ids, patterns, question_len)

@@ -47,13 +47,17 @@ class DistAttentionError(ApportionError):
 
 
 class DistAttentionConfig(ComponentConfig):
-    shards: int = Field(4, ge=1, le=1024, description="KV shards per layer (micro-attentions) in one process")
+    shards: int = Field(
+        4, ge=1, le=1024, description="KV shards per layer (micro-attentions) in one process"
+    )
 
 
 # ------------------------------------------------------------------ micro-attention (exact)
 
 
-def as_bool_mask(attention_mask: torch.Tensor | None, q_len: int, k_len: int, device: Any) -> torch.Tensor | None:
+def as_bool_mask(
+    attention_mask: torch.Tensor | None, q_len: int, k_len: int, device: Any
+) -> torch.Tensor | None:
     """transformers' mask (bool True=attend, or additive float; None = causal) -> bool (b|1, 1, q, k).
 
     ``None`` means plain causal attention with the queries being the last ``q_len`` keys.
@@ -102,7 +106,10 @@ def micro_attention(
         if hi <= lo:
             continue
         o, lse = partial_attention(
-            qg, k5[..., lo:hi, :], v5[..., lo:hi, :], scale=scale,
+            qg,
+            k5[..., lo:hi, :],
+            v5[..., lo:hi, :],
+            scale=scale,
             mask=None if m5 is None else m5[..., lo:hi],
         )
         outs.append(o)
@@ -124,9 +131,16 @@ class DistAttention(AttentionBackend):
     def attention_function(self) -> Callable[..., Any]:
         shards = self.config.shards
 
-        def attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                      attention_mask: torch.Tensor | None, scaling: float | None = None,
-                      dropout: float = 0.0, **kwargs: Any) -> tuple[torch.Tensor, None]:
+        def attention(
+            module: Any,
+            query: torch.Tensor,
+            key: torch.Tensor,
+            value: torch.Tensor,
+            attention_mask: torch.Tensor | None,
+            scaling: float | None = None,
+            dropout: float = 0.0,
+            **kwargs: Any,
+        ) -> tuple[torch.Tensor, None]:
             scale = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
             mask = as_bool_mask(attention_mask, query.shape[-2], key.shape[-2], query.device)
             out = micro_attention(query, key, value, scale=scale, mask=mask, shards=shards)
@@ -165,8 +179,12 @@ class ShardedKV:
     timeout_s: float = 60.0
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for s in self.layers.values()
-                   for t in (s.keys, s.values) if t is not None)
+        return sum(
+            t.numel() * t.element_size()
+            for s in self.layers.values()
+            for t in (s.keys, s.values)
+            if t is not None
+        )
 
     def _collective(self, what: str, fn: Callable[[], Any]) -> Any:
         try:
@@ -196,8 +214,9 @@ class ShardedKV:
                 shard.positions = torch.cat([shard.positions, pos])
         return shard
 
-    def attention(self, module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                  scale: float) -> torch.Tensor:
+    def attention(
+        self, module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float
+    ) -> torch.Tensor:
         """One layer: store this rank's new KV, micro-attend every rank's queries over the
         local shard, exchange (output, lse) and merge this rank's rows exactly."""
         shard = self.store(module.layer_idx, key, value)
@@ -220,8 +239,9 @@ class ShardedKV:
                 lse = torch.full(qg.shape[:-1], float("-inf"), device=query.device)
             else:
                 mask = shard.positions[None, :] <= pj.to(shard.positions.device)[:, None]
-                o, lse = partial_attention(qg, shard.keys.unsqueeze(2), shard.values.unsqueeze(2),
-                                           scale=scale, mask=mask)
+                o, lse = partial_attention(
+                    qg, shard.keys.unsqueeze(2), shard.values.unsqueeze(2), scale=scale, mask=mask
+                )
             outs.append(o)
             lses.append(lse)
         # every rank now holds partials for every rank's rows; gather and keep our own rows
@@ -241,9 +261,16 @@ def sharded_attention_function(state: ShardedKV) -> Callable[..., Any]:
     """transformers-signature attention that routes through ``state`` (the model runs with
     ``use_cache=False``: the shard *is* the cache)."""
 
-    def attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                  attention_mask: Any, scaling: float | None = None, dropout: float = 0.0,
-                  **kwargs: Any) -> tuple[torch.Tensor, None]:
+    def attention(
+        module: Any,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: Any,
+        scaling: float | None = None,
+        dropout: float = 0.0,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, None]:
         scale = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
         out = state.attention(module, query, key, value, scale)
         return out.to(query.dtype).transpose(1, 2).contiguous(), None
@@ -265,8 +292,13 @@ def split_chunks(n: int, world_size: int) -> list[tuple[int, int]]:
 
 
 @torch.inference_mode()
-def generate_on_rank(model: Any, input_ids: list[int], max_new_tokens: int, state: ShardedKV,
-                     eos_ids: set[int] | None = None) -> dict[str, Any]:
+def generate_on_rank(
+    model: Any,
+    input_ids: list[int],
+    max_new_tokens: int,
+    state: ShardedKV,
+    eos_ids: set[int] | None = None,
+) -> dict[str, Any]:
     """Greedy generation of one sequence with the KV spread over the process group.
 
     Every rank calls this with the same ``input_ids``; returns the same tokens on every rank.
@@ -287,12 +319,18 @@ def generate_on_rank(model: Any, input_ids: list[int], max_new_tokens: int, stat
         state.owner, state.replicated = True, False
         state.q_positions = torch.arange(lo, hi, device=device)
         t0 = time.perf_counter()
-        out = model(input_ids=torch.tensor([input_ids[lo:hi]], device=device),
-                    position_ids=state.q_positions[None], use_cache=False, logits_to_keep=1)
+        out = model(
+            input_ids=torch.tensor([input_ids[lo:hi]], device=device),
+            position_ids=state.q_positions[None],
+            use_cache=False,
+            logits_to_keep=1,
+        )
         # the last prompt token lives on the last rank: its logits start the decode
         logits = out.logits[:, -1, :].float().contiguous()
-        state._collective("prefill logits broadcast",
-                          lambda: dist.broadcast(logits, src=state.world_size - 1, group=state.group))
+        state._collective(
+            "prefill logits broadcast",
+            lambda: dist.broadcast(logits, src=state.world_size - 1, group=state.group),
+        )
         prefill_s = time.perf_counter() - t0
         tokens: list[int] = []
         position = len(input_ids)
@@ -307,13 +345,21 @@ def generate_on_rank(model: Any, input_ids: list[int], max_new_tokens: int, stat
             state.counts[target] += 1
             state.owner, state.replicated = state.rank == target, True
             state.q_positions = torch.tensor([position], device=device)
-            out = model(input_ids=torch.tensor([[nxt]], device=device),
-                        position_ids=state.q_positions[None], use_cache=False)
+            out = model(
+                input_ids=torch.tensor([[nxt]], device=device),
+                position_ids=state.q_positions[None],
+                use_cache=False,
+            )
             logits = out.logits[:, -1, :].float().contiguous()
             position += 1
         decode_s = time.perf_counter() - t1
-        return {"tokens": tokens, "prefill_seconds": prefill_s, "decode_seconds": decode_s,
-                "shard_entries": state.counts[state.rank], "shard_bytes": state.nbytes()}
+        return {
+            "tokens": tokens,
+            "prefill_seconds": prefill_s,
+            "decode_seconds": decode_s,
+            "shard_entries": state.counts[state.rank],
+            "shard_bytes": state.nbytes(),
+        }
     finally:
         model.set_attn_implementation(previous)
 
@@ -327,23 +373,43 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-def _worker(rank: int, world_size: int, port: int, backend: str, timeout_s: float,
-            target: str, payload: str, conn: Any) -> None:
+def _worker(
+    rank: int,
+    world_size: int,
+    port: int,
+    backend: str,
+    timeout_s: float,
+    target: str,
+    payload: str,
+    conn: Any,
+) -> None:
     import importlib
 
     import torch.distributed as dist
 
     try:
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                world_size=world_size, timeout=timedelta(seconds=timeout_s))
+        dist.init_process_group(
+            backend,
+            init_method=f"tcp://127.0.0.1:{port}",
+            rank=rank,
+            world_size=world_size,
+            timeout=timedelta(seconds=timeout_s),
+        )
         module, attr = target.split(":")
         fn = getattr(importlib.import_module(module), attr)
         result = fn(rank, world_size, json.loads(payload), timeout_s)
         conn.send_bytes(json.dumps({"ok": True, "result": result}).encode())
     except BaseException as exc:  # reported to the launcher, which raises it with the rank
-        conn.send_bytes(json.dumps({"ok": False, "error": f"{type(exc).__name__}: {exc}",
-                                    "traceback": traceback.format_exc()}).encode())
+        conn.send_bytes(
+            json.dumps(
+                {
+                    "ok": False,
+                    "error": f"{type(exc).__name__}: {exc}",
+                    "traceback": traceback.format_exc(),
+                }
+            ).encode()
+        )
     finally:
         try:
             if dist.is_initialized():
@@ -352,8 +418,14 @@ def _worker(rank: int, world_size: int, port: int, backend: str, timeout_s: floa
             conn.close()
 
 
-def launch(target: str, payload: dict[str, Any], *, world_size: int, backend: str = "gloo",
-           timeout_s: float = 120.0) -> list[Any]:
+def launch(
+    target: str,
+    payload: dict[str, Any],
+    *,
+    world_size: int,
+    backend: str = "gloo",
+    timeout_s: float = 120.0,
+) -> list[Any]:
     """Run ``target`` ("module:function", called as ``fn(rank, world_size, payload,
     timeout_s)`` inside an initialised process group) on ``world_size`` spawned processes on
     loopback; return each rank's JSON-able result.
@@ -364,14 +436,20 @@ def launch(target: str, payload: dict[str, Any], *, world_size: int, backend: st
     if world_size < 1:
         raise DistAttentionError(f"world_size must be >= 1, got {world_size}")
     if backend == "nccl" and torch.cuda.device_count() < world_size:
-        raise DistAttentionError(f"nccl needs {world_size} GPUs, {torch.cuda.device_count()} visible")
+        raise DistAttentionError(
+            f"nccl needs {world_size} GPUs, {torch.cuda.device_count()} visible"
+        )
     ctx = mp.get_context("spawn")
     port = free_port()
     procs, pipes = [], []
     for rank in range(world_size):
         recv, send = ctx.Pipe(duplex=False)
-        p = ctx.Process(target=_worker, name=f"distattention-rank{rank}", daemon=True,
-                        args=(rank, world_size, port, backend, timeout_s, target, json.dumps(payload), send))
+        p = ctx.Process(
+            target=_worker,
+            name=f"distattention-rank{rank}",
+            daemon=True,
+            args=(rank, world_size, port, backend, timeout_s, target, json.dumps(payload), send),
+        )
         p.start()
         send.close()
         procs.append(p)
@@ -396,7 +474,9 @@ def launch(target: str, payload: dict[str, Any], *, world_size: int, backend: st
                     pending.discard(rank)
                     if msg is None:
                         proc.join(timeout=5.0)  # EOF can arrive before the process is reaped
-                        errors.append(f"rank {rank} exited without a result (exit code {proc.exitcode})")
+                        errors.append(
+                            f"rank {rank} exited without a result (exit code {proc.exitcode})"
+                        )
                     elif msg["ok"]:
                         results[rank] = msg["result"]
                     else:
@@ -421,7 +501,9 @@ def launch(target: str, payload: dict[str, Any], *, world_size: int, backend: st
                 p.join(timeout=5)
 
 
-def _generate_worker(rank: int, world_size: int, payload: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+def _generate_worker(
+    rank: int, world_size: int, payload: dict[str, Any], timeout_s: float
+) -> dict[str, Any]:
     from apportion.config import ModelSpec
     from apportion.host import load_model
 
@@ -432,22 +514,37 @@ def _generate_worker(rank: int, world_size: int, payload: dict[str, Any], timeou
     if device == "cuda":  # one GPU per rank
         device = f"cuda:{rank}"
         torch.cuda.set_device(rank)
-    loaded = load_model(ModelSpec(name=payload["model"], device=device,
-                                  dtype=payload.get("dtype", "float32")))
+    loaded = load_model(
+        ModelSpec(name=payload["model"], device=device, dtype=payload.get("dtype", "float32"))
+    )
     import torch.distributed as dist
 
     state = ShardedKV(rank=rank, world_size=world_size, group=dist.group.WORLD, timeout_s=timeout_s)
-    result = generate_on_rank(loaded.model, payload["input_ids"], int(payload["max_new_tokens"]), state,
-                              set(payload.get("eos_ids", [])))
+    result = generate_on_rank(
+        loaded.model,
+        payload["input_ids"],
+        int(payload["max_new_tokens"]),
+        state,
+        set(payload.get("eos_ids", [])),
+    )
     if payload.get("text", True):
         result["text"] = loaded.tokenizer.decode(result["tokens"], skip_special_tokens=True).strip()
     return result
 
 
-def distributed_generate(input_ids: list[int], *, world_size: int = 2, max_new_tokens: int = 16,
-                         model: str = "smollm2", dtype: str = "float32", eos_ids: list[int] | None = None,
-                         timeout_s: float = 180.0, backend: str = "gloo", threads: int = 1,
-                         die_on_rank: int | None = None) -> list[dict[str, Any]]:
+def distributed_generate(
+    input_ids: list[int],
+    *,
+    world_size: int = 2,
+    max_new_tokens: int = 16,
+    model: str = "smollm2",
+    dtype: str = "float32",
+    eos_ids: list[int] | None = None,
+    timeout_s: float = 180.0,
+    backend: str = "gloo",
+    threads: int = 1,
+    die_on_rank: int | None = None,
+) -> list[dict[str, Any]]:
     """Greedy generation with the KV cache spread over ``world_size`` processes (see module doc).
 
     Returns each rank's result: ``tokens`` (identical on all ranks), ``text``, prefill/decode
@@ -457,10 +554,23 @@ def distributed_generate(input_ids: list[int], *, world_size: int = 2, max_new_t
     if not input_ids:
         raise DistAttentionError("input_ids is empty")
     if len(input_ids) < world_size:
-        raise DistAttentionError(f"a prompt of {len(input_ids)} tokens cannot be split over {world_size} ranks")
-    payload = {"model": model, "dtype": dtype, "input_ids": list(map(int, input_ids)),
-               "max_new_tokens": max_new_tokens, "eos_ids": sorted(eos_ids or []),
-               "threads": threads, "die_on_rank": die_on_rank,
-               "device": "cuda" if backend == "nccl" else "cpu"}
-    return launch("apportion_attention.distattention:_generate_worker", payload,
-                  world_size=world_size, backend=backend, timeout_s=timeout_s)
+        raise DistAttentionError(
+            f"a prompt of {len(input_ids)} tokens cannot be split over {world_size} ranks"
+        )
+    payload = {
+        "model": model,
+        "dtype": dtype,
+        "input_ids": list(map(int, input_ids)),
+        "max_new_tokens": max_new_tokens,
+        "eos_ids": sorted(eos_ids or []),
+        "threads": threads,
+        "die_on_rank": die_on_rank,
+        "device": "cuda" if backend == "nccl" else "cpu",
+    }
+    return launch(
+        "apportion_attention.distattention:_generate_worker",
+        payload,
+        world_size=world_size,
+        backend=backend,
+        timeout_s=timeout_s,
+    )

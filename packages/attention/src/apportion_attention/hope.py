@@ -56,13 +56,20 @@ from apportion_attention.hope_scaling import RotaryPlugin, head_dim, rope_base, 
 
 
 class HoPEConfig(ComponentConfig):
-    zero_threshold: float = Field(16.0, gt=0.0, description="zero frequencies whose wavelength exceeds "
-                                                             "this many trained windows (1 = the paper's "
-                                                             "rule, which needs training: see the module)")
-    zero_fraction: float | None = Field(None, ge=0.0, le=1.0, description="zero this share of the lowest "
-                                                                          "frequencies instead")
+    zero_threshold: float = Field(
+        16.0,
+        gt=0.0,
+        description="zero frequencies whose wavelength exceeds "
+        "this many trained windows (1 = the paper's "
+        "rule, which needs training: see the module)",
+    )
+    zero_fraction: float | None = Field(
+        None, ge=0.0, le=1.0, description="zero this share of the lowest frequencies instead"
+    )
     dynamic_scaling: bool = Field(True, description="scale positions past the trained window")
-    scales: list[float] = Field([0.5, 0.75, 1.0, 1.25, 1.5], description="HoPE's position scale set")
+    scales: list[float] = Field(
+        [0.5, 0.75, 1.0, 1.25, 1.5], description="HoPE's position scale set"
+    )
 
     @field_validator("scales")
     @classmethod
@@ -72,8 +79,14 @@ class HoPEConfig(ComponentConfig):
         return sorted(v)
 
 
-def hope_inv_freq(dim: int, base: float, window: int, *, zero_threshold: float = 16.0,
-                  zero_fraction: float | None = None) -> torch.Tensor:
+def hope_inv_freq(
+    dim: int,
+    base: float,
+    window: int,
+    *,
+    zero_threshold: float = 16.0,
+    zero_fraction: float | None = None,
+) -> torch.Tensor:
     """RoPE inverse frequencies with the lowest ones set to zero (HoPE's allocation).
 
     Entry ``i`` rotates head dims ``i`` and ``i + dim/2`` (HF's rotate-half layout), so a zero
@@ -104,6 +117,11 @@ class HoPE(RotaryPlugin):
 
     def frequencies(self, config: Any, seq_len: int) -> tuple[torch.Tensor, float, float]:
         window = trained_length(config)
-        inv = hope_inv_freq(head_dim(config), rope_base(config), window,
-                            zero_threshold=self.config.zero_threshold, zero_fraction=self.config.zero_fraction)
+        inv = hope_inv_freq(
+            head_dim(config),
+            rope_base(config),
+            window,
+            zero_threshold=self.config.zero_threshold,
+            zero_fraction=self.config.zero_fraction,
+        )
         return inv, self.gamma(seq_len, window), 1.0

@@ -39,7 +39,9 @@ def rotary_module(model: Any) -> tuple[Any, str]:
     for parent in (getattr(model, "model", None), model):
         if parent is not None and hasattr(parent, "rotary_emb"):
             return parent, "rotary_emb"
-    raise RotaryError(f"{type(model).__name__} has no `rotary_emb` module: not a RoPE model this plugin supports")
+    raise RotaryError(
+        f"{type(model).__name__} has no `rotary_emb` module: not a RoPE model this plugin supports"
+    )
 
 
 def trained_length(config: Any) -> int:
@@ -53,7 +55,9 @@ def rope_base(config: Any) -> float:
 
 
 def head_dim(config: Any) -> int:
-    return int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+    return int(
+        getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    )
 
 
 class PluggedRotary(torch.nn.Module):
@@ -64,7 +68,9 @@ class PluggedRotary(torch.nn.Module):
         self.plugin, self.config = plugin, config
         self._cached: tuple[int, tuple[torch.Tensor, float, float]] | None = None
 
-    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, position_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         seq_len = self.plugin.seq_len or int(position_ids.max()) + 1
         if self._cached is None or self._cached[0] != seq_len:
             self._cached = (seq_len, self.plugin.frequencies(self.config, seq_len))
@@ -101,13 +107,23 @@ class RotaryPlugin(AttentionBackend):
         finally:
             setattr(parent, attr, original)
 
-    def prefill(self, model: Any, input_ids: Any, attention_mask: Any, cache: Any, *, question_len: int,
-                inner: Callable[..., Any]) -> Any:
+    def prefill(
+        self,
+        model: Any,
+        input_ids: Any,
+        attention_mask: Any,
+        cache: Any,
+        *,
+        question_len: int,
+        inner: Callable[..., Any],
+    ) -> Any:
         self.seq_len = int(input_ids.shape[-1])  # held for the decode that follows
         return inner(model, input_ids, attention_mask, cache, question_len=question_len)
 
 
-def _hf_rope(config: Any, rope_type: str, seq_len: int, **params: Any) -> tuple[torch.Tensor, float]:
+def _hf_rope(
+    config: Any, rope_type: str, seq_len: int, **params: Any
+) -> tuple[torch.Tensor, float]:
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     cfg = copy.deepcopy(config)
@@ -126,7 +142,9 @@ class DynamicNTK(RotaryPlugin):
     Config = NTKConfig
 
     def frequencies(self, config: Any, seq_len: int) -> tuple[torch.Tensor, float, float]:
-        inv, attn = _hf_rope(config, "dynamic", max(seq_len, trained_length(config)), factor=self.config.factor)
+        inv, attn = _hf_rope(
+            config, "dynamic", max(seq_len, trained_length(config)), factor=self.config.factor
+        )
         return inv, 1.0, float(attn)
 
 
@@ -147,6 +165,13 @@ class YaRN(RotaryPlugin):
         factor = max(self.config.min_factor, seq_len / window)
         if factor <= 1.0:
             return super().frequencies(config, seq_len)
-        inv, attn = _hf_rope(config, "yarn", seq_len, factor=factor, original_max_position_embeddings=window,
-                             beta_fast=self.config.beta_fast, beta_slow=self.config.beta_slow)
+        inv, attn = _hf_rope(
+            config,
+            "yarn",
+            seq_len,
+            factor=factor,
+            original_max_position_embeddings=window,
+            beta_fast=self.config.beta_fast,
+            beta_slow=self.config.beta_slow,
+        )
         return inv, 1.0, float(attn)

@@ -38,11 +38,18 @@ TOKENIZERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 class InfiniRetriConfig(ComponentConfig):
     chunk_tokens: int = Field(2048, ge=64, description="new context tokens read per pass")
-    keep_tokens: int = Field(512, ge=0, description="token budget of the sentences carried to the next pass")
-    head_tokens: int = Field(16, ge=0, description="prompt tokens (chat template head) kept in every pass")
+    keep_tokens: int = Field(
+        512, ge=0, description="token budget of the sentences carried to the next pass"
+    )
+    head_tokens: int = Field(
+        16, ge=0, description="prompt tokens (chat template head) kept in every pass"
+    )
     score_layer: int | None = Field(
-        None, description="layer whose attention scores tokens; None: three quarters of the way up")
-    phrase_window: int = Field(5, ge=1, description="width of the average that turns token scores into phrase scores")
+        None, description="layer whose attention scores tokens; None: three quarters of the way up"
+    )
+    phrase_window: int = Field(
+        5, ge=1, description="width of the average that turns token scores into phrase scores"
+    )
 
 
 class _Stop(Exception):
@@ -83,16 +90,22 @@ class InfiniRetri(AttentionBackend):
     def attention_function(self) -> Callable[..., Any]:
         return self._attend
 
-    def _attend(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    def _attend(
+        self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs
+    ):
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-        out = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        out = sdpa_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
         s = self._score
         if s is not None and getattr(module, "layer_idx", None) == s["layer"]:
-            q = query[:, :, -s["question_len"]:].float()
+            q = query[:, :, -s["question_len"] :].float()
             k = key.float().repeat_interleave(query.shape[1] // key.shape[1], dim=1)
             scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-            att = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * scale, dim=-1)  # question -> all keys
+            att = torch.softmax(
+                torch.matmul(q, k.transpose(-1, -2)) * scale, dim=-1
+            )  # question -> all keys
             s["scores"] = att.sum(dim=(1, 2))[0]  # (N,)
             raise _Stop
         return out
@@ -100,8 +113,10 @@ class InfiniRetri(AttentionBackend):
     def _tokenizer_for(self, model: Any) -> Any:
         tok = self._tokenizer or TOKENIZERS.get(model)
         if tok is None:
-            raise ApportionError("infiniretri needs the tokenizer to find sentences: load the model through "
-                                 "apportion's host, or call InfiniRetri.use_tokenizer(tokenizer)")
+            raise ApportionError(
+                "infiniretri needs the tokenizer to find sentences: load the model through "
+                "apportion's host, or call InfiniRetri.use_tokenizer(tokenizer)"
+            )
         return tok
 
     @torch.inference_mode()
@@ -109,13 +124,17 @@ class InfiniRetri(AttentionBackend):
         device = next(model.parameters()).device
         self._score = {"layer": layer, "question_len": question_len}
         try:
-            getattr(model, "model", model)(input_ids=torch.tensor([ids], device=device), use_cache=False)
+            getattr(model, "model", model)(
+                input_ids=torch.tensor([ids], device=device), use_cache=False
+            )
         except _Stop:
             pass
         finally:
             scores, self._score = self._score.get("scores") if self._score else None, None
         if scores is None:
-            raise ApportionError(f"infiniretri: layer {layer} was never reached (is the backend installed?)")
+            raise ApportionError(
+                f"infiniretri: layer {layer} was never reached (is the backend installed?)"
+            )
         return scores
 
     def prefill(self, model, input_ids, attention_mask, cache, *, question_len, inner):
@@ -133,18 +152,34 @@ class InfiniRetri(AttentionBackend):
         layer %= n_layers
         window = getattr(model.config, "max_position_embeddings", None)
         question_len = max(int(question_len), 0)
-        per_pass = c.head_tokens + c.keep_tokens + c.chunk_tokens + question_len + 64  # 64: a sentence overrun
+        per_pass = (
+            c.head_tokens + c.keep_tokens + c.chunk_tokens + question_len + 64
+        )  # 64: a sentence overrun
         if window and per_pass > window:
-            raise ConfigError(f"one infiniretri pass ({per_pass} tokens) exceeds the model's {window} positions: "
-                              "lower chunk_tokens or keep_tokens")
-        if input_ids.shape[1] - question_len - c.head_tokens <= c.chunk_tokens:  # one chunk: read it whole
-            self.last_read = {"passes": 0, "kept_tokens": None, "context_tokens": None,
-                              "final_tokens": int(input_ids.shape[1])}
+            raise ConfigError(
+                f"one infiniretri pass ({per_pass} tokens) exceeds the model's {window} positions: "
+                "lower chunk_tokens or keep_tokens"
+            )
+        if (
+            input_ids.shape[1] - question_len - c.head_tokens <= c.chunk_tokens
+        ):  # one chunk: read it whole
+            self.last_read = {
+                "passes": 0,
+                "kept_tokens": None,
+                "context_tokens": None,
+                "final_tokens": int(input_ids.shape[1]),
+            }
             return inner(model, input_ids, attention_mask, cache, question_len=question_len)
         if question_len == 0:
-            raise ConfigError("infiniretri needs the question apart from the context (a Prompt with question=...)")
+            raise ConfigError(
+                "infiniretri needs the question apart from the context (a Prompt with question=...)"
+            )
         ids = input_ids[0].tolist()
-        head, context, question = ids[:c.head_tokens], ids[c.head_tokens:len(ids) - question_len], ids[len(ids) - question_len:]
+        head, context, question = (
+            ids[: c.head_tokens],
+            ids[c.head_tokens : len(ids) - question_len],
+            ids[len(ids) - question_len :],
+        )
         ends = sentence_ends(self._tokenizer_for(model), context)
         bounds = [0] + [e + 1 for e in ends if e + 1 < len(context)] + [len(context)]
         sent_of = torch.zeros(len(context), dtype=torch.long)
@@ -160,20 +195,35 @@ class InfiniRetri(AttentionBackend):
                 stop = inside[-1] if inside and inside[-1] > pos + c.chunk_tokens // 2 else stop
             cand = kept + list(range(pos, stop))
             seq = head + [context[i] for i in cand] + question
-            scores = self._scores(model, seq, len(question), layer)[len(head):len(head) + len(cand)]
+            scores = self._scores(model, seq, len(question), layer)[
+                len(head) : len(head) + len(cand)
+            ]
             if c.phrase_window > 1:
-                scores = torch.nn.functional.avg_pool1d(scores[None, None], c.phrase_window, stride=1,
-                                                        padding=c.phrase_window // 2,
-                                                        count_include_pad=False)[0, 0, : len(cand)]
+                scores = torch.nn.functional.avg_pool1d(
+                    scores[None, None],
+                    c.phrase_window,
+                    stride=1,
+                    padding=c.phrase_window // 2,
+                    count_include_pad=False,
+                )[0, 0, : len(cand)]
             kept = self._keep(cand, scores, sent_of)
             pos = stop
             passes += 1
         final = head + [context[i] for i in kept] + question
-        self.last_read = {"passes": passes, "kept_tokens": len(kept), "context_tokens": len(context),
-                          "final_tokens": len(final)}
+        self.last_read = {
+            "passes": passes,
+            "kept_tokens": len(kept),
+            "context_tokens": len(context),
+            "final_tokens": len(final),
+        }
         ids_t = torch.tensor([final], device=input_ids.device)
         out = inner(model, ids_t, torch.ones_like(ids_t), cache, question_len=question_len)
-        return PrefillOutput(logits=out.logits, kv_mask=out.kv_mask, next_position=out.next_position, info=self.last_read)
+        return PrefillOutput(
+            logits=out.logits,
+            kv_mask=out.kv_mask,
+            next_position=out.next_position,
+            info=self.last_read,
+        )
 
     def _keep(self, cand: list[int], scores: torch.Tensor, sent_of: torch.Tensor) -> list[int]:
         """The best sentences among ``cand`` (context indices) up to ``keep_tokens`` tokens."""
@@ -183,7 +233,9 @@ class InfiniRetri(AttentionBackend):
         cand_t = torch.tensor(cand)
         sents = sent_of[cand_t]
         uniq, inv = torch.unique(sents, return_inverse=True)
-        best = torch.full((len(uniq),), float("-inf")).scatter_reduce(0, inv, scores.float().cpu(), reduce="amax")
+        best = torch.full((len(uniq),), float("-inf")).scatter_reduce(
+            0, inv, scores.float().cpu(), reduce="amax"
+        )
         sizes = torch.bincount(inv, minlength=len(uniq))
         chosen: set[int] = set()
         used = 0

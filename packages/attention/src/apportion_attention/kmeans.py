@@ -38,7 +38,7 @@ def _nearest(x: torch.Tensor, c: torch.Tensor, block_elems: int = 1 << 24) -> to
     out = torch.empty(rows, n, dtype=torch.long, device=x.device)
     ct = c.transpose(1, 2)
     for a in range(0, n, step):
-        out[:, a:a + step] = torch.baddbmm(c2, x[:, a:a + step], ct, alpha=-2.0).argmin(-1)
+        out[:, a : a + step] = torch.baddbmm(c2, x[:, a : a + step], ct, alpha=-2.0).argmin(-1)
     return out
 
 
@@ -78,10 +78,24 @@ def kmeans(
         if max_points < k:
             raise ValueError(f"max_points ({max_points}) must be >= k ({k})")
         g = torch.Generator(device="cpu").manual_seed(seed + 7919)
-        pick = torch.rand(rows, n, generator=g).to(x.device).masked_fill(~valid, -1.0).topk(max_points, dim=1).indices
-        sub = kmeans(xf.gather(1, pick.unsqueeze(-1).expand(rows, max_points, d)), k, iters=iters,
-                     weight=w.gather(1, pick), seed=seed, tol=tol)
-        assign = torch.where(valid, _nearest(xf, sub.centroids), torch.full((rows, n), -1, device=x.device))
+        pick = (
+            torch.rand(rows, n, generator=g)
+            .to(x.device)
+            .masked_fill(~valid, -1.0)
+            .topk(max_points, dim=1)
+            .indices
+        )
+        sub = kmeans(
+            xf.gather(1, pick.unsqueeze(-1).expand(rows, max_points, d)),
+            k,
+            iters=iters,
+            weight=w.gather(1, pick),
+            seed=seed,
+            tol=tol,
+        )
+        assign = torch.where(
+            valid, _nearest(xf, sub.centroids), torch.full((rows, n), -1, device=x.device)
+        )
         counts = torch.zeros(rows, k, device=x.device).scatter_add_(1, assign.clamp(min=0), w)
         return KMeansResult(sub.centroids, assign, counts, sub.iterations)
     # init: k distinct valid points per row, chosen by a seeded random priority
@@ -103,7 +117,9 @@ def kmeans(
         )
         counts = torch.zeros(rows, k, device=x.device).scatter_add_(1, onehot_idx, w)
         nonempty = counts > 0
-        centroids = torch.where(nonempty.unsqueeze(-1), sums / counts.clamp(min=1e-12).unsqueeze(-1), centroids)
+        centroids = torch.where(
+            nonempty.unsqueeze(-1), sums / counts.clamp(min=1e-12).unsqueeze(-1), centroids
+        )
         if changed <= tol:
             break
     counts = torch.zeros(rows, k, device=x.device).scatter_add_(1, assign.clamp(min=0), w)

@@ -37,18 +37,28 @@ from apportion_attention.rope import inv_freq_for, rotate
 
 class LongHeadsConfig(ComponentConfig):
     chunk_size: int = Field(256, ge=16, description="tokens per chunk")
-    top_k: int = Field(6, ge=1, description="chunks each head selects besides the first chunk and the local window")
-    prefill_block: int = Field(1024, ge=16, description="prompt tokens fed per forward pass while reading")
+    top_k: int = Field(
+        6, ge=1, description="chunks each head selects besides the first chunk and the local window"
+    )
+    prefill_block: int = Field(
+        1024, ge=16, description="prompt tokens fed per forward pass while reading"
+    )
     chunk_score: Literal["max", "mean"] = Field(
-        "max", description="how a chunk is scored against a query: its best key ('max') or its mean key ('mean')")
+        "max",
+        description="how a chunk is scored against a query: its best key ('max') or its mean key ('mean')",
+    )
     question_chunks: bool = Field(
-        False, description="while generating, each head also reads the chunks it selected for the question "
-                           "(the prompt's question tail), besides the ones the new token selects")
+        False,
+        description="while generating, each head also reads the chunks it selected for the question "
+        "(the prompt's question tail), besides the ones the new token selects",
+    )
 
     @model_validator(mode="after")
     def _block(self) -> LongHeadsConfig:
         if self.prefill_block % self.chunk_size:
-            raise ValueError(f"prefill_block ({self.prefill_block}) must be a multiple of chunk_size ({self.chunk_size})")
+            raise ValueError(
+                f"prefill_block ({self.prefill_block}) must be a multiple of chunk_size ({self.chunk_size})"
+            )
         return self
 
     def window(self) -> int:
@@ -80,23 +90,39 @@ class LongHeads(AttentionBackend):
     def prefill(self, model, input_ids, attention_mask, cache, *, question_len, inner):
         inner_fn = getattr(inner, "__func__", None)
         if inner_fn is not None and inner_fn is not KVPolicy.prefill:
-            raise ConfigError("longheads reads the prompt itself and composes only with the 'full' KV policy")
+            raise ConfigError(
+                "longheads reads the prompt itself and composes only with the 'full' KV policy"
+            )
         if not bool(attention_mask.all()):
-            raise ConfigError("longheads does not support padded batches: run prompts one at a time")
+            raise ConfigError(
+                "longheads does not support padded batches: run prompts one at a time"
+            )
         limit = getattr(model.config, "max_position_embeddings", None)
         if limit and self.config.window() > limit:
-            raise ConfigError(f"longheads window {(self.config.window())} (= (top_k + 2) * chunk_size + "
-                              f"prefill_block) exceeds the model's {limit} positions")
+            raise ConfigError(
+                f"longheads window {(self.config.window())} (= (top_k + 2) * chunk_size + "
+                f"prefill_block) exceeds the model's {limit} positions"
+            )
         self._raw.clear()
         self._question_sel.clear()
         L = input_ids.shape[1]
         logits = None
         spans = self.blocks(L, question_len)
-        self._question_at = spans[-1][0] if 0 < question_len <= self.config.prefill_block and len(spans) > 1 else None
+        self._question_at = (
+            spans[-1][0]
+            if 0 < question_len <= self.config.prefill_block and len(spans) > 1
+            else None
+        )
         for start, end in spans:
             ids = input_ids[:, start:end]
             pos = torch.arange(start, end, device=ids.device).expand(ids.shape[0], -1)
-            out = model(input_ids=ids, position_ids=pos, use_cache=True, logits_to_keep=1, **cache_kwargs(model, cache))
+            out = model(
+                input_ids=ids,
+                position_ids=pos,
+                use_cache=True,
+                logits_to_keep=1,
+                **cache_kwargs(model, cache),
+            )
             logits = out.logits[:, -1, :]
         nxt = torch.full((input_ids.shape[0],), L, dtype=torch.long, device=input_ids.device)
         return PrefillOutput(logits=logits, kv_mask=None, next_position=nxt)
@@ -112,7 +138,9 @@ class LongHeads(AttentionBackend):
         return spans + ([(n - q, n)] if q else [])
 
     # ------------------------------------------------------------------ attention
-    def _raw_keys(self, layer: int, key: torch.Tensor, n: int, inv_freq: torch.Tensor) -> torch.Tensor:
+    def _raw_keys(
+        self, layer: int, key: torch.Tensor, n: int, inv_freq: torch.Tensor
+    ) -> torch.Tensor:
         """``key[:, :, :n]`` with RoPE removed (float32, (B, Hkv, n, d)); kept per layer and
         extended as the cache grows, so each key is un-rotated once."""
         have = self._raw.get(layer)
@@ -120,14 +148,22 @@ class LongHeads(AttentionBackend):
         if n_have > n:  # a shorter cache than before: a new prompt
             have, n_have = None, 0
         if n_have < n:
-            new = rotate(key[:, :, n_have:n], -torch.arange(n_have, n, device=key.device), inv_freq).float()
+            new = rotate(
+                key[:, :, n_have:n], -torch.arange(n_have, n, device=key.device), inv_freq
+            ).float()
             have = new if have is None else torch.cat([have, new], dim=2)
             self._raw[layer] = have
         assert have is not None
         return have[:, :, :n]
 
-    def _chunk_scores(self, layer: int, q_raw: torch.Tensor, key: torch.Tensor, n_hist: int,
-                      inv_freq: torch.Tensor) -> torch.Tensor:
+    def _chunk_scores(
+        self,
+        layer: int,
+        q_raw: torch.Tensor,
+        key: torch.Tensor,
+        n_hist: int,
+        inv_freq: torch.Tensor,
+    ) -> torch.Tensor:
         """Score every chunk of ``key[:, :, :n_hist]`` for each query head: (B, H, chunks).
 
         ``q_raw`` (B, H, d) is the RoPE-free query. ``chunk_score="max"``: a chunk scores its
@@ -146,23 +182,40 @@ class LongHeads(AttentionBackend):
             if pad:
                 tok = torch.nn.functional.pad(tok, (0, pad), value=float("-inf"))
             return tok.view(B, Hkv, G, n_chunks, c).amax(-1).reshape(B, H, n_chunks)
-        sums = torch.nn.functional.pad(raw, (0, 0, 0, n_chunks * c - n_hist)).view(B, Hkv, n_chunks, c, d).sum(3)
+        sums = (
+            torch.nn.functional.pad(raw, (0, 0, 0, n_chunks * c - n_hist))
+            .view(B, Hkv, n_chunks, c, d)
+            .sum(3)
+        )
         counts = torch.full((n_chunks,), float(c), device=raw.device)
         counts[-1] = n_hist - (n_chunks - 1) * c
         means = sums / counts[:, None]
         return torch.einsum("bkgd,bkcd->bkgc", qg, means).reshape(B, H, n_chunks)
 
-    def _select(self, layer: int, query: torch.Tensor, key: torch.Tensor, P0: int, n_hist: int,
-                inv_freq: torch.Tensor) -> torch.Tensor:
+    def _select(
+        self,
+        layer: int,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        P0: int,
+        n_hist: int,
+        inv_freq: torch.Tensor,
+    ) -> torch.Tensor:
         """Chunks each query head reads, ascending, the first chunk always first: (B, H, S).
         The query is the RoPE-free mean of the call's queries (one query while decoding, so
         the selection is remade at every generated token)."""
-        q_raw = rotate(query, -torch.arange(P0, P0 + query.shape[2], device=query.device), inv_freq).float().mean(2)
+        q_raw = (
+            rotate(query, -torch.arange(P0, P0 + query.shape[2], device=query.device), inv_freq)
+            .float()
+            .mean(2)
+        )
         scores = self._chunk_scores(layer, q_raw, key, n_hist, inv_freq)[:, :, 1:]
         sel = scores.topk(min(self.config.top_k, scores.shape[-1]), dim=-1).indices + 1
         return torch.cat([torch.zeros_like(sel[..., :1]), sel.sort(-1).values], dim=-1)
 
-    def _attend(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    def _attend(
+        self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs
+    ):
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         B, H, Q, d = query.shape
@@ -173,10 +226,22 @@ class LongHeads(AttentionBackend):
         n_hist = local_start
         # short enough to be dense: every head sees every key inside the window
         if n_hist <= (k + 1) * c or getattr(module, "layer_idx", None) is None:
-            return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
-                                          dropout=dropout, **kwargs)
+            return sdpa_attention_forward(
+                module,
+                query,
+                key,
+                value,
+                attention_mask,
+                scaling=scaling,
+                dropout=dropout,
+                **kwargs,
+            )
         layer = module.layer_idx
-        if self._inv_freq is None or self._inv_freq.device != query.device or self._inv_freq.numel() != d // 2:
+        if (
+            self._inv_freq is None
+            or self._inv_freq.device != query.device
+            or self._inv_freq.numel() != d // 2
+        ):
             self._inv_freq = inv_freq_for(module.config, d, query.device)
         inv_freq = self._inv_freq
         scale = scaling if scaling is not None else 1.0 / math.sqrt(d)
@@ -198,7 +263,10 @@ class LongHeads(AttentionBackend):
         if fresh is not None:  # a chunk in two slots is read once
             in_hist = in_hist & fresh[..., None].expand(B, H, S, c).reshape(B, H, S * c)
         orig_safe = orig.clamp(max=n_hist - 1)
-        kv_row = (torch.arange(B, device=query.device)[:, None] * Hkv + torch.arange(H, device=query.device)[None, :] // G)
+        kv_row = (
+            torch.arange(B, device=query.device)[:, None] * Hkv
+            + torch.arange(H, device=query.device)[None, :] // G
+        )
         flat = (kv_row[..., None] * N + orig_safe).reshape(-1)
         kg = key.reshape(B * Hkv * N, d).index_select(0, flat).view(B, H, S * c, d)
         vg = value.reshape(B * Hkv * N, d).index_select(0, flat).view(B, H, S * c, d)
@@ -212,7 +280,14 @@ class LongHeads(AttentionBackend):
         v_all = torch.cat([vg, value[:, :, local_start:].repeat_interleave(G, dim=1)], dim=2)
         n_local = N - local_start
         q_idx = torch.arange(P0, N, device=query.device)[:, None]
-        local_vis = torch.arange(local_start, N, device=query.device)[None, :] <= q_idx  # (Q, n_local)
-        mask = torch.cat([in_hist[:, :, None, :].expand(B, H, Q, S * c), local_vis.expand(B, H, Q, n_local)], dim=-1)
-        out = torch.nn.functional.scaled_dot_product_attention(query, k_all, v_all, attn_mask=mask, scale=scale)
+        local_vis = (
+            torch.arange(local_start, N, device=query.device)[None, :] <= q_idx
+        )  # (Q, n_local)
+        mask = torch.cat(
+            [in_hist[:, :, None, :].expand(B, H, Q, S * c), local_vis.expand(B, H, Q, n_local)],
+            dim=-1,
+        )
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query, k_all, v_all, attn_mask=mask, scale=scale
+        )
         return out.transpose(1, 2).contiguous(), None

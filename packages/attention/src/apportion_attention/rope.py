@@ -17,9 +17,13 @@ def inv_freq_for(config: Any, head_dim: int, device: torch.device) -> torch.Tens
     params = getattr(config, "rope_parameters", None) or {}
     rope_type = params.get("rope_type", "default")
     if rope_type != "default":
-        raise ValueError(f"position remapping supports the default RoPE only, this model uses {rope_type!r}")
+        raise ValueError(
+            f"position remapping supports the default RoPE only, this model uses {rope_type!r}"
+        )
     theta = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
-    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    return 1.0 / (
+        theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    )
 
 
 def rotate(x: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:

@@ -46,13 +46,17 @@ class SSAConfig(ComponentConfig):
     sink_blocks: int = Field(1, ge=0, description="leading blocks always kept")
     local_blocks: int = Field(1, ge=0, description="blocks ending at the query always kept")
     align_weight: float = Field(1.0, ge=0.0, description="lambda: weight of the alignment term")
-    sparse_prob: float = Field(0.5, ge=0.0, le=1.0, description="chance a training step propagates sparse")
+    sparse_prob: float = Field(
+        0.5, ge=0.0, le=1.0, description="chance a training step propagates sparse"
+    )
 
 
 # -------------------------------------------------------------------------- selection
 
 
-def sparse_mask(query: torch.Tensor, key: torch.Tensor, causal: torch.Tensor | None, cfg: SSAConfig) -> torch.Tensor:
+def sparse_mask(
+    query: torch.Tensor, key: torch.Tensor, causal: torch.Tensor | None, cfg: SSAConfig
+) -> torch.Tensor:
     """Block-sparse keep mask (b, hq, q, k): per query, ``top_blocks`` blocks by q . mean(K_block)
     among visible blocks, plus sink and local blocks; intersected with ``causal`` (b|1, 1, q, k)."""
     b, hq, q_len, d = query.shape
@@ -71,7 +75,8 @@ def sparse_mask(query: torch.Tensor, key: torch.Tensor, causal: torch.Tensor | N
     blocks = torch.arange(n_blocks, device=query.device)
     visible = blocks[None, :] <= q_block[:, None]  # (q, nb)
     forced = (blocks[None, :] < cfg.sink_blocks) | (
-        (blocks[None, :] > q_block[:, None] - cfg.local_blocks) & visible)
+        (blocks[None, :] > q_block[:, None] - cfg.local_blocks) & visible
+    )
     scores = scores.masked_fill(~visible, float("-inf")).masked_fill(forced, float("inf"))
     k_sel = min(n_blocks, cfg.top_blocks + cfg.sink_blocks + cfg.local_blocks)
     top = scores.topk(k_sel, dim=-1).indices
@@ -89,9 +94,12 @@ def _causal(attention_mask: Any, q_len: int, k_len: int, device: Any) -> torch.T
     return mask
 
 
-def _attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
-            scale: float) -> torch.Tensor:
-    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale, enable_gqa=True)
+def _attend(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, scale: float
+) -> torch.Tensor:
+    return F.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, scale=scale, enable_gqa=True
+    )
 
 
 # ----------------------------------------------------------------------------- inference
@@ -110,9 +118,16 @@ class SSAAttention(AttentionBackend):
     def attention_function(self) -> Callable[..., Any]:
         cfg = self.config
 
-        def attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                      attention_mask: Any, scaling: float | None = None, dropout: float = 0.0,
-                      **kwargs: Any) -> tuple[torch.Tensor, None]:
+        def attention(
+            module: Any,
+            query: torch.Tensor,
+            key: torch.Tensor,
+            value: torch.Tensor,
+            attention_mask: Any,
+            scaling: float | None = None,
+            dropout: float = 0.0,
+            **kwargs: Any,
+        ) -> tuple[torch.Tensor, None]:
             scale = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
             causal = _causal(attention_mask, query.shape[-2], key.shape[-2], query.device)
             keep = sparse_mask(query, key, causal, cfg)
@@ -134,9 +149,16 @@ class _Recorder:
 
 
 def _training_attention(cfg: SSAConfig, rec: _Recorder) -> Callable[..., Any]:
-    def attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                  attention_mask: Any, scaling: float | None = None, dropout: float = 0.0,
-                  **kwargs: Any) -> tuple[torch.Tensor, None]:
+    def attention(
+        module: Any,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: Any,
+        scaling: float | None = None,
+        dropout: float = 0.0,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, None]:
         scale = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
         causal = _causal(attention_mask, query.shape[-2], key.shape[-2], query.device)
         with torch.no_grad():
@@ -150,7 +172,9 @@ def _training_attention(cfg: SSAConfig, rec: _Recorder) -> Callable[..., Any]:
         full = _attend(query, key, value, causal, scale)
         sparse = _attend(query, key, value, keep, scale)
         if torch.is_grad_enabled():
-            rec.align.append(F.smooth_l1_loss(sparse, full.detach()) + F.smooth_l1_loss(full, sparse.detach()))
+            rec.align.append(
+                F.smooth_l1_loss(sparse, full.detach()) + F.smooth_l1_loss(full, sparse.detach())
+            )
         out = sparse if rec.mode == "sparse" else full
         return out.transpose(1, 2).contiguous(), None
 
@@ -179,28 +203,47 @@ class SSALoss:
         finally:
             model.set_attn_implementation(previous)
 
-    def __call__(self, model: Any, input_ids: torch.Tensor, labels: torch.Tensor,
-                 attention_mask: torch.Tensor | None = None, *, mode: str | None = None) -> torch.Tensor:
+    def __call__(
+        self,
+        model: Any,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        mode: str | None = None,
+    ) -> torch.Tensor:
         if mode not in (None, "full", "sparse"):
             raise ValueError(f"mode must be 'full', 'sparse' or None, got {mode!r}")
         if input_ids.shape != labels.shape:
-            raise ValueError(f"input_ids {tuple(input_ids.shape)} and labels {tuple(labels.shape)} differ")
-        rec = _Recorder(mode=mode or ("sparse" if self.rng.random() < self.config.sparse_prob else "full"))
+            raise ValueError(
+                f"input_ids {tuple(input_ids.shape)} and labels {tuple(labels.shape)} differ"
+            )
+        rec = _Recorder(
+            mode=mode or ("sparse" if self.rng.random() < self.config.sparse_prob else "full")
+        )
         with self.installed(model, rec):
             out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         logits = out.logits[:, :-1].float()
         target = labels[:, 1:]
         if not bool((target != -100).any()):
             raise ValueError("labels mask every token (-100 everywhere): nothing to learn from")
-        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100)
+        ce = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100
+        )
         align = torch.stack(rec.align).mean() if rec.align else ce.new_zeros(())
         loss = ce + self.config.align_weight * align
-        loss.components = {"ce": float(ce.detach()), "align": float(align.detach()), "mode": rec.mode}  # type: ignore[attr-defined]
+        loss.components = {
+            "ce": float(ce.detach()),
+            "align": float(align.detach()),
+            "mode": rec.mode,
+        }  # type: ignore[attr-defined]
         return loss
 
 
 @torch.no_grad()
-def attention_sparsity(model: Any, input_ids: torch.Tensor, config: SSAConfig | None = None) -> float:
+def attention_sparsity(
+    model: Any, input_ids: torch.Tensor, config: SSAConfig | None = None
+) -> float:
     """Mean share (over layers, heads, queries) of full attention's probability mass that
     lands in the blocks SSA's selector keeps. Higher = sparser full attention."""
     loss = SSALoss(config)

@@ -70,7 +70,9 @@ class _Buffer:
     def append(self, x: torch.Tensor) -> None:  # x (tokens, heads, d)
         need = self.n + x.shape[0]
         if need > self.data.shape[1]:
-            grown = self.data.new_empty((self.data.shape[0], max(need, 2 * self.data.shape[1]), self.data.shape[2]))
+            grown = self.data.new_empty(
+                (self.data.shape[0], max(need, 2 * self.data.shape[1]), self.data.shape[2])
+            )
             grown[:, : self.n] = self.data[:, : self.n]
             self.data = grown
         self.data[:, self.n : need] = x.transpose(0, 1)
@@ -114,8 +116,14 @@ class SqueezedImpl(CPUAttentionBackendImpl):
         self.config = config_from_env()
         self._reqs: dict[tuple[int, ...], _Request] = {}
         self._logged: set[str] = set()
-        self.stats = {"indexed": 0, "dense_short": 0, "untracked": 0, "sparse_tokens": 0,
-                      "context_keys": 0, "selected_keys": 0}
+        self.stats = {
+            "indexed": 0,
+            "dense_short": 0,
+            "untracked": 0,
+            "sparse_tokens": 0,
+            "context_keys": 0,
+            "selected_keys": 0,
+        }
 
     # ------------------------------------------------------------------ helpers
     def reset(self) -> None:
@@ -129,31 +137,64 @@ class SqueezedImpl(CPUAttentionBackendImpl):
 
     def _active(self) -> bool:
         c = self.config
-        return self.attn_type == AttentionType.DECODER and (c.budget < 1.0 or c.budget_tokens is not None)
+        return self.attn_type == AttentionType.DECODER and (
+            c.budget < 1.0 or c.budget_tokens is not None
+        )
 
     def _budget(self, n_ctx: int) -> float:
         c = self.config
-        return min(1.0, c.budget_tokens / max(n_ctx, 1)) if c.budget_tokens is not None else c.budget
+        return (
+            min(1.0, c.budget_tokens / max(n_ctx, 1)) if c.budget_tokens is not None else c.budget
+        )
 
     # ------------------------------------------------------------------ forward
-    def forward(self, layer: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                kv_cache: torch.Tensor, attn_metadata: Any, output: torch.Tensor,
-                output_scale: torch.Tensor | None = None, output_block_scale: torch.Tensor | None = None,
-                ) -> torch.Tensor:
+    def forward(
+        self,
+        layer: Any,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        attn_metadata: Any,
+        output: torch.Tensor,
+        output_scale: torch.Tensor | None = None,
+        output_block_scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         if attn_metadata is None or not self._active() or key is None or value is None:
-            return super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
-                                   output_scale, output_block_scale)
+            return super().forward(
+                layer,
+                query,
+                key,
+                value,
+                kv_cache,
+                attn_metadata,
+                output,
+                output_scale,
+                output_block_scale,
+            )
         sparse = self._track(query, key, value, attn_metadata, block=int(kv_cache.shape[2]))
         n_tokens = attn_metadata.num_actual_tokens
-        if len(sparse) < n_tokens:  # some token needs dense attention: run vLLM's kernel for the batch
-            super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
-                            output_scale, output_block_scale)
+        if (
+            len(sparse) < n_tokens
+        ):  # some token needs dense attention: run vLLM's kernel for the batch
+            super().forward(
+                layer,
+                query,
+                key,
+                value,
+                kv_cache,
+                attn_metadata,
+                output,
+                output_scale,
+                output_block_scale,
+            )
         for tok, req in sparse:
             output[tok] = self._decode(req, query[tok])
         return output
 
-    def _track(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, meta: Any,
-               block: int) -> list[tuple[int, _Request]]:
+    def _track(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, meta: Any, block: int
+    ) -> list[tuple[int, _Request]]:
         """Update each request's state with this step's tokens; return the (token, request)
         pairs to be attended sparsely. ``block``: the paged cache's (kernel) block size, the
         unit of the metadata's block table."""
@@ -182,12 +223,16 @@ class SqueezedImpl(CPUAttentionBackendImpl):
                 if req is None or req.n != start or claimed[before] > 1:
                     if req is not None or claimed[before] > 1:
                         self.stats["untracked"] += 1
-                        self._note("a request could not be told apart from another (shared block table) or "
-                                   "was preempted: dense attention for it")
+                        self._note(
+                            "a request could not be told apart from another (shared block table) or "
+                            "was preempted: dense attention for it"
+                        )
                     elif e - s > 1:
                         self.stats["untracked"] += 1
-                        self._note("a prompt started mid-way (vLLM's prefix cache or a KV connector "
-                                   "supplied its first tokens, whose keys this backend never saw): dense")
+                        self._note(
+                            "a prompt started mid-way (vLLM's prefix cache or a KV connector "
+                            "supplied its first tokens, whose keys this backend never saw): dense"
+                        )
                     continue
             req.absent = 0
             k, v = key[s:e], value[s:e]
@@ -197,8 +242,10 @@ class SqueezedImpl(CPUAttentionBackendImpl):
                 # the first decode token: the prompt before it is the context
                 if start < self.config.min_context_tokens or self._budget(start) >= 1.0:
                     self.stats["dense_short"] += 1
-                    self._note(f"a prompt shorter than min_context_tokens={self.config.min_context_tokens} "
-                               "(or a budget covering all of it): dense attention for it")
+                    self._note(
+                        f"a prompt shorter than min_context_tokens={self.config.min_context_tokens} "
+                        "(or a budget covering all of it): dense attention for it"
+                    )
                     continue  # stop tracking: dense from here
                 req.index = self._build(req, start)
                 self.stats["indexed"] += 1
@@ -206,13 +253,18 @@ class SqueezedImpl(CPUAttentionBackendImpl):
             req.values.append(v)
             if req.index is None:
                 q = query[s:e]
-                req.calib = q[-CALIBRATION_QUERIES:] if req.calib is None else \
-                    torch.cat([req.calib, q])[-CALIBRATION_QUERIES:]
+                req.calib = (
+                    q[-CALIBRATION_QUERIES:]
+                    if req.calib is None
+                    else torch.cat([req.calib, q])[-CALIBRATION_QUERIES:]
+                )
             elif e - s == 1:
                 sparse.append((s, req))
             else:  # several new tokens after indexing (not a plain decode): keep it exact
                 self.stats["untracked"] += 1
-                self._note("several tokens in one step after the prompt: dense attention for that request")
+                self._note(
+                    "several tokens in one step after the prompt: dense attention for that request"
+                )
                 continue
             self._reqs[tuple(table[r, : -(-total // block)].tolist())] = req
         for k_, req in list(self._reqs.items()):
@@ -230,9 +282,18 @@ class SqueezedImpl(CPUAttentionBackendImpl):
             calib = keys.new_zeros((1, self.num_heads, d))
         calib = calib.float().view(calib.shape[0], hkv, g, d).permute(1, 2, 0, 3).contiguous()
         index = build_layer_index(
-            keys, calib, budget=self._budget(n_ctx), scale=self.scale, cluster_size=c.cluster_size,
-            coarse_ratio=c.coarse_ratio, coarse_keep=c.coarse_keep, iters=c.kmeans_iters,
-            quantile=c.calibration_quantile, seed=c.seed, max_points=c.kmeans_max_points)
+            keys,
+            calib,
+            budget=self._budget(n_ctx),
+            scale=self.scale,
+            cluster_size=c.cluster_size,
+            coarse_ratio=c.coarse_ratio,
+            coarse_keep=c.coarse_keep,
+            iters=c.kmeans_iters,
+            quantile=c.calibration_quantile,
+            seed=c.seed,
+            max_points=c.kmeans_max_points,
+        )
         if c.estimate_rest and self._budget(n_ctx) > 0.0:
             index.summarize_rest(req.values.view()[:, :n_ctx].float())  # type: ignore[union-attr]
         req.calib = None
@@ -251,11 +312,17 @@ class SqueezedImpl(CPUAttentionBackendImpl):
         qg = q.reshape(hkv, g, -1)
         keep_f, fine = index.cluster_scores(qg, self.scale, kern)
         ctx = index.select_one(qg, self.scale, kern, keep_f=keep_f)  # (hkv, n_ctx)
-        keep = torch.cat([ctx, torch.ones(hkv, n - index.n_ctx, dtype=torch.bool, device=ctx.device)], dim=1)
+        keep = torch.cat(
+            [ctx, torch.ones(hkv, n - index.n_ctx, dtype=torch.bool, device=ctx.device)], dim=1
+        )
         idx, counts = kern.compact(keep)
         # the buffers' whole storage (contiguous); idx only points below n
-        out, lse = kern.sparse_decode(qg, req.keys.data, req.values.data, idx, counts, scale=self.scale)
-        out = index.add_rest(out, lse, fine, keep_f)  # the clusters left out, as in the transformers backend
+        out, lse = kern.sparse_decode(
+            qg, req.keys.data, req.values.data, idx, counts, scale=self.scale
+        )
+        out = index.add_rest(
+            out, lse, fine, keep_f
+        )  # the clusters left out, as in the transformers backend
         self.stats["sparse_tokens"] += 1
         self.stats["context_keys"] += hkv * index.n_ctx
         self.stats["selected_keys"] += int(ctx.sum())

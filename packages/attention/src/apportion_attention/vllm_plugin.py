@@ -45,11 +45,17 @@ def register() -> None:
     if not choice:
         return
     if choice != "squeezed":
-        raise ValueError(f"{ENV_SELECT}={choice!r}: the only apportion attention backend for vLLM is 'squeezed'")
+        raise ValueError(
+            f"{ENV_SELECT}={choice!r}: the only apportion attention backend for vLLM is 'squeezed'"
+        )
     from vllm.platforms import current_platform
 
     if not current_platform.is_cpu():
-        log.warning("%s=squeezed: the squeezed vLLM backend extends vLLM's CPU backend and this is a %s "
-                    "platform; vLLM keeps its own attention backend", ENV_SELECT, current_platform.device_type)
+        log.warning(
+            "%s=squeezed: the squeezed vLLM backend extends vLLM's CPU backend and this is a %s "
+            "platform; vLLM keeps its own attention backend",
+            ENV_SELECT,
+            current_platform.device_type,
+        )
         return
     register_backend(AttentionBackendEnum.CPU_ATTN, PATH)

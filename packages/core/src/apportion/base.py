@@ -156,7 +156,9 @@ class TrainerStrategy(Component):
             )
         return out
 
-    def loss(self, logps: Any, old_logps: Any, advantages: Any, mask: Any, ref_logps: Any = None) -> Any:
+    def loss(
+        self, logps: Any, old_logps: Any, advantages: Any, mask: Any, ref_logps: Any = None
+    ) -> Any:
         """PPO-clipped token loss averaged per sequence then over the batch (GRPO)."""
         import torch
 

@@ -69,8 +69,11 @@ def plugins(as_json: Annotated[bool, typer.Option("--json", help="print JSON")] 
     for p in report:
         comps = "\n".join(f"{k}: {', '.join(v)}" for k, v in p["components"].items())
         status = (
-            f"[red]error: {p['error']}[/red]" if p["error"]
-            else f"[yellow]skipped: {p['skipped']}[/yellow]" if p["skipped"] else "[green]ok[/green]"
+            f"[red]error: {p['error']}[/red]"
+            if p["error"]
+            else f"[yellow]skipped: {p['skipped']}[/yellow]"
+            if p["skipped"]
+            else "[green]ok[/green]"
         )
         table.add_row(p["name"], p["distribution"], p["version"], comps, status)
     console.print(table)
@@ -118,15 +121,26 @@ def default_config_path() -> Path | None:
 
 @app.command()
 def run(
-    config: Annotated[Path | None, typer.Argument(help="TOML run config (default: examples/default.toml)")] = None,
-    out: Annotated[Path | None, typer.Option(help="run directory (default: OUTPUT_DIR/NAME)")] = None,
-    limit: Annotated[int | None, typer.Option(min=1, help="at most N samples per benchmark")] = None,
+    config: Annotated[
+        Path | None, typer.Argument(help="TOML run config (default: examples/default.toml)")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="run directory (default: OUTPUT_DIR/NAME)")
+    ] = None,
+    limit: Annotated[
+        int | None, typer.Option(min=1, help="at most N samples per benchmark")
+    ] = None,
     seed: Annotated[int | None, typer.Option(help="override the config's seed")] = None,
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
-    time_budget: Annotated[float | None, typer.Option(
-        "--time-budget", metavar="SECONDS",
-        help="start no sample after SECONDS from the start of the run; rerun the same command to "
-             "finish the rest (default: the config's [harness] time_budget_s, else no limit)")] = None,
+    time_budget: Annotated[
+        float | None,
+        typer.Option(
+            "--time-budget",
+            metavar="SECONDS",
+            help="start no sample after SECONDS from the start of the run; rerun the same command to "
+            "finish the rest (default: the config's [harness] time_budget_s, else no limit)",
+        ),
+    ] = None,
 ) -> None:
     """Run a config (benchmarks x variants) and write records and a report to the run directory."""
     import time
@@ -144,7 +158,9 @@ def run(
     if result is None:  # no harness plugin: the core's minimal runner
         records = execute(cfg, run_dir, options, console=console.real())
         render_table(summarize(records), console, title=f"{cfg.name} ({len(records)} records)")
-    console.print(f"wall time {time.perf_counter() - t0:.1f} s; records in {run_dir / 'records.jsonl'}")
+    console.print(
+        f"wall time {time.perf_counter() - t0:.1f} s; records in {run_dir / 'records.jsonl'}"
+    )
 
 
 def _parse_options(items: list[str] | None) -> dict[str, Any]:
@@ -166,8 +182,12 @@ def generate(
     model: Annotated[str, typer.Option(help="'smollm2', an HF id or a folder")] = "smollm2",
     attention: Annotated[str, typer.Option(help="attention backend")] = "dense",
     kv_policy: Annotated[str, typer.Option("--kv-policy", help="KV policy")] = "full",
-    attention_option: Annotated[list[str] | None, typer.Option("--attention-option", "-a", help="key=value")] = None,
-    kv_option: Annotated[list[str] | None, typer.Option("--kv-option", "-k", help="key=value")] = None,
+    attention_option: Annotated[
+        list[str] | None, typer.Option("--attention-option", "-a", help="key=value")
+    ] = None,
+    kv_option: Annotated[
+        list[str] | None, typer.Option("--kv-option", "-k", help="key=value")
+    ] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 64,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
@@ -184,27 +204,52 @@ def generate(
 
     loaded = load_model(ModelSpec(name=model, device=device))
     result = Host(loaded, backend, policy).generate(prompt, max_new_tokens=max_new_tokens)[0]
-    stats = result.as_dict() | {"model": loaded.name, "device": str(loaded.device),
-                                "load_seconds": round(loaded.load_seconds, 3)}
+    stats = result.as_dict() | {
+        "model": loaded.name,
+        "device": str(loaded.device),
+        "load_seconds": round(loaded.load_seconds, 3),
+    }
     if as_json:
         print(json.dumps(stats, indent=2))
         return
     console.print(result.text)
     console.rule()
-    for key in ("prompt_tokens", "new_tokens", "kv_tokens", "peak_kv_bytes", "prefill_seconds",
-                "decode_tokens_per_s", "model", "device", "load_seconds"):
+    for key in (
+        "prompt_tokens",
+        "new_tokens",
+        "kv_tokens",
+        "peak_kv_bytes",
+        "prefill_seconds",
+        "decode_tokens_per_s",
+        "model",
+        "device",
+        "load_seconds",
+    ):
         value = stats[key]
-        console.print(f"{key:>20}: {value:.4f}" if isinstance(value, float) else f"{key:>20}: {value}")
+        console.print(
+            f"{key:>20}: {value:.4f}" if isinstance(value, float) else f"{key:>20}: {value}"
+        )
 
 
 @app.command()
 def plan(
-    model: Annotated[str, typer.Option(help="preset (yi-34b, llama-3-8b, ...), 'smollm2', or a folder with config.json")] = "yi-34b",
+    model: Annotated[
+        str,
+        typer.Option(
+            help="preset (yi-34b, llama-3-8b, ...), 'smollm2', or a folder with config.json"
+        ),
+    ] = "yi-34b",
     hardware: Annotated[str, typer.Option(help="preset: a100-80gb, h100-sxm, h200")] = "a100-80gb",
-    context: Annotated[list[int] | None, typer.Option(min=1, help="context length(s) in tokens")] = None,
+    context: Annotated[
+        list[int] | None, typer.Option(min=1, help="context length(s) in tokens")
+    ] = None,
     new_tokens: Annotated[int, typer.Option(min=1, help="tokens decoded per request")] = 250,
-    offload: Annotated[str | None, typer.Option(help="placement for the offload plugin's step-time model")] = None,
-    paper: Annotated[bool, typer.Option(help="print the paper's running example beside ours")] = False,
+    offload: Annotated[
+        str | None, typer.Option(help="placement for the offload plugin's step-time model")
+    ] = None,
+    paper: Annotated[
+        bool, typer.Option(help="print the paper's running example beside ours")
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ) -> None:
     """The long-context cost model (Fu 2024): KV bytes, concurrency, prefill, decode, context switch."""
@@ -228,13 +273,28 @@ def plan(
     from rich.table import Table
 
     table = Table(title=f"{shape.name} on {hw.name} (theoretical peak)")
-    for col in ("context", "KV/token", "KV/user", "max users", "prefill s", "decode s", "ms/token", "switch s"):
+    for col in (
+        "context",
+        "KV/token",
+        "KV/user",
+        "max users",
+        "prefill s",
+        "decode s",
+        "ms/token",
+        "switch s",
+    ):
         table.add_column(col, justify="right")
     for r in rows:
-        table.add_row(f"{r['context']:,}", f"{r['kv_bytes_per_token'] / 2**20:.3f} MiB",
-                      f"{r['kv_bytes_per_user'] / 1e9:.2f} GB", str(r["max_concurrent_users"]),
-                      f"{r['prefill_seconds']:.2f}", f"{r['decode_seconds']:.2f}",
-                      f"{r['decode_ms_per_token']:.1f}", f"{r['context_switch_seconds']:.3f}")
+        table.add_row(
+            f"{r['context']:,}",
+            f"{r['kv_bytes_per_token'] / 2**20:.3f} MiB",
+            f"{r['kv_bytes_per_user'] / 1e9:.2f} GB",
+            str(r["max_concurrent_users"]),
+            f"{r['prefill_seconds']:.2f}",
+            f"{r['decode_seconds']:.2f}",
+            f"{r['decode_ms_per_token']:.1f}",
+            f"{r['context_switch_seconds']:.3f}",
+        )
     console.print(table)
     for r in rows:
         for key, value in (r.get("offload") or {}).items():
@@ -244,8 +304,13 @@ def plan(
         for col in ("context", "figure", "ours", "paper", "error"):
             cmp.add_column(col, justify="right")
         for c in comparison:
-            cmp.add_row(f"{c['context']:,}", c["figure"], str(c["ours"]), str(c["paper"]),
-                        f"{100 * c['rel_error']:+.1f}%")
+            cmp.add_row(
+                f"{c['context']:,}",
+                c["figure"],
+                str(c["ours"]),
+                str(c["paper"]),
+                f"{100 * c['rel_error']:+.1f}%",
+            )
         console.print(cmp)
 
 
@@ -255,7 +320,9 @@ def doctor() -> None:
     import importlib.metadata as md
     import platform
 
-    console.print(f"apportion-core {__version__} on Python {platform.python_version()} ({platform.machine()})")
+    console.print(
+        f"apportion-core {__version__} on Python {platform.python_version()} ({platform.machine()})"
+    )
     for dist in ("torch", "transformers", "triton", "pluggy", "pydantic"):
         try:
             console.print(f"  {dist:<13} {md.version(dist)}")
@@ -268,7 +335,9 @@ def doctor() -> None:
         console.print(f"  CUDA          {torch.version.cuda or 'none'} (available: {cuda})")
         console.print(f"  device        {torch.cuda.get_device_name(0) if cuda else 'cpu'}")
     except ImportError:
-        console.print("  device        unknown (torch not installed: pip install 'apportion-core[hf]')")
+        console.print(
+            "  device        unknown (torch not installed: pip install 'apportion-core[hf]')"
+        )
     from apportion.host.model import embedded_gguf
 
     try:

@@ -84,9 +84,10 @@ class GenerationSpec(BaseModel):
     )
     batch_size: int = Field(1, ge=1, le=256)
     prompt_budget: int | None = Field(
-        None, ge=1,
+        None,
+        ge=1,
         description="tokens the prompt strategy may fill (demonstrations included); None: when a "
-                    "benchmark offers demonstrations, the model's context less max_new_tokens",
+        "benchmark offers demonstrations, the model's context less max_new_tokens",
     )
 
 
@@ -173,11 +174,15 @@ class RunConfig(BaseModel):
             ref = getattr(v, field) or getattr(self, field)
             data[field] = ref.model_dump()
         variant = Variant.model_validate(data)
-        variant.label = v.label or "+".join(
-            getattr(variant, f).label()
-            for f in _COMPONENT_FIELDS
-            if getattr(variant, f).model_dump() != getattr(RunConfig(), f).model_dump()
-        ) or "baseline"
+        variant.label = (
+            v.label
+            or "+".join(
+                getattr(variant, f).label()
+                for f in _COMPONENT_FIELDS
+                if getattr(variant, f).model_dump() != getattr(RunConfig(), f).model_dump()
+            )
+            or "baseline"
+        )
         return variant
 
 
@@ -253,7 +258,9 @@ def resolve_config(config: RunConfig, registry: Any = None) -> list[ResolvedVari
             except ApportionError as exc:
                 errors.append((f"{where}{field}", str(exc)))
         errors.extend(_incompatibilities(registry, refs, where))
-        resolved.append(ResolvedVariant(label=variant.label or f"variant{i}", refs=refs, configs=configs))
+        resolved.append(
+            ResolvedVariant(label=variant.label or f"variant{i}", refs=refs, configs=configs)
+        )
     for j, bench in enumerate(config.benchmarks):
         try:
             registry.get("benchmark", bench.name).validate_options(
@@ -278,7 +285,9 @@ def resolve_config(config: RunConfig, registry: Any = None) -> list[ResolvedVari
     return resolved
 
 
-def _incompatibilities(registry: Any, refs: dict[str, ComponentRef], where: str) -> list[tuple[str, str]]:
+def _incompatibilities(
+    registry: Any, refs: dict[str, ComponentRef], where: str
+) -> list[tuple[str, str]]:
     out = []
     chosen = {_COMPONENT_FIELDS[f]: r.name for f, r in refs.items()}
     for field, ref in refs.items():

@@ -88,11 +88,15 @@ MODELS: dict[str, ModelShape] = {
 }
 
 HARDWARE: dict[str, Hardware] = {
-    "a100-80gb": Hardware("a100-80gb", 312e12, 2.0e12, 80 * GiB, 25e9,
-                          {"nvme_bandwidth": 7e9, "cxl_bandwidth": 64e9}),
-    "h100-sxm": Hardware("h100-sxm", 989e12, 3.35e12, 80 * GiB, 50e9,
-                         {"nvme_bandwidth": 14e9, "cxl_bandwidth": 64e9}),
-    "h200": Hardware("h200", 989e12, 4.8e12, 141e9, 50e9, {"nvme_bandwidth": 14e9, "cxl_bandwidth": 64e9}),
+    "a100-80gb": Hardware(
+        "a100-80gb", 312e12, 2.0e12, 80 * GiB, 25e9, {"nvme_bandwidth": 7e9, "cxl_bandwidth": 64e9}
+    ),
+    "h100-sxm": Hardware(
+        "h100-sxm", 989e12, 3.35e12, 80 * GiB, 50e9, {"nvme_bandwidth": 14e9, "cxl_bandwidth": 64e9}
+    ),
+    "h200": Hardware(
+        "h200", 989e12, 4.8e12, 141e9, 50e9, {"nvme_bandwidth": 14e9, "cxl_bandwidth": 64e9}
+    ),
 }
 
 #: The paper's figures for its running example, for side-by-side comparison.
@@ -182,11 +186,21 @@ def compare_with_paper(new_tokens: int = 250) -> list[dict[str, Any]]:
     rows = []
     for context, paper in PAPER_FIGURES.items():
         plan = Plan(MODELS["yi-34b"], HARDWARE["a100-80gb"], context, new_tokens).figures()
-        ours = {"concurrency": plan["max_concurrent_users"], "prefill_seconds": plan["prefill_seconds"],
-                "decode_seconds": plan["decode_seconds"]}
+        ours = {
+            "concurrency": plan["max_concurrent_users"],
+            "prefill_seconds": plan["prefill_seconds"],
+            "decode_seconds": plan["decode_seconds"],
+        }
         for key, ref in paper.items():
-            rows.append({"context": context, "figure": key, "ours": ours[key], "paper": ref,
-                         "rel_error": round((ours[key] - ref) / ref, 4)})
+            rows.append(
+                {
+                    "context": context,
+                    "figure": key,
+                    "ours": ours[key],
+                    "paper": ref,
+                    "rel_error": round((ours[key] - ref) / ref, 4),
+                }
+            )
     return rows
 
 

@@ -120,7 +120,9 @@ class PluginHost:
         self._register_components()
         failures = [p for p in self.plugins if p.error]
         if failures and strict_mode():
-            lines = "\n".join(f"  {p.name} ({p.distribution} {p.version}): {p.error}" for p in failures)
+            lines = "\n".join(
+                f"  {p.name} ({p.distribution} {p.version}): {p.error}" for p in failures
+            )
             raise PluginError(f"APPORTION_STRICT_PLUGINS=1 and plugins failed:\n{lines}")
 
     # ------------------------------------------------------------------ loading

@@ -98,8 +98,14 @@ class TrainerStrategy(Protocol):
     def advantages(self, rewards: Sequence[Sequence[float | None]]) -> list[list[float]]:
         """One advantage per rollout, from the rewards of each prompt's group."""
 
-    def loss(self, logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor,
-             mask: torch.Tensor, ref_logps: torch.Tensor | None = None) -> torch.Tensor:
+    def loss(
+        self,
+        logps: torch.Tensor,
+        old_logps: torch.Tensor,
+        advantages: torch.Tensor,
+        mask: torch.Tensor,
+        ref_logps: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """The policy-gradient loss over (batch, tokens) log-probs."""
 
 

@@ -56,7 +56,9 @@ class ComponentSpec:
 
         model = resolve(self.config) if self.config is not None else EmptyConfig
         if not (isinstance(model, type) and issubclass(model, BaseModel)):
-            raise TypeError(f"config of {self.kind} {self.name!r} is not a pydantic model: {model!r}")
+            raise TypeError(
+                f"config of {self.kind} {self.name!r} is not a pydantic model: {model!r}"
+            )
         return model
 
     def validate_options(self, options: dict[str, Any] | None, *, where: str = "") -> Any:

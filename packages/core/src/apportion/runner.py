@@ -39,8 +39,10 @@ class RunOptions:
 
     def __post_init__(self) -> None:
         if self.time_budget_s is not None and not self.time_budget_s > 0:
-            raise ConfigError(f"the time budget must be a positive number of seconds, got {self.time_budget_s}",
-                              [("time_budget_s", str(self.time_budget_s))])
+            raise ConfigError(
+                f"the time budget must be a positive number of seconds, got {self.time_budget_s}",
+                [("time_budget_s", str(self.time_budget_s))],
+            )
 
 
 def prepare_run_dir(run_dir: str | Path) -> Path:
@@ -118,9 +120,11 @@ def answer_tokens(sample: Any, bench: Any, max_new_tokens: int | None) -> int:
 
 def _overflow(n: int, new: int, max_context: int, short: list[str]) -> str:
     """What an overflowing length is told: the sum, why it counts, and the two ways out."""
-    return (f"the model's context of {max_context} tokens ({n + new} > {max_context}; variants {short} use "
-            f"attention that does not extend it): use lengths up to {max_context - new} or "
-            f"generation.max_new_tokens up to {max_context - n}")
+    return (
+        f"the model's context of {max_context} tokens ({n + new} > {max_context}; variants {short} use "
+        f"attention that does not extend it): use lengths up to {max_context - new} or "
+        f"generation.max_new_tokens up to {max_context - n}"
+    )
 
 
 def _raise(config: RunConfig, errors: list[tuple[str, str]]) -> None:
@@ -129,7 +133,9 @@ def _raise(config: RunConfig, errors: list[tuple[str, str]]) -> None:
         raise ConfigError(f"run config {config.name!r} is invalid:\n{lines}", errors)
 
 
-def check_lengths(config: RunConfig, registry: Any, max_context: int, extends: dict[str, bool]) -> None:
+def check_lengths(
+    config: RunConfig, registry: Any, max_context: int, extends: dict[str, bool]
+) -> None:
     """Refuse benchmark lengths that, with the tokens generated after them, overflow the model's
     window, before any sample is generated.
 
@@ -170,8 +176,12 @@ def check_lengths(config: RunConfig, registry: Any, max_context: int, extends: d
     _raise(config, errors)
 
 
-def check_samples(config: RunConfig, samples: Iterable[tuple[str, Any, Any]], max_context: int,
-                  extends: dict[str, bool]) -> None:
+def check_samples(
+    config: RunConfig,
+    samples: Iterable[tuple[str, Any, Any]],
+    max_context: int,
+    extends: dict[str, bool],
+) -> None:
     """Per-sample form of :func:`check_lengths`, for the built ``(label, bench, sample)``
     triples: a sample may ask for more new tokens than its benchmark's default (more keys,
     more items). Refuses, before any sample is generated, every length whose samples'
@@ -187,8 +197,11 @@ def check_samples(config: RunConfig, samples: Iterable[tuple[str, Any, Any]], ma
         if n and n + new > max_context:
             worst[(label, n)] = max(worst.get((label, n), 0), new)
     errors = [
-        (f"{label} length {n}",
-         f"samples of length {n} + up to {new} answer tokens exceed " + _overflow(n, new, max_context, short))
+        (
+            f"{label} length {n}",
+            f"samples of length {n} + up to {new} answer tokens exceed "
+            + _overflow(n, new, max_context, short),
+        )
         for (label, n), new in sorted(worst.items())
     ]
     _raise(config, errors)
@@ -219,8 +232,15 @@ def prompt_budget(host: Any, new_tokens: int, configured: int | None = None) -> 
     return int(host.loaded.max_context) - int(new_tokens)
 
 
-def run_sample(host: Any, strategy: Any, bench: Any, sample: Any, max_new_tokens: int | None,
-               *, budget: int | None = None) -> dict[str, Any]:
+def run_sample(
+    host: Any,
+    strategy: Any,
+    bench: Any,
+    sample: Any,
+    max_new_tokens: int | None,
+    *,
+    budget: int | None = None,
+) -> dict[str, Any]:
     """Generate and score one sample; returns the record's measured fields.
 
     When the benchmark offers demonstrations for the sample (``bench.demos(sample)``), or a
@@ -233,7 +253,9 @@ def run_sample(host: Any, strategy: Any, bench: Any, sample: Any, max_new_tokens
     extra: dict[str, Any] = {}
     if demos or budget is not None:
         extra = {"demos": demos, "budget": prompt_budget(host, new, budget)}
-    prompt = strategy.build(sample.question, context=sample.context, tokenizer=host.tokenizer, **extra)
+    prompt = strategy.build(
+        sample.question, context=sample.context, tokenizer=host.tokenizer, **extra
+    )
     t0 = time.perf_counter()
     result = host.generate(prompt, max_new_tokens=new)[0]
     out = {
@@ -255,16 +277,26 @@ def run_sample(host: Any, strategy: Any, bench: Any, sample: Any, max_new_tokens
 
 
 def build_components(variant: ResolvedVariant, registry: Any) -> dict[str, Any]:
-    kinds = {"attention": "attention", "kv_policy": "kv-policy", "prompt": "prompt-strategy",
-             "allocator": "allocator"}
+    kinds = {
+        "attention": "attention",
+        "kv_policy": "kv-policy",
+        "prompt": "prompt-strategy",
+        "allocator": "allocator",
+    }
     return {
         field: registry.get(kind, variant.refs[field].name).create(variant.configs[field])
         for field, kind in kinds.items()
     }
 
 
-def execute(config: RunConfig, run_dir: str | Path, options: RunOptions | None = None,
-            *, loaded: Any = None, console: Any = None) -> list[dict[str, Any]]:
+def execute(
+    config: RunConfig,
+    run_dir: str | Path,
+    options: RunOptions | None = None,
+    *,
+    loaded: Any = None,
+    console: Any = None,
+) -> list[dict[str, Any]]:
     """Run every variant over every benchmark sample, appending records; returns all records
     of the run directory (old and new)."""
     from apportion.plugins import get_plugin_host
@@ -297,10 +329,17 @@ def execute(config: RunConfig, run_dir: str | Path, options: RunOptions | None =
             opts.setdefault("seed", config.seed)
         benches.append((ref.name, registry.create("benchmark", ref.name, opts)))
     samples = {name: list(iter_samples(b, loaded.tokenizer, limit)) for name, b in benches}
-    check_samples(config, ((name, b, s) for name, b in benches for s in samples[name]), loaded.max_context, extends)
+    check_samples(
+        config,
+        ((name, b, s) for name, b in benches for s in samples[name]),
+        loaded.max_context,
+        extends,
+    )
     todo = [
         (v, name, b, s)
-        for v in variants for name, b in benches for s in samples[name]
+        for v in variants
+        for name, b in benches
+        for s in samples[name]
         if (v.label, name, s.id) not in done
     ]
     with _progress(options.progress, console) as progress:
@@ -310,18 +349,33 @@ def execute(config: RunConfig, run_dir: str | Path, options: RunOptions | None =
         for i, (v, name, bench, sample) in enumerate(todo):
             if deadline is not None and time.perf_counter() >= deadline:
                 if console is not None:
-                    console.print(f"[yellow]time budget of {options.time_budget_s:g} s spent: {len(todo) - i} "
-                                  "samples left; rerun the same command to finish[/yellow]")
+                    console.print(
+                        f"[yellow]time budget of {options.time_budget_s:g} s spent: {len(todo) - i} "
+                        "samples left; rerun the same command to finish[/yellow]"
+                    )
                 break
             comp = components[v.label]
             host = hosts.get(v.label) or Host(loaded, comp["attention"], comp["kv_policy"])
             hosts[v.label] = host
-            base = {"variant": v.label, "benchmark": name, "sample_id": sample.id,
-                    **sample.as_dict(), "components": {k: r.label() for k, r in v.refs.items()},
-                    "model": loaded.name}
+            base = {
+                "variant": v.label,
+                "benchmark": name,
+                "sample_id": sample.id,
+                **sample.as_dict(),
+                "components": {k: r.label() for k, r in v.refs.items()},
+                "model": loaded.name,
+            }
             try:
-                base.update(run_sample(host, comp["prompt"], bench, sample, config.generation.max_new_tokens,
-                                       budget=config.generation.prompt_budget))
+                base.update(
+                    run_sample(
+                        host,
+                        comp["prompt"],
+                        bench,
+                        sample,
+                        config.generation.max_new_tokens,
+                        budget=config.generation.prompt_budget,
+                    )
+                )
             except PromptTooLongError as exc:
                 base.update({"error": str(exc), "score": 0.0})
             append_record(records_path, base)
@@ -345,8 +399,14 @@ def _progress(enabled: bool, console: Any) -> Any:
         return _NoProgress()
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), console=console, transient=False)
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    )
 
 
 def summarize(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -361,12 +421,20 @@ def summarize(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
         def mean(key: str, ok: list[dict[str, Any]] = ok) -> float:
             return sum(float(r.get(key, 0) or 0) for r in ok) / max(len(ok), 1)
 
-        rows.append({
-            "variant": variant, "benchmark": bench, "length": length, "n": len(rs),
-            "errors": len(rs) - len(ok), "accuracy": sum(float(r.get("score", 0)) for r in rs) / len(rs),
-            "peak_kv_bytes": mean("peak_kv_bytes"), "prefill_seconds": mean("prefill_seconds"),
-            "decode_tokens_per_s": mean("decode_tokens_per_s"), "prompt_tokens": mean("prompt_tokens"),
-        })
+        rows.append(
+            {
+                "variant": variant,
+                "benchmark": bench,
+                "length": length,
+                "n": len(rs),
+                "errors": len(rs) - len(ok),
+                "accuracy": sum(float(r.get("score", 0)) for r in rs) / len(rs),
+                "peak_kv_bytes": mean("peak_kv_bytes"),
+                "prefill_seconds": mean("prefill_seconds"),
+                "decode_tokens_per_s": mean("decode_tokens_per_s"),
+                "prompt_tokens": mean("prompt_tokens"),
+            }
+        )
     return rows
 
 
@@ -374,10 +442,26 @@ def render_table(rows: list[dict[str, Any]], console: Any, title: str = "apporti
     from rich.table import Table
 
     table = Table(title=title)
-    for col in ("variant", "benchmark", "length", "n", "accuracy", "peak KV MiB", "prefill s", "decode tok/s"):
+    for col in (
+        "variant",
+        "benchmark",
+        "length",
+        "n",
+        "accuracy",
+        "peak KV MiB",
+        "prefill s",
+        "decode tok/s",
+    ):
         table.add_column(col, justify="left" if col in {"variant", "benchmark"} else "right")
     for r in rows:
-        table.add_row(r["variant"], r["benchmark"], str(r["length"]), str(r["n"]),
-                      f"{100 * r['accuracy']:.1f}%", f"{r['peak_kv_bytes'] / 2**20:.2f}",
-                      f"{r['prefill_seconds']:.3f}", f"{r['decode_tokens_per_s']:.1f}")
+        table.add_row(
+            r["variant"],
+            r["benchmark"],
+            str(r["length"]),
+            str(r["n"]),
+            f"{100 * r['accuracy']:.1f}%",
+            f"{r['peak_kv_bytes'] / 2**20:.2f}",
+            f"{r['prefill_seconds']:.3f}",
+            f"{r['decode_tokens_per_s']:.1f}",
+        )
     console.print(table)

@@ -7,7 +7,9 @@ from typing import Annotated, Any
 
 
 def report_command(
-    run_dir: Annotated[Path, __import__("typer").Argument(help="a run directory holding records.jsonl")],
+    run_dir: Annotated[
+        Path, __import__("typer").Argument(help="a run directory holding records.jsonl")
+    ],
 ) -> None:
     """Re-render the terminal table and RUN_DIR/report.html from the run's records."""
     from apportion.errors import ConfigError
@@ -19,8 +21,10 @@ def report_command(
 
     path = run_dir / RECORDS
     if not path.is_file():
-        raise ConfigError(f"{str(run_dir)!r} is not a run directory: {RECORDS} is missing",
-                          [("run_dir", str(run_dir))])
+        raise ConfigError(
+            f"{str(run_dir)!r} is not a run directory: {RECORDS} is missing",
+            [("run_dir", str(run_dir))],
+        )
     records = latest(read_records(path))
     if not records:
         raise ConfigError(f"{path} holds no complete records", [("run_dir", str(run_dir))])
@@ -29,8 +33,10 @@ def report_command(
     try:
         out = write_report(records, run_dir, title=run_dir.name)
     except OSError as exc:
-        raise ConfigError(f"cannot write the report into {str(run_dir)!r}: {exc.strerror or exc}",
-                          [("run_dir", str(exc))]) from None
+        raise ConfigError(
+            f"cannot write the report into {str(run_dir)!r}: {exc.strerror or exc}",
+            [("run_dir", str(exc))],
+        ) from None
     console.print(f"[bold]report:[/bold] {out}")
 
 

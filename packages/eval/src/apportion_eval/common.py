@@ -28,7 +28,9 @@ class LengthsConfig(ComponentConfig):
 
 
 class DepthsConfig(LengthsConfig):
-    depths: list[float] = Field([0.1, 0.5, 0.9], description="where the information sits, 0=start 1=end")
+    depths: list[float] = Field(
+        [0.1, 0.5, 0.9], description="where the information sits, 0=start 1=end"
+    )
 
     @field_validator("depths")
     @classmethod

@@ -49,8 +49,12 @@ from apportion.runner import (
 )
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-FIELD_OF_KIND = {"attention": "attention", "kv-policy": "kv_policy",
-                 "prompt-strategy": "prompt", "allocator": "allocator"}
+FIELD_OF_KIND = {
+    "attention": "attention",
+    "kv-policy": "kv_policy",
+    "prompt-strategy": "prompt",
+    "allocator": "allocator",
+}
 
 
 class SweepInstalled(BaseModel):
@@ -73,8 +77,11 @@ class HarnessOptions(BaseModel):
 
     sweep_installed: SweepInstalled | None = None
     time_budget_s: float | None = Field(
-        None, gt=0, description="start no sample that would end after this many seconds from "
-                                "the start of the run (rerun resumes)")
+        None,
+        gt=0,
+        description="start no sample that would end after this many seconds from "
+        "the start of the run (rerun resumes)",
+    )
     report: bool = Field(True, description="write report.html into the run directory")
 
 
@@ -99,7 +106,9 @@ def harness_options(config: RunConfig) -> HarnessOptions:
         raise ConfigError(f"run config {config.name!r} is invalid:\n{lines}", errors) from None
 
 
-def expand_installed(config: RunConfig, registry: Any, opts: SweepInstalled) -> tuple[RunConfig, list[str]]:
+def expand_installed(
+    config: RunConfig, registry: Any, opts: SweepInstalled
+) -> tuple[RunConfig, list[str]]:
     """Return ``config`` with one sweep variant per installed component of ``opts.kinds``
     (the base config first), and the components left out with the reason."""
     skipped: list[str] = []
@@ -110,7 +119,8 @@ def expand_installed(config: RunConfig, registry: Any, opts: SweepInstalled) -> 
         if kind not in FIELD_OF_KIND:
             raise ConfigError(
                 f"harness.sweep_installed.kinds: {kind!r} is not one of {sorted(FIELD_OF_KIND)}",
-                [("harness.sweep_installed.kinds", kind)])
+                [("harness.sweep_installed.kinds", kind)],
+            )
         field_name = FIELD_OF_KIND[kind]
         base_name = getattr(config, field_name).name
         for spec in registry.specs(kind):
@@ -125,12 +135,19 @@ def expand_installed(config: RunConfig, registry: Any, opts: SweepInstalled) -> 
             try:  # e.g. a field of that name that takes tokens, not a fraction
                 spec.validate_options(options)
             except ApportionError as exc:
-                skipped.append(f"{kind} {spec.name}: rejects {options} ({str(exc).splitlines()[-1].strip()})")
+                skipped.append(
+                    f"{kind} {spec.name}: rejects {options} ({str(exc).splitlines()[-1].strip()})"
+                )
                 continue
             ref = ComponentRef(name=spec.name, **options)
-            chosen = {FIELD_OF_KIND[k]: getattr(config, FIELD_OF_KIND[k]).name for k in FIELD_OF_KIND}
-            clash = [f"{k} {chosen[FIELD_OF_KIND[k]]}" for k, names in spec.incompatible_with.items()
-                     if k in FIELD_OF_KIND and chosen[FIELD_OF_KIND[k]] in names]
+            chosen = {
+                FIELD_OF_KIND[k]: getattr(config, FIELD_OF_KIND[k]).name for k in FIELD_OF_KIND
+            }
+            clash = [
+                f"{k} {chosen[FIELD_OF_KIND[k]]}"
+                for k, names in spec.incompatible_with.items()
+                if k in FIELD_OF_KIND and chosen[FIELD_OF_KIND[k]] in names
+            ]
             if clash:
                 skipped.append(f"{kind} {spec.name}: cannot be combined with {', '.join(clash)}")
                 continue
@@ -156,7 +173,9 @@ def benchmark_labels(names: list[str], configs: list[dict[str, Any]]) -> list[st
             continue
         differ = [k for k in cfg if len({json.dumps(p.get(k), sort_keys=True) for p in peers}) > 1]
         differ = [k for k in differ if k not in _SHAPE] or differ
-        out.append(f"{name}[{','.join(f'{k}={_short(cfg[k])}' for k in differ)}]" if differ else name)
+        out.append(
+            f"{name}[{','.join(f'{k}={_short(cfg[k])}' for k in differ)}]" if differ else name
+        )
     return [f"{label}#{i}" if out.count(label) > 1 else label for i, label in enumerate(out)]
 
 
@@ -189,8 +208,14 @@ def _write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
-def run(config: RunConfig, run_dir: str | Path, options: RunOptions | None = None, *,
-        loaded: Any = None, console: Any = None) -> RunResult:
+def run(
+    config: RunConfig,
+    run_dir: str | Path,
+    options: RunOptions | None = None,
+    *,
+    loaded: Any = None,
+    console: Any = None,
+) -> RunResult:
     """Run every variant over every benchmark sample; returns the run's records and report."""
     from apportion.plugins import get_plugin_host
 
@@ -238,8 +263,9 @@ def run(config: RunConfig, run_dir: str | Path, options: RunOptions | None = Non
         if "seed" in registry.get("benchmark", ref.name).config_model().model_fields:
             opts.setdefault("seed", config.seed)
         built.append(registry.create("benchmark", ref.name, opts))
-    labels = benchmark_labels([r.name for r in config.benchmarks],
-                              [b.config.model_dump(mode="json") for b in built])
+    labels = benchmark_labels(
+        [r.name for r in config.benchmarks], [b.config.model_dump(mode="json") for b in built]
+    )
     benches = list(zip(labels, built, strict=True))
     _write_json(run_path / "config.json", config.model_dump(mode="json"))
 
@@ -259,20 +285,35 @@ def run(config: RunConfig, run_dir: str | Path, options: RunOptions | None = Non
     # run cut short by its time budget still covers every length for every config
     work.sort(key=lambda w: (w[0], w[1], w[2]))
     done = {
-        (r["variant"], r["benchmark"], r["sample_id"], r.get("sample_hash"), r.get("model_fingerprint"))
-        for r in read_records(records_path) if "error" not in r or r.get("error_kind") == "prompt-too-long"
+        (
+            r["variant"],
+            r["benchmark"],
+            r["sample_id"],
+            r.get("sample_hash"),
+            r.get("model_fingerprint"),
+        )
+        for r in read_records(records_path)
+        if "error" not in r or r.get("error_kind") == "prompt-too-long"
     }
     todo = [
-        (v, w) for w in work for v in variants
+        (v, w)
+        for w in work
+        for v in variants
         if (v.label, w[3], w[5].id, w[6], loaded.fingerprint) not in done
     ]
-    hosts = {v.label: Host(loaded, components[v.label]["attention"], components[v.label]["kv_policy"])
-             for v in variants}
-    time_budget = options.time_budget_s if options.time_budget_s is not None else hopts.time_budget_s
+    hosts = {
+        v.label: Host(loaded, components[v.label]["attention"], components[v.label]["kv_policy"])
+        for v in variants
+    }
+    time_budget = (
+        options.time_budget_s if options.time_budget_s is not None else hopts.time_budget_s
+    )
     deadline = t_start + time_budget if time_budget else None
     pending = 0
-    console.print(f"{len(variants)} configs x {len(work)} samples: {len(todo)} to run, "
-                  f"{len(variants) * len(work) - len(todo)} already recorded")
+    console.print(
+        f"{len(variants)} configs x {len(work)} samples: {len(todo)} to run, "
+        f"{len(variants) * len(work) - len(todo)} already recorded"
+    )
     try:
         with _progress(options.progress, console) as progress:
             task = progress.add_task("samples", total=len(todo)) if progress else None
@@ -283,57 +324,118 @@ def run(config: RunConfig, run_dir: str | Path, options: RunOptions | None = Non
                 guess = max((w * sample.length / n for n, w in cost.items()), default=0.0)
                 if deadline is not None and time.perf_counter() + guess > deadline:
                     pending = len(todo) - i
-                    console.print(f"[yellow]time budget of {time_budget:g} s spent: "
-                                  f"{pending} samples left; rerun the same command to finish[/yellow]")
+                    console.print(
+                        f"[yellow]time budget of {time_budget:g} s spent: "
+                        f"{pending} samples left; rerun the same command to finish[/yellow]"
+                    )
                     break
                 t_sample = time.perf_counter()
-                rec = _measure(config, v, label, bench, sample, shash, loaded, hosts[v.label],
-                               components[v.label])
+                rec = _measure(
+                    config,
+                    v,
+                    label,
+                    bench,
+                    sample,
+                    shash,
+                    loaded,
+                    hosts[v.label],
+                    components[v.label],
+                )
                 took = time.perf_counter() - t_sample
                 cost[sample.length] = max(cost.get(sample.length, 0.0), took)
                 append_record(records_path, rec)
                 if progress is not None:
-                    progress.update(task, advance=1, description=f"{v.label[:28]} {label[:20]} {sample.length}")
+                    progress.update(
+                        task, advance=1, description=f"{v.label[:28]} {label[:20]} {sample.length}"
+                    )
     except KeyboardInterrupt:
         console.print("[yellow]interrupted: finished samples are saved; rerun to resume[/yellow]")
         raise
 
     current = {(v.label, w[3], w[5].id) for v in variants for w in work}
-    records = [r for r in latest(read_records(records_path))
-               if (r["variant"], r["benchmark"], r["sample_id"]) in current]
+    records = [
+        r
+        for r in latest(read_records(records_path))
+        if (r["variant"], r["benchmark"], r["sample_id"]) in current
+    ]
     report_path = None
     from apportion_eval.report import render_terminal, write_report
 
     render_terminal(records, console, title=f"{config.name}: {len(records)} records")
     if hopts.report:
-        report_path = write_report(records, run_path, title=config.name,
-                                   notes=skipped + ([f"{pending} samples not run (time budget)"] if pending else []))
+        report_path = write_report(
+            records,
+            run_path,
+            title=config.name,
+            notes=skipped + ([f"{pending} samples not run (time budget)"] if pending else []),
+        )
         console.print(f"[bold]report:[/bold] {report_path}")
     plugin_host.hook.apportion_run_finished(config=config, run_dir=run_path, records=records)
-    return RunResult(run_path, records, report_path, skipped, pending, time.perf_counter() - t_start)
+    return RunResult(
+        run_path, records, report_path, skipped, pending, time.perf_counter() - t_start
+    )
 
 
-def _measure(config: RunConfig, v: Any, label: str, bench: Any, sample: Any, shash: str,
-             loaded: Any, host: Any, comp: dict[str, Any]) -> dict[str, Any]:
+def _measure(
+    config: RunConfig,
+    v: Any,
+    label: str,
+    bench: Any,
+    sample: Any,
+    shash: str,
+    loaded: Any,
+    host: Any,
+    comp: dict[str, Any],
+) -> dict[str, Any]:
     rec: dict[str, Any] = {
-        "variant": v.label, "benchmark": label, "benchmark_name": getattr(bench, "name", label),
-        "sample_id": sample.id, "sample_hash": shash, **sample.as_dict(),
-        "components": {k: r.label() for k, r in v.refs.items()}, "model": loaded.name,
-        "model_fingerprint": loaded.fingerprint, "seed": config.seed,
-        "context_chars": len(sample.context), "time": time.time(),
+        "variant": v.label,
+        "benchmark": label,
+        "benchmark_name": getattr(bench, "name", label),
+        "sample_id": sample.id,
+        "sample_hash": shash,
+        **sample.as_dict(),
+        "components": {k: r.label() for k, r in v.refs.items()},
+        "model": loaded.name,
+        "model_fingerprint": loaded.fingerprint,
+        "seed": config.seed,
+        "context_chars": len(sample.context),
+        "time": time.time(),
     }
     try:
-        rec.update(run_sample(host, comp["prompt"], bench, sample, config.generation.max_new_tokens,
-                              budget=config.generation.prompt_budget))
+        rec.update(
+            run_sample(
+                host,
+                comp["prompt"],
+                bench,
+                sample,
+                config.generation.max_new_tokens,
+                budget=config.generation.prompt_budget,
+            )
+        )
         metrics = getattr(bench, "metrics", None)
         if metrics is not None:
             rec["metrics"] = metrics(sample, rec["prediction"])
     except PromptTooLongError as exc:
         rec.update({"error": str(exc), "error_kind": "prompt-too-long", "score": 0.0})
-    except (ApportionError, RuntimeError, ValueError, TypeError, AttributeError, IndexError,
-            KeyError, NotImplementedError, AssertionError) as exc:
+    except (
+        ApportionError,
+        RuntimeError,
+        ValueError,
+        TypeError,
+        AttributeError,
+        IndexError,
+        KeyError,
+        NotImplementedError,
+        AssertionError,
+    ) as exc:
         # another family's component failing on this sample must not sink the sweep
         tb = traceback.extract_tb(exc.__traceback__)[-1]
-        rec.update({"error": f"{type(exc).__name__}: {exc}", "error_kind": "exception",
-                    "error_at": f"{tb.filename}:{tb.lineno}", "score": 0.0})
+        rec.update(
+            {
+                "error": f"{type(exc).__name__}: {exc}",
+                "error_kind": "exception",
+                "error_at": f"{tb.filename}:{tb.lineno}",
+                "score": 0.0,
+            }
+        )
     return rec

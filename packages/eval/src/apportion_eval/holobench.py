@@ -27,12 +27,55 @@ from apportion_eval.text import compose, n_tokens, spread
 Query = Literal["lookup", "count", "max", "min", "sum", "avg", "group-by"]
 QUERIES: tuple[str, ...] = ("lookup", "count", "max", "min", "sum", "avg", "group-by")
 
-FIRST = ("Ana", "Ben", "Chloe", "Dmitri", "Elena", "Farid", "Grace", "Hiro", "Ines", "Jonas",
-         "Kofi", "Lena", "Mateo", "Nadia", "Omar", "Priya", "Quinn", "Rosa", "Sven", "Tara",
-         "Umar", "Vera", "Wen", "Yusuf", "Zara")
-LAST = ("Silva", "Okafor", "Novak", "Tanaka", "Berg", "Moreau", "Haddad", "Kowalski", "Reyes",
-        "Lindqvist", "Mensah", "Rossi", "Petrov", "Nakamura", "Duarte", "Fischer", "Ibarra",
-        "Janssen", "Kaur", "Larsen")
+FIRST = (
+    "Ana",
+    "Ben",
+    "Chloe",
+    "Dmitri",
+    "Elena",
+    "Farid",
+    "Grace",
+    "Hiro",
+    "Ines",
+    "Jonas",
+    "Kofi",
+    "Lena",
+    "Mateo",
+    "Nadia",
+    "Omar",
+    "Priya",
+    "Quinn",
+    "Rosa",
+    "Sven",
+    "Tara",
+    "Umar",
+    "Vera",
+    "Wen",
+    "Yusuf",
+    "Zara",
+)
+LAST = (
+    "Silva",
+    "Okafor",
+    "Novak",
+    "Tanaka",
+    "Berg",
+    "Moreau",
+    "Haddad",
+    "Kowalski",
+    "Reyes",
+    "Lindqvist",
+    "Mensah",
+    "Rossi",
+    "Petrov",
+    "Nakamura",
+    "Duarte",
+    "Fischer",
+    "Ibarra",
+    "Janssen",
+    "Kaur",
+    "Larsen",
+)
 DEPARTMENTS = ("Sales", "Research", "Finance", "Legal", "Support", "Marketing")
 CITIES = ("Lisbon", "Oslo", "Nairobi", "Lima", "Osaka", "Denver")
 
@@ -48,30 +91,46 @@ class Row:
     salary: int
 
     def sentence(self) -> str:
-        return (f"{self.name} works in the {self.department} department in {self.city}, is "
-                f"{self.age} years old and earns {self.salary} dollars a year.")
+        return (
+            f"{self.name} works in the {self.department} department in {self.city}, is "
+            f"{self.age} years old and earns {self.salary} dollars a year."
+        )
 
 
 def query_sql(query: str, arg: str | None) -> tuple[str, list[Any], str]:
     """The SQL (with parameters) and the question for one query kind and its argument."""
     table = {
-        "lookup": ("SELECT salary FROM employees WHERE name = ?",
-                   f"How much does {arg} earn per year? Answer with the number only."),
-        "count": ("SELECT count(*) FROM employees WHERE department = ?",
-                  f"How many employees work in the {arg} department? Answer with the number only."),
-        "max": ("SELECT max(salary) FROM employees WHERE city = ?",
-                f"What is the highest yearly salary among the employees in {arg}? Answer with the number only."),
-        "min": ("SELECT min(age) FROM employees WHERE department = ?",
-                f"How old is the youngest employee of the {arg} department? Answer with the number only."),
-        "sum": ("SELECT sum(salary) FROM employees WHERE department = ?",
-                f"What is the total yearly salary of all employees in the {arg} department? "
-                "Answer with the number only."),
-        "avg": ("SELECT round(avg(age)) FROM employees WHERE city = ?",
-                f"What is the average age of the employees in {arg}, rounded to a whole number? "
-                "Answer with the number only."),
-        "group-by": ("SELECT department, count(*) FROM employees GROUP BY department ORDER BY department",
-                     "How many employees work in each department? Answer with one line per "
-                     "department in the form 'Department: count'."),
+        "lookup": (
+            "SELECT salary FROM employees WHERE name = ?",
+            f"How much does {arg} earn per year? Answer with the number only.",
+        ),
+        "count": (
+            "SELECT count(*) FROM employees WHERE department = ?",
+            f"How many employees work in the {arg} department? Answer with the number only.",
+        ),
+        "max": (
+            "SELECT max(salary) FROM employees WHERE city = ?",
+            f"What is the highest yearly salary among the employees in {arg}? Answer with the number only.",
+        ),
+        "min": (
+            "SELECT min(age) FROM employees WHERE department = ?",
+            f"How old is the youngest employee of the {arg} department? Answer with the number only.",
+        ),
+        "sum": (
+            "SELECT sum(salary) FROM employees WHERE department = ?",
+            f"What is the total yearly salary of all employees in the {arg} department? "
+            "Answer with the number only.",
+        ),
+        "avg": (
+            "SELECT round(avg(age)) FROM employees WHERE city = ?",
+            f"What is the average age of the employees in {arg}, rounded to a whole number? "
+            "Answer with the number only.",
+        ),
+        "group-by": (
+            "SELECT department, count(*) FROM employees GROUP BY department ORDER BY department",
+            "How many employees work in each department? Answer with one line per "
+            "department in the form 'Department: count'.",
+        ),
     }
     if query not in table:
         raise ValueError(f"unknown query {query!r}; known: {', '.join(QUERIES)}")
@@ -88,8 +147,10 @@ def gold(rows: Sequence[Row], query: str, arg: str | None = None) -> list[str]:
     try:
         con.execute(SCHEMA)
         if rows:
-            con.executemany("INSERT INTO employees VALUES (?, ?, ?, ?, ?)",
-                            [(r.name, r.department, r.city, r.age, r.salary) for r in rows])
+            con.executemany(
+                "INSERT INTO employees VALUES (?, ?, ?, ?, ?)",
+                [(r.name, r.department, r.city, r.age, r.salary) for r in rows],
+            )
         result = con.execute(sql, params).fetchall()
     finally:
         con.close()
@@ -103,9 +164,12 @@ def gold(rows: Sequence[Row], query: str, arg: str | None = None) -> list[str]:
 
 class HoloConfig(LengthsConfig):
     queries: list[Query] = Field(list(QUERIES), description="query kinds, one sample set each")
-    density: float = Field(0.5, gt=0.0, le=0.9, description="share of context tokens that are table rows")
+    density: float = Field(
+        0.5, gt=0.0, le=0.9, description="share of context tokens that are table rows"
+    )
     placement: Literal["uniform", "begin", "middle", "end", "bimodal"] = Field(
-        "uniform", description="where the rows sit in the context")
+        "uniform", description="where the rows sit in the context"
+    )
 
     @field_validator("queries")
     @classmethod
@@ -132,8 +196,16 @@ class HoloBench(Benchmark):
     def _rows(self, rng: Any, n: int) -> list[Row]:
         names = [f"{f} {last}" for f in FIRST for last in LAST]
         rng.shuffle(names)
-        return [Row(names[i], rng.choice(DEPARTMENTS), rng.choice(CITIES), rng.randrange(22, 65),
-                    rng.randrange(30, 151) * 1000) for i in range(min(n, len(names)))]
+        return [
+            Row(
+                names[i],
+                rng.choice(DEPARTMENTS),
+                rng.choice(CITIES),
+                rng.randrange(22, 65),
+                rng.randrange(30, 151) * 1000,
+            )
+            for i in range(min(n, len(names)))
+        ]
 
     def _sample(self, tokenizer: Any, length: int, query: str, k: int) -> Sample:
         cfg = self.config
@@ -142,18 +214,32 @@ class HoloBench(Benchmark):
         per_row = sum(n_tokens(tokenizer, " " + r.sentence()) for r in probe) / len(probe)
         n_rows = max(3, int(cfg.density * length / per_row))
         rows = self._rows(rng, n_rows)
-        arg = {"lookup": lambda: rng.choice(rows).name,
-               "count": lambda: rng.choice(rows).department, "min": lambda: rng.choice(rows).department,
-               "sum": lambda: rng.choice(rows).department, "max": lambda: rng.choice(rows).city,
-               "avg": lambda: rng.choice(rows).city, "group-by": lambda: None}[query]()
+        arg = {
+            "lookup": lambda: rng.choice(rows).name,
+            "count": lambda: rng.choice(rows).department,
+            "min": lambda: rng.choice(rows).department,
+            "sum": lambda: rng.choice(rows).department,
+            "max": lambda: rng.choice(rows).city,
+            "avg": lambda: rng.choice(rows).city,
+            "group-by": lambda: None,
+        }[query]()
         _, _, question = query_sql(query, arg)
         answers = gold(rows, query, arg)
-        pieces = list(zip([r.sentence() for r in rows], spread(rng, len(rows), cfg.placement), strict=True))
+        pieces = list(
+            zip([r.sentence() for r in rows], spread(rng, len(rows), cfg.placement), strict=True)
+        )
         composed = compose(tokenizer, length, question, pieces, rng, what="holobench")
-        relevant = len(rows) if query in ("group-by",) else sum(
-            arg in (r.name, r.department, r.city) for r in rows)
+        relevant = (
+            len(rows)
+            if query in ("group-by",)
+            else sum(arg in (r.name, r.department, r.city) for r in rows)
+        )
         scope = "small" if query == "lookup" else "large"
-        diffusion = "low" if query == "lookup" else ("high" if cfg.placement in ("uniform", "bimodal") else "medium")
+        diffusion = (
+            "low"
+            if query == "lookup"
+            else ("high" if cfg.placement in ("uniform", "bimodal") else "medium")
+        )
         return Sample(
             id=f"holo-{query}-{cfg.placement}-{cfg.density}-{length}-{k}",
             context=composed.context,
@@ -162,8 +248,15 @@ class HoloBench(Benchmark):
             length=length,
             depth=None,
             tags={"diffusion": diffusion, "scope": scope},
-            meta={"query": query, "arg": arg, "rows": len(rows), "relevant_rows": relevant,
-                  "placement": cfg.placement, "density": cfg.density, "context_chars": len(composed.context)},
+            meta={
+                "query": query,
+                "arg": arg,
+                "rows": len(rows),
+                "relevant_rows": relevant,
+                "placement": cfg.placement,
+                "density": cfg.density,
+                "context_chars": len(composed.context),
+            },
             max_new_tokens=self.max_new_tokens + (12 * len(answers) if query == "group-by" else 0),
         )
 

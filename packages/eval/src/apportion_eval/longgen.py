@@ -60,17 +60,28 @@ class LongGen(Benchmark):
                 things = [compound(rng, taken) for _ in range(cfg.items)]
                 taken.update(things)
                 lockers = rng.sample(range(100, 1000), cfg.items)
-                facts = [f"The {t} is kept in locker {n}." for t, n in zip(things, lockers, strict=True)]
+                facts = [
+                    f"The {t} is kept in locker {n}." for t, n in zip(things, lockers, strict=True)
+                ]
                 order = list(range(cfg.items))
                 rng.shuffle(order)  # questions do not follow the order of the facts
                 asked = [things[i] for i in order]
                 answers = [str(lockers[i]) for i in order]
-                lines = "\n".join(f"{j + 1}. In which locker is the {t} kept?" for j, t in enumerate(asked))
-                question = (f"Answer all {cfg.items} questions below, in order, one line each, in the "
-                            f"form '<question number>. locker <number>'.\n{lines}")
-                composed = compose(tokenizer, length, question,
-                                   list(zip(facts, spread(rng, cfg.items, cfg.placement), strict=True)),
-                                   rng, what="longgen")
+                lines = "\n".join(
+                    f"{j + 1}. In which locker is the {t} kept?" for j, t in enumerate(asked)
+                )
+                question = (
+                    f"Answer all {cfg.items} questions below, in order, one line each, in the "
+                    f"form '<question number>. locker <number>'.\n{lines}"
+                )
+                composed = compose(
+                    tokenizer,
+                    length,
+                    question,
+                    list(zip(facts, spread(rng, cfg.items, cfg.placement), strict=True)),
+                    rng,
+                    what="longgen",
+                )
                 yield Sample(
                     id=f"longgen-{cfg.items}-{cfg.placement}-{length}-{k}",
                     context=composed.context,
@@ -86,10 +97,17 @@ class LongGen(Benchmark):
     def metrics(self, sample: Sample, prediction: str) -> dict[str, float]:
         lines = item_lines(prediction, len(sample.answers))
         correct = sum(
-            bool(re.search(rf"(?<!\d){a}(?!\d)", lines.get(i + 1, ""))) for i, a in enumerate(sample.answers))
+            bool(re.search(rf"(?<!\d){a}(?!\d)", lines.get(i + 1, "")))
+            for i, a in enumerate(sample.answers)
+        )
         n = len(sample.answers)
-        return {"completion_rate": len(lines) / n, "item_accuracy": correct / n,
-                "items": n, "items_answered": len(lines), "items_correct": correct}
+        return {
+            "completion_rate": len(lines) / n,
+            "item_accuracy": correct / n,
+            "items": n,
+            "items_answered": len(lines),
+            "items_correct": correct,
+        }
 
     def score(self, sample: Sample, prediction: str) -> float:
         if not sample.answers:

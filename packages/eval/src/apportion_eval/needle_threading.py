@@ -25,9 +25,13 @@ from apportion_eval.words import compound
 class ThreadingConfig(LengthsConfig):
     threads: int = Field(1, ge=1, le=16, description="1: single thread; more: multi-threading")
     hops: int = Field(3, ge=1, le=32, description="links per thread")
-    direction: Literal["forward", "backward"] = Field("forward", description="links run with or against the text")
+    direction: Literal["forward", "backward"] = Field(
+        "forward", description="links run with or against the text"
+    )
     distractors: int = Field(2, ge=0, le=256, description="unrelated pointers in the context")
-    key_format: Literal["uuid", "word"] = Field("uuid", description="UUID keys (paper) or adjective-noun words")
+    key_format: Literal["uuid", "word"] = Field(
+        "uuid", description="UUID keys (paper) or adjective-noun words"
+    )
 
 
 class NeedleThreading(Benchmark):
@@ -48,30 +52,54 @@ class NeedleThreading(Benchmark):
         cfg = self.config
         for length in cfg.lengths:
             for k in range(cfg.samples):
-                rng = rng_for("threading", cfg.seed, cfg.threads, cfg.hops, cfg.direction,
-                              cfg.distractors, cfg.key_format, length, k)
+                rng = rng_for(
+                    "threading",
+                    cfg.seed,
+                    cfg.threads,
+                    cfg.hops,
+                    cfg.direction,
+                    cfg.distractors,
+                    cfg.key_format,
+                    length,
+                    k,
+                )
                 taken: set[str] = set()
-                threads = [[self._key(rng, taken) for _ in range(cfg.hops + 1)] for _ in range(cfg.threads)]
+                threads = [
+                    [self._key(rng, taken) for _ in range(cfg.hops + 1)] for _ in range(cfg.threads)
+                ]
                 pieces = []
                 for thread in threads:
-                    links = [f"Key {a} points to {b}." for a, b in zip(thread, thread[1:], strict=False)]
+                    links = [
+                        f"Key {a} points to {b}." for a, b in zip(thread, thread[1:], strict=False)
+                    ]
                     depths = spread(rng, len(links))
                     if cfg.direction == "backward":
                         depths = depths[::-1]
                     pieces += list(zip(links, depths, strict=True))
                 for _ in range(cfg.distractors):
-                    pieces.append((f"Key {self._key(rng, taken)} points to {self._key(rng, taken)}.", rng.random()))
+                    pieces.append(
+                        (
+                            f"Key {self._key(rng, taken)} points to {self._key(rng, taken)}.",
+                            rng.random(),
+                        )
+                    )
                 starts = [t[0] for t in threads]
                 if cfg.threads == 1:
-                    question = (f"Start at key {starts[0]} and follow the pointers in the text above "
-                                f"(\"Key A points to B\" means go from A to B) until you reach a key that "
-                                f"points nowhere. Which key is that? Answer with the key only.")
+                    question = (
+                        f"Start at key {starts[0]} and follow the pointers in the text above "
+                        f'("Key A points to B" means go from A to B) until you reach a key that '
+                        f"points nowhere. Which key is that? Answer with the key only."
+                    )
                 else:
-                    question = (f"For each of the keys {', '.join(starts)}, follow the pointers in the "
-                                f"text above (\"Key A points to B\" means go from A to B) until you reach "
-                                f"a key that points nowhere. Answer with the {cfg.threads} final keys only, "
-                                f"in the same order.")
-                composed = compose(tokenizer, length, question, pieces, rng, what="needle-threading")
+                    question = (
+                        f"For each of the keys {', '.join(starts)}, follow the pointers in the "
+                        f'text above ("Key A points to B" means go from A to B) until you reach '
+                        f"a key that points nowhere. Answer with the {cfg.threads} final keys only, "
+                        f"in the same order."
+                    )
+                composed = compose(
+                    tokenizer, length, question, pieces, rng, what="needle-threading"
+                )
                 per_key = 26 if cfg.key_format == "uuid" else 6
                 yield Sample(
                     id=f"thread-{cfg.direction}-t{cfg.threads}-h{cfg.hops}-{length}-{k}",
@@ -81,9 +109,12 @@ class NeedleThreading(Benchmark):
                     length=length,
                     depth=None,
                     tags={"diffusion": "high", "scope": "small" if cfg.threads == 1 else "medium"},
-                    meta={"threads": threads, "direction": cfg.direction,
-                          "context_chars": len(composed.context),
-                          "context_tokens": n_tokens(tokenizer, composed.context)},
+                    meta={
+                        "threads": threads,
+                        "direction": cfg.direction,
+                        "context_chars": len(composed.context),
+                        "context_tokens": n_tokens(tokenizer, composed.context),
+                    },
                     max_new_tokens=self.max_new_tokens + per_key * (cfg.threads - 1),
                 )
 

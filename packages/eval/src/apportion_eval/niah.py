@@ -41,11 +41,17 @@ _VALUE_TOKENS = {"number": 8, "word": 6, "uuid": 26}
 
 class NiahConfig(DepthsConfig):
     variant: Variant = Field("single", description="single, multi-key, multi-value or multi-query")
-    value_type: ValueType = Field("number", description="7-digit numbers, adjective-noun words or UUIDs")
-    num_keys: int = Field(4, ge=2, le=64, description="multi-key: needles in all (1 asked + distractors)")
+    value_type: ValueType = Field(
+        "number", description="7-digit numbers, adjective-noun words or UUIDs"
+    )
+    num_keys: int = Field(
+        4, ge=2, le=64, description="multi-key: needles in all (1 asked + distractors)"
+    )
     num_values: int = Field(4, ge=2, le=64, description="multi-value: values under the one key")
     num_queries: int = Field(4, ge=2, le=64, description="multi-query: keys asked at once")
-    metric: Literal["all", "part"] = Field("all", description="string-match-all or string-match-part")
+    metric: Literal["all", "part"] = Field(
+        "all", description="string-match-all or string-match-part"
+    )
 
 
 class Niah(Benchmark):
@@ -65,7 +71,8 @@ class Niah(Benchmark):
     def _value(self, rng: Any, taken: set[str]) -> str:
         for _ in range(1000):
             v = {"number": seven_digits, "uuid": uuid4, "word": lambda r: compound(r, taken)}[
-                self.config.value_type](rng)
+                self.config.value_type
+            ](rng)
             if v not in taken and not prose_contains(v):
                 taken.add(v)
                 return v
@@ -75,8 +82,12 @@ class Niah(Benchmark):
         cfg = self.config
         rng = rng_for("niah", cfg.seed, cfg.variant, cfg.value_type, length, depth, k)
         one, many = _NOUN[cfg.value_type]
-        n_keys = {"single": 1, "multi-key": cfg.num_keys, "multi-value": 1,
-                  "multi-query": cfg.num_queries}[cfg.variant]
+        n_keys = {
+            "single": 1,
+            "multi-key": cfg.num_keys,
+            "multi-value": 1,
+            "multi-query": cfg.num_queries,
+        }[cfg.variant]
         keys: set[str] = set()
         key_list = [compound(rng, keys | {k2 for k2 in keys}) for _ in range(n_keys)]
         while len(set(key_list)) < n_keys:  # pragma: no cover - 3600 pairs make this rare
@@ -87,20 +98,28 @@ class Niah(Benchmark):
             values = [self._value(rng, taken) for _ in range(cfg.num_values)]
             needles = [(f"One of the special magic {many} for {key} is: {v}.", v) for v in values]
             asked, answers = needles, values
-            question = (f"What are all the special magic {many} for {key} mentioned in the text "
-                        f"above? List all {len(values)} of them.")
+            question = (
+                f"What are all the special magic {many} for {key} mentioned in the text "
+                f"above? List all {len(values)} of them."
+            )
         else:
             values = [self._value(rng, taken) for _ in key_list]
-            needles = [(f"The special magic {one} for {kk} is: {v}.", v)
-                       for kk, v in zip(key_list, values, strict=True)]
+            needles = [
+                (f"The special magic {one} for {kk} is: {v}.", v)
+                for kk, v in zip(key_list, values, strict=True)
+            ]
             if cfg.variant == "multi-query":
                 asked, answers = needles, values
-                question = (f"What are the special magic {many} for {', '.join(key_list[:-1])} and "
-                            f"{key_list[-1]} mentioned in the text above? Answer with the {many} only.")
+                question = (
+                    f"What are the special magic {many} for {', '.join(key_list[:-1])} and "
+                    f"{key_list[-1]} mentioned in the text above? Answer with the {many} only."
+                )
             else:
                 asked, answers = needles[:1], values[:1]
-                question = (f"What is the special magic {one} for {key_list[0]} mentioned in the "
-                            f"text above? Answer with the {one} only.")
+                question = (
+                    f"What is the special magic {one} for {key_list[0]} mentioned in the "
+                    f"text above? Answer with the {one} only."
+                )
         # the first needle sits at the asked depth, the rest at seeded random depths
         pieces = [(needles[0][0], depth)] + [(text, rng.random()) for text, _ in needles[1:]]
         composed = compose(tokenizer, length, question, pieces, rng, what=f"niah/{cfg.variant}")
@@ -113,10 +132,16 @@ class Niah(Benchmark):
             length=length,
             depth=depth,
             tags=dict(_TAGS[cfg.variant]),
-            meta={"variant": cfg.variant, "value_type": cfg.value_type, "keys": key_list,
-                  "needles": [t for t, _ in asked], "all_needles": [t for t, _ in needles],
-                  "needle_depths": composed.depths,
-                  "metric": cfg.metric, "context_chars": len(composed.context)},
+            meta={
+                "variant": cfg.variant,
+                "value_type": cfg.value_type,
+                "keys": key_list,
+                "needles": [t for t, _ in asked],
+                "all_needles": [t for t, _ in needles],
+                "needle_depths": composed.depths,
+                "metric": cfg.metric,
+                "context_chars": len(composed.context),
+            },
             max_new_tokens=self.max_new_tokens + extra,
         )
 

@@ -36,18 +36,25 @@ def summary_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for r in records:
         groups[(r["variant"], r["benchmark"], int(r.get("length") or 0))].append(r)
     rows = []
-    for (variant, bench, length), rs in sorted(groups.items(), key=lambda kv: (_order(records, kv[0][0]), kv[0][1], kv[0][2])):
+    for (variant, bench, length), rs in sorted(
+        groups.items(), key=lambda kv: (_order(records, kv[0][0]), kv[0][1], kv[0][2])
+    ):
         ok = [r for r in rs if "error" not in r]
-        rows.append({
-            "variant": variant, "benchmark": bench, "length": length, "n": len(rs),
-            "errors": len(rs) - len(ok),
-            "accuracy": _mean(float(r.get("score", 0.0)) for r in rs),
-            "peak_kv_mib": _mean(r["peak_kv_bytes"] / 2**20 for r in ok),
-            "prefill_seconds": _mean(r["prefill_seconds"] for r in ok),
-            "decode_tokens_per_s": _mean(r["decode_tokens_per_s"] for r in ok),
-            "prompt_tokens": _mean(r["prompt_tokens"] for r in ok),
-            "context_chars": _mean(r.get("context_chars", 0) for r in rs),
-        })
+        rows.append(
+            {
+                "variant": variant,
+                "benchmark": bench,
+                "length": length,
+                "n": len(rs),
+                "errors": len(rs) - len(ok),
+                "accuracy": _mean(float(r.get("score", 0.0)) for r in rs),
+                "peak_kv_mib": _mean(r["peak_kv_bytes"] / 2**20 for r in ok),
+                "prefill_seconds": _mean(r["prefill_seconds"] for r in ok),
+                "decode_tokens_per_s": _mean(r["decode_tokens_per_s"] for r in ok),
+                "prompt_tokens": _mean(r["prompt_tokens"] for r in ok),
+                "context_chars": _mean(r.get("context_chars", 0) for r in rs),
+            }
+        )
     return rows
 
 
@@ -71,10 +78,16 @@ def tag_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     groups: dict[tuple[str, str, str], list[float]] = defaultdict(list)
     for r in records:
         tags = r.get("tags") or {}
-        groups[(r["variant"], tags.get("diffusion", "?"), tags.get("scope", "?"))].append(float(r.get("score", 0)))
+        groups[(r["variant"], tags.get("diffusion", "?"), tags.get("scope", "?"))].append(
+            float(r.get("score", 0))
+        )
     order = {v: i for i, v in enumerate(variants_of(records))}
-    return [{"variant": v, "diffusion": d, "scope": s, "n": len(xs), "accuracy": _mean(xs)}
-            for (v, d, s), xs in sorted(groups.items(), key=lambda kv: (order[kv[0][0]], kv[0][1], kv[0][2]))]
+    return [
+        {"variant": v, "diffusion": d, "scope": s, "n": len(xs), "accuracy": _mean(xs)}
+        for (v, d, s), xs in sorted(
+            groups.items(), key=lambda kv: (order[kv[0][0]], kv[0][1], kv[0][2])
+        )
+    ]
 
 
 def memory_points(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -85,8 +98,14 @@ def memory_points(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         ok = [r for r in rs if "error" not in r]
         if not ok:
             continue
-        out.append({"variant": v, "accuracy": _mean(float(r.get("score", 0)) for r in rs),
-                    "peak_kv_mib": _mean(r["peak_kv_bytes"] / 2**20 for r in ok), "n": len(rs)})
+        out.append(
+            {
+                "variant": v,
+                "accuracy": _mean(float(r.get("score", 0)) for r in rs),
+                "peak_kv_mib": _mean(r["peak_kv_bytes"] / 2**20 for r in ok),
+                "n": len(rs),
+            }
+        )
     return out
 
 
@@ -96,7 +115,8 @@ def pareto_front(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
     front = []
     for p in points:
         dominated = any(
-            q["peak_kv_mib"] <= p["peak_kv_mib"] and q["accuracy"] >= p["accuracy"]
+            q["peak_kv_mib"] <= p["peak_kv_mib"]
+            and q["accuracy"] >= p["accuracy"]
             and (q["peak_kv_mib"] < p["peak_kv_mib"] or q["accuracy"] > p["accuracy"])
             for q in points
         )
@@ -106,28 +126,48 @@ def pareto_front(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 # ----------------------------------------------------------------------------- terminal
-def render_terminal(records: list[dict[str, Any]], console: Any, title: str = "apportion run") -> None:
+def render_terminal(
+    records: list[dict[str, Any]], console: Any, title: str = "apportion run"
+) -> None:
     from rich.table import Table
 
     table = Table(title=title)
-    for col in ("config", "benchmark", "length", "n", "err", "accuracy", "peak KV MiB",
-                "prefill s", "decode tok/s"):
+    for col in (
+        "config",
+        "benchmark",
+        "length",
+        "n",
+        "err",
+        "accuracy",
+        "peak KV MiB",
+        "prefill s",
+        "decode tok/s",
+    ):
         table.add_column(col, justify="left" if col in {"config", "benchmark"} else "right")
     last = None
     for r in summary_rows(records):
         if last is not None and r["variant"] != last:
             table.add_section()
         last = r["variant"]
-        table.add_row(r["variant"], r["benchmark"], str(r["length"]), str(r["n"]),
-                      f"[red]{r['errors']}[/red]" if r["errors"] else "0",
-                      f"{100 * r['accuracy']:.1f}%", _fmt(r["peak_kv_mib"], 2),
-                      _fmt(r["prefill_seconds"], 3), _fmt(r["decode_tokens_per_s"], 1))
+        table.add_row(
+            r["variant"],
+            r["benchmark"],
+            str(r["length"]),
+            str(r["n"]),
+            f"[red]{r['errors']}[/red]" if r["errors"] else "0",
+            f"{100 * r['accuracy']:.1f}%",
+            _fmt(r["peak_kv_mib"], 2),
+            _fmt(r["prefill_seconds"], 3),
+            _fmt(r["decode_tokens_per_s"], 1),
+        )
     console.print(table)
     tags = Table(title="accuracy by tag (diffusion / scope)")
     for col in ("config", "diffusion", "scope", "n", "accuracy"):
         tags.add_column(col, justify="left" if col in {"config", "diffusion", "scope"} else "right")
     for r in tag_rows(records):
-        tags.add_row(r["variant"], r["diffusion"], r["scope"], str(r["n"]), f"{100 * r['accuracy']:.1f}%")
+        tags.add_row(
+            r["variant"], r["diffusion"], r["scope"], str(r["n"]), f"{100 * r['accuracy']:.1f}%"
+        )
     console.print(tags)
     errors = [r for r in records if "error" in r]
     if errors:
@@ -179,8 +219,11 @@ def heatmaps(records: list[dict[str, Any]]) -> list[tuple[str, str]]:
             grid = [[float("nan")] * len(lengths) for _ in depths]
             for i, d in enumerate(depths):
                 for j, n in enumerate(lengths):
-                    cell = [float(r.get("score", 0)) for r in rs
-                            if r["variant"] == v and float(r["depth"]) == d and int(r["length"]) == n]
+                    cell = [
+                        float(r.get("score", 0))
+                        for r in rs
+                        if r["variant"] == v and float(r["depth"]) == d and int(r["length"]) == n
+                    ]
                     if cell:
                         grid[i][j] = _mean(cell)
             image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
@@ -213,7 +256,11 @@ def length_curves(records: list[dict[str, Any]]) -> tuple[str, str] | None:
     for k, bench in enumerate(benches):
         ax = axes[k // cols][k % cols]
         for v in variants_of(records):
-            pts = sorted((r["length"], r["accuracy"]) for r in rows if r["benchmark"] == bench and r["variant"] == v)
+            pts = sorted(
+                (r["length"], r["accuracy"])
+                for r in rows
+                if r["benchmark"] == bench and r["variant"] == v
+            )
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=v[:40])
         ax.set_title(bench, fontsize=9)
@@ -237,12 +284,28 @@ def memory_plot(records: list[dict[str, Any]]) -> tuple[str, str] | None:
     ax = fig.subplots()
     on_front = {p["variant"] for p in front}
     for p in points:
-        ax.scatter(p["peak_kv_mib"], p["accuracy"], s=60 if p["variant"] in on_front else 30,
-                   color="tab:red" if p["variant"] in on_front else "tab:blue", zorder=3)
-        ax.annotate(p["variant"][:32], (p["peak_kv_mib"], p["accuracy"]), fontsize=7,
-                    xytext=(4, 4), textcoords="offset points")
-    ax.step([p["peak_kv_mib"] for p in front], [p["accuracy"] for p in front], where="post",
-            color="tab:red", label="Pareto front", zorder=2)
+        ax.scatter(
+            p["peak_kv_mib"],
+            p["accuracy"],
+            s=60 if p["variant"] in on_front else 30,
+            color="tab:red" if p["variant"] in on_front else "tab:blue",
+            zorder=3,
+        )
+        ax.annotate(
+            p["variant"][:32],
+            (p["peak_kv_mib"], p["accuracy"]),
+            fontsize=7,
+            xytext=(4, 4),
+            textcoords="offset points",
+        )
+    ax.step(
+        [p["peak_kv_mib"] for p in front],
+        [p["accuracy"] for p in front],
+        where="post",
+        color="tab:red",
+        label="Pareto front",
+        zorder=2,
+    )
     ax.set_xlabel("mean peak KV cache (MiB)")
     ax.set_ylabel("mean accuracy")
     ax.set_ylim(-0.05, 1.05)
@@ -275,13 +338,19 @@ def _table(rows: list[dict[str, Any]], cols: list[tuple[str, str, str]]) -> str:
     return f"<table><tr>{head}</tr>{''.join(body)}</table>"
 
 
-def render_html(records: list[dict[str, Any]], title: str = "apportion run", notes: list[str] | None = None) -> str:
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-             f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>"]
+def render_html(
+    records: list[dict[str, Any]], title: str = "apportion run", notes: list[str] | None = None
+) -> str:
+    parts = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>"
+    ]
     variants = variants_of(records)
     benches = sorted({r["benchmark"] for r in records})
-    parts.append(f"<p>{len(records)} records; {len(variants)} configs; benchmarks: "
-                 f"{html.escape(', '.join(benches))}.</p>")
+    parts.append(
+        f"<p>{len(records)} records; {len(variants)} configs; benchmarks: "
+        f"{html.escape(', '.join(benches))}.</p>"
+    )
     for note in notes or []:
         parts.append(f"<p class='err'>{html.escape(note)}</p>")
     figs = heatmaps(records)
@@ -289,49 +358,114 @@ def render_html(records: list[dict[str, Any]], title: str = "apportion run", not
         if extra:
             figs.append(extra)
     for caption, png in figs:
-        parts.append(f"<figure><figcaption>{html.escape(caption)}</figcaption>"
-                     f"<img alt='{html.escape(caption)}' src='data:image/png;base64,{png}'></figure>")
+        parts.append(
+            f"<figure><figcaption>{html.escape(caption)}</figcaption>"
+            f"<img alt='{html.escape(caption)}' src='data:image/png;base64,{png}'></figure>"
+        )
     parts.append("<h2>Summary</h2>")
-    parts.append(_table(summary_rows(records), [
-        ("variant", "config", ""), ("benchmark", "benchmark", ""), ("length", "length (tokens)", ""),
-        ("context_chars", "context (chars)", "0"), ("n", "n", ""), ("errors", "errors", ""),
-        ("accuracy", "accuracy", "%"), ("peak_kv_mib", "peak KV MiB", "2"),
-        ("prefill_seconds", "prefill s", "3"), ("decode_tokens_per_s", "decode tok/s", "1"),
-        ("prompt_tokens", "prompt tokens", "0")]))
+    parts.append(
+        _table(
+            summary_rows(records),
+            [
+                ("variant", "config", ""),
+                ("benchmark", "benchmark", ""),
+                ("length", "length (tokens)", ""),
+                ("context_chars", "context (chars)", "0"),
+                ("n", "n", ""),
+                ("errors", "errors", ""),
+                ("accuracy", "accuracy", "%"),
+                ("peak_kv_mib", "peak KV MiB", "2"),
+                ("prefill_seconds", "prefill s", "3"),
+                ("decode_tokens_per_s", "decode tok/s", "1"),
+                ("prompt_tokens", "prompt tokens", "0"),
+            ],
+        )
+    )
     parts.append("<h2>By tag (diffusion / scope)</h2>")
-    parts.append(_table(tag_rows(records), [("variant", "config", ""), ("diffusion", "diffusion", ""),
-                                            ("scope", "scope", ""), ("n", "n", ""), ("accuracy", "accuracy", "%")]))
+    parts.append(
+        _table(
+            tag_rows(records),
+            [
+                ("variant", "config", ""),
+                ("diffusion", "diffusion", ""),
+                ("scope", "scope", ""),
+                ("n", "n", ""),
+                ("accuracy", "accuracy", "%"),
+            ],
+        )
+    )
     pts = memory_points(records)
     if pts:
         front = {p["variant"] for p in pareto_front(pts)}
         for p in pts:
             p["pareto"] = "yes" if p["variant"] in front else ""
         parts.append("<h2>Accuracy vs memory</h2>")
-        parts.append(_table(pts, [("variant", "config", ""), ("n", "n", ""), ("accuracy", "accuracy", "%"),
-                                  ("peak_kv_mib", "peak KV MiB", "2"), ("pareto", "Pareto front", "")]))
+        parts.append(
+            _table(
+                pts,
+                [
+                    ("variant", "config", ""),
+                    ("n", "n", ""),
+                    ("accuracy", "accuracy", "%"),
+                    ("peak_kv_mib", "peak KV MiB", "2"),
+                    ("pareto", "Pareto front", ""),
+                ],
+            )
+        )
     errors = [r for r in records if "error" in r]
     if errors:
         parts.append("<h2>Errors</h2>")
-        parts.append(_table(errors[:50], [("variant", "config", ""), ("benchmark", "benchmark", ""),
-                                          ("sample_id", "sample", ""), ("error", "error", "")]))
+        parts.append(
+            _table(
+                errors[:50],
+                [
+                    ("variant", "config", ""),
+                    ("benchmark", "benchmark", ""),
+                    ("sample_id", "sample", ""),
+                    ("error", "error", ""),
+                ],
+            )
+        )
     misses = [r for r in records if "error" not in r and float(r.get("score", 0)) < 1.0]
     if misses:
         parts.append(f"<h2>Missed answers ({len(misses)}; first 40)</h2>")
-        rows = [{**r, "gold": json.dumps(r.get("answers"))[:200], "said": (r.get("prediction") or "")[:300]}
-                for r in misses[:40]]
-        parts.append(_table(rows, [("variant", "config", ""), ("sample_id", "sample", ""),
-                                   ("score", "score", "2"), ("gold", "gold", ""), ("said", "prediction", "")]))
+        rows = [
+            {
+                **r,
+                "gold": json.dumps(r.get("answers"))[:200],
+                "said": (r.get("prediction") or "")[:300],
+            }
+            for r in misses[:40]
+        ]
+        parts.append(
+            _table(
+                rows,
+                [
+                    ("variant", "config", ""),
+                    ("sample_id", "sample", ""),
+                    ("score", "score", "2"),
+                    ("gold", "gold", ""),
+                    ("said", "prediction", ""),
+                ],
+            )
+        )
     # lets a headless browser (and the tests) confirm every figure decoded
-    parts.append("<script>window.addEventListener('load',()=>{let ok=0;"
-                 "document.querySelectorAll('img').forEach(i=>{i.setAttribute('data-natural-width',"
-                 "i.naturalWidth);if(i.naturalWidth>0)ok++;});"
-                 "document.body.setAttribute('data-images-decoded',ok);});</script>")
+    parts.append(
+        "<script>window.addEventListener('load',()=>{let ok=0;"
+        "document.querySelectorAll('img').forEach(i=>{i.setAttribute('data-natural-width',"
+        "i.naturalWidth);if(i.naturalWidth>0)ok++;});"
+        "document.body.setAttribute('data-images-decoded',ok);});</script>"
+    )
     parts.append("</body></html>")
     return "".join(parts)
 
 
-def write_report(records: list[dict[str, Any]], run_dir: str | Path, title: str = "apportion run",
-                 notes: list[str] | None = None) -> Path:
+def write_report(
+    records: list[dict[str, Any]],
+    run_dir: str | Path,
+    title: str = "apportion run",
+    notes: list[str] | None = None,
+) -> Path:
     """Write ``RUN_DIR/report.html`` atomically and return its path."""
     path = Path(run_dir) / REPORT
     tmp = path.with_name(f".{REPORT}.tmp")

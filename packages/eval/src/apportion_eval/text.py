@@ -98,16 +98,18 @@ def prompt_tokens(tokenizer: Any, context: str, question: str) -> int:
     ``context + blank line + question``, the question tokenized on its own."""
     content = f"{context}\n\n{question}"
     if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": content}],
-                                             add_generation_prompt=True, tokenize=False)
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+        )
     else:
         text = content + "\n"
     split = text.rfind(question)
     return n_tokens(tokenizer, text[:split]) + n_tokens(tokenizer, text[split:])
 
 
-def _top_up(tokenizer: Any, parts: list[str], at: int, length: int, question: str,
-            rng: random.Random) -> bool:
+def _top_up(
+    tokenizer: Any, parts: list[str], at: int, length: int, question: str, rng: random.Random
+) -> bool:
     """Close the last few tokens of gap to ``length`` (per-sentence counts are estimates) with
     the longest head of one more prose sentence that fits, inserted (in place) at ``at``.
     Returns whether anything was inserted."""

@@ -21,7 +21,9 @@ from apportion_eval.text import compose, prose_contains, spread
 
 
 class VariableTrackingConfig(LengthsConfig):
-    num_chains: int = Field(1, ge=1, le=16, description="chains in the context (1 asked, rest distractors)")
+    num_chains: int = Field(
+        1, ge=1, le=16, description="chains in the context (1 asked, rest distractors)"
+    )
     num_hops: int = Field(4, ge=1, le=32, description="assignments after the first in each chain")
 
 
@@ -47,16 +49,21 @@ class VariableTracking(Benchmark):
                         value = str(rng.randrange(10_000, 100_000))
                     values.add(value)
                     statements = [f"VAR {chain[0]} = {value}."] + [
-                        f"VAR {b} = VAR {a}." for a, b in zip(chain, chain[1:], strict=False)]
+                        f"VAR {b} = VAR {a}." for a, b in zip(chain, chain[1:], strict=False)
+                    ]
                     chains.append((chain, value, statements))
                 pieces = []
                 for _, _, statements in chains:
                     pieces += list(zip(statements, spread(rng, len(statements)), strict=True))
                 chain, value, _ = chains[0]
-                question = (f"Find all variables that are assigned the value {value} in the text "
-                            f"above, directly or through other variables. Answer with the "
-                            f"{len(chain)} variable names only.")
-                composed = compose(tokenizer, length, question, pieces, rng, what="variable-tracking")
+                question = (
+                    f"Find all variables that are assigned the value {value} in the text "
+                    f"above, directly or through other variables. Answer with the "
+                    f"{len(chain)} variable names only."
+                )
+                composed = compose(
+                    tokenizer, length, question, pieces, rng, what="variable-tracking"
+                )
                 yield Sample(
                     id=f"vt-c{cfg.num_chains}-h{cfg.num_hops}-{length}-{k}",
                     context=composed.context,
@@ -65,7 +72,11 @@ class VariableTracking(Benchmark):
                     length=length,
                     depth=None,
                     tags={"diffusion": "high", "scope": "medium"},
-                    meta={"value": value, "statements": chains[0][2], "context_chars": len(composed.context)},
+                    meta={
+                        "value": value,
+                        "statements": chains[0][2],
+                        "context_chars": len(composed.context),
+                    },
                     max_new_tokens=self.max_new_tokens + 4 * cfg.num_hops,
                 )
 

@@ -25,7 +25,9 @@ class AdaptMIConfig(KNNConfig):
     judge: Literal["confidence", "verifier"] = "confidence"
     threshold: float = Field(0.6, ge=0.0, le=1.0, description="confidence below this = difficult")
     verifier: str = Field("options", description="verifier for judge='verifier' (see verifiers.py)")
-    neighbors: int = Field(5, ge=1, le=50, description="pool neighbours voting on the query's skills")
+    neighbors: int = Field(
+        5, ge=1, le=50, description="pool neighbours voting on the query's skills"
+    )
     first_tokens: int = Field(16, ge=1, le=128)
 
 
@@ -44,7 +46,10 @@ class AdaptMI(KNN):
     def missing(self, answer: str, wanted: list[str], pool: list[Demo]) -> list[str]:
         from apportion_icl.runtime import get_embedder
 
-        by_skill = {s: [d.output for d in pool if s in d.skills] for s in {s for d in pool for s in d.skills}}
+        by_skill = {
+            s: [d.output for d in pool if s in d.skills]
+            for s in {s for d in pool for s in d.skills}
+        }
         if not answer or len(by_skill) < 2:
             return wanted
         emb = get_embedder()
@@ -64,9 +69,17 @@ class AdaptMI(KNN):
             ok, why = resolve(self.config.verifier)(query, answer, context)
             difficult = not ok
         else:
-            difficult, why = conf < self.config.threshold, f"confidence {conf:.3f} vs threshold {self.config.threshold}"
-        acc: dict[str, Any] = {"first_answer": answer, "confidence": round(conf, 4), "difficult": difficult,
-                               "judge": self.config.judge, "judgement": why}
+            difficult, why = (
+                conf < self.config.threshold,
+                f"confidence {conf:.3f} vs threshold {self.config.threshold}",
+            )
+        acc: dict[str, Any] = {
+            "first_answer": answer,
+            "confidence": round(conf, 4),
+            "difficult": difficult,
+            "judge": self.config.judge,
+            "judgement": why,
+        }
         if not difficult:
             return context, [], {**acc, "reason": "easy: no demonstrations"}
         skills = self.skills(query, pool)
@@ -80,7 +93,9 @@ class AdaptMI(KNN):
             if len(chosen) >= self.config.k:
                 break
         chosen = chosen[: self.config.k]
-        acc["reason"] = "difficult: skill-based demonstrations" + (" for missing skills" if self.plus else "")
+        acc["reason"] = "difficult: skill-based demonstrations" + (
+            " for missing skills" if self.plus else ""
+        )
         acc["selection"] = {d.id: list(d.skills) for d in chosen}
         return context, chosen, acc
 

@@ -42,12 +42,16 @@ class AllocationModel:
     meta: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def fit(cls, runs: Sequence[dict[str, Any]], l2: float = 1e-3, steps: int = 800) -> AllocationModel:
+    def fit(
+        cls, runs: Sequence[dict[str, Any]], l2: float = 1e-3, steps: int = 800
+    ) -> AllocationModel:
         """``runs``: dicts with k, m, n, accuracy (0..1), n_samples and mean prompt tokens."""
         import torch
 
         if len(runs) < 3:
-            raise ValueError(f"the allocation model needs at least 3 measured configurations, got {len(runs)}")
+            raise ValueError(
+                f"the allocation model needs at least 3 measured configurations, got {len(runs)}"
+            )
         x = torch.tensor([features(r["k"], r["m"], r["n"]) for r in runs])
         y = torch.tensor([float(r["accuracy"]) for r in runs])
         w = torch.tensor([float(r.get("n_samples", 1)) for r in runs])
@@ -56,15 +60,24 @@ class AllocationModel:
         for _ in range(steps):
             opt.zero_grad()
             logits = x @ coef
-            loss = (w * torch.nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="none")).sum() / w.sum()
+            loss = (
+                w
+                * torch.nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="none")
+            ).sum() / w.sum()
             (loss + l2 * (coef[1:] ** 2).sum()).backward()
             opt.step()
-        xt = torch.tensor([token_features(r["k"], r["m"], r["n"]) for r in runs], dtype=torch.float64)
+        xt = torch.tensor(
+            [token_features(r["k"], r["m"], r["n"]) for r in runs], dtype=torch.float64
+        )
         yt = torch.tensor([float(r["tokens"]) for r in runs], dtype=torch.float64)
         tok = torch.linalg.lstsq(xt, yt[:, None], rcond=None).solution[:, 0]
         grid = sorted({(int(r["k"]), int(r["m"]), int(r["n"])) for r in runs})
-        return cls([float(c) for c in coef.detach()], [float(c) for c in tok], grid,
-                   {"n_runs": len(runs), "fit_loss": float(loss.detach())})
+        return cls(
+            [float(c) for c in coef.detach()],
+            [float(c) for c in tok],
+            grid,
+            {"n_runs": len(runs), "fit_loss": float(loss.detach())},
+        )
 
     def accuracy(self, k: int, m: int, n: int) -> float:
         z = sum(a * b for a, b in zip(self.acc_coef, features(k, m, n), strict=True))
@@ -82,8 +95,12 @@ class AllocationModel:
             out = [c for c in out if c[2] == 1]
         return out
 
-    def best(self, budget: float, iterative: bool | None = None,
-             among: Sequence[tuple[int, int, int]] | None = None) -> tuple[int, int, int]:
+    def best(
+        self,
+        budget: float,
+        iterative: bool | None = None,
+        among: Sequence[tuple[int, int, int]] | None = None,
+    ) -> tuple[int, int, int]:
         """The (k, m, n) with the best predicted accuracy whose predicted tokens fit ``budget``
         (ties: fewer tokens), among ``among`` if given, else the grid's product."""
         options = [tuple(c) for c in among] if among is not None else self.candidates(iterative)
@@ -92,14 +109,21 @@ class AllocationModel:
         fits = [c for c in options if self.tokens(*c) <= budget]
         if not fits:
             cheapest = min(options, key=lambda c: self.tokens(*c))
-            raise BudgetError(f"no configuration fits {budget} tokens; the cheapest, k,m,n={cheapest}, "
-                              f"needs about {self.tokens(*cheapest):.0f}")
+            raise BudgetError(
+                f"no configuration fits {budget} tokens; the cheapest, k,m,n={cheapest}, "
+                f"needs about {self.tokens(*cheapest):.0f}"
+            )
         return max(fits, key=lambda c: (round(self.accuracy(*c), 6), -self.tokens(*c)))
 
     def save(self, path: str | Path) -> Path:
         from apportion_icl.controller import _atomic_write
 
-        body = {"acc_coef": self.acc_coef, "tok_coef": self.tok_coef, "grid": self.grid, "meta": self.meta}
+        body = {
+            "acc_coef": self.acc_coef,
+            "tok_coef": self.tok_coef,
+            "grid": self.grid,
+            "meta": self.meta,
+        }
         digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
         doc = {"kind": "drag-allocation", "format": FORMAT, "sha256": digest, **body}
         _atomic_write(Path(path), json.dumps(doc, indent=1, sort_keys=True).encode())
@@ -109,8 +133,10 @@ class AllocationModel:
     def load(cls, path: str | Path) -> AllocationModel:
         p = Path(path)
         if not p.is_file():
-            raise ArtifactError(f"no allocation model at {p}; fit one with benchmarks/icl_drag.py "
-                                "(AllocationModel.fit on measured runs, then .save)")
+            raise ArtifactError(
+                f"no allocation model at {p}; fit one with benchmarks/icl_drag.py "
+                "(AllocationModel.fit on measured runs, then .save)"
+            )
         try:
             doc = json.loads(p.read_text(encoding="utf-8"))
         except ValueError as exc:
@@ -118,6 +144,10 @@ class AllocationModel:
         if doc.get("kind") != "drag-allocation" or doc.get("format") != FORMAT:
             raise ArtifactError(f"{p} is not a drag-allocation model of format {FORMAT}")
         body = {k: doc[k] for k in ("acc_coef", "tok_coef", "grid", "meta")}
-        if hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest() != doc.get("sha256"):
+        if hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest() != doc.get(
+            "sha256"
+        ):
             raise ArtifactError(f"{p} does not match its checksum; refit it")
-        return cls(body["acc_coef"], body["tok_coef"], [tuple(g) for g in body["grid"]], body["meta"])
+        return cls(
+            body["acc_coef"], body["tok_coef"], [tuple(g) for g in body["grid"]], body["meta"]
+        )

@@ -9,7 +9,9 @@ from typing import Any
 from apportion.base import Prompt
 
 
-def first_answer(loaded: Any, messages: list[dict[str, str]], max_new_tokens: int = 16) -> tuple[str, float]:
+def first_answer(
+    loaded: Any, messages: list[dict[str, str]], max_new_tokens: int = 16
+) -> tuple[str, float]:
     """(answer, confidence in [0, 1]). An empty answer has confidence 0."""
     import torch
     from apportion.host import Host
@@ -23,6 +25,6 @@ def first_answer(loaded: Any, messages: list[dict[str, str]], max_new_tokens: in
     ids = torch.tensor([prompt_ids + ans_ids], device=loaded.device)
     with torch.inference_mode():
         logits = loaded.model(input_ids=ids, use_cache=False).logits[0].float()
-    logp = torch.log_softmax(logits[len(prompt_ids) - 1:-1], -1)
+    logp = torch.log_softmax(logits[len(prompt_ids) - 1 : -1], -1)
     picked = logp.gather(-1, torch.tensor(ans_ids, device=logp.device)[:, None])[:, 0]
     return answer, math.exp(float(picked.mean()))

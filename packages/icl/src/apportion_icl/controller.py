@@ -33,7 +33,11 @@ TRAIN_HINT = "apportion icl train-controller"
 
 def default_path() -> Path:
     root = os.environ.get("APPORTION_CACHE_DIR")
-    base = Path(root) if root else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "apportion"
+    base = (
+        Path(root)
+        if root
+        else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "apportion"
+    )
     return base / "icl" / "dynaicl-controller.json"
 
 
@@ -81,10 +85,18 @@ class Controller:
         from safetensors.torch import save
 
         meta_path, weights_path = _paths(path)
-        blob = save({"weight": self.weight.contiguous().float(), "bias": self.bias.contiguous().float()})
-        meta = {**self.meta, "format": FORMAT, "kind": "dynaicl-controller", "k_values": self.k_values,
-                "embedder": EMBEDDER, "weights": weights_path.name,
-                "weights_sha256": hashlib.sha256(blob).hexdigest()}
+        blob = save(
+            {"weight": self.weight.contiguous().float(), "bias": self.bias.contiguous().float()}
+        )
+        meta = {
+            **self.meta,
+            "format": FORMAT,
+            "kind": "dynaicl-controller",
+            "k_values": self.k_values,
+            "embedder": EMBEDDER,
+            "weights": weights_path.name,
+            "weights_sha256": hashlib.sha256(blob).hexdigest(),
+        }
         _atomic_write(weights_path, blob)
         _atomic_write(meta_path, json.dumps(meta, indent=1, sort_keys=True).encode())
         return meta_path
@@ -104,7 +116,9 @@ class Controller:
         try:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
         except ValueError as exc:
-            raise ArtifactError(f"{meta_path} is not valid JSON ({exc}); retrain with `{TRAIN_HINT}`") from None
+            raise ArtifactError(
+                f"{meta_path} is not valid JSON ({exc}); retrain with `{TRAIN_HINT}`"
+            ) from None
         if meta.get("kind") != "dynaicl-controller" or meta.get("format") != FORMAT:
             raise ArtifactError(
                 f"{meta_path} is a {meta.get('kind')!r} artifact of format {meta.get('format')!r}; "
@@ -112,20 +126,31 @@ class Controller:
             )
         blob = weights_path.read_bytes()
         if hashlib.sha256(blob).hexdigest() != meta.get("weights_sha256"):
-            raise ArtifactError(f"{weights_path} does not match the checksum in {meta_path}; "
-                                f"the artifact is corrupt: retrain with `{TRAIN_HINT}`")
+            raise ArtifactError(
+                f"{weights_path} does not match the checksum in {meta_path}; "
+                f"the artifact is corrupt: retrain with `{TRAIN_HINT}`"
+            )
         tensors = load(blob)
         weight, bias = tensors["weight"], tensors["bias"]
         k_values = [int(k) for k in meta["k_values"]]
         if weight.shape[0] != len(k_values) or bias.shape != (len(k_values),):
-            raise ArtifactError(f"{weights_path}: weight shape {tuple(weight.shape)} does not match "
-                                f"the k ladder {k_values}")
+            raise ArtifactError(
+                f"{weights_path}: weight shape {tuple(weight.shape)} does not match "
+                f"the k ladder {k_values}"
+            )
         return cls(k_values, weight, bias, meta)
 
 
 # ---------------------------------------------------------------- training
-def fit(features: Any, outcomes: Any, k_values: list[int], *, l2: float = 1e-3,
-        steps: int = 500, lr: float = 0.05) -> Controller:
+def fit(
+    features: Any,
+    outcomes: Any,
+    k_values: list[int],
+    *,
+    l2: float = 1e-3,
+    steps: int = 500,
+    lr: float = 0.05,
+) -> Controller:
     """One L2-regularised logistic regression per k on (N, D) features and (N, K) 0/1 outcomes."""
     import torch
 
@@ -135,16 +160,30 @@ def fit(features: Any, outcomes: Any, k_values: list[int], *, l2: float = 1e-3,
     opt = torch.optim.Adam([w, b], lr=lr)
     for _ in range(steps):
         opt.zero_grad()
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(x @ w.T + b, y) + l2 * (w ** 2).sum()
+        loss = (
+            torch.nn.functional.binary_cross_entropy_with_logits(x @ w.T + b, y) + l2 * (w**2).sum()
+        )
         loss.backward()
         opt.step()
-    return Controller(list(k_values), w.detach().clone(), b.detach().clone(),
-                      {"train_loss": float(loss.detach()), "n_train": int(x.shape[0]), "l2": l2})
+    return Controller(
+        list(k_values),
+        w.detach().clone(),
+        b.detach().clone(),
+        {"train_loss": float(loss.detach()), "n_train": int(x.shape[0]), "l2": l2},
+    )
 
 
-def measure(examples: Sequence[Any], pool: Sequence[Any], k_values: Sequence[int], loaded: Any, *,
-            batch_size: int = 8, max_new_tokens: int = 8, mmr_lambda: float = 1.0,
-            on_batch: Callable[[int], None] | None = None) -> list[dict[str, Any]]:
+def measure(
+    examples: Sequence[Any],
+    pool: Sequence[Any],
+    k_values: Sequence[int],
+    loaded: Any,
+    *,
+    batch_size: int = 8,
+    max_new_tokens: int = 8,
+    mmr_lambda: float = 1.0,
+    on_batch: Callable[[int], None] | None = None,
+) -> list[dict[str, Any]]:
     """Correctness of the model on each example with each k of nearest pool demos."""
     from apportion_icl.data import score
     from apportion_icl.knn import KNN, KNNConfig
@@ -154,14 +193,25 @@ def measure(examples: Sequence[Any], pool: Sequence[Any], k_values: Sequence[int
     for ex in examples:
         for k in k_values:
             p = KNN(KNNConfig(k=k, mmr_lambda=mmr_lambda)).bind(loaded)
-            jobs.append((ex, k, p.build(ex.query, demos=[d for d in pool if d.id != ex.id],
-                                        tokenizer=loaded.tokenizer)))
+            jobs.append(
+                (
+                    ex,
+                    k,
+                    p.build(
+                        ex.query,
+                        demos=[d for d in pool if d.id != ex.id],
+                        tokenizer=loaded.tokenizer,
+                    ),
+                )
+            )
     rows: dict[str, dict[str, Any]] = {}
     for i in range(0, len(jobs), batch_size):
-        batch = jobs[i:i + batch_size]
+        batch = jobs[i : i + batch_size]
         texts = generate(loaded, [p for _, _, p in batch], max_new_tokens)
         for (ex, k, p), text in zip(batch, texts, strict=True):
-            row = rows.setdefault(ex.id, {"id": ex.id, "query": ex.query, "correct": {}, "tokens": {}})
+            row = rows.setdefault(
+                ex.id, {"id": ex.id, "query": ex.query, "correct": {}, "tokens": {}}
+            )
             row["correct"][str(k)] = score(ex, text)
             row["tokens"][str(k)] = p.accounting["prompt_tokens"]
         if on_batch:
@@ -169,9 +219,17 @@ def measure(examples: Sequence[Any], pool: Sequence[Any], k_values: Sequence[int
     return list(rows.values())
 
 
-def train(out: str | Path | None = None, *, dataset: str = "classify", k_values: Sequence[int] = (0, 1, 2, 4),
-          limit: int | None = None, model: str = "smollm2", loaded: Any = None,
-          on_batch: Callable[[int], None] | None = None, on_start: Callable[[int], None] | None = None) -> tuple[Controller, Path]:
+def train(
+    out: str | Path | None = None,
+    *,
+    dataset: str = "classify",
+    k_values: Sequence[int] = (0, 1, 2, 4),
+    limit: int | None = None,
+    model: str = "smollm2",
+    loaded: Any = None,
+    on_batch: Callable[[int], None] | None = None,
+    on_start: Callable[[int], None] | None = None,
+) -> tuple[Controller, Path]:
     """Measure, fit and save a controller; returns it and the path of its JSON file."""
     import torch
 
@@ -193,11 +251,15 @@ def train(out: str | Path | None = None, *, dataset: str = "classify", k_values:
     feats = get_embedder().encode([r["query"] for r in rows])
     outcomes = torch.tensor([[r["correct"][str(k)] for k in k_values] for r in rows])
     ctl = fit(feats, outcomes, k_values)
-    ctl.meta.update({
-        "dataset": dataset, "model": getattr(loaded, "name", model),
-        "model_fingerprint": getattr(loaded, "fingerprint", ""),
-        "accuracy_by_k": {str(k): float(outcomes[:, j].mean()) for j, k in enumerate(k_values)},
-        "measure_seconds": round(time.perf_counter() - t0, 1), "measurements": rows,
-    })
+    ctl.meta.update(
+        {
+            "dataset": dataset,
+            "model": getattr(loaded, "name", model),
+            "model_fingerprint": getattr(loaded, "fingerprint", ""),
+            "accuracy_by_k": {str(k): float(outcomes[:, j].mean()) for j, k in enumerate(k_values)},
+            "measure_seconds": round(time.perf_counter() - t0, 1),
+            "measurements": rows,
+        }
+    )
     path = ctl.save(out or default_path())
     return ctl, path

@@ -31,12 +31,18 @@ class Example:
     meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     def as_demo(self) -> Demo:
-        return Demo(self.query, self.answer, skills=self.skills, id=self.id, meta={"task": self.task})
+        return Demo(
+            self.query, self.answer, skills=self.skills, id=self.id, meta={"task": self.task}
+        )
 
 
 @cache
 def _rows(name: str) -> tuple[dict[str, Any], ...]:
-    text = resources.files("apportion_icl").joinpath("data", f"{name}.jsonl").read_text(encoding="utf-8")
+    text = (
+        resources.files("apportion_icl")
+        .joinpath("data", f"{name}.jsonl")
+        .read_text(encoding="utf-8")
+    )
     return tuple(json.loads(line) for line in text.splitlines() if line.strip())
 
 
@@ -58,14 +64,25 @@ def classification(split: str = "all") -> list[Example]:
     for r in _rows("classify"):
         if split != "all" and r["split"] != split:
             continue
-        out.append(Example(r["id"], CLASSIFY_TEMPLATE[r["task"]].format(text=r["text"]), r["label"],
-                           r["task"], tuple(r["options"]), (r["task"],), {"text": r["text"]}))
+        out.append(
+            Example(
+                r["id"],
+                CLASSIFY_TEMPLATE[r["task"]].format(text=r["text"]),
+                r["label"],
+                r["task"],
+                tuple(r["options"]),
+                (r["task"],),
+                {"text": r["text"]},
+            )
+        )
     return out
 
 
 def documents() -> dict[str, dict[str, str]]:
     """id -> {"title", "text"} of the QA corpus (48 short documents)."""
-    return {r["id"]: {"title": r["title"], "text": r["text"]} for r in _rows("qa") if r["type"] == "doc"}
+    return {
+        r["id"]: {"title": r["title"], "text": r["text"]} for r in _rows("qa") if r["type"] == "doc"
+    }
 
 
 def qa(split: str = "all", hop: int | None = None) -> list[Example]:
@@ -76,10 +93,23 @@ def qa(split: str = "all", hop: int | None = None) -> list[Example]:
             continue
         if hop is not None and r["hop"] != hop:
             continue
-        meta = {"docs": r["docs"], "hop": r["hop"], "subquestions": r.get("subquestions", []),
-                "bridge": r.get("bridge")}
-        out.append(Example(r["id"], r["question"], r["answer"], f"qa-hop{r['hop']}", (),
-                           tuple(r["skills"]), meta))
+        meta = {
+            "docs": r["docs"],
+            "hop": r["hop"],
+            "subquestions": r.get("subquestions", []),
+            "bridge": r.get("bridge"),
+        }
+        out.append(
+            Example(
+                r["id"],
+                r["question"],
+                r["answer"],
+                f"qa-hop{r['hop']}",
+                (),
+                tuple(r["skills"]),
+                meta,
+            )
+        )
     return out
 
 
@@ -108,7 +138,11 @@ def score(example: Example, prediction: str) -> float:
     QA: the normalized answer occurs in the normalized prediction."""
     pred = normalize(prediction)
     if example.options:
-        hits = [(m.start(), o) for o in example.options
-                for m in [re.search(rf"\b{re.escape(o)}\b", pred)] if m]
+        hits = [
+            (m.start(), o)
+            for o in example.options
+            for m in [re.search(rf"\b{re.escape(o)}\b", pred)]
+            if m
+        ]
         return float(bool(hits) and min(hits)[1] == example.answer)
     return float(normalize(example.answer) in pred)

@@ -18,7 +18,10 @@ class Demo:
     meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     def turns(self) -> list[dict[str, str]]:
-        return [{"role": "user", "content": self.input}, {"role": "assistant", "content": self.output}]
+        return [
+            {"role": "user", "content": self.input},
+            {"role": "assistant", "content": self.output},
+        ]
 
 
 _IN = ("input", "question", "query", "text")
@@ -60,8 +63,9 @@ def as_demos(items: Iterable[Any]) -> list[Demo]:
     return out
 
 
-def chat(query: str, context: str | None = None, demos: Sequence[Demo] = (),
-         system: str | None = None) -> list[dict[str, str]]:
+def chat(
+    query: str, context: str | None = None, demos: Sequence[Demo] = (), system: str | None = None
+) -> list[dict[str, str]]:
     """Demos as prior user/assistant turns, then one user turn: the context, then the query."""
     msgs: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
     for d in demos:

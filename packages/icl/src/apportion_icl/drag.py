@@ -29,12 +29,16 @@ class DRAGConfig(KNNConfig):
     k: int = Field(4, ge=0, le=64, description="documents retrieved (per round for iterdrag)")
     m: int = Field(2, ge=0, le=32, description="demonstrations")
     retriever: Literal["bm25", "embedding"] = "bm25"
-    allocation: str | None = Field(None, description="fitted allocation model (JSON): choose (k, m, n) from the budget")
+    allocation: str | None = Field(
+        None, description="fitted allocation model (JSON): choose (k, m, n) from the budget"
+    )
 
 
 class IterDRAGConfig(DRAGConfig):
     n: int = Field(3, ge=1, le=8, description="maximum rounds (sub-queries + the final answer)")
-    sub_tokens: int = Field(24, ge=4, le=128, description="new tokens per sub-question / intermediate answer")
+    sub_tokens: int = Field(
+        24, ge=4, le=128, description="new tokens per sub-question / intermediate answer"
+    )
 
 
 def _doc_block(docs: list[str]) -> str:
@@ -51,7 +55,9 @@ class DRAG(KNN):
         if self.config.allocation and budget is not None:
             from apportion_icl.allocation import AllocationModel
 
-            k, m, n = AllocationModel.load(self.config.allocation).best(budget, iterative=self.rounds > 1)
+            k, m, n = AllocationModel.load(self.config.allocation).best(
+                budget, iterative=self.rounds > 1
+            )
         return k, m, n
 
     def plan(self, query, context, pool, budget, tokens):
@@ -65,13 +71,28 @@ class DRAG(KNN):
         block = _doc_block(picked)
         if chain:
             block += "\n\n" + "\n".join(chain)
-        acc = {"k": k, "m": m, "n": n, "retriever": self.config.retriever, "documents_total": len(docs),
-               "documents_kept": used, "rounds": chain, "iteration_prompt_tokens": sub_tokens,
-               "reason": "top-k retrieval per (sub-)query"}
+        acc = {
+            "k": k,
+            "m": m,
+            "n": n,
+            "retriever": self.config.retriever,
+            "documents_total": len(docs),
+            "documents_kept": used,
+            "rounds": chain,
+            "iteration_prompt_tokens": sub_tokens,
+            "reason": "top-k retrieval per (sub-)query",
+        }
         return (block or None), demos, acc
 
-    def iterate(self, query: str, docs: list[str], retriever: Retriever, hits: list[tuple[int, float]],
-                n: int, demos: list[Demo]) -> tuple[list[str], list[int], int]:
+    def iterate(
+        self,
+        query: str,
+        docs: list[str],
+        retriever: Retriever,
+        hits: list[tuple[int, float]],
+        n: int,
+        demos: list[Demo],
+    ) -> tuple[list[str], list[int], int]:
         """The chain of sub-questions and answers, the documents used, and the prompt tokens the
         intermediate model calls read (the paper's effective context length counts them)."""
         return [], [i for i, _ in hits], 0
@@ -95,10 +116,17 @@ class IterDRAG(DRAG):
         chain: list[str] = []
         spent = 0
         for _ in range(n - 1):
-            ask = [{"role": "user", "content": (
-                f"Documents:\n{_doc_block([docs[i] for i in used])}\n\n" + "\n".join(chain) +
-                f"\nQuestion: {query}\nIf the documents answer the question, reply 'So the final "
-                "answer is: <answer>'. Otherwise reply 'Follow up: <one simpler question>'.")}]
+            ask = [
+                {
+                    "role": "user",
+                    "content": (
+                        f"Documents:\n{_doc_block([docs[i] for i in used])}\n\n"
+                        + "\n".join(chain)
+                        + f"\nQuestion: {query}\nIf the documents answer the question, reply 'So the final "
+                        "answer is: <answer>'. Otherwise reply 'Follow up: <one simpler question>'."
+                    ),
+                }
+            ]
             reply = generate(self.llm, [ask], self.config.sub_tokens)[0]
             spent += tokens.messages(ask)
             follow = _FOLLOW.search(reply)
@@ -107,7 +135,12 @@ class IterDRAG(DRAG):
             sub = follow.group(1).strip()
             new = retriever.search(sub, self.config.k, exclude=set(used))
             used += [i for i, _ in new]
-            answer_prompt = [{"role": "user", "content": f"Documents:\n{_doc_block([docs[i] for i, _ in new] or [docs[i] for i in used])}\n\n{sub} Answer briefly."}]
+            answer_prompt = [
+                {
+                    "role": "user",
+                    "content": f"Documents:\n{_doc_block([docs[i] for i, _ in new] or [docs[i] for i in used])}\n\n{sub} Answer briefly.",
+                }
+            ]
             answer = generate(self.llm, [answer_prompt], self.config.sub_tokens)[0]
             spent += tokens.messages(answer_prompt)
             chain += [f"Follow up: {sub}", f"Intermediate answer: {answer}"]

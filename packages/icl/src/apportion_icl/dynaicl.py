@@ -26,10 +26,21 @@ from apportion_icl.strategy import Tokens
 
 
 class DynaICLConfig(KNNConfig):
-    controller: str | None = Field(None, description="controller JSON path (default: the user cache)")
-    tolerance: float = Field(0.05, ge=0.0, le=1.0,
-                             description="accept a k whose predicted accuracy is this close to the best")
-    k: int = Field(8, ge=0, le=64, description="upper bound on demonstrations (the ladder's top is used if lower)")
+    controller: str | None = Field(
+        None, description="controller JSON path (default: the user cache)"
+    )
+    tolerance: float = Field(
+        0.05,
+        ge=0.0,
+        le=1.0,
+        description="accept a k whose predicted accuracy is this close to the best",
+    )
+    k: int = Field(
+        8,
+        ge=0,
+        le=64,
+        description="upper bound on demonstrations (the ladder's top is used if lower)",
+    )
     mmr_lambda: float = 1.0
 
 
@@ -79,22 +90,35 @@ class DynaICL(KNN):
         acc = {
             "k_chosen": k,
             "k_ladder": ladder,
-            "predicted_accuracy": dict(zip(map(str, ladder), (round(p, 4) for p in row), strict=True)),
+            "predicted_accuracy": dict(
+                zip(map(str, ladder), (round(p, 4) for p in row), strict=True)
+            ),
             "reason": f"smallest k within {self.config.tolerance} of the best predicted accuracy",
-            "selection": {d.id: {"similarity": round(s, 4), "rank": r} for r, (d, s, _) in enumerate(ranked)},
+            "selection": {
+                d.id: {"similarity": round(s, 4), "rank": r} for r, (d, s, _) in enumerate(ranked)
+            },
         }
         return context, [d for d, _, _ in ranked], acc
 
-    def build_batch(self, queries: Sequence[str], *, contexts: Sequence[str | None] | None = None,
-                    demos: Sequence[Any] = (), total_budget: int | None = None,
-                    tokenizer: Any = None) -> list[Prompt]:
+    def build_batch(
+        self,
+        queries: Sequence[str],
+        *,
+        contexts: Sequence[str | None] | None = None,
+        demos: Sequence[Any] = (),
+        total_budget: int | None = None,
+        tokenizer: Any = None,
+    ) -> list[Prompt]:
         """Prompts for a batch whose prompt tokens sum to at most ``total_budget``."""
         contexts = list(contexts) if contexts is not None else [None] * len(queries)
         if len(contexts) != len(queries):
             raise ValueError(f"{len(queries)} queries but {len(contexts)} contexts")
         pool = as_demos(demos)
         if not pool or total_budget is None:
-            return [self.build(q, context=c, demos=pool, tokenizer=tokenizer) for q, c in zip(queries, contexts, strict=True)]
+            return [
+                self.build(q, context=c, demos=pool, tokenizer=tokenizer)
+                for q, c in zip(queries, contexts, strict=True)
+            ]
         tokens = Tokens(tokenizer)
         probs, ladder = self.predict(queries)
         levels_cost: list[list[int]] = []
@@ -105,8 +129,10 @@ class DynaICL(KNN):
             levels_cost.append([tokens.messages(chat(q, c, ranked[:k])) for k in ladder])
         base = sum(cost[0] for cost in levels_cost)
         if base > total_budget:
-            raise BudgetError(f"the batch budget of {total_budget} tokens is smaller than its "
-                              f"{len(queries)} prompts at {ladder[0]} demos ({base} tokens)")
+            raise BudgetError(
+                f"the batch budget of {total_budget} tokens is smaller than its "
+                f"{len(queries)} prompts at {ladder[0]} demos ({base} tokens)"
+            )
         target = [self._need([float(p) for p in row]) for row in probs]
         level = [0] * len(queries)
         spent = base
@@ -127,9 +153,15 @@ class DynaICL(KNN):
         out = []
         for i, (q, c) in enumerate(zip(queries, contexts, strict=True)):
             k = ladder[level[i]]
-            acc = {"k_chosen": k, "k_wanted": ladder[target[i]], "batch_budget": total_budget,
-                   "batch_tokens": spent,
-                   "predicted_accuracy": dict(zip(map(str, ladder), (round(float(p), 4) for p in probs[i]), strict=True)),
-                   "reason": "batch allocation: highest predicted gain per token under the total budget"}
+            acc = {
+                "k_chosen": k,
+                "k_wanted": ladder[target[i]],
+                "batch_budget": total_budget,
+                "batch_tokens": spent,
+                "predicted_accuracy": dict(
+                    zip(map(str, ladder), (round(float(p), 4) for p in probs[i]), strict=True)
+                ),
+                "reason": "batch allocation: highest predicted gain per token under the total budget",
+            }
             out.append(self.finish(q, c, ranked_all[i][:k], pool, None, tokens, acc))
         return out

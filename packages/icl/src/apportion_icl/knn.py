@@ -15,9 +15,12 @@ from apportion_icl.strategy import ICLStrategy, StrategyConfig, Tokens
 
 class KNNConfig(StrategyConfig):
     k: int = Field(4, ge=0, le=64, description="demonstrations to select")
-    mmr_lambda: float = Field(0.7, ge=0.0, le=1.0, description="1 = pure similarity, lower = more diverse")
+    mmr_lambda: float = Field(
+        0.7, ge=0.0, le=1.0, description="1 = pure similarity, lower = more diverse"
+    )
     order: Literal["nearest-last", "nearest-first"] = Field(
-        "nearest-last", description="nearest-last puts the most similar demo next to the query")
+        "nearest-last", description="nearest-last puts the most similar demo next to the query"
+    )
 
 
 class KNN(ICLStrategy):
@@ -40,12 +43,15 @@ class KNN(ICLStrategy):
         picked = mmr(vecs[0], vecs[1:], k, self.config.mmr_lambda)
         return [(pool[i], sim, score) for i, sim, score in picked]
 
-    def plan(self, query: str, context: str | None, pool: list[Demo], budget: int | None,
-             tokens: Tokens) -> tuple[str | None, list[Demo], dict[str, Any]]:
+    def plan(
+        self, query: str, context: str | None, pool: list[Demo], budget: int | None, tokens: Tokens
+    ) -> tuple[str | None, list[Demo], dict[str, Any]]:
         ranked = self.rank(query, pool, self.config.k)
         chosen = [d for d, _, _ in ranked]
-        why = {d.id: {"similarity": round(s, 4), "mmr": round(m, 4), "rank": r}
-               for r, (d, s, m) in enumerate(ranked)}
+        why = {
+            d.id: {"similarity": round(s, 4), "mmr": round(m, 4), "rank": r}
+            for r, (d, s, m) in enumerate(ranked)
+        }
         return context, chosen, {"selection": why, "order": self.config.order}
 
     def finish(self, query, context, chosen, pool, budget, tokens, accounting, system=None):
@@ -53,7 +59,7 @@ class KNN(ICLStrategy):
         if self.config.order == "nearest-last" and prompt.accounting["demos_kept"] > 1:
             # budget trimming drops from the least preferred end; only then reverse the layout
             kept = prompt.messages[:-1]
-            pairs = [kept[i:i + 2] for i in range(0, len(kept), 2)]
+            pairs = [kept[i : i + 2] for i in range(0, len(kept), 2)]
             prompt.messages = [m for pair in reversed(pairs) for m in pair] + prompt.messages[-1:]
             prompt.accounting["demo_ids"] = list(reversed(prompt.accounting["demo_ids"]))
         return prompt

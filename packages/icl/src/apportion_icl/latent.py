@@ -32,7 +32,9 @@ class Latent(KNN):
         todo = list(dict.fromkeys(t for t in texts if t not in self._memo))
         tok, model = loaded.tokenizer, loaded.model
         for text in todo:
-            ids = tok.encode(text, add_special_tokens=False)[: self.config.max_tokens] or [tok.eos_token_id]
+            ids = tok.encode(text, add_special_tokens=False)[: self.config.max_tokens] or [
+                tok.eos_token_id
+            ]
             x = torch.tensor([ids], device=loaded.device)
             with torch.inference_mode():
                 out = model(input_ids=x, output_hidden_states=True, use_cache=False)

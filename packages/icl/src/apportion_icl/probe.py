@@ -24,8 +24,16 @@ class AttentionProbe(AttentionBackend):
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         def fn(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-            out = sdpa_attention_forward(module, query, key, value, attention_mask,
-                                         scaling=scaling, dropout=dropout, **kwargs)
+            out = sdpa_attention_forward(
+                module,
+                query,
+                key,
+                value,
+                attention_mask,
+                scaling=scaling,
+                dropout=dropout,
+                **kwargs,
+            )
             layer = getattr(module, "layer_idx", None)
             if layer in self.layers:
                 nq = min(self.n_query, query.shape[2])
@@ -44,8 +52,9 @@ class AttentionProbe(AttentionBackend):
         return fn
 
 
-def question_attention(loaded: Any, context_ids: list[int], query_ids: list[int],
-                       layers: list[int], sink: int = 4) -> Any:
+def question_attention(
+    loaded: Any, context_ids: list[int], query_ids: list[int], layers: list[int], sink: int = 4
+) -> Any:
     """Mean attention (over the chosen layers, heads and query tokens) that the query pays to
     each context token: a (len(context_ids),) tensor. The first ``sink`` tokens are zeroed:
     they soak up attention whatever they say (attention sinks, Xiao et al. 2023)."""

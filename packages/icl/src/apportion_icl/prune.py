@@ -27,18 +27,35 @@ from apportion_icl.strategy import ICLStrategy, StrategyConfig
 class PruneConfig(StrategyConfig):
     scorer: Literal["embedding", "attention", "both"] = "embedding"
     threshold: float | None = Field(
-        None, ge=0.0, le=1.0,
-        description="fixed cut on the normalised score; None = Otsu's per-context threshold")
+        None,
+        ge=0.0,
+        le=1.0,
+        description="fixed cut on the normalised score; None = Otsu's per-context threshold",
+    )
     min_keep: int = Field(1, ge=0, description="always keep at least this many sentences")
-    neighbors: int = Field(1, ge=0, le=5, description="also keep this many sentences around each kept one, "
-                           "within its paragraph (a kept fact's subject is often named one sentence earlier)")
-    hops: int = Field(2, ge=1, le=4, description="selection rounds: each round after the first adds the sentences that "
-                      "best match the kept sentences' new terms (multi-hop questions: the bridge fact "
-                      "names what the next fact is about; IRCoT-style expansion)")
-    hop_width: int = Field(1, ge=1, description="sentences each expansion round adds (its best-scored ones)")
+    neighbors: int = Field(
+        1,
+        ge=0,
+        le=5,
+        description="also keep this many sentences around each kept one, "
+        "within its paragraph (a kept fact's subject is often named one sentence earlier)",
+    )
+    hops: int = Field(
+        2,
+        ge=1,
+        le=4,
+        description="selection rounds: each round after the first adds the sentences that "
+        "best match the kept sentences' new terms (multi-hop questions: the bridge fact "
+        "names what the next fact is about; IRCoT-style expansion)",
+    )
+    hop_width: int = Field(
+        1, ge=1, description="sentences each expansion round adds (its best-scored ones)"
+    )
     attention_layers: list[int] = Field(
-        [14, 17, 18, 20, 21, 22, 23], description="layers read by the attention scorer (the default: "
-        "SmolLM2-135M's layers whose question-to-context attention finds a needle; pick per model)")
+        [14, 17, 18, 20, 21, 22, 23],
+        description="layers read by the attention scorer (the default: "
+        "SmolLM2-135M's layers whose question-to-context attention finds a needle; pick per model)",
+    )
 
 
 def otsu(scores: list[float]) -> float:
@@ -70,7 +87,9 @@ class Prune(ICLStrategy):
     Config = PruneConfig
     uses_demos = False
 
-    def scores(self, query: str, sentences: list[sent.Sentence], tokenizer: Any) -> dict[str, list[float]]:
+    def scores(
+        self, query: str, sentences: list[sent.Sentence], tokenizer: Any
+    ) -> dict[str, list[float]]:
         out: dict[str, list[float]] = {}
         texts = [s.text for s in sentences]
         if self.config.scorer in ("embedding", "both"):
@@ -96,10 +115,16 @@ class Prune(ICLStrategy):
     def _with_neighbors(self, keep: set[int], sentences: list[sent.Sentence]) -> set[int]:
         """``keep`` plus, for each, the ``neighbors`` sentences either side in its paragraph."""
         n = self.config.neighbors
-        return {j for i in keep for j in range(i - n, i + n + 1)
-                if 0 <= j < len(sentences) and sentences[j].paragraph == sentences[i].paragraph}
+        return {
+            j
+            for i in keep
+            for j in range(i - n, i + n + 1)
+            if 0 <= j < len(sentences) and sentences[j].paragraph == sentences[i].paragraph
+        }
 
-    def _hop(self, sentences: list[sent.Sentence], keep: set[int], seeds: list[int], query: str) -> set[int]:
+    def _hop(
+        self, sentences: list[sent.Sentence], keep: set[int], seeds: list[int], query: str
+    ) -> set[int]:
         """One expansion round: the ``hop_width`` sentences not yet kept that best match, by
         BM25, the *bridge terms*: words of the ``seeds`` (the previous round's best sentences)
         that the query does not contain (for "where does the founder of X live", the
@@ -115,8 +140,9 @@ class Prune(ICLStrategy):
         hits = Retriever([s.text for s in rest]).search(" ".join(bridge), self.config.hop_width)
         return {rest[i].index for i, score in hits if score > 0}
 
-    def prune(self, query: str, context: str, tokenizer: Any = None, budget_tokens: int | None = None
-              ) -> tuple[str, dict[str, Any]]:
+    def prune(
+        self, query: str, context: str, tokenizer: Any = None, budget_tokens: int | None = None
+    ) -> tuple[str, dict[str, Any]]:
         """The pruned context and its accounting (usable without building a prompt)."""
         t0 = time.perf_counter()
         sentences = sent.split(context)
@@ -124,7 +150,10 @@ class Prune(ICLStrategy):
             return context, {"sentences": [], "rerank_score": 0.0, "prune_seconds": 0.0}
         raw = self.scores(query, sentences, tokenizer)
         if len(raw) == 2:
-            combined = [(a + b) / 2 for a, b in zip(_minmax(raw["embedding"]), _minmax(raw["attention"]), strict=True)]
+            combined = [
+                (a + b) / 2
+                for a, b in zip(_minmax(raw["embedding"]), _minmax(raw["attention"]), strict=True)
+            ]
         else:
             combined = _minmax(next(iter(raw.values())))
         cut = self.config.threshold if self.config.threshold is not None else otsu(combined)
@@ -166,8 +195,13 @@ class Prune(ICLStrategy):
             "sentences_total": len(sentences),
             "sentences_kept": len(kept),
             "kept_sentences": [
-                {"index": s.index, "paragraph": s.paragraph, "score": round(combined[s.index], 4),
-                 "kept": s.index in keep, **{k: round(v[s.index], 5) for k, v in raw.items()}}
+                {
+                    "index": s.index,
+                    "paragraph": s.paragraph,
+                    "score": round(combined[s.index], 4),
+                    "kept": s.index in keep,
+                    **{k: round(v[s.index], 5) for k, v in raw.items()},
+                }
                 for s in sentences
             ],
             "rerank_score": round(rerank, 4),
@@ -176,8 +210,13 @@ class Prune(ICLStrategy):
         if tokenizer is not None:
             before = len(tokenizer.encode(context, add_special_tokens=False))
             after = len(tokenizer.encode(pruned, add_special_tokens=False)) if pruned else 0
-            acc.update({"context_tokens_before": before, "context_tokens_after": after,
-                        "removed_fraction": round(1 - after / max(before, 1), 4)})
+            acc.update(
+                {
+                    "context_tokens_before": before,
+                    "context_tokens_after": after,
+                    "removed_fraction": round(1 - after / max(before, 1), 4),
+                }
+            )
         return pruned, acc
 
     def plan(self, query, context, pool, budget, tokens):

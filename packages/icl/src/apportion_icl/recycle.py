@@ -23,7 +23,9 @@ class RecycleConfig(StrategyConfig):
     n_demos: int = Field(2, ge=0, le=16, description="demonstrations to generate")
     candidates: int = Field(3, ge=1, le=32, description="paragraphs to try (most related first)")
     gen_tokens: int = Field(40, ge=8, le=256)
-    skip_most_relevant: bool = Field(True, description="don't quiz the paragraph that likely holds the answer")
+    skip_most_relevant: bool = Field(
+        True, description="don't quiz the paragraph that likely holds the answer"
+    )
 
 
 class Recycle(ICLStrategy):
@@ -44,10 +46,23 @@ class Recycle(ICLStrategy):
         if self.config.skip_most_relevant and len(order) > 1:
             order = order[1:]
         tried = order[: max(self.config.candidates, self.config.n_demos)]
-        asks = [[{"role": "user", "content": (
-            f"Paragraph: {paras[i]}\n\nWrite one short question about this paragraph and its answer, "
-            "in the form:\nQuestion: ...\nAnswer: ...")}] for i in tried]
-        replies = generate(self.llm, asks, self.config.gen_tokens) if tried and self.config.n_demos else []
+        asks = [
+            [
+                {
+                    "role": "user",
+                    "content": (
+                        f"Paragraph: {paras[i]}\n\nWrite one short question about this paragraph and its answer, "
+                        "in the form:\nQuestion: ...\nAnswer: ..."
+                    ),
+                }
+            ]
+            for i in tried
+        ]
+        replies = (
+            generate(self.llm, asks, self.config.gen_tokens)
+            if tried and self.config.n_demos
+            else []
+        )
         demos, rejected = [], []
         for i, reply in zip(tried, replies, strict=False):
             m = _QA.search(reply)
@@ -66,8 +81,13 @@ class Recycle(ICLStrategy):
         block = numbered
         if demos:
             block += "\n\nExamples of questions about this text:\n" + "\n".join(
-                f"Q: {d['question']}\nA: {d['answer']} [P{d['paragraph']}]" for d in demos)
+                f"Q: {d['question']}\nA: {d['answer']} [P{d['paragraph']}]" for d in demos
+            )
             block += "\n\nAnswer the next question the same way, citing the paragraph."
-        acc: dict[str, Any] = {"recycled": demos, "rejected": rejected, "paragraphs": len(paras),
-                               "reason": "QA demonstrations generated from the context's own paragraphs"}
+        acc: dict[str, Any] = {
+            "recycled": demos,
+            "rejected": rejected,
+            "paragraphs": len(paras),
+            "reason": "QA demonstrations generated from the context's own paragraphs",
+        }
         return block, [], acc

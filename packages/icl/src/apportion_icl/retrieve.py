@@ -7,8 +7,10 @@ import re
 from typing import Literal
 
 _WORD = re.compile(r"[a-z0-9]+")
-STOP = frozenset("a an the of in on at to for by and or is was are were be who what which when where "
-                 "how does did do this that with from as it its".split())
+STOP = frozenset(
+    "a an the of in on at to for by and or is was are were be who what which when where "
+    "how does did do this that with from as it its".split()
+)
 
 
 def words(text: str) -> list[str]:
@@ -26,7 +28,9 @@ class Retriever:
         elif method != "embedding":
             raise ValueError(f"unknown retriever {method!r}; use 'bm25' or 'embedding'")
 
-    def search(self, query: str, k: int, exclude: set[int] | None = None) -> list[tuple[int, float]]:
+    def search(
+        self, query: str, k: int, exclude: set[int] | None = None
+    ) -> list[tuple[int, float]]:
         """Indices and scores of the ``k`` best documents, best first."""
         if not self.docs or k <= 0:
             return []

@@ -32,9 +32,18 @@ def remember(model: Any, tokenizer: Any, spec: Any) -> None:
     if name in _LLMS:
         return
     _LLMS[name] = LoadedModel(
-        model=model, tokenizer=tokenizer, name=name, path="", device=param.device, dtype=param.dtype,
-        max_context=int(getattr(spec, "max_context", None) or getattr(model.config, "max_position_embeddings", 2048)),
-        fingerprint="")
+        model=model,
+        tokenizer=tokenizer,
+        name=name,
+        path="",
+        device=param.device,
+        dtype=param.dtype,
+        max_context=int(
+            getattr(spec, "max_context", None)
+            or getattr(model.config, "max_position_embeddings", 2048)
+        ),
+        fingerprint="",
+    )
 
 
 def get_llm(name: str = "smollm2") -> Any:
@@ -81,9 +90,14 @@ class Embedder:
 
         todo = list(dict.fromkeys(t for t in texts if t not in self._memo))
         for i in range(0, len(todo), batch_size):
-            chunk = todo[i:i + batch_size]
-            enc = self.tokenizer(chunk, padding=True, truncation=True, max_length=self.max_length,
-                                 return_tensors="pt")
+            chunk = todo[i : i + batch_size]
+            enc = self.tokenizer(
+                chunk,
+                padding=True,
+                truncation=True,
+                max_length=self.max_length,
+                return_tensors="pt",
+            )
             with torch.inference_mode():
                 hidden = self.model(**enc).last_hidden_state
             mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)

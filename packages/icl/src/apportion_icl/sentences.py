@@ -27,8 +27,8 @@ def split(text: str) -> list[Sentence]:
         pieces: list[str] = []
         start = 0
         for m in _BOUNDARY.finditer(para):
-            head = para[start:m.start()].strip()
-            if _ABBREV.search(para[:m.start()].rstrip("\"')]")):
+            head = para[start : m.start()].strip()
+            if _ABBREV.search(para[: m.start()].rstrip("\"')]")):
                 continue
             if head:
                 pieces.append(head)

@@ -45,14 +45,19 @@ class Tokens:
     def messages(self, msgs: Sequence[dict[str, str]]) -> int:
         tok = self.tokenizer
         if tok is not None and getattr(tok, "chat_template", None):
-            rendered = tok.apply_chat_template(list(msgs), add_generation_prompt=True, tokenize=False)
+            rendered = tok.apply_chat_template(
+                list(msgs), add_generation_prompt=True, tokenize=False
+            )
             return len(tok.encode(rendered, add_special_tokens=False))
         return sum(self.text(m["content"]) + 2 for m in msgs)
 
     def demo(self, d: Demo) -> int:
         """Tokens one demonstration adds (its two turns with their template markers)."""
-        return self.messages(d.turns()) - self.messages([]) if self.tokenizer is not None \
+        return (
+            self.messages(d.turns()) - self.messages([])
+            if self.tokenizer is not None
             else self.text(d.input) + self.text(d.output) + 4
+        )
 
 
 class ICLStrategy(PromptStrategy):
@@ -81,8 +86,15 @@ class ICLStrategy(PromptStrategy):
         return self._llm
 
     # ----------------------------------------------------------------- build
-    def build(self, query: str, *, context: str | None = None, demos: Sequence[Any] = (),
-              budget: int | None = None, tokenizer: Any = None) -> Prompt:
+    def build(
+        self,
+        query: str,
+        *,
+        context: str | None = None,
+        demos: Sequence[Any] = (),
+        budget: int | None = None,
+        tokenizer: Any = None,
+    ) -> Prompt:
         if not isinstance(query, str) or not query.strip():
             raise ValueError("the query must be a non-empty string")
         if budget is not None and budget <= 0:
@@ -96,20 +108,32 @@ class ICLStrategy(PromptStrategy):
             )
         pool = as_demos(demos)
         if not pool and self.uses_demos:
-            warnings.warn(f"{self.name}: the demonstration pool is empty; answering zero-shot",
-                          EmptyPoolWarning, stacklevel=2)
+            warnings.warn(
+                f"{self.name}: the demonstration pool is empty; answering zero-shot",
+                EmptyPoolWarning,
+                stacklevel=2,
+            )
         context, chosen, accounting = self.plan(query, context, pool, budget, tokens)
         return self.finish(query, context, chosen, pool, budget, tokens, accounting)
 
     uses_demos = True
 
-    def plan(self, query: str, context: str | None, pool: list[Demo], budget: int | None,
-             tokens: Tokens) -> tuple[str | None, list[Demo], dict[str, Any]]:
+    def plan(
+        self, query: str, context: str | None, pool: list[Demo], budget: int | None, tokens: Tokens
+    ) -> tuple[str | None, list[Demo], dict[str, Any]]:
         return context, [], {}
 
-    def finish(self, query: str, context: str | None, chosen: list[Demo], pool: list[Demo],
-               budget: int | None, tokens: Tokens, accounting: dict[str, Any],
-               system: str | None = None) -> Prompt:
+    def finish(
+        self,
+        query: str,
+        context: str | None,
+        chosen: list[Demo],
+        pool: list[Demo],
+        budget: int | None,
+        tokens: Tokens,
+        accounting: dict[str, Any],
+        system: str | None = None,
+    ) -> Prompt:
         """Drop the least preferred demonstrations until the prompt fits, then account."""
         kept = list(chosen)
         dropped: list[str] = []

@@ -19,7 +19,9 @@ from apportion_icl.strategy import ICLStrategy, StrategyConfig
 
 
 class StructurizeConfig(StrategyConfig):
-    merge_threshold: float = Field(0.35, ge=-1.0, le=1.0, description="stop merging below this similarity")
+    merge_threshold: float = Field(
+        0.35, ge=-1.0, le=1.0, description="stop merging below this similarity"
+    )
     max_sections: int = Field(12, ge=1, le=100)
     titles: Literal["keywords", "model"] = "keywords"
 
@@ -65,20 +67,47 @@ class Structurize(ICLStrategy):
             top = sorted(tf, key=lambda w: (-tf[w] / df[w], -tf[w], w))[:3]
             titles.append(", ".join(top) or "misc")
         if self.config.titles == "model":
-            asks = [[{"role": "user", "content": "Give a title of at most five words for this text:\n"
-                      + " ".join(sentences[i].text for i in g)}] for g in groups]
-            titles = [t.strip().strip('"').split("\n")[0][:60] or k for t, k in
-                      zip(generate(self.llm, asks, 12), titles, strict=True)]
+            asks = [
+                [
+                    {
+                        "role": "user",
+                        "content": "Give a title of at most five words for this text:\n"
+                        + " ".join(sentences[i].text for i in g),
+                    }
+                ]
+                for g in groups
+            ]
+            titles = [
+                t.strip().strip('"').split("\n")[0][:60] or k
+                for t, k in zip(generate(self.llm, asks, 12), titles, strict=True)
+            ]
         sections = [(titles[i], [sentences[j].text for j in groups[i]], rel[i]) for i in order]
 
         def render(secs):
-            return "\n\n".join(f"## {n}. {t}\n" + "\n".join(f"- {s}" for s in body)
-                               for n, (t, body, _) in enumerate(secs, 1))
+            return "\n\n".join(
+                f"## {n}. {t}\n" + "\n".join(f"- {s}" for s in body)
+                for n, (t, body, _) in enumerate(secs, 1)
+            )
 
         dropped = []
         if budget is not None:
-            while len(sections) > 1 and tokens.messages([{"role": "user", "content": render(sections) + "\n\n" + query}]) > budget:
+            while (
+                len(sections) > 1
+                and tokens.messages(
+                    [{"role": "user", "content": render(sections) + "\n\n" + query}]
+                )
+                > budget
+            ):
                 dropped.append(sections.pop()[0])
-        acc = {"sections": [{"title": t, "sentences": len(b), "relevance": round(r, 4)} for t, b, r in sections],
-               "sections_dropped_for_budget": dropped, "sentences_total": len(sentences)}
-        return "# Outline of the text (most relevant sections first)\n\n" + render(sections), [], acc
+        acc = {
+            "sections": [
+                {"title": t, "sentences": len(b), "relevance": round(r, 4)} for t, b, r in sections
+            ],
+            "sections_dropped_for_budget": dropped,
+            "sentences_total": len(sentences),
+        }
+        return (
+            "# Outline of the text (most relevant sections first)\n\n" + render(sections),
+            [],
+            acc,
+        )

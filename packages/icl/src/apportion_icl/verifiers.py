@@ -56,7 +56,10 @@ def nonempty(query: str, answer: str, context: str | None) -> Verdict:
 
 
 BUILTIN: dict[str, Callable[[str, str, str | None], Verdict]] = {
-    "options": options, "grounded": grounded, "nonempty": nonempty}
+    "options": options,
+    "grounded": grounded,
+    "nonempty": nonempty,
+}
 
 
 def resolve(name: str) -> Callable[[str, str, str | None], Verdict]:

@@ -13,7 +13,9 @@ from apportion_icl.strategy import ICLStrategy, StrategyConfig
 
 
 class VerifyLoopConfig(StrategyConfig):
-    verifier: str = Field("grounded", description="'options', 'grounded', 'nonempty' or 'module:attr'")
+    verifier: str = Field(
+        "grounded", description="'options', 'grounded', 'nonempty' or 'module:attr'"
+    )
     rounds: int = Field(3, ge=1, le=10, description="attempts, including the first")
     answer_tokens: int = Field(32, ge=1, le=512)
 
@@ -40,11 +42,20 @@ class VerifyLoop(ICLStrategy):
             attempts.append({"round": r + 1, "answer": answer, "accepted": ok, "reason": why})
             if ok or r == self.config.rounds - 1:
                 break
-            history += [{"role": "assistant", "content": answer},
-                        {"role": "user", "content": f"That answer was rejected: {why}. {query}"}]
+            history += [
+                {"role": "assistant", "content": answer},
+                {"role": "user", "content": f"That answer was rejected: {why}. {query}"},
+            ]
         self._history = history
-        return context, list(pool), {"attempts": attempts, "verifier": self.config.verifier,
-                                     "accepted": any(a.get("accepted") for a in attempts)}
+        return (
+            context,
+            list(pool),
+            {
+                "attempts": attempts,
+                "verifier": self.config.verifier,
+                "accepted": any(a.get("accepted") for a in attempts),
+            },
+        )
 
     def finish(self, query, context, chosen, pool, budget, tokens, accounting, system=None):
         prompt = super().finish(query, context, chosen, pool, budget, tokens, accounting, system)

@@ -68,8 +68,12 @@ class CodecConfig(ComponentConfig):
         [[160, 144, 128], [96, 84, 76], [40, 34, 28], [24, 20, 16]],
         description="per level, delta bins of each layer group (earliest layers first); level 0 is the finest",
     )
-    group_size: int = Field(10, ge=1, le=1024, description="tokens per delta group (one anchor each)")
-    chunk_tokens: int = Field(1024, ge=1, le=1 << 20, description="tokens per independently decodable chunk")
+    group_size: int = Field(
+        10, ge=1, le=1024, description="tokens per delta group (one anchor each)"
+    )
+    chunk_tokens: int = Field(
+        1024, ge=1, le=1 << 20, description="tokens per independently decodable chunk"
+    )
 
     @field_validator("levels")
     @classmethod
@@ -122,6 +126,7 @@ class Header:
 
 # --------------------------------------------------------------------------- helpers
 
+
 def layer_bins(levels: Sequence[int], n_layers: int) -> list[int]:
     """Spread a level's per-group bins over ``n_layers`` (equal consecutive groups)."""
     groups = len(levels)
@@ -160,12 +165,15 @@ def _check(cond: bool, what: str) -> None:
 
 def _int(obj: dict, key: str, lo: int, hi: int) -> int:
     v = obj.get(key)
-    _check(isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi,
-           f"header field {key!r} is {v!r}, expected an integer in [{lo}, {hi}]")
+    _check(
+        isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi,
+        f"header field {key!r} is {v!r}, expected an integer in [{lo}, {hi}]",
+    )
     return int(v)
 
 
 # --------------------------------------------------------------------------- the codec
+
 
 class CacheGenCodec:
     """Encode a KV cache into a CacheGen bitstream and back. Thread-safe (no state but config)."""
@@ -181,22 +189,32 @@ class CacheGenCodec:
         return len(self.config.levels)
 
     # ------------------------------------------------------------------ encode
-    def encode(self, kv: KV | Any, *, fingerprint: str = "", level: int = 0,
-               meta: dict[str, Any] | None = None) -> bytes:
+    def encode(
+        self,
+        kv: KV | Any,
+        *,
+        fingerprint: str = "",
+        level: int = 0,
+        meta: dict[str, Any] | None = None,
+    ) -> bytes:
         """Encode per-layer (keys, values) — or a transformers cache — at ``level``."""
         if hasattr(kv, "layers"):
             kv = kv_from_cache(kv)
         if not kv:
             raise ValueError("nothing to encode: the KV has no layers")
         if not 0 <= level < self.n_levels:
-            raise ValueError(f"level {level} out of range: this codec has levels 0..{self.n_levels - 1}")
+            raise ValueError(
+                f"level {level} out of range: this codec has levels 0..{self.n_levels - 1}"
+            )
         k0 = kv[0][0]
         shape = tuple(k0.shape)
         if len(shape) != 4:
             raise ValueError(f"keys must be (batch, kv_heads, tokens, head_dim), got {shape}")
         for i, (k, v) in enumerate(kv):
             if tuple(k.shape) != shape or tuple(v.shape) != shape:
-                raise ValueError(f"layer {i} has shapes {tuple(k.shape)}/{tuple(v.shape)}, expected {shape}")
+                raise ValueError(
+                    f"layer {i} has shapes {tuple(k.shape)}/{tuple(v.shape)}, expected {shape}"
+                )
         dtype = str(k0.dtype).removeprefix("torch.")
         if dtype not in _DTYPES:
             raise ValueError(f"unsupported KV dtype {k0.dtype}")
@@ -206,23 +224,48 @@ class CacheGenCodec:
         x = torch.stack([torch.stack([k, v]) for k, v in kv]).detach().to("cpu", torch.float32)
         if not bool(torch.isfinite(x).all()):
             raise ValueError("the KV holds NaN or inf values; refusing to encode it")
-        step = max(self.config.group_size, self.config.chunk_tokens // self.config.group_size * self.config.group_size)
+        step = max(
+            self.config.group_size,
+            self.config.chunk_tokens // self.config.group_size * self.config.group_size,
+        )
         chunks, blobs = [], []
         for start in range(0, t, step):
             stop = min(t, start + step)
             blob = self._encode_chunk(x[..., start:stop, :], bins)
             blobs.append(blob)
-            chunks.append({"start": start, "tokens": stop - start, "bytes": len(blob),
-                           "sha256": hashlib.sha256(blob).hexdigest()})
+            chunks.append(
+                {
+                    "start": start,
+                    "tokens": stop - start,
+                    "bytes": len(blob),
+                    "sha256": hashlib.sha256(blob).hexdigest(),
+                }
+            )
         header = {
-            "format": "apportion-cachegen", "version": VERSION, "model": fingerprint, "dtype": dtype,
-            "layers": n_layers, "batch": b, "kv_heads": h, "head_dim": d, "tokens": t,
-            "level": level, "bins": bins,
-            "group_size": self.config.group_size, "chunks": chunks, "meta": meta or {},
+            "format": "apportion-cachegen",
+            "version": VERSION,
+            "model": fingerprint,
+            "dtype": dtype,
+            "layers": n_layers,
+            "batch": b,
+            "kv_heads": h,
+            "head_dim": d,
+            "tokens": t,
+            "level": level,
+            "bins": bins,
+            "group_size": self.config.group_size,
+            "chunks": chunks,
+            "meta": meta or {},
         }
         hbytes = json.dumps(header, separators=(",", ":")).encode()
-        return b"".join([_PREAMBLE.pack(MAGIC, VERSION, len(hbytes)), hbytes,
-                         struct.pack("<I", zlib.crc32(hbytes)), *blobs])
+        return b"".join(
+            [
+                _PREAMBLE.pack(MAGIC, VERSION, len(hbytes)),
+                hbytes,
+                struct.pack("<I", zlib.crc32(hbytes)),
+                *blobs,
+            ]
+        )
 
     def _encode_chunk(self, x: torch.Tensor, bins: list[int]) -> bytes:
         import constriction
@@ -263,14 +306,18 @@ class CacheGenCodec:
                         tables.append((lo, len(counts)))
                         counts_all.append(counts.astype(np.uint32))
                         encoder.encode((sym - lo).astype(np.int32), _model(counts))
-        return save({
-            "mean": mean.to(torch.float16).numpy(),
-            "step": step.to(torch.float16).numpy(),
-            "use_delta": use_delta.to(torch.uint8).numpy(),
-            "tables": np.array(tables, dtype=np.int32).reshape(-1, 2),
-            "counts": _compact(np.concatenate(counts_all) if counts_all else np.zeros(0, dtype=np.uint32)),
-            "words": np.ascontiguousarray(encoder.get_compressed(), dtype=np.uint32),
-        })
+        return save(
+            {
+                "mean": mean.to(torch.float16).numpy(),
+                "step": step.to(torch.float16).numpy(),
+                "use_delta": use_delta.to(torch.uint8).numpy(),
+                "tables": np.array(tables, dtype=np.int32).reshape(-1, 2),
+                "counts": _compact(
+                    np.concatenate(counts_all) if counts_all else np.zeros(0, dtype=np.uint32)
+                ),
+                "words": np.ascontiguousarray(encoder.get_compressed(), dtype=np.uint32),
+            }
+        )
 
     # ------------------------------------------------------------------ decode
     def read_header(self, data: bytes | memoryview) -> Header:
@@ -280,33 +327,46 @@ class CacheGenCodec:
         magic, version, hlen = _PREAMBLE.unpack_from(data, 0)
         _check(magic == MAGIC, "bad magic: not a CacheGen bitstream")
         if version not in READABLE_VERSIONS:
-            raise CorruptKVError(f"CacheGen bitstream version {version} is not supported "
-                                 f"(this build reads versions {READABLE_VERSIONS}); upgrade apportion-kvcache"
-                                 if version > VERSION else f"unsupported CacheGen bitstream version {version}")
+            raise CorruptKVError(
+                f"CacheGen bitstream version {version} is not supported "
+                f"(this build reads versions {READABLE_VERSIONS}); upgrade apportion-kvcache"
+                if version > VERSION
+                else f"unsupported CacheGen bitstream version {version}"
+            )
         _check(hlen <= MAX_HEADER_BYTES, f"header length {hlen} exceeds {MAX_HEADER_BYTES}")
         end = _PREAMBLE.size + hlen
         _check(len(data) >= end + 4, "truncated header")
-        hbytes = bytes(data[_PREAMBLE.size:end])
+        hbytes = bytes(data[_PREAMBLE.size : end])
         (crc,) = struct.unpack_from("<I", data, end)
         _check(zlib.crc32(hbytes) == crc, "header checksum mismatch")
         try:
             obj = json.loads(hbytes)
         except ValueError as exc:
-            raise CorruptKVError(f"corrupt CacheGen bitstream: header is not JSON ({exc})") from None
-        _check(isinstance(obj, dict) and obj.get("format") == "apportion-cachegen", "foreign header")
+            raise CorruptKVError(
+                f"corrupt CacheGen bitstream: header is not JSON ({exc})"
+            ) from None
+        _check(
+            isinstance(obj, dict) and obj.get("format") == "apportion-cachegen", "foreign header"
+        )
         _check(obj.get("version") == version, "header version disagrees with the preamble")
         layers = _int(obj, "layers", 1, 4096)
         batch = _int(obj, "batch", 1, 1 << 16)
         heads = _int(obj, "kv_heads", 1, 4096)
         head_dim = _int(obj, "head_dim", 1, 1 << 16)
         tokens = _int(obj, "tokens", 1, 1 << 26)
-        _check(layers * 2 * batch * heads * tokens * head_dim <= self.max_elements,
-               "the declared KV is larger than the decoder's element cap")
+        _check(
+            layers * 2 * batch * heads * tokens * head_dim <= self.max_elements,
+            "the declared KV is larger than the decoder's element cap",
+        )
         dtype = obj.get("dtype")
         _check(dtype in _DTYPES, f"unknown dtype {dtype!r}")
         bins = obj.get("bins")
-        _check(isinstance(bins, list) and len(bins) == layers
-               and all(isinstance(x, int) and 2 <= x <= 65535 for x in bins), "bad per-layer bins")
+        _check(
+            isinstance(bins, list)
+            and len(bins) == layers
+            and all(isinstance(x, int) and 2 <= x <= 65535 for x in bins),
+            "bad per-layer bins",
+        )
         group = _int(obj, "group_size", 1, 1 << 20)
         level = _int(obj, "level", 0, 1024)
         fp = obj.get("model")
@@ -328,14 +388,32 @@ class CacheGenCodec:
             chunks.append(ChunkInfo(start, n, nb, digest))
         _check(pos == tokens, f"chunks cover {pos} tokens, header says {tokens}")
         offset = end + 4
-        _check(len(data) - offset >= total, f"truncated: {len(data) - offset} payload bytes, expected {total}")
+        _check(
+            len(data) - offset >= total,
+            f"truncated: {len(data) - offset} payload bytes, expected {total}",
+        )
         _check(len(data) - offset == total, "trailing bytes after the last chunk")
         meta = obj.get("meta") if isinstance(obj.get("meta"), dict) else {}
-        return Header(version, fp, dtype, layers, batch, heads, head_dim, tokens, level, bins,
-                      group, chunks, payload_offset=offset, meta=meta)
+        return Header(
+            version,
+            fp,
+            dtype,
+            layers,
+            batch,
+            heads,
+            head_dim,
+            tokens,
+            level,
+            bins,
+            group,
+            chunks,
+            payload_offset=offset,
+            meta=meta,
+        )
 
-    def decode(self, data: bytes | memoryview, *, fingerprint: str | None = None,
-               device: Any = "cpu") -> KV:
+    def decode(
+        self, data: bytes | memoryview, *, fingerprint: str | None = None, device: Any = "cpu"
+    ) -> KV:
         """Decode every chunk; returns per-layer (keys, values) in the stored dtype."""
         header = self.read_header(data)
         _check_model(header, fingerprint)
@@ -344,19 +422,25 @@ class CacheGenCodec:
         x = x.to(device=device, dtype=_DTYPES[header.dtype])
         return [(x[i, 0].contiguous(), x[i, 1].contiguous()) for i in range(header.layers)]
 
-    def decode_into_cache(self, data: bytes | memoryview, model: Any = None, *,
-                          fingerprint: str | None = None) -> Any:
+    def decode_into_cache(
+        self, data: bytes | memoryview, model: Any = None, *, fingerprint: str | None = None
+    ) -> Any:
         """Decode straight into a transformers ``DynamicCache`` for ``model`` (shapes checked)."""
         header = self.read_header(data)
         if model is not None:
             check_kv_shape(header.layers, header.kv_heads, header.head_dim, model.config)
-        kv = self.decode(data, fingerprint=fingerprint,
-                         device=getattr(model, "device", "cpu") if model is not None else "cpu")
+        kv = self.decode(
+            data,
+            fingerprint=fingerprint,
+            device=getattr(model, "device", "cpu") if model is not None else "cpu",
+        )
         if model is not None:
             kv = [(k.to(model.dtype), v.to(model.dtype)) for k, v in kv]
         return cache_from_kv(kv, model.config if model is not None else None)
 
-    def decode_chunk(self, data: bytes | memoryview, index: int, *, header: Header | None = None) -> torch.Tensor:
+    def decode_chunk(
+        self, data: bytes | memoryview, index: int, *, header: Header | None = None
+    ) -> torch.Tensor:
         """Decode chunk ``index`` alone: a float32 tensor (layers, 2, batch, heads, tokens, head_dim)."""
         import constriction
         from safetensors.numpy import load
@@ -366,31 +450,59 @@ class CacheGenCodec:
             raise IndexError(f"chunk {index} out of range (0..{len(header.chunks) - 1})")
         info = header.chunks[index]
         off = header.chunk_offsets()[index]
-        blob = bytes(memoryview(data)[off:off + info.nbytes])
+        blob = bytes(memoryview(data)[off : off + info.nbytes])
         _check(hashlib.sha256(blob).hexdigest() == info.sha256, f"chunk {index} checksum mismatch")
         try:
             arrays = load(blob)
         except Exception as exc:  # safetensors raises its own error types
-            raise CorruptKVError(f"corrupt CacheGen bitstream: chunk {index} unreadable ({exc})") from None
-        n_layers, b, h, d, t = header.layers, header.batch, header.kv_heads, header.head_dim, info.tokens
+            raise CorruptKVError(
+                f"corrupt CacheGen bitstream: chunk {index} unreadable ({exc})"
+            ) from None
+        n_layers, b, h, d, t = (
+            header.layers,
+            header.batch,
+            header.kv_heads,
+            header.head_dim,
+            info.tokens,
+        )
         g = header.group_size
-        expect = {"mean": ((n_layers, 2, h, d), np.float16), "step": ((n_layers, 2), np.float16),
-                  "use_delta": ((n_layers, 2, h, d), np.uint8), "tables": (None, np.int32),
-                  "counts": (None, np.uint32), "words": (None, np.uint32)}
+        expect = {
+            "mean": ((n_layers, 2, h, d), np.float16),
+            "step": ((n_layers, 2), np.float16),
+            "use_delta": ((n_layers, 2, h, d), np.uint8),
+            "tables": (None, np.int32),
+            "counts": (None, np.uint32),
+            "words": (None, np.uint32),
+        }
         for name, (shape, dt) in expect.items():
             arr = arrays.get(name)
-            ok_dtype = arr is not None and (arr.dtype == dt or (name == "counts" and header.version >= 2
-                                                                 and arr.dtype == np.uint16))
-            _check(ok_dtype and (tuple(arr.shape) == shape if shape else
-                                                            arr.ndim == (2 if name == "tables" else 1)),
-                   f"chunk {index} field {name!r} missing or misshapen")
+            ok_dtype = arr is not None and (
+                arr.dtype == dt
+                or (name == "counts" and header.version >= 2 and arr.dtype == np.uint16)
+            )
+            _check(
+                ok_dtype
+                and (
+                    tuple(arr.shape) == shape
+                    if shape
+                    else arr.ndim == (2 if name == "tables" else 1)
+                ),
+                f"chunk {index} field {name!r} missing or misshapen",
+            )
         mean = torch.from_numpy(arrays["mean"].astype(np.float32))
         step = torch.from_numpy(arrays["step"].astype(np.float32))
-        _check(bool(torch.isfinite(mean).all() and torch.isfinite(step).all()), f"chunk {index} has non-finite scales")
+        _check(
+            bool(torch.isfinite(mean).all() and torch.isfinite(step).all()),
+            f"chunk {index} has non-finite scales",
+        )
         table_rows, flat = arrays["tables"], arrays["counts"]
-        _check(table_rows.shape[-1] == 2 and bool((np.abs(table_rows[:, 0]) <= _SYM).all())
-               and bool((table_rows[:, 1] >= 1).all() and (table_rows[:, 1] <= 2 * _SYM + 1).all())
-               and int(table_rows[:, 1].astype(np.int64).sum()) == flat.shape[0], f"chunk {index} symbol tables")
+        _check(
+            table_rows.shape[-1] == 2
+            and bool((np.abs(table_rows[:, 0]) <= _SYM).all())
+            and bool((table_rows[:, 1] >= 1).all() and (table_rows[:, 1] <= 2 * _SYM + 1).all())
+            and int(table_rows[:, 1].astype(np.int64).sum()) == flat.shape[0],
+            f"chunk {index} symbol tables",
+        )
         use_delta = torch.from_numpy(arrays["use_delta"].astype(bool))
         is_anchor = torch.zeros(t, dtype=torch.bool)
         is_anchor[::g] = True
@@ -408,7 +520,7 @@ class CacheGenCodec:
                             continue
                         _check(ti < table_rows.shape[0], f"chunk {index} has too few symbol tables")
                         lo, width = (int(v) for v in table_rows[ti])
-                        counts = flat[cursor:cursor + width].astype(np.int64)
+                        counts = flat[cursor : cursor + width].astype(np.int64)
                         ti, cursor = ti + 1, cursor + width
                         n = math.prod(shape)
                         _check(int(counts.sum()) == n, f"chunk {index} symbol counts")
@@ -418,14 +530,18 @@ class CacheGenCodec:
         except CorruptKVError:
             raise
         except Exception as exc:
-            raise CorruptKVError(f"corrupt CacheGen bitstream: chunk {index} does not decode ({exc})") from None
+            raise CorruptKVError(
+                f"corrupt CacheGen bitstream: chunk {index} does not decode ({exc})"
+            ) from None
         qa, qr = out["a"], out["r"]
         st = step[:, :, None, None, None, None]
         m = mean[:, :, None, :, None, :]
         x = torch.empty(n_layers, 2, b, h, t, d)
         x[..., is_anchor, :] = qa * st + m
         owner = (torch.arange(t) // g) * g
-        base = torch.where(use_delta[:, :, None, :, None, :], x[..., owner, :][..., ~is_anchor, :], m)
+        base = torch.where(
+            use_delta[:, :, None, :, None, :], x[..., owner, :][..., ~is_anchor, :], m
+        )
         x[..., ~is_anchor, :] = base + qr * st
         return x
 
@@ -443,24 +559,30 @@ def _model(counts: np.ndarray) -> Any:
 
 def _check_model(header: Header, fingerprint: str | None) -> None:
     if fingerprint is not None and header.fingerprint and header.fingerprint != fingerprint:
-        raise KVMismatchError(f"this KV was encoded for model {header.fingerprint[:16]}…, "
-                              f"not for the loaded model {fingerprint[:16]}…")
+        raise KVMismatchError(
+            f"this KV was encoded for model {header.fingerprint[:16]}…, "
+            f"not for the loaded model {fingerprint[:16]}…"
+        )
 
 
 def check_kv_shape(layers: int, heads: int, head_dim: int, model_config: Any) -> None:
     """Raise :class:`KVMismatchError` unless the KV fits ``model_config``'s attention layout."""
     want_layers = getattr(model_config, "num_hidden_layers", layers)
     want_heads = getattr(model_config, "num_key_value_heads", None) or getattr(
-        model_config, "num_attention_heads", heads)
+        model_config, "num_attention_heads", heads
+    )
     want_dim = getattr(model_config, "head_dim", None) or (
-        model_config.hidden_size // model_config.num_attention_heads)
+        model_config.hidden_size // model_config.num_attention_heads
+    )
     if (layers, heads, head_dim) != (want_layers, want_heads, want_dim):
         raise KVMismatchError(
             f"KV shape (layers={layers}, kv_heads={heads}, head_dim={head_dim}) does not fit the model "
-            f"(layers={want_layers}, kv_heads={want_heads}, head_dim={want_dim})")
+            f"(layers={want_layers}, kv_heads={want_heads}, head_dim={want_dim})"
+        )
 
 
 # --------------------------------------------------------------------------- baselines for benchmarks
+
 
 def uniform_per_token(kv: KV, bits: int = 8) -> tuple[KV, int]:
     """Symmetric ``bits``-bit quantization with one fp16 scale per (layer, K/V, batch, head, token):
@@ -484,8 +606,8 @@ def kv_error(a: KV, b: KV) -> dict[str, float]:
     mx = 0.0
     for (ka, va), (kb, vb) in zip(a, b, strict=True):
         for x, y in ((ka, kb), (va, vb)):
-            diff = (x.float() - y.float())
-            num += float((diff ** 2).sum())
+            diff = x.float() - y.float()
+            num += float((diff**2).sum())
             den += float((x.float() ** 2).sum())
             mx = max(mx, float(diff.abs().max()))
     return {"rel_rmse": math.sqrt(num / max(den, 1e-30)), "max_abs": mx}

@@ -37,8 +37,12 @@ class CacheGenPolicy(KVPolicy):
         if cfg.level >= len(cfg.levels):
             from apportion.errors import ConfigError
 
-            raise ConfigError(f"cachegen level {cfg.level} out of range: {len(cfg.levels)} levels configured")
-        self.codec = CacheGenCodec(CodecConfig(**{k: getattr(cfg, k) for k in CodecConfig.model_fields}))
+            raise ConfigError(
+                f"cachegen level {cfg.level} out of range: {len(cfg.levels)} levels configured"
+            )
+        self.codec = CacheGenCodec(
+            CodecConfig(**{k: getattr(cfg, k) for k in CodecConfig.model_fields})
+        )
         self._store = None
         self.last_info: dict[str, Any] = {}
 
@@ -50,14 +54,26 @@ class CacheGenPolicy(KVPolicy):
             self._store = open_store(self.config.store)
         return self._store
 
-    def prefill(self, model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: Any,
-                *, question_len: int = 0) -> PrefillOutput:
+    def prefill(
+        self,
+        model: Any,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        cache: Any,
+        *,
+        question_len: int = 0,
+    ) -> PrefillOutput:
         length = input_ids.shape[1]
         q = max(0, min(int(question_len), length - 1))
         ctx_len = length - q
         fingerprint = _fingerprint(model)
         hit = False
-        if self.store is not None and input_ids.shape[0] == 1 and bool(attention_mask.all()) and ctx_len > 0:
+        if (
+            self.store is not None
+            and input_ids.shape[0] == 1
+            and bool(attention_mask.all())
+            and ctx_len > 0
+        ):
             ctx_ids = input_ids[0, :ctx_len].tolist()
             kv = self.store.load_kv(fingerprint, ctx_ids, model=model, codec=self.codec)
             if kv is not None:
@@ -65,30 +81,46 @@ class CacheGenPolicy(KVPolicy):
                 for i, (k, v) in enumerate(kv):
                     cache.update(k, v, i)
                 pos = positions_from_mask(attention_mask)
-                out = model(input_ids=input_ids[:, ctx_len:], attention_mask=attention_mask,
-                            position_ids=pos[:, ctx_len:], use_cache=True, logits_to_keep=1,
-                            **cache_kwargs(model, cache))
+                out = model(
+                    input_ids=input_ids[:, ctx_len:],
+                    attention_mask=attention_mask,
+                    position_ids=pos[:, ctx_len:],
+                    use_cache=True,
+                    logits_to_keep=1,
+                    **cache_kwargs(model, cache),
+                )
                 self.last_info = {"store_hit": True, "context_tokens": ctx_len}
-                return PrefillOutput(out.logits[:, -1, :], None, pos[:, -1] + 1, info=dict(self.last_info))
+                return PrefillOutput(
+                    out.logits[:, -1, :], None, pos[:, -1] + 1, info=dict(self.last_info)
+                )
         pre = super().prefill(model, input_ids, attention_mask, cache, question_len=question_len)
         nbytes = fp16 = 0
         for row in range(input_ids.shape[0]):
             start = int((~attention_mask[row].bool()).sum())  # left padding
             if ctx_len - start <= 0:
                 continue
-            kv = [(layer.keys[row:row + 1, :, start:ctx_len], layer.values[row:row + 1, :, start:ctx_len])
-                  for layer in cache.layers]
+            kv = [
+                (
+                    layer.keys[row : row + 1, :, start:ctx_len],
+                    layer.values[row : row + 1, :, start:ctx_len],
+                )
+                for layer in cache.layers
+            ]
             bs = self.codec.encode(kv, fingerprint=fingerprint, level=self.config.level)
             nbytes += len(bs)
             fp16 += sum(k.numel() * 4 for k, _ in kv)
             decoded = self.codec.decode(bs, fingerprint=fingerprint, device=input_ids.device)
             for layer, (k, v) in zip(cache.layers, decoded, strict=True):
-                layer.keys[row:row + 1, :, start:ctx_len] = k.to(layer.keys.dtype)
-                layer.values[row:row + 1, :, start:ctx_len] = v.to(layer.values.dtype)
+                layer.keys[row : row + 1, :, start:ctx_len] = k.to(layer.keys.dtype)
+                layer.values[row : row + 1, :, start:ctx_len] = v.to(layer.values.dtype)
             if self.store is not None and input_ids.shape[0] == 1 and start == 0:
                 self.store.save_bitstream(fingerprint, input_ids[0, :ctx_len].tolist(), bs)
-        self.last_info = {"store_hit": hit, "bitstream_bytes": nbytes, "fp16_bytes": fp16,
-                          "context_tokens": ctx_len}
+        self.last_info = {
+            "store_hit": hit,
+            "bitstream_bytes": nbytes,
+            "fp16_bytes": fp16,
+            "context_tokens": ctx_len,
+        }
         pre.info = dict(self.last_info)
         return pre
 

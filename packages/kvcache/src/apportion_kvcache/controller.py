@@ -58,7 +58,9 @@ class CostModel:
             enc.append((t1 - t0) / n)
             dec.append((t2 - t1) / n)
             err.append(kv_error(kv, out)["rel_rmse"])
-        return cls(prefill_s=prefill / n, level_bytes=sizes, decode_s=dec, encode_s=enc, quality=err)
+        return cls(
+            prefill_s=prefill / n, level_bytes=sizes, decode_s=dec, encode_s=enc, quality=err
+        )
 
 
 @dataclass
@@ -97,7 +99,9 @@ class Controller:
         send, dec = nbytes / bandwidth, c.decode_s[level] * tokens
         return (max(send, dec) if self.pipelined else send + dec), nbytes
 
-    def choose(self, tokens: int, remaining_chunks: int, time_left: float | None, bandwidth: float) -> Choice:
+    def choose(
+        self, tokens: int, remaining_chunks: int, time_left: float | None, bandwidth: float
+    ) -> Choice:
         """Best-quality configuration whose delay, for all ``remaining_chunks``, fits ``time_left``
         (None: no SLO, take the fastest)."""
         options = [(cfg, *self.chunk_cost(cfg, tokens, bandwidth)) for cfg in self.configs()]
@@ -108,13 +112,20 @@ class Controller:
         cfg, secs, nbytes = min(options, key=lambda o: o[1])
         return Choice(-1, cfg, secs, nbytes)
 
-    def plan(self, n_tokens: int, chunk_tokens: int, bandwidths: list[float] | float,
-             slo_s: float | None = None) -> list[Choice]:
+    def plan(
+        self,
+        n_tokens: int,
+        chunk_tokens: int,
+        bandwidths: list[float] | float,
+        slo_s: float | None = None,
+    ) -> list[Choice]:
         """Stream ``n_tokens`` in chunks under a bandwidth trace (one value per chunk, or a
         constant). The controller only knows the throughput of chunks already sent (the first
         chunk uses the first value as its prior), as in the paper's online setting."""
         n_chunks = max(1, -(-n_tokens // chunk_tokens))
-        trace = [bandwidths] * n_chunks if isinstance(bandwidths, (int, float)) else list(bandwidths)
+        trace = (
+            [bandwidths] * n_chunks if isinstance(bandwidths, (int, float)) else list(bandwidths)
+        )
         if len(trace) < n_chunks:
             trace += [trace[-1]] * (n_chunks - len(trace))
         elapsed, estimate, out = 0.0, trace[0], []

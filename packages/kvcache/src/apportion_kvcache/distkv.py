@@ -46,10 +46,16 @@ from apportion_kvcache.distkv_instances import (  # noqa: F401  (re-exported)
 
 
 class DistKVConfig(ComponentConfig):
-    instances: int = Field(2, ge=1, description="in-process instances (home included) when no group is given")
+    instances: int = Field(
+        2, ge=1, description="in-process instances (home included) when no group is given"
+    )
     block_size: int = Field(16, ge=1, description="tokens per KV block")
-    local_capacity_tokens: int = Field(128, ge=2, description="KV tokens the home instance keeps per request")
-    instance_capacity_tokens: int = Field(1 << 20, ge=1, description="KV tokens each other instance can lend")
+    local_capacity_tokens: int = Field(
+        128, ge=2, description="KV tokens the home instance keeps per request"
+    )
+    instance_capacity_tokens: int = Field(
+        1 << 20, ge=1, description="KV tokens each other instance can lend"
+    )
 
 
 # ----------------------------------------------------------------------------- the cache
@@ -73,7 +79,9 @@ class DistKVLayer(_layer_base()):  # type: ignore[misc]
         self.first_col = 0
 
     def update(self, *args: Any, **kwargs: Any) -> Any:
-        raise DistKVError("a DistKV layer is filled by the DistKV attention path, not by Cache.update")
+        raise DistKVError(
+            "a DistKV layer is filled by the DistKV attention path, not by Cache.update"
+        )
 
     def local_len(self) -> int:
         return 0 if self.keys is None or self.keys.dim() != 4 else int(self.keys.shape[-2])
@@ -114,9 +122,11 @@ class DistKVCache(_cache_base()):  # type: ignore[misc]
         b, _, n, _ = k.shape
         col0 = layer.get_seq_length()
         if self.padding is not None and col0 < self.padding.shape[1]:
-            valid = self.padding[:, col0:col0 + n]
+            valid = self.padding[:, col0 : col0 + n]
             if valid.shape[1] < n:
-                valid = torch.cat([valid, torch.ones(b, n - valid.shape[1], dtype=torch.bool, device=k.device)], 1)
+                valid = torch.cat(
+                    [valid, torch.ones(b, n - valid.shape[1], dtype=torch.bool, device=k.device)], 1
+                )
         else:
             valid = torch.ones(b, n, dtype=torch.bool, device=k.device)
         if layer.local_len() == 0:
@@ -133,7 +143,10 @@ class DistKVCache(_cache_base()):  # type: ignore[misc]
         bs = pol.config.block_size
         layer = self.layers[layer_idx]
         first_query_col = layer.get_seq_length() - query_cols
-        while layer.local_len() > pol.config.local_capacity_tokens and layer.first_col + bs <= first_query_col:
+        while (
+            layer.local_len() > pol.config.local_capacity_tokens
+            and layer.first_col + bs <= first_query_col
+        ):
             block = layer.first_col // bs
             if layer_idx == 0:  # layer 0 decides where a block goes; the others follow
                 inst = pol.gmanager.lend()
@@ -141,8 +154,14 @@ class DistKVCache(_cache_base()):  # type: ignore[misc]
                 self.remote_blocks += 1
             else:
                 inst = pol.instance_of(self.request, block)
-            inst.put(self.request, block, layer_idx, layer.keys[..., :bs, :].contiguous(),
-                     layer.values[..., :bs, :].contiguous(), layer.valid[:, :bs].contiguous())
+            inst.put(
+                self.request,
+                block,
+                layer_idx,
+                layer.keys[..., :bs, :].contiguous(),
+                layer.values[..., :bs, :].contiguous(),
+                layer.valid[:, :bs].contiguous(),
+            )
             layer.keys, layer.values = layer.keys[..., bs:, :], layer.values[..., bs:, :]
             layer.valid = layer.valid[:, bs:]
             layer.first_col += bs
@@ -162,7 +181,9 @@ class DistKVCache(_cache_base()):  # type: ignore[misc]
         qcols = cols[-m:]
         causal = cols[None, :] <= qcols[:, None]  # (m, n)
         mask = causal[None, None] & layer.valid[:, None, None, :]  # (b, 1, m, n)
-        mask = mask.expand(b, kvh, m, n).unsqueeze(2).expand(b, kvh, g, m, n).reshape(b, kvh, g * m, n)
+        mask = (
+            mask.expand(b, kvh, m, n).unsqueeze(2).expand(b, kvh, g, m, n).reshape(b, kvh, g * m, n)
+        )
         o, lse = partial_attention(qg, layer.keys, layer.values, scale=scale, mask=mask)
         outs, lses = [o], [lse]
         for ro, rl in pending:
@@ -172,13 +193,24 @@ class DistKVCache(_cache_base()):  # type: ignore[misc]
         return out.reshape(b, kvh, g, m, d).reshape(b, h, m, d).to(q.dtype)
 
     def nbytes(self) -> int:
-        local = sum(t.numel() * t.element_size() for layer in self.layers
-                    for t in (layer.keys, layer.values) if t is not None)
+        local = sum(
+            t.numel() * t.element_size()
+            for layer in self.layers
+            for t in (layer.keys, layer.values)
+            if t is not None
+        )
         bytes_per_block = 0
         if self.layers and self.layers[0].keys is not None:
             k = self.layers[0].keys
-            bytes_per_block = 2 * k.shape[0] * k.shape[1] * self.policy.config.block_size * k.shape[3] \
-                * k.element_size() * len(self.layers)
+            bytes_per_block = (
+                2
+                * k.shape[0]
+                * k.shape[1]
+                * self.policy.config.block_size
+                * k.shape[3]
+                * k.element_size()
+                * len(self.layers)
+            )
         return local + self.remote_blocks * bytes_per_block
 
 
@@ -190,8 +222,9 @@ def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
     return x * cos.unsqueeze(1) + torch.cat((-x2, x1), dim=-1) * sin.unsqueeze(1)
 
 
-def _distkv_attention(module: Any, hidden_states: torch.Tensor, position_embeddings: Any,
-                      cache: DistKVCache) -> tuple[torch.Tensor, None]:
+def _distkv_attention(
+    module: Any, hidden_states: torch.Tensor, position_embeddings: Any, cache: DistKVCache
+) -> tuple[torch.Tensor, None]:
     shape = (*hidden_states.shape[:-1], -1, module.head_dim)
     q = module.q_proj(hidden_states).view(shape).transpose(1, 2)
     k = module.k_proj(hidden_states).view(shape).transpose(1, 2)
@@ -215,13 +248,25 @@ def install(model: Any) -> None:
             continue
         original = attn.forward
 
-        def forward(hidden_states: torch.Tensor, position_embeddings: Any = None, attention_mask: Any = None,
-                    cache: Any = None, _orig: Any = original, _mod: Any = attn, **kwargs: Any) -> Any:
+        def forward(
+            hidden_states: torch.Tensor,
+            position_embeddings: Any = None,
+            attention_mask: Any = None,
+            cache: Any = None,
+            _orig: Any = original,
+            _mod: Any = attn,
+            **kwargs: Any,
+        ) -> Any:
             c = cache if cache is not None else kwargs.get("past_key_values")
             if isinstance(c, DistKVCache):
                 return _distkv_attention(_mod, hidden_states, position_embeddings, c)
-            return _orig(hidden_states, position_embeddings=position_embeddings, attention_mask=attention_mask,
-                         cache=cache, **kwargs)
+            return _orig(
+                hidden_states,
+                position_embeddings=position_embeddings,
+                attention_mask=attention_mask,
+                cache=cache,
+                **kwargs,
+            )
 
         attn.forward = forward
         attn._apportion_distkv = True
@@ -253,8 +298,10 @@ class DistKV(KVPolicy):
         super().__init__(config)
         cfg = self.config
         if cfg.local_capacity_tokens < 2 * cfg.block_size:
-            raise ValueError(f"local_capacity_tokens ({cfg.local_capacity_tokens}) must be at least two blocks "
-                             f"(2 x block_size {cfg.block_size}): the home reads the prompt in chunks that fit it")
+            raise ValueError(
+                f"local_capacity_tokens ({cfg.local_capacity_tokens}) must be at least two blocks "
+                f"(2 x block_size {cfg.block_size}): the home reads the prompt in chunks that fit it"
+            )
         if instances is None:
             blocks = math.ceil(cfg.instance_capacity_tokens / cfg.block_size)
             instances = [RManager(i, blocks) for i in range(1, cfg.instances)]
@@ -268,22 +315,34 @@ class DistKV(KVPolicy):
 
     def capacity_tokens(self) -> int:
         """Tokens one request can hold: the home's budget plus every lendable block."""
-        return self.config.local_capacity_tokens + self.gmanager.capacity_tokens(self.config.block_size)
+        return self.config.local_capacity_tokens + self.gmanager.capacity_tokens(
+            self.config.block_size
+        )
 
     def make_cache(self, model: Any) -> DistKVCache:
         install(model)
         return DistKVCache(self, model.config.num_hidden_layers)
 
-    def prefill(self, model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: Any, *,
-                question_len: int = 0) -> PrefillOutput:
+    def prefill(
+        self,
+        model: Any,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        cache: Any,
+        *,
+        question_len: int = 0,
+    ) -> PrefillOutput:
         if not isinstance(cache, DistKVCache):
-            raise TypeError(f"distkv prefill needs the cache from its make_cache, got {type(cache).__name__}")
+            raise TypeError(
+                f"distkv prefill needs the cache from its make_cache, got {type(cache).__name__}"
+            )
         n = input_ids.shape[1]
         if n > self.capacity_tokens():
             raise KVCapacityError(
                 f"prompt of {n} tokens exceeds the {self.capacity_tokens()} KV tokens this home "
                 f"({self.config.local_capacity_tokens}) and its {len(self.gmanager.instances)} lending "
-                "instances can hold")
+                "instances can hold"
+            )
         from apportion.host.kv import cache_kwargs, positions_from_mask
 
         cache.padding = attention_mask.bool()
@@ -292,13 +351,22 @@ class DistKV(KVPolicy):
         logits = None
         for s in range(0, n, chunk):
             e = min(n, s + chunk)
-            out = model(input_ids=input_ids[:, s:e], position_ids=positions[:, s:e], use_cache=True,
-                        logits_to_keep=1, **cache_kwargs(model, cache))
+            out = model(
+                input_ids=input_ids[:, s:e],
+                position_ids=positions[:, s:e],
+                use_cache=True,
+                logits_to_keep=1,
+                **cache_kwargs(model, cache),
+            )
             logits = out.logits[:, -1, :]
         assert logits is not None
         kv_mask = None if bool(attention_mask.all()) else attention_mask.bool()
-        return PrefillOutput(logits=logits, kv_mask=kv_mask, next_position=positions[:, -1] + 1,
-                             info={"remote_blocks": cache.remote_blocks})
+        return PrefillOutput(
+            logits=logits,
+            kv_mask=kv_mask,
+            next_position=positions[:, -1] + 1,
+            info={"remote_blocks": cache.remote_blocks},
+        )
 
     def kv_bytes(self, cache: Any) -> int:
         return cache.nbytes() if isinstance(cache, DistKVCache) else super().kv_bytes(cache)

@@ -39,12 +39,16 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def init(rank: int, world: int, port: int, *, timeout_s: float = 30.0, backend: str | None = None) -> None:
+def init(
+    rank: int, world: int, port: int, *, timeout_s: float = 30.0, backend: str | None = None
+) -> None:
     """Join the DistKV group on loopback (or ``MASTER_ADDR``)."""
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ["MASTER_PORT"] = str(port)
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
-    dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s))
+    dist.init_process_group(
+        backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s)
+    )
 
 
 def _wait(start: Any, timeout_s: float, what: str) -> None:
@@ -74,18 +78,26 @@ class RemoteInstance:
         h = torch.tensor(header + [0] * (HEADER - len(header)), dtype=torch.int64)
         for t in (h, *tensors):
             if self.failed:
-                raise DistKVError(f"instance {self.rank} (rank {self.rank}) failed earlier: {self.failed}")
+                raise DistKVError(
+                    f"instance {self.rank} (rank {self.rank}) failed earlier: {self.failed}"
+                )
             try:
-                _wait(lambda t=t: dist.isend(t.contiguous(), dst=self.rank), self.timeout_s,
-                      f"instance {self.rank} (rank {self.rank}) failed while receiving")
+                _wait(
+                    lambda t=t: dist.isend(t.contiguous(), dst=self.rank),
+                    self.timeout_s,
+                    f"instance {self.rank} (rank {self.rank}) failed while receiving",
+                )
             except DistKVError as exc:
                 self.failed = str(exc)
                 raise
 
     def _recv(self, t: torch.Tensor) -> torch.Tensor:
         try:
-            _wait(lambda: dist.irecv(t, src=self.rank), self.timeout_s,
-                  f"instance {self.rank} (rank {self.rank}) failed to answer")
+            _wait(
+                lambda: dist.irecv(t, src=self.rank),
+                self.timeout_s,
+                f"instance {self.rank} (rank {self.rank}) failed to answer",
+            )
         except DistKVError as exc:
             self.failed = str(exc)
             raise
@@ -98,17 +110,32 @@ class RemoteInstance:
     def free_blocks(self) -> int:
         return self._free
 
-    def put(self, request: int, block: int, layer: int, k: torch.Tensor, v: torch.Tensor,
-            valid: torch.Tensor) -> None:
+    def put(
+        self,
+        request: int,
+        block: int,
+        layer: int,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        valid: torch.Tensor,
+    ) -> None:
         b, h, n, d = k.shape
-        self._send([PUT, request, block, layer, b, h, n, d], k.float(), v.float(), valid.to(torch.uint8))
+        self._send(
+            [PUT, request, block, layer, b, h, n, d], k.float(), v.float(), valid.to(torch.uint8)
+        )
         if layer == 0:
             self._free -= 1
         self.puts += 1
 
-    def attend(self, request: int, layer: int, q: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def attend(
+        self, request: int, layer: int, q: torch.Tensor, scale: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         b, h, m, d = q.shape
-        self._send([ATTEND, request, 0, layer, b, h, m, d], q.float(), torch.tensor([scale], dtype=torch.float64))
+        self._send(
+            [ATTEND, request, 0, layer, b, h, m, d],
+            q.float(),
+            torch.tensor([scale], dtype=torch.float64),
+        )
         out = self._recv(torch.empty(b, h, m, d))
         lse = self._recv(torch.empty(b, h, m))
         self.attends += 1
@@ -127,7 +154,9 @@ class RemoteInstance:
             pass
 
 
-def serve(capacity_blocks: int, *, idle_timeout_s: float = 300.0, die_after: int | None = None) -> int:
+def serve(
+    capacity_blocks: int, *, idle_timeout_s: float = 300.0, die_after: int | None = None
+) -> int:
     """A lending instance's loop: hold blocks, answer attention queries, until STOP.
     Returns the number of messages served. ``die_after`` (fault injection for tests) exits
     the process abruptly after that many messages."""
@@ -163,32 +192,67 @@ def serve(capacity_blocks: int, *, idle_timeout_s: float = 300.0, die_after: int
             raise DistKVError(f"rank {dist.get_rank()}: unknown op {op}")
 
 
-def spawn_workers(world: int, port: int, capacity_blocks: int, *, timeout_s: float = 30.0,
-                  join_timeout_s: float = 180.0, die_after: dict[int, int] | None = None
-                  ) -> list[subprocess.Popen[bytes]]:
+def spawn_workers(
+    world: int,
+    port: int,
+    capacity_blocks: int,
+    *,
+    timeout_s: float = 30.0,
+    join_timeout_s: float = 180.0,
+    die_after: dict[int, int] | None = None,
+) -> list[subprocess.Popen[bytes]]:
     """Start ranks 1..world-1 as processes on loopback; the caller is rank 0."""
     procs = []
     for rank in range(1, world):
-        cmd = [sys.executable, "-m", "apportion_kvcache.distkv_dist", "--rank", str(rank), "--world", str(world),
-               "--port", str(port), "--capacity-blocks", str(capacity_blocks), "--timeout", str(timeout_s),
-               "--join-timeout", str(join_timeout_s)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "apportion_kvcache.distkv_dist",
+            "--rank",
+            str(rank),
+            "--world",
+            str(world),
+            "--port",
+            str(port),
+            "--capacity-blocks",
+            str(capacity_blocks),
+            "--timeout",
+            str(timeout_s),
+            "--join-timeout",
+            str(join_timeout_s),
+        ]
         if die_after and rank in die_after:
             cmd += ["--die-after", str(die_after[rank])]
         env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1")
-        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+        procs.append(
+            subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        )
     return procs
 
 
 class Cluster:
     """Rank 0 side of a DistKV group on this machine: ``with Cluster(4, 128) as c: DistKV(cfg, c.instances)``."""
 
-    def __init__(self, world: int, capacity_blocks: int, *, timeout_s: float = 60.0,
-                 join_timeout_s: float = 180.0, die_after: dict[int, int] | None = None):
+    def __init__(
+        self,
+        world: int,
+        capacity_blocks: int,
+        *,
+        timeout_s: float = 60.0,
+        join_timeout_s: float = 180.0,
+        die_after: dict[int, int] | None = None,
+    ):
         self.world = world
         self.port = free_port()
         self.timeout_s = timeout_s
-        self.procs = spawn_workers(world, self.port, capacity_blocks, timeout_s=timeout_s,
-                                   join_timeout_s=join_timeout_s, die_after=die_after)
+        self.procs = spawn_workers(
+            world,
+            self.port,
+            capacity_blocks,
+            timeout_s=timeout_s,
+            join_timeout_s=join_timeout_s,
+            die_after=die_after,
+        )
         self.instances: list[RemoteInstance] = []
         try:
             # joining waits for the ranks to start (imports are slow on a busy machine); every

@@ -28,9 +28,18 @@ class Instance(Protocol):
     id: int
 
     def free_blocks(self) -> int: ...
-    def put(self, request: int, block: int, layer: int, k: torch.Tensor, v: torch.Tensor,
-            valid: torch.Tensor) -> None: ...
-    def attend(self, request: int, layer: int, q: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def put(
+        self,
+        request: int,
+        block: int,
+        layer: int,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        valid: torch.Tensor,
+    ) -> None: ...
+    def attend(
+        self, request: int, layer: int, q: torch.Tensor, scale: float
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
     def release(self, request: int) -> None: ...
 
 
@@ -41,19 +50,30 @@ class RManager:
         self.id = id
         self.capacity_blocks = capacity_blocks
         # (request, block) -> {layer: (k, v, valid)}
-        self.blocks: dict[tuple[int, int], dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
+        self.blocks: dict[
+            tuple[int, int], dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+        ] = {}
 
     def free_blocks(self) -> int:
         return self.capacity_blocks - len(self.blocks)
 
-    def put(self, request: int, block: int, layer: int, k: torch.Tensor, v: torch.Tensor,
-            valid: torch.Tensor) -> None:
+    def put(
+        self,
+        request: int,
+        block: int,
+        layer: int,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        valid: torch.Tensor,
+    ) -> None:
         key = (request, block)
         if key not in self.blocks and self.free_blocks() <= 0:
             raise KVCapacityError(f"instance {self.id} is full ({self.capacity_blocks} blocks)")
         self.blocks.setdefault(key, {})[layer] = (k, v, valid)
 
-    def attend(self, request: int, layer: int, q: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def attend(
+        self, request: int, layer: int, q: torch.Tensor, scale: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Partial attention of ``q`` (b, kvh, m, d) over this instance's blocks of ``request``."""
         ks, vs, valids = [], [], []
         for (req, _), layers in sorted(self.blocks.items()):
@@ -74,8 +94,12 @@ class RManager:
             del self.blocks[key]
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for layers in self.blocks.values()
-                   for kv in layers.values() for t in kv[:2])
+        return sum(
+            t.numel() * t.element_size()
+            for layers in self.blocks.values()
+            for kv in layers.values()
+            for t in kv[:2]
+        )
 
 
 # ----------------------------------------------------------------------------- gManager
@@ -99,7 +123,8 @@ class GManager:
             total = sum(i.free_blocks() for i in self.instances.values())
             raise KVCapacityError(
                 f"no instance has a free KV block ({len(self.instances)} lending instances, {total} free): "
-                "the request does not fit; shorten it or add instances")
+                "the request does not fit; shorten it or add instances"
+            )
         return best
 
     def place(self, request: int, block: int, inst: Instance) -> None:

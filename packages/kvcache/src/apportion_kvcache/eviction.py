@@ -62,12 +62,13 @@ class LayerInputs:
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
     return torch.cat((-x2, x1), dim=-1)
 
 
-def project_queries(module: Any, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                    last: int | None = None) -> torch.Tensor:
+def project_queries(
+    module: Any, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, last: int | None = None
+) -> torch.Tensor:
     """Recompute an attention module's queries (Llama/Mistral/Qwen layout: ``q_proj``, optional
     ``q_norm``, rotate-half RoPE). Only ``last`` positions are projected: scorers that read an
     observation window never pay for the whole prompt."""
@@ -91,7 +92,7 @@ def window_attention(inputs: LayerInputs, window: int) -> torch.Tensor:
     q = inputs.queries(w).float()
     groups = q.shape[1] // h_kv
     k = keys.float().repeat_interleave(groups, dim=1)
-    logits = torch.matmul(q, k.transpose(-1, -2)) * (d ** -0.5)
+    logits = torch.matmul(q, k.transpose(-1, -2)) * (d**-0.5)
     q_pos = torch.arange(length - w, length, device=keys.device)[:, None]
     k_pos = torch.arange(length, device=keys.device)[None, :]
     allowed = (k_pos <= q_pos)[None, None] & inputs.real[:, None, None, :]
@@ -146,20 +147,23 @@ class ScoredEviction(KVPolicy):
         length = keys.shape[-2]
         scores = self.score(inputs).float()
         if scores.shape != keys.shape[:3]:
-            raise RuntimeError(f"{type(self).__name__}.score returned {tuple(scores.shape)}, "
-                               f"expected {tuple(keys.shape[:3])}")
+            raise RuntimeError(
+                f"{type(self).__name__}.score returned {tuple(scores.shape)}, "
+                f"expected {tuple(keys.shape[:3])}"
+            )
         tail = min(max(self.protect_tail(n_keep, inputs.question_len), inputs.question_len), n_keep)
         scores = scores.nan_to_num(0.0)
         if tail > 0:
-            scores[..., length - tail:] = float("inf")
+            scores[..., length - tail :] = float("inf")
         scores = scores.masked_fill(~inputs.real[:, None, :], float("-inf"))
         idx = scores.topk(n_keep, dim=-1).indices.sort(dim=-1).values
         gather = idx[..., None].expand(-1, -1, -1, keys.shape[-1])
         return keys.gather(2, gather).contiguous(), values.gather(2, gather).contiguous()
 
     @contextlib.contextmanager
-    def _hooks(self, model: Any, cache: Any, real: torch.Tensor, question_len: int,
-               n_keep: int) -> Iterator[None]:
+    def _hooks(
+        self, model: Any, cache: Any, real: torch.Tensor, question_len: int, n_keep: int
+    ) -> Iterator[None]:
         handles = []
 
         def hook(module: Any, args: tuple, kwargs: dict, output: Any) -> None:
@@ -168,8 +172,9 @@ class ScoredEviction(KVPolicy):
                 return  # not the prefill of this prompt
             layer = cache.layers[module.layer_idx]
             cos, sin = kwargs["position_embeddings"]
-            inputs = LayerInputs(module, hidden, cos, sin, layer.keys, layer.values, real,
-                                 question_len, n_keep)
+            inputs = LayerInputs(
+                module, hidden, cos, sin, layer.keys, layer.values, real, question_len, n_keep
+            )
             layer.keys, layer.values = self.evict_layer(inputs)
 
         for module in attention_modules(model):
@@ -180,18 +185,31 @@ class ScoredEviction(KVPolicy):
             for h in handles:
                 h.remove()
 
-    def prefill(self, model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: Any,
-                *, question_len: int = 0) -> PrefillOutput:
+    def prefill(
+        self,
+        model: Any,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        cache: Any,
+        *,
+        question_len: int = 0,
+    ) -> PrefillOutput:
         n_keep = self.plan(attention_mask, question_len)
         if n_keep is None:
-            return super().prefill(model, input_ids, attention_mask, cache, question_len=question_len)
+            return super().prefill(
+                model, input_ids, attention_mask, cache, question_len=question_len
+            )
         real = attention_mask.bool()
         q = max(0, min(int(question_len), input_ids.shape[1]))
         with self._hooks(model, cache, real, q, n_keep):
             logits, position_ids = self.forward_prompt(model, input_ids, attention_mask, cache)
         kv_mask = kept_mask(real, n_keep)
-        return PrefillOutput(logits=logits, kv_mask=kv_mask, next_position=position_ids[:, -1] + 1,
-                             info={"n_keep": n_keep, "evicted": input_ids.shape[1] - n_keep})
+        return PrefillOutput(
+            logits=logits,
+            kv_mask=kv_mask,
+            next_position=position_ids[:, -1] + 1,
+            info={"n_keep": n_keep, "evicted": input_ids.shape[1] - n_keep},
+        )
 
     # ------------------------------------------------------------------ plain transformers
     @contextlib.contextmanager
@@ -219,10 +237,15 @@ class ScoredEviction(KVPolicy):
                 if n_keep is None:
                     return args, kwargs
                 real = mask.bool()
-                state.update(n_keep=n_keep, real=real, length=ids.shape[1],
-                             next=positions_from_mask(mask)[:, -1] + 1)
-                inner.enter_context(self._hooks(model, cache, real,
-                                                max(0, min(question_len, ids.shape[1])), n_keep))
+                state.update(
+                    n_keep=n_keep,
+                    real=real,
+                    length=ids.shape[1],
+                    next=positions_from_mask(mask)[:, -1] + 1,
+                )
+                inner.enter_context(
+                    self._hooks(model, cache, real, max(0, min(question_len, ids.shape[1])), n_keep)
+                )
                 kwargs["position_ids"] = positions_from_mask(mask)
                 state["hooked"] = True
                 return args, kwargs
@@ -232,10 +255,17 @@ class ScoredEviction(KVPolicy):
             past = cache.get_seq_length()
             kept = kept_mask(state["real"], state["n_keep"])
             if kept is None:  # no padding: every kept entry is valid
-                kept = torch.ones((ids.shape[0], state["n_keep"]), dtype=torch.bool, device=ids.device)
+                kept = torch.ones(
+                    (ids.shape[0], state["n_keep"]), dtype=torch.bool, device=ids.device
+                )
             extra = past + steps - kept.shape[1]
             kwargs["attention_mask"] = torch.cat(
-                [kept.long(), torch.ones((kept.shape[0], extra), dtype=torch.long, device=kept.device)], 1)
+                [
+                    kept.long(),
+                    torch.ones((kept.shape[0], extra), dtype=torch.long, device=kept.device),
+                ],
+                1,
+            )
             start = state["next"] + (past - state["n_keep"])
             kwargs["position_ids"] = start[:, None] + torch.arange(steps, device=ids.device)[None]
             kwargs.pop("cache_position", None)
@@ -277,6 +307,8 @@ def attention_modules(model: Any) -> list[Any]:
     """The self-attention modules of a decoder (anything with ``layer_idx`` and ``q_proj``)."""
     mods = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "q_proj")]
     if not mods:
-        raise TypeError(f"{type(model).__name__} has no attention modules with q_proj/layer_idx; "
-                        "score-based eviction supports Llama-style decoders")
+        raise TypeError(
+            f"{type(model).__name__} has no attention modules with q_proj/layer_idx; "
+            "score-based eviction supports Llama-style decoders"
+        )
     return mods

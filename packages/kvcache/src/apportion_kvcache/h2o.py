@@ -20,7 +20,9 @@ from apportion_kvcache.eviction import LayerInputs, ScoredEviction, group_heads,
 
 
 class H2OConfig(CompressionConfig):
-    recent_fraction: float = Field(0.5, ge=0.0, le=1.0, description="share of the budget for recent tokens")
+    recent_fraction: float = Field(
+        0.5, ge=0.0, le=1.0, description="share of the budget for recent tokens"
+    )
     block_size: int = Field(512, ge=16, le=65536, description="queries scored per block")
 
 
@@ -41,11 +43,12 @@ class H2O(ScoredEviction):
         for start in range(0, length, block):
             stop = min(length, start + block)
             hid = inputs.hidden[:, start:stop]
-            q = project_queries(inputs.module, hid, inputs.cos[..., start:stop, :],
-                                inputs.sin[..., start:stop, :]).float()
+            q = project_queries(
+                inputs.module, hid, inputs.cos[..., start:stop, :], inputs.sin[..., start:stop, :]
+            ).float()
             groups = q.shape[1] // h_kv
             kk = k.repeat_interleave(groups, dim=1)
-            logits = torch.matmul(q, kk.transpose(-1, -2)) * (d ** -0.5)  # (B, Hq, n, L)
+            logits = torch.matmul(q, kk.transpose(-1, -2)) * (d**-0.5)  # (B, Hq, n, L)
             q_pos = torch.arange(start, stop, device=k.device)[:, None]
             allowed = (torch.arange(length, device=k.device)[None, :] <= q_pos)[None, None]
             allowed = allowed & real[:, None, None, :] & real[:, None, start:stop, None]

@@ -66,32 +66,64 @@ class AnchorPoolFileError(ApportionError):
 
 class KVCOMMConfig(ComponentConfig):
     top_k: int = Field(3, ge=1, description="anchors blended per reused segment")
-    min_similarity: float = Field(0.0, ge=-1.0, le=1.0,
-                                  description="cosine similarity (MiniLM) below which an anchor does not match")
-    length_tolerance: float = Field(0.5, ge=0.0,
-                                    description="an anchor matches if |len - anchor_len| <= tolerance * len")
-    temperature: float = Field(0.05, gt=0.0, description="softmax temperature over anchor similarities")
-    max_anchors_per_slot: int = Field(8, ge=1, description="oldest-used anchors of a slot are dropped past this")
-    base_prefix: str = Field("Context:\n", description="neutral text a segment's base KV is computed after")
-    base_bos: bool = Field(True, description="start the base prefix with the tokenizer's BOS token (when it has "
-                           "one), as real prompts start: the attention sink's KV then matches, offsets are smaller")
-    base_chat: bool = Field(True, description="put the base prefix in a user turn of the tokenizer's chat template "
-                            "(its default system message first), where chat prompts put a document: offsets "
-                            "then hold only what differs from a typical prompt. No template: plain base prefix")
-    min_segment_tokens: int = Field(8, ge=1, description="shorter shared segments are not worth reusing")
+    min_similarity: float = Field(
+        0.0,
+        ge=-1.0,
+        le=1.0,
+        description="cosine similarity (MiniLM) below which an anchor does not match",
+    )
+    length_tolerance: float = Field(
+        0.5, ge=0.0, description="an anchor matches if |len - anchor_len| <= tolerance * len"
+    )
+    temperature: float = Field(
+        0.05, gt=0.0, description="softmax temperature over anchor similarities"
+    )
+    max_anchors_per_slot: int = Field(
+        8, ge=1, description="oldest-used anchors of a slot are dropped past this"
+    )
+    base_prefix: str = Field(
+        "Context:\n", description="neutral text a segment's base KV is computed after"
+    )
+    base_bos: bool = Field(
+        True,
+        description="start the base prefix with the tokenizer's BOS token (when it has "
+        "one), as real prompts start: the attention sink's KV then matches, offsets are smaller",
+    )
+    base_chat: bool = Field(
+        True,
+        description="put the base prefix in a user turn of the tokenizer's chat template "
+        "(its default system message first), where chat prompts put a document: offsets "
+        "then hold only what differs from a typical prompt. No template: plain base prefix",
+    )
+    min_segment_tokens: int = Field(
+        8, ge=1, description="shorter shared segments are not worth reusing"
+    )
     offset_mode: Literal["auto", "token", "nearest", "mean", "none"] = Field(
-        "auto", description="per-token offsets by position ('token'); per token, the offsets of the anchor "
+        "auto",
+        description="per-token offsets by position ('token'); per token, the offsets of the anchor "
         "tokens whose base keys are nearest, layer by layer ('nearest'); their mean over tokens ('mean': the "
         "part of an offset that does not depend on which token sits there); 'auto' = per-token for the same "
         "segment, nearest for another one (mean for anchors without base keys), or 'none' (plain base KV, "
-        "for ablation)")
-    recompute_head: float = Field(0.02, ge=0.0, lt=1.0, description="share of a reused segment's first tokens "
-                                  "computed exactly (rounded down; they attend most to the new prefix)")
-    recompute_tail: float = Field(0.0, ge=0.0, lt=1.0, description="share of a reused segment's last tokens "
-                                  "computed exactly (rounded down; the text after attends to them most)")
+        "for ablation)",
+    )
+    recompute_head: float = Field(
+        0.02,
+        ge=0.0,
+        lt=1.0,
+        description="share of a reused segment's first tokens "
+        "computed exactly (rounded down; they attend most to the new prefix)",
+    )
+    recompute_tail: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="share of a reused segment's last tokens "
+        "computed exactly (rounded down; the text after attends to them most)",
+    )
     nearest_k: int = Field(4, ge=1, description="anchor tokens blended per token in 'nearest' mode")
-    nearest_temperature: float = Field(0.05, gt=0.0,
-                                       description="softmax temperature over base-key cosine similarities")
+    nearest_temperature: float = Field(
+        0.05, gt=0.0, description="softmax temperature over base-key cosine similarities"
+    )
 
 
 # ----------------------------------------------------------------------------- RoPE helpers
@@ -102,7 +134,9 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def rope_cos_sin(model: Any, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_cos_sin(
+    model: Any, positions: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(cos, sin) of shape (n, head_dim) for 1-D ``positions``, from the model's own rotary module
     (so rope scaling variants are honoured)."""
     rotary = model.model.rotary_emb
@@ -128,8 +162,19 @@ def weights_fingerprint(model: Any) -> str:
     """Architecture plus a sample of the weights that shape K and V: two fine-tunes of one
     architecture get different fingerprints."""
     cfg = model.config.to_dict()
-    arch = {k: cfg.get(k) for k in ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                                    "num_key_value_heads", "head_dim", "vocab_size", "rope_theta")}
+    arch = {
+        k: cfg.get(k)
+        for k in (
+            "model_type",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "vocab_size",
+            "rope_theta",
+        )
+    }
     h = hashlib.sha256(json.dumps(arch, sort_keys=True, default=str).encode())
     attn0 = model.model.layers[0].self_attn
     last = model.model.layers[-1].self_attn
@@ -188,7 +233,9 @@ class Anchor:
 
     @property
     def nbytes(self) -> int:
-        parts = (self.delta_k, self.delta_v, self.embedding) + ((self.base_k,) if self.base_k is not None else ())
+        parts = (self.delta_k, self.delta_v, self.embedding) + (
+            (self.base_k,) if self.base_k is not None else ()
+        )
         return sum(t.numel() * t.element_size() for t in parts)
 
 
@@ -223,8 +270,16 @@ class AnchorPool:
         if len(bucket) > self.max_per_slot:
             bucket.remove(min(bucket, key=lambda a: a.last_used))
 
-    def match(self, slot: str, length: int, embedding: torch.Tensor, *, top_k: int, min_similarity: float,
-              length_tolerance: float) -> list[tuple[Anchor, float]]:
+    def match(
+        self,
+        slot: str,
+        length: int,
+        embedding: torch.Tensor,
+        *,
+        top_k: int,
+        min_similarity: float,
+        length_tolerance: float,
+    ) -> list[tuple[Anchor, float]]:
         """Anchors of ``slot`` with compatible length, best cosine similarity first."""
         found = []
         for a in self.slots.get(slot, []):
@@ -250,8 +305,14 @@ class AnchorPool:
                 tensors[f"{i}.bk"] = a.base_k.contiguous()
             meta.append({"slot": a.slot, "length": a.length, "fingerprint": a.fingerprint})
         digest = _digest(tensors)
-        header = {"format": FORMAT, "version": str(FORMAT_VERSION), "fingerprint": self.fingerprint or "",
-                  "anchors": json.dumps(meta), "sha256": digest, "max_per_slot": str(self.max_per_slot)}
+        header = {
+            "format": FORMAT,
+            "version": str(FORMAT_VERSION),
+            "fingerprint": self.fingerprint or "",
+            "anchors": json.dumps(meta),
+            "sha256": digest,
+            "max_per_slot": str(self.max_per_slot),
+        }
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
@@ -276,18 +337,33 @@ class AnchorPool:
         except Exception as exc:  # safetensors raises several types for a damaged file
             raise AnchorPoolFileError(f"{path}: not a readable anchor pool ({exc})") from None
         if header.get("format") != FORMAT:
-            raise AnchorPoolFileError(f"{path}: format {header.get('format')!r}, expected {FORMAT!r}")
+            raise AnchorPoolFileError(
+                f"{path}: format {header.get('format')!r}, expected {FORMAT!r}"
+            )
         if header.get("version") not in {str(v) for v in READABLE_VERSIONS}:
-            raise AnchorPoolFileError(f"{path}: version {header.get('version')}, this reader knows {', '.join(map(str, READABLE_VERSIONS))}")
+            raise AnchorPoolFileError(
+                f"{path}: version {header.get('version')}, this reader knows {', '.join(map(str, READABLE_VERSIONS))}"
+            )
         if _digest(tensors) != header.get("sha256"):
             raise AnchorPoolFileError(f"{path}: checksum mismatch (file damaged)")
         stored = header.get("fingerprint") or None
         if fingerprint is not None and stored is not None and stored != fingerprint:
-            raise AnchorMismatchError(f"{path}: anchors recorded with model {stored}, not {fingerprint}")
+            raise AnchorMismatchError(
+                f"{path}: anchors recorded with model {stored}, not {fingerprint}"
+            )
         pool = cls(stored, max_per_slot=int(header.get("max_per_slot", 8)))
         for i, m in enumerate(json.loads(header["anchors"])):
-            pool.add(Anchor(m["slot"], int(m["length"]), tensors[f"{i}.emb"], tensors[f"{i}.dk"],
-                            tensors[f"{i}.dv"], m["fingerprint"], base_k=tensors.get(f"{i}.bk")))
+            pool.add(
+                Anchor(
+                    m["slot"],
+                    int(m["length"]),
+                    tensors[f"{i}.emb"],
+                    tensors[f"{i}.dk"],
+                    tensors[f"{i}.dv"],
+                    m["fingerprint"],
+                    base_k=tensors.get(f"{i}.bk"),
+                )
+            )
         return pool
 
 
@@ -309,8 +385,12 @@ class SharedSegment:
     embedding: torch.Tensor
     base_k: torch.Tensor | None = None  # (layers, kv_heads, n, d) de-rotated
     base_v: torch.Tensor | None = None
-    context: SharedSegment | list[int] | None = None  # what the base KV is computed after (see share)
-    prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # the base prefix's own KV, per layer
+    context: SharedSegment | list[int] | None = (
+        None  # what the base KV is computed after (see share)
+    )
+    prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = (
+        None  # the base prefix's own KV, per layer
+    )
     full_ids: list[int] | None = None  # the text's tokens, core and the boundary token on each side
 
 
@@ -333,7 +413,7 @@ def _find(hay: list[int], needle: list[int], start: int) -> int:
     n = len(needle)
     first = needle[0]
     for i in range(start, len(hay) - n + 1):
-        if hay[i] == first and hay[i:i + n] == needle:
+        if hay[i] == first and hay[i : i + n] == needle:
             return i
     return -1
 
@@ -346,7 +426,9 @@ class KVCOMM(KVPolicy):
 
     def __init__(self, config: KVCOMMConfig | None = None, pool: AnchorPool | None = None):
         super().__init__(config)
-        self.pool = pool if pool is not None else AnchorPool(max_per_slot=self.config.max_anchors_per_slot)
+        self.pool = (
+            pool if pool is not None else AnchorPool(max_per_slot=self.config.max_anchors_per_slot)
+        )
         self.segments: list[SharedSegment] = []
         self.stats = KVCOMMStats()
         self._embedder: MiniLMEmbedder | None = None
@@ -375,8 +457,10 @@ class KVCOMM(KVPolicy):
         ids = tokenizer.encode(text, add_special_tokens=False)
         core = _core(ids)
         if len(core) < self.config.min_segment_tokens:
-            raise ValueError(f"shared segment of {len(core)} tokens is shorter than min_segment_tokens="
-                             f"{self.config.min_segment_tokens}")
+            raise ValueError(
+                f"shared segment of {len(core)} tokens is shorter than min_segment_tokens="
+                f"{self.config.min_segment_tokens}"
+            )
         for seg in self.segments:
             if seg.ids == core:
                 return seg
@@ -412,9 +496,13 @@ class KVCOMM(KVPolicy):
             if isinstance(seg.context, SharedSegment):
                 ctx = seg.context
                 self._base(model, ctx, tokenizer_ids)
-                assert ctx.base_k is not None and ctx.base_v is not None and ctx.prefix_kv is not None
+                assert (
+                    ctx.base_k is not None and ctx.base_v is not None and ctx.prefix_kv is not None
+                )
                 p = ctx.prefix_kv[0][0].shape[-2]
-                cos, sin = rope_cos_sin(model, torch.arange(p, p + len(ctx.ids), device=model.device), torch.float32)
+                cos, sin = rope_cos_sin(
+                    model, torch.arange(p, p + len(ctx.ids), device=model.device), torch.float32
+                )
                 for layer, (pk, pv) in enumerate(ctx.prefix_kv):
                     k = torch.cat([pk, rotate(ctx.base_k[layer], cos, sin).to(pk.dtype)], dim=-2)
                     v = torch.cat([pv, ctx.base_v[layer].to(pv.dtype)], dim=-2)
@@ -424,16 +512,25 @@ class KVCOMM(KVPolicy):
                 n0, run = 0, tokenizer_ids + seg.context + sep + full
             first = n0 + len(run) - len(full) + (1 if len(_core(full)) < len(full) else 0)
         ids = torch.tensor([run], device=model.device)
-        model(input_ids=ids, position_ids=torch.arange(n0, n0 + len(run), device=model.device)[None],
-              use_cache=True, logits_to_keep=1, **cache_kwargs(model, cache))
+        model(
+            input_ids=ids,
+            position_ids=torch.arange(n0, n0 + len(run), device=model.device)[None],
+            use_cache=True,
+            logits_to_keep=1,
+            **cache_kwargs(model, cache),
+        )
         pos = torch.arange(first, first + len(seg.ids), device=model.device)
         cos, sin = rope_cos_sin(model, pos, torch.float32)
         end = first + len(seg.ids)
-        seg.base_k = torch.stack([derotate(layer.keys[0, :, first:end].float(), cos, sin) for layer in cache.layers])
+        seg.base_k = torch.stack(
+            [derotate(layer.keys[0, :, first:end].float(), cos, sin) for layer in cache.layers]
+        )
         seg.base_v = torch.stack([layer.values[0, :, first:end].float() for layer in cache.layers])
         if seg.context is None:
-            seg.prefix_kv = [(layer.keys[0, :, :first].clone(), layer.values[0, :, :first].clone())
-                             for layer in cache.layers]
+            seg.prefix_kv = [
+                (layer.keys[0, :, :first].clone(), layer.values[0, :, :first].clone())
+                for layer in cache.layers
+            ]
         self.stats.base_prefill_tokens += ids.shape[1]
         self.stats.base_seconds += time.perf_counter() - t0
 
@@ -458,29 +555,47 @@ class KVCOMM(KVPolicy):
         for s, e in spans:
             if s >= start:
                 break
-            h.update(torch.tensor(ids[pos:max(pos, s - 1)], dtype=torch.int64).numpy().tobytes())
+            h.update(torch.tensor(ids[pos : max(pos, s - 1)], dtype=torch.int64).numpy().tobytes())
             h.update(b"|seg|")
             pos = e + 1
-        h.update(torch.tensor(ids[pos:max(pos, start - 1)], dtype=torch.int64).numpy().tobytes())
+        h.update(torch.tensor(ids[pos : max(pos, start - 1)], dtype=torch.int64).numpy().tobytes())
         h.update(f"#{index}".encode())
         return h.hexdigest()[:24]
 
-    def _forward(self, model: Any, ids: torch.Tensor, start: int, cache: Any, last: bool) -> torch.Tensor | None:
+    def _forward(
+        self, model: Any, ids: torch.Tensor, start: int, cache: Any, last: bool
+    ) -> torch.Tensor | None:
         pos = torch.arange(start, start + ids.shape[1], device=ids.device)[None, :]
-        out = model(input_ids=ids, position_ids=pos, use_cache=True, logits_to_keep=1,
-                    **cache_kwargs(model, cache))
+        out = model(
+            input_ids=ids,
+            position_ids=pos,
+            use_cache=True,
+            logits_to_keep=1,
+            **cache_kwargs(model, cache),
+        )
         return out.logits[:, -1, :] if last else None
 
-    def prefill(self, model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: Any, *,
-                question_len: int = 0) -> PrefillOutput:
+    def prefill(
+        self,
+        model: Any,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        cache: Any,
+        *,
+        question_len: int = 0,
+    ) -> PrefillOutput:
         fp = self.fingerprint(model)
         self.pool.check_model(fp)
         if input_ids.shape[0] != 1 or not self.segments:
             self.last_info = {"occurrences": 0, "reused": 0}
-            return super().prefill(model, input_ids, attention_mask, cache, question_len=question_len)
+            return super().prefill(
+                model, input_ids, attention_mask, cache, question_len=question_len
+            )
         ids = input_ids[0].tolist()
         n = len(ids)
-        occ = [(i, s) for i, s in self._occurrences(ids) if i + len(s.ids) < n]  # keep >= 1 token to run
+        occ = [
+            (i, s) for i, s in self._occurrences(ids) if i + len(s.ids) < n
+        ]  # keep >= 1 token to run
         spans = [(i, i + len(s.ids)) for i, s in occ]
         tok_base: list[int] | None = None
         pos = 0
@@ -489,21 +604,30 @@ class KVCOMM(KVPolicy):
         for index, (start, seg) in enumerate(occ):
             slot = self._slot(ids, spans, start, index)
             end = start + len(seg.ids)
-            anchors = self.pool.match(slot, len(seg.ids), seg.embedding, top_k=self.config.top_k,
-                                      min_similarity=self.config.min_similarity,
-                                      length_tolerance=self.config.length_tolerance)
+            anchors = self.pool.match(
+                slot,
+                len(seg.ids),
+                seg.embedding,
+                top_k=self.config.top_k,
+                min_similarity=self.config.min_similarity,
+                length_tolerance=self.config.length_tolerance,
+            )
             head, tail = self._recompute_span(len(seg.ids)) if anchors else (0, 0)
             if start + head > pos:  # the text before, and the segment's head, computed exactly
-                self._forward(model, input_ids[:, pos:start + head], pos, cache, last=False)
+                self._forward(model, input_ids[:, pos : start + head], pos, cache, last=False)
             if tok_base is None:
                 tok_base = self._base_prefix_ids(model)
             self._base(model, seg, tok_base)
-            cos, sin = rope_cos_sin(model, torch.arange(start, end, device=input_ids.device), torch.float32)
+            cos, sin = rope_cos_sin(
+                model, torch.arange(start, end, device=input_ids.device), torch.float32
+            )
             if anchors:
                 dk, dv = self._blend(anchors, seg)
                 keep = slice(head, len(seg.ids) - tail)
                 for layer in range(len(cache.layers)):
-                    k = rotate(seg.base_k[layer, :, keep] + dk[layer, :, keep], cos[keep], sin[keep])
+                    k = rotate(
+                        seg.base_k[layer, :, keep] + dk[layer, :, keep], cos[keep], sin[keep]
+                    )
                     v = seg.base_v[layer, :, keep] + dv[layer, :, keep]
                     cache.update(k[None].to(model.dtype), v[None].to(model.dtype), layer)
                 # only the tokens whose KV was reused count: an occurrence with a recomputed
@@ -514,11 +638,26 @@ class KVCOMM(KVPolicy):
                 pos = end - tail  # the tail is computed exactly with the text after it
             else:
                 self._forward(model, input_ids[:, start:end], start, cache, last=False)
-                k_ctx = torch.stack([derotate(layer.keys[0, :, start:end].float(), cos, sin) for layer in cache.layers])
-                v_ctx = torch.stack([layer.values[0, :, start:end].float() for layer in cache.layers])
-                self.pool.add(Anchor(slot, len(seg.ids), seg.embedding.clone(),
-                                     (k_ctx - seg.base_k).half(), (v_ctx - seg.base_v).half(), fp,
-                                     base_k=seg.base_k.half()))
+                k_ctx = torch.stack(
+                    [
+                        derotate(layer.keys[0, :, start:end].float(), cos, sin)
+                        for layer in cache.layers
+                    ]
+                )
+                v_ctx = torch.stack(
+                    [layer.values[0, :, start:end].float() for layer in cache.layers]
+                )
+                self.pool.add(
+                    Anchor(
+                        slot,
+                        len(seg.ids),
+                        seg.embedding.clone(),
+                        (k_ctx - seg.base_k).half(),
+                        (v_ctx - seg.base_v).half(),
+                        fp,
+                        base_k=seg.base_k.half(),
+                    )
+                )
                 pos = end
         logits = self._forward(model, input_ids[:, pos:], pos, cache, last=True)
         self.stats.occurrences += len(occ)
@@ -526,10 +665,18 @@ class KVCOMM(KVPolicy):
         self.stats.reused_tokens += reused_tokens
         self.stats.prompt_tokens += n
         self.stats.recomputed_tokens += recomputed
-        self.last_info = {"occurrences": len(occ), "reused": reused, "reused_tokens": reused_tokens,
-                          "recomputed_tokens": recomputed}
-        return PrefillOutput(logits=logits, kv_mask=None,
-                             next_position=torch.tensor([n], device=input_ids.device), info=self.last_info)
+        self.last_info = {
+            "occurrences": len(occ),
+            "reused": reused,
+            "reused_tokens": reused_tokens,
+            "recomputed_tokens": recomputed,
+        }
+        return PrefillOutput(
+            logits=logits,
+            kv_mask=None,
+            next_position=torch.tensor([n], device=input_ids.device),
+            info=self.last_info,
+        )
 
     def _recompute_span(self, length: int) -> tuple[int, int]:
         """How many of a reused segment's first and last tokens are computed exactly. The first
@@ -547,7 +694,7 @@ class KVCOMM(KVPolicy):
         if self.config.base_chat and getattr(tok, "chat_template", None) and text:
             rendered = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False)
             if text in rendered:
-                text = rendered[:rendered.index(text) + len(text)]
+                text = rendered[: rendered.index(text) + len(text)]
         ids = tok.encode(text, add_special_tokens=False) if text else []
         bos = getattr(tok, "bos_token_id", None)
         if self.config.base_bos and bos is not None and ids[:1] != [bos]:
@@ -557,7 +704,9 @@ class KVCOMM(KVPolicy):
     def bind_tokenizer(self, tokenizer: Any) -> None:
         self._tokenizer = tokenizer
 
-    def _blend(self, anchors: list[tuple[Anchor, float]], seg: SharedSegment) -> tuple[torch.Tensor, torch.Tensor]:
+    def _blend(
+        self, anchors: list[tuple[Anchor, float]], seg: SharedSegment
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         length = len(seg.ids)
         sims = torch.tensor([s for _, s in anchors])
         weights = torch.softmax(sims / self.config.temperature, dim=0)
@@ -587,18 +736,25 @@ class KVCOMM(KVPolicy):
         assert dk is not None and dv is not None
         return dk, dv
 
-    def _nearest(self, anchors: list[Anchor], weights: torch.Tensor,
-                 base_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _nearest(
+        self, anchors: list[Anchor], weights: torch.Tensor, base_k: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per token and layer: the offsets of the ``nearest_k`` anchor tokens whose base keys
         (all heads of the layer, de-rotated) have the highest cosine similarity with this token's
         base key, blended with softmax weights (plus the log of each anchor's own weight)."""
         layers, heads, n, d = base_k.shape
         flat = lambda t: t.float().permute(0, 2, 1, 3).reshape(layers, -1, heads * d)  # noqa: E731
-        keys = torch.nn.functional.normalize(torch.cat([flat(a.base_k) for a in anchors], dim=1), dim=-1)
+        keys = torch.nn.functional.normalize(
+            torch.cat([flat(a.base_k) for a in anchors], dim=1), dim=-1
+        )
         dks = torch.cat([flat(a.delta_k) for a in anchors], dim=1)
         dvs = torch.cat([flat(a.delta_v) for a in anchors], dim=1)
-        prior = torch.cat([torch.full((a.length,), max(float(w), 1e-30)).log()
-                           for a, w in zip(anchors, weights, strict=True)])
+        prior = torch.cat(
+            [
+                torch.full((a.length,), max(float(w), 1e-30)).log()
+                for a, w in zip(anchors, weights, strict=True)
+            ]
+        )
         query = torch.nn.functional.normalize(flat(base_k), dim=-1)
         k = min(self.config.nearest_k, keys.shape[1])
         dk = torch.empty(layers, n, heads * d)

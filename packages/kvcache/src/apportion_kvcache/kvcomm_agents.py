@@ -39,8 +39,18 @@ ROUND1 = {
     "Planner": "{q} Say which sentence of the document matters.",
 }
 
-ITEMS = ("budget", "room number", "launch year", "batch size", "server port", "order count",
-         "ticket number", "team size", "release build", "storage quota")
+ITEMS = (
+    "budget",
+    "room number",
+    "launch year",
+    "batch size",
+    "server port",
+    "order count",
+    "ticket number",
+    "team size",
+    "release build",
+    "storage quota",
+)
 
 
 @dataclass
@@ -65,25 +75,38 @@ def make_tasks(n: int, *, seed: int = 0, sentences_per_doc: int = 14, facts: int
         for item, value in zip(items, values, strict=True):
             body.insert(rng.randrange(len(body) + 1), f"The {item} of the project is {value}.")
         ask = rng.randrange(facts)
-        tasks.append(Task(f"task{t}", " ".join(body), f"What is the {items[ask]} of the project?", values[ask]))
+        tasks.append(
+            Task(
+                f"task{t}", " ".join(body), f"What is the {items[ask]} of the project?", values[ask]
+            )
+        )
     return tasks
 
 
 def round1_prompt(role: str, task: Task) -> Prompt:
     q = ROUND1[role].format(q=task.question)
-    return Prompt([
-        {"role": "system", "content": ROLES[role]},
-        {"role": "user", "content": f"Document:\n{task.document}\n\n{q}"},
-    ], question=q)
+    return Prompt(
+        [
+            {"role": "system", "content": ROLES[role]},
+            {"role": "user", "content": f"Document:\n{task.document}\n\n{q}"},
+        ],
+        question=q,
+    )
 
 
 def round2_prompt(role: str, task: Task, messages: dict[str, str]) -> Prompt:
     others = "\n\n".join(f"{name} said:\n{msg}" for name, msg in messages.items() if name != role)
     q = f"Question: {task.question} Give the final answer with the number."
-    return Prompt([
-        {"role": "system", "content": ROLES[role]},
-        {"role": "user", "content": f"Document:\n{task.document}\n\nTeam messages:\n\n{others}\n\n{q}"},
-    ], question=q)
+    return Prompt(
+        [
+            {"role": "system", "content": ROLES[role]},
+            {
+                "role": "user",
+                "content": f"Document:\n{task.document}\n\nTeam messages:\n\n{others}\n\n{q}",
+            },
+        ],
+        question=q,
+    )
 
 
 _NUMBER = re.compile(r"\d{3,}")
@@ -129,7 +152,9 @@ def _answer(host: Any, prompt: Prompt, max_new_tokens: int) -> tuple[torch.Tenso
     with torch.inference_mode():
         cache = host.kv_policy.make_cache(model)
         t0 = time.perf_counter()
-        pre = host.kv_policy.prefill(model, ids, torch.ones_like(ids), cache, question_len=enc.question_len)
+        pre = host.kv_policy.prefill(
+            model, ids, torch.ones_like(ids), cache, question_len=enc.question_len
+        )
         prefill_s = time.perf_counter() - t0
         first = pre.logits[0].float()
         logits, pos, out = pre.logits, int(pre.next_position[0]), []
@@ -138,15 +163,30 @@ def _answer(host: Any, prompt: Prompt, max_new_tokens: int) -> tuple[torch.Tenso
             if tok in eos:
                 break
             out.append(tok)
-            step = model(input_ids=torch.tensor([[tok]], device=ids.device),
-                         position_ids=torch.tensor([[pos]], device=ids.device), use_cache=True,
-                         **cache_kwargs(model, cache))
+            step = model(
+                input_ids=torch.tensor([[tok]], device=ids.device),
+                position_ids=torch.tensor([[pos]], device=ids.device),
+                use_cache=True,
+                **cache_kwargs(model, cache),
+            )
             logits, pos = step.logits[:, -1, :], pos + 1
-    return first, host.tokenizer.decode(out, skip_special_tokens=True).strip(), prefill_s, len(enc.ids)
+    return (
+        first,
+        host.tokenizer.decode(out, skip_special_tokens=True).strip(),
+        prefill_s,
+        len(enc.ids),
+    )
 
 
-def run_team(loaded: Any, policy: Any, tasks: list[Task], *, roles: list[str] | None = None,
-             max_new_tokens: int = 32, on_result: Any = None) -> list[Comparison]:
+def run_team(
+    loaded: Any,
+    policy: Any,
+    tasks: list[Task],
+    *,
+    roles: list[str] | None = None,
+    max_new_tokens: int = 32,
+    on_result: Any = None,
+) -> list[Comparison]:
     """Run every task through ``policy`` (a KVCOMM) and through full prefill; compare."""
     from apportion.host import Host
 
@@ -159,26 +199,43 @@ def run_team(loaded: Any, policy: Any, tasks: list[Task], *, roles: list[str] | 
         messages: dict[str, str] = {}
         for rnd in (1, 2):
             if rnd == 2:
-                for role in roles:  # written after reading the document: that is their base KV's context
+                for (
+                    role
+                ) in roles:  # written after reading the document: that is their base KV's context
                     policy.share(messages[role], loaded.tokenizer, context=task.document)
             for role in roles:
-                prompt = round1_prompt(role, task) if rnd == 1 else round2_prompt(role, task, messages)
+                prompt = (
+                    round1_prompt(role, task) if rnd == 1 else round2_prompt(role, task, messages)
+                )
                 lf, full_text, full_s, n_tokens = _answer(ref, prompt, max_new_tokens)
                 lg, text, got_s, _ = _answer(host, prompt, max_new_tokens)
                 info = dict(policy.last_info)
-                kl = float(torch.nn.functional.kl_div(lg.log_softmax(-1), lf.log_softmax(-1), log_target=True,
-                                                      reduction="sum"))
+                kl = float(
+                    torch.nn.functional.kl_div(
+                        lg.log_softmax(-1), lf.log_softmax(-1), log_target=True, reduction="sum"
+                    )
+                )
                 if rnd == 1:
                     messages[role] = full_text
                 a_full, a_got = extract_answer(full_text), extract_answer(text)
                 c = Comparison(
-                    task=task.id, role=role, round=rnd, occurrences=info.get("occurrences", 0),
-                    reused=info.get("reused", 0), reused_tokens=info.get("reused_tokens", 0),
-                    prompt_tokens=n_tokens, prefill_s=got_s,
-                    full_prefill_s=full_s, text=text, full_text=full_text,
-                    answer_agree=a_full == a_got, text_agree=full_text == text,
-                    top1_agree=int(lf.argmax()) == int(lg.argmax()), kl=kl,
-                    correct=a_got == task.answer, full_correct=a_full == task.answer,
+                    task=task.id,
+                    role=role,
+                    round=rnd,
+                    occurrences=info.get("occurrences", 0),
+                    reused=info.get("reused", 0),
+                    reused_tokens=info.get("reused_tokens", 0),
+                    prompt_tokens=n_tokens,
+                    prefill_s=got_s,
+                    full_prefill_s=full_s,
+                    text=text,
+                    full_text=full_text,
+                    answer_agree=a_full == a_got,
+                    text_agree=full_text == text,
+                    top1_agree=int(lf.argmax()) == int(lg.argmax()),
+                    kl=kl,
+                    correct=a_got == task.answer,
+                    full_correct=a_full == task.answer,
                 )
                 out.append(c)
                 if on_result is not None:
@@ -193,7 +250,8 @@ def summarize(rows: list[Comparison]) -> dict[str, Any]:
         "prompts": len(rows),
         "occurrences": occ,
         "reuse_rate": sum(r.reused for r in rows) / occ if occ else 0.0,
-        "token_reuse_rate": sum(r.reused_tokens for r in rows) / max(sum(r.prompt_tokens for r in rows), 1),
+        "token_reuse_rate": sum(r.reused_tokens for r in rows)
+        / max(sum(r.prompt_tokens for r in rows), 1),
         "answer_agreement": sum(r.answer_agree for r in rows) / n,
         "text_agreement": sum(r.text_agree for r in rows) / n,
         "top1_agreement": sum(r.top1_agree for r in rows) / n,

@@ -31,10 +31,18 @@ from apportion_kvcache.snapkv import pool
 
 
 class QSpanConfig(CompressionConfig):
-    span: int = Field(25, ge=1, le=63, description="neighbourhood kept around a selected token (max-pool width)")
-    mean_weight: float = Field(0.5, ge=0.0, le=10.0, description="weight of the mean over question queries")
-    fallback_window: int = Field(32, ge=1, le=4096, description="query window when no question length is known")
-    max_question: int = Field(256, ge=1, le=8192, description="at most this many trailing queries score")
+    span: int = Field(
+        25, ge=1, le=63, description="neighbourhood kept around a selected token (max-pool width)"
+    )
+    mean_weight: float = Field(
+        0.5, ge=0.0, le=10.0, description="weight of the mean over question queries"
+    )
+    fallback_window: int = Field(
+        32, ge=1, le=4096, description="query window when no question length is known"
+    )
+    max_question: int = Field(
+        256, ge=1, le=8192, description="at most this many trailing queries score"
+    )
 
 
 class QSpan(ScoredEviction):

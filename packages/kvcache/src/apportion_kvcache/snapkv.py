@@ -19,7 +19,9 @@ from apportion_kvcache.eviction import LayerInputs, ScoredEviction, group_heads,
 
 
 class SnapKVConfig(CompressionConfig):
-    window_size: int = Field(32, ge=1, le=4096, description="observation window (last prompt tokens)")
+    window_size: int = Field(
+        32, ge=1, le=4096, description="observation window (last prompt tokens)"
+    )
     kernel_size: int = Field(5, ge=1, le=63, description="pooling width over the token axis (odd)")
     pooling: str = Field("avg", pattern="^(avg|max)$", description="avg or max pooling")
 

@@ -60,13 +60,23 @@ class Entry:
     manifest: dict[str, Any]
 
 
-def _manifest(key: str, kind: str, payload: bytes, fingerprint: str, tokens: int,
-              meta: dict[str, Any] | None) -> dict[str, Any]:
+def _manifest(
+    key: str, kind: str, payload: bytes, fingerprint: str, tokens: int, meta: dict[str, Any] | None
+) -> dict[str, Any]:
     if kind not in KINDS:
         raise ValueError(f"unknown entry kind {kind!r}; expected one of {KINDS}")
-    return {"format": FORMAT, "version": VERSION, "key": key, "kind": kind, "model": fingerprint,
-            "tokens": int(tokens), "nbytes": len(payload), "sha256": hashlib.sha256(payload).hexdigest(),
-            "created": time.time(), "meta": meta or {}}
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "key": key,
+        "kind": kind,
+        "model": fingerprint,
+        "tokens": int(tokens),
+        "nbytes": len(payload),
+        "sha256": hashlib.sha256(payload).hexdigest(),
+        "created": time.time(),
+        "meta": meta or {},
+    }
 
 
 def parse_manifest(raw: bytes, key: str, where: str) -> dict[str, Any]:
@@ -81,12 +91,20 @@ def parse_manifest(raw: bytes, key: str, where: str) -> dict[str, Any]:
         raise CorruptKVError(f"{where}: not an apportion KV store manifest")
     version = m.get("version")
     if version != VERSION:
-        raise CorruptKVError(f"{where}: store format version {version!r} is not supported "
-                             f"(this build reads version {VERSION})")
-    ok = (m.get("key") == key and m.get("kind") in KINDS and isinstance(m.get("model"), str)
-          and isinstance(m.get("nbytes"), int) and m["nbytes"] >= 0
-          and isinstance(m.get("sha256"), str) and len(m["sha256"]) == 64
-          and isinstance(m.get("tokens"), int))
+        raise CorruptKVError(
+            f"{where}: store format version {version!r} is not supported "
+            f"(this build reads version {VERSION})"
+        )
+    ok = (
+        m.get("key") == key
+        and m.get("kind") in KINDS
+        and isinstance(m.get("model"), str)
+        and isinstance(m.get("nbytes"), int)
+        and m["nbytes"] >= 0
+        and isinstance(m.get("sha256"), str)
+        and len(m["sha256"]) == 64
+        and isinstance(m.get("tokens"), int)
+    )
     if not ok:
         raise CorruptKVError(f"{where}: manifest fields are missing or wrong")
     return m
@@ -94,7 +112,9 @@ def parse_manifest(raw: bytes, key: str, where: str) -> dict[str, Any]:
 
 def verify_payload(payload: bytes, manifest: dict[str, Any], where: str) -> None:
     if len(payload) != manifest["nbytes"]:
-        raise CorruptKVError(f"{where}: payload has {len(payload)} bytes, manifest says {manifest['nbytes']}")
+        raise CorruptKVError(
+            f"{where}: payload has {len(payload)} bytes, manifest says {manifest['nbytes']}"
+        )
     if hashlib.sha256(payload).hexdigest() != manifest["sha256"]:
         raise CorruptKVError(f"{where}: payload checksum mismatch")
 
@@ -102,8 +122,16 @@ def verify_payload(payload: bytes, manifest: dict[str, Any], where: str) -> None
 class KVStore:
     """The store interface: raw entries by key, plus KV/bitstream helpers on top."""
 
-    def put(self, key: str, kind: str, payload: bytes, *, fingerprint: str, tokens: int,
-            meta: dict[str, Any] | None = None) -> None:
+    def put(
+        self,
+        key: str,
+        kind: str,
+        payload: bytes,
+        *,
+        fingerprint: str,
+        tokens: int,
+        meta: dict[str, Any] | None = None,
+    ) -> None:
         raise NotImplementedError
 
     def get(self, key: str) -> Entry | None:
@@ -119,8 +147,13 @@ class KVStore:
         return self.get(key) is not None
 
     # ------------------------------------------------------------------ KV helpers
-    def save_kv(self, fingerprint: str, token_ids: Sequence[int], kv: Any,
-                meta: dict[str, Any] | None = None) -> str:
+    def save_kv(
+        self,
+        fingerprint: str,
+        token_ids: Sequence[int],
+        kv: Any,
+        meta: dict[str, Any] | None = None,
+    ) -> str:
         """Store a context's KV (per-layer (keys, values) or a transformers cache) losslessly."""
         import torch
         from safetensors.torch import save
@@ -131,17 +164,26 @@ class KVStore:
             kv = kv_from_cache(kv)
         if not kv or any(k.shape[-2] != len(token_ids) for k, _ in kv):
             have = kv[0][0].shape[-2] if kv else 0
-            raise ValueError(f"the KV holds {have} tokens but {len(token_ids)} token ids were given")
+            raise ValueError(
+                f"the KV holds {have} tokens but {len(token_ids)} token ids were given"
+            )
         tensors: dict[str, torch.Tensor] = {}
         for i, (k, v) in enumerate(kv):
             tensors[f"k.{i}"] = k.detach().to("cpu").contiguous()
             tensors[f"v.{i}"] = v.detach().to("cpu").contiguous()
         key = prefix_key(fingerprint, token_ids)
-        self.put(key, "kv", save(tensors), fingerprint=fingerprint, tokens=len(token_ids), meta=meta)
+        self.put(
+            key, "kv", save(tensors), fingerprint=fingerprint, tokens=len(token_ids), meta=meta
+        )
         return key
 
-    def save_bitstream(self, fingerprint: str, token_ids: Sequence[int], bitstream: bytes,
-                       meta: dict[str, Any] | None = None) -> str:
+    def save_bitstream(
+        self,
+        fingerprint: str,
+        token_ids: Sequence[int],
+        bitstream: bytes,
+        meta: dict[str, Any] | None = None,
+    ) -> str:
         """Store a CacheGen bitstream (validated before it is written)."""
         from apportion_kvcache.cachegen import CacheGenCodec
 
@@ -149,11 +191,14 @@ class KVStore:
         if header.fingerprint and header.fingerprint != fingerprint:
             raise KVMismatchError("the bitstream was encoded for another model than the key names")
         key = prefix_key(fingerprint, token_ids)
-        self.put(key, "cachegen", bitstream, fingerprint=fingerprint, tokens=len(token_ids), meta=meta)
+        self.put(
+            key, "cachegen", bitstream, fingerprint=fingerprint, tokens=len(token_ids), meta=meta
+        )
         return key
 
-    def load_kv(self, fingerprint: str, token_ids: Sequence[int], *, model: Any = None,
-                codec: Any = None) -> list[tuple[Any, Any]] | None:
+    def load_kv(
+        self, fingerprint: str, token_ids: Sequence[int], *, model: Any = None, codec: Any = None
+    ) -> list[tuple[Any, Any]] | None:
         """The stored KV of this prefix (decoding a bitstream if that is what is stored), or None.
 
         With ``model`` the shapes are checked against its config and tensors moved to its
@@ -171,8 +216,12 @@ class KVStore:
             kv = (codec or CacheGenCodec()).decode(entry.payload, fingerprint=fingerprint)
         else:
             kv = _kv_from_safetensors(entry.payload, where)
-        if entry.manifest["tokens"] != len(token_ids) or any(k.shape[-2] != len(token_ids) for k, _ in kv):
-            raise KVMismatchError(f"{where} holds {kv[0][0].shape[-2]} tokens, the prefix has {len(token_ids)}")
+        if entry.manifest["tokens"] != len(token_ids) or any(
+            k.shape[-2] != len(token_ids) for k, _ in kv
+        ):
+            raise KVMismatchError(
+                f"{where} holds {kv[0][0].shape[-2]} tokens, the prefix has {len(token_ids)}"
+            )
         if model is not None:
             check_kv_shape(len(kv), kv[0][0].shape[1], kv[0][0].shape[-1], model.config)
             kv = [(k.to(model.device, model.dtype), v.to(model.device, model.dtype)) for k, v in kv]
@@ -194,7 +243,11 @@ def _kv_from_safetensors(payload: bytes, where: str) -> list[tuple[Any, Any]]:
     except Exception as exc:
         raise CorruptKVError(f"{where}: unreadable KV payload ({exc})") from None
     n = len(tensors) // 2
-    if len(tensors) % 2 or any(f"k.{i}" not in tensors or f"v.{i}" not in tensors for i in range(n)) or n == 0:
+    if (
+        len(tensors) % 2
+        or any(f"k.{i}" not in tensors or f"v.{i}" not in tensors for i in range(n))
+        or n == 0
+    ):
         raise CorruptKVError(f"{where}: KV payload does not hold k.<i>/v.<i> pairs")
     kv = [(tensors[f"k.{i}"], tensors[f"v.{i}"]) for i in range(n)]
     shape = kv[0][0].shape
@@ -204,6 +257,7 @@ def _kv_from_safetensors(payload: bytes, where: str) -> list[tuple[Any, Any]]:
 
 
 # --------------------------------------------------------------------------- local directory
+
 
 class LocalStore(KVStore):
     """A directory of entries: ``<root>/<key[:2]>/<key>.bin`` + ``<key>.json``.
@@ -244,12 +298,22 @@ class LocalStore(KVStore):
                 os.unlink(tmp)
             raise
 
-    def put(self, key: str, kind: str, payload: bytes, *, fingerprint: str, tokens: int,
-            meta: dict[str, Any] | None = None) -> None:
+    def put(
+        self,
+        key: str,
+        kind: str,
+        payload: bytes,
+        *,
+        fingerprint: str,
+        tokens: int,
+        meta: dict[str, Any] | None = None,
+    ) -> None:
         bin_path, man_path = self._paths(key)
         manifest = _manifest(key, kind, payload, fingerprint, tokens, meta)
         if self.max_bytes is not None and len(payload) > self.max_bytes:
-            raise StoreFullError(f"entry of {len(payload)} bytes exceeds the store cap of {self.max_bytes} bytes")
+            raise StoreFullError(
+                f"entry of {len(payload)} bytes exceeds the store cap of {self.max_bytes} bytes"
+            )
         # stage both files outside the lock (the slow part), commit under it
         staged = []
         for path, data in ((bin_path, payload), (man_path, json.dumps(manifest).encode())):
@@ -338,19 +402,28 @@ class LocalStore(KVStore):
 
 # --------------------------------------------------------------------------- redis
 
+
 class RedisStore(KVStore):
     """Entries in a Redis server: ``<ns>:m:<key>`` (manifest) and ``<ns>:p:<key>`` (payload),
     written in one MULTI/EXEC transaction; a sorted set ``<ns>:lru`` orders them by last use
     for the optional ``max_bytes`` cap (the entry being written is never evicted)."""
 
-    def __init__(self, url: str = "redis://127.0.0.1:6379/0", *, namespace: str = "apportion:kv",
-                 max_bytes: int | None = None, timeout: float = 5.0):
+    def __init__(
+        self,
+        url: str = "redis://127.0.0.1:6379/0",
+        *,
+        namespace: str = "apportion:kv",
+        max_bytes: int | None = None,
+        timeout: float = 5.0,
+    ):
         import redis
 
         self.url = url
         self.ns = namespace
         self.max_bytes = max_bytes
-        self._redis = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+        self._redis = redis.Redis.from_url(
+            url, socket_timeout=timeout, socket_connect_timeout=timeout
+        )
 
     @contextlib.contextmanager
     def _conn(self) -> Iterator[Any]:
@@ -359,13 +432,25 @@ class RedisStore(KVStore):
         try:
             yield self._redis
         except (redis.ConnectionError, redis.TimeoutError) as exc:
-            raise StoreUnavailableError(f"cannot reach the Redis KV store at {self.url}: {exc}") from None
+            raise StoreUnavailableError(
+                f"cannot reach the Redis KV store at {self.url}: {exc}"
+            ) from None
 
-    def put(self, key: str, kind: str, payload: bytes, *, fingerprint: str, tokens: int,
-            meta: dict[str, Any] | None = None) -> None:
+    def put(
+        self,
+        key: str,
+        kind: str,
+        payload: bytes,
+        *,
+        fingerprint: str,
+        tokens: int,
+        meta: dict[str, Any] | None = None,
+    ) -> None:
         manifest = _manifest(key, kind, payload, fingerprint, tokens, meta)
         if self.max_bytes is not None and len(payload) > self.max_bytes:
-            raise StoreFullError(f"entry of {len(payload)} bytes exceeds the store cap of {self.max_bytes} bytes")
+            raise StoreFullError(
+                f"entry of {len(payload)} bytes exceeds the store cap of {self.max_bytes} bytes"
+            )
         with self._conn() as r:
             pipe = r.pipeline(transaction=True)
             pipe.set(f"{self.ns}:p:{key}", payload)

@@ -18,7 +18,9 @@ from apportion_kvcache.eviction import LayerInputs, ScoredEviction
 
 
 class StreamingConfig(CompressionConfig):
-    n_sink: int = Field(4, ge=0, le=1024, description="initial tokens always kept (attention sinks)")
+    n_sink: int = Field(
+        4, ge=0, le=1024, description="initial tokens always kept (attention sinks)"
+    )
 
 
 class StreamingLLM(ScoredEviction):

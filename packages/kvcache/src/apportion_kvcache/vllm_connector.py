@@ -111,17 +111,24 @@ class ApportionStoreConnector(KVConnectorBase_V1):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         self._block_size = int(vllm_config.cache_config.block_size)
         extra = self._kv_transfer_config.kv_connector_extra_config or {}
-        self._store: KVStore = open_store(str(extra.get("store", "/tmp/apportion-kv")), extra.get("max_bytes"))
+        self._store: KVStore = open_store(
+            str(extra.get("store", "/tmp/apportion-kv")), extra.get("max_bytes")
+        )
         #: longest prefix probed, in blocks (bounds the store look-ups per new request)
         self._max_probe_blocks = int(extra.get("max_probe_blocks", 64))
         par = vllm_config.parallel_config
-        self._ranks = [(pp, tp) for pp in range(par.pipeline_parallel_size)
-                       for tp in range(par.tensor_parallel_size)]
+        self._ranks = [
+            (pp, tp)
+            for pp in range(par.pipeline_parallel_size)
+            for tp in range(par.tensor_parallel_size)
+        ]
         from vllm.platforms import current_platform
 
         mc, cc = vllm_config.model_config, vllm_config.cache_config
-        self._model = (f"vllm|{mc.model}|{mc.revision or ''}|{mc.dtype}|kv={cc.cache_dtype}"
-                       f"|block={self._block_size}|{current_platform.device_type}")
+        self._model = (
+            f"vllm|{mc.model}|{mc.revision or ''}|{mc.dtype}|kv={cc.cache_dtype}"
+            f"|block={self._block_size}|{current_platform.device_type}"
+        )
         # scheduler state
         #: req id -> (external tokens to load this step, prompt token ids)
         self._load_plan: dict[str, tuple[int, list[int]]] = {}
@@ -130,8 +137,13 @@ class ApportionStoreConnector(KVConnectorBase_V1):
         self._rank: tuple[int, int] | None = None
         self._failed_blocks: set[int] = set()
         #: worker-side counters (read them with ``LLM.collective_rpc``; see tests_vllm)
-        self.stats = {"loaded_tokens": 0, "loaded_entries": 0, "saved_tokens": 0, "saved_entries": 0,
-                      "load_errors": 0}
+        self.stats = {
+            "loaded_tokens": 0,
+            "loaded_entries": 0,
+            "saved_tokens": 0,
+            "saved_entries": 0,
+            "load_errors": 0,
+        }
 
     # ------------------------------------------------------------------ keys
     def _layer_key(self, rank: tuple[int, int], layer_name: str, token_ids: list[int]) -> str:
@@ -155,7 +167,9 @@ class ApportionStoreConnector(KVConnectorBase_V1):
         return 0
 
     # ------------------------------------------------------------------ scheduler side
-    def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int, bool]:
+    def get_num_new_matched_tokens(
+        self, request: Any, num_computed_tokens: int
+    ) -> tuple[int, bool]:
         hit = self._probe(list(request.prompt_token_ids or []), at_least=num_computed_tokens)
         return (max(0, hit - num_computed_tokens), False)
 
@@ -163,7 +177,10 @@ class ApportionStoreConnector(KVConnectorBase_V1):
         if num_external_tokens > 0:
             # the request's computed tokens, as the step's scheduler output will carry them, are
             # local prefix-cache hits + these external ones: the load covers the latter
-            self._load_plan[request.request_id] = (num_external_tokens, list(request.prompt_token_ids or []))
+            self._load_plan[request.request_id] = (
+                num_external_tokens,
+                list(request.prompt_token_ids or []),
+            )
 
     def build_connector_meta(self, scheduler_output: Any) -> KVConnectorMetadata:
         meta = StoreConnectorMetadata()
@@ -175,13 +192,24 @@ class ApportionStoreConnector(KVConnectorBase_V1):
             plan = self._load_plan.pop(req.req_id, None)
             if plan is not None:
                 hit = req.num_computed_tokens  # local + external, block-aligned
-                meta.requests.append(ReqMeta(req.req_id, ids[:hit], block_ids[: hit // bs], is_store=False,
-                                             skip_blocks=(hit - plan[0]) // bs))
+                meta.requests.append(
+                    ReqMeta(
+                        req.req_id,
+                        ids[:hit],
+                        block_ids[: hit // bs],
+                        is_store=False,
+                        skip_blocks=(hit - plan[0]) // bs,
+                    )
+                )
             n = aligned(len(ids) - 1, bs)
             if n > hit and not (plan is None and self._complete(ids[:n])):
                 self._pending[req.req_id] = _PendingSave(ids[:n], block_ids)
-                self._maybe_emit_save(meta, req.req_id, req.num_computed_tokens,
-                                      scheduler_output.num_scheduled_tokens.get(req.req_id, 0))
+                self._maybe_emit_save(
+                    meta,
+                    req.req_id,
+                    req.num_computed_tokens,
+                    scheduler_output.num_scheduled_tokens.get(req.req_id, 0),
+                )
         cached = scheduler_output.scheduled_cached_reqs
         for i, req_id in enumerate(cached.req_ids):
             new_blocks = cached.new_block_ids[i]
@@ -195,26 +223,47 @@ class ApportionStoreConnector(KVConnectorBase_V1):
                     pending.block_ids = block_ids
                 if plan is not None:
                     hit = cached.num_computed_tokens[i]
-                    meta.requests.append(ReqMeta(req_id, plan[1][:hit], block_ids[: hit // bs],
-                                                 is_store=False, skip_blocks=(hit - plan[0]) // bs))
+                    meta.requests.append(
+                        ReqMeta(
+                            req_id,
+                            plan[1][:hit],
+                            block_ids[: hit // bs],
+                            is_store=False,
+                            skip_blocks=(hit - plan[0]) // bs,
+                        )
+                    )
             elif pending is not None and new_blocks is not None:
                 pending.block_ids.extend(new_blocks[0])
             if pending is not None:
-                self._maybe_emit_save(meta, req_id, cached.num_computed_tokens[i],
-                                      scheduler_output.num_scheduled_tokens.get(req_id, 0))
+                self._maybe_emit_save(
+                    meta,
+                    req_id,
+                    cached.num_computed_tokens[i],
+                    scheduler_output.num_scheduled_tokens.get(req_id, 0),
+                )
         self._load_plan.clear()
         return meta
 
-    def _maybe_emit_save(self, meta: StoreConnectorMetadata, req_id: str, computed: int, scheduled: int) -> None:
+    def _maybe_emit_save(
+        self, meta: StoreConnectorMetadata, req_id: str, computed: int, scheduled: int
+    ) -> None:
         """Emit the save in the step after which the whole prefix has been computed."""
         pending = self._pending[req_id]
         n = len(pending.token_ids)
         if computed + scheduled >= n and len(pending.block_ids) * self._block_size >= n:
-            meta.requests.append(ReqMeta(req_id, pending.token_ids, pending.block_ids[: n // self._block_size],
-                                         is_store=True))
+            meta.requests.append(
+                ReqMeta(
+                    req_id,
+                    pending.token_ids,
+                    pending.block_ids[: n // self._block_size],
+                    is_store=True,
+                )
+            )
             del self._pending[req_id]
 
-    def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+    def request_finished(
+        self, request: Any, block_ids: list[int]
+    ) -> tuple[bool, dict[str, Any] | None]:
         self._pending.pop(request.request_id, None)
         self._load_plan.pop(request.request_id, None)
         return False, None  # saves are synchronous: vLLM may free the blocks now
@@ -256,25 +305,37 @@ class ApportionStoreConnector(KVConnectorBase_V1):
                         continue
                     entry = self._store.get(self._layer_key(rank, name, req.token_ids))
                     if entry is None:
-                        raise CorruptKVError(f"store entry of layer {name} vanished after the match")
+                        raise CorruptKVError(
+                            f"store entry of layer {name} vanished after the match"
+                        )
                     if entry.manifest.get("meta", {}).get("layout") != self._layout(layer, paged):
-                        raise CorruptKVError(f"store entry of layer {name} has layout "
-                                             f"{entry.manifest.get('meta', {}).get('layout')}, the layer "
-                                             f"{self._layout(layer, paged)}")
+                        raise CorruptKVError(
+                            f"store entry of layer {name} has layout "
+                            f"{entry.manifest.get('meta', {}).get('layout')}, the layer "
+                            f"{self._layout(layer, paged)}"
+                        )
                     try:
                         blocks = load(entry.payload)["blocks"]
                     except Exception as exc:
-                        raise CorruptKVError(f"store entry of layer {name} is unreadable ({exc})") from None
+                        raise CorruptKVError(
+                            f"store entry of layer {name} is unreadable ({exc})"
+                        ) from None
                     if blocks.shape[0] != len(req.block_ids):
-                        raise CorruptKVError(f"store entry of layer {name} holds {blocks.shape[0]} blocks, "
-                                             f"the prefix needs {len(req.block_ids)}")
+                        raise CorruptKVError(
+                            f"store entry of layer {name} holds {blocks.shape[0]} blocks, "
+                            f"the prefix needs {len(req.block_ids)}"
+                        )
                     k = req.skip_blocks
                     paged[dst[k:].to(paged.device)] = blocks[k:].to(paged.device, paged.dtype)
                     self.stats["loaded_entries"] += 1
             except CorruptKVError as exc:
-                log.warning("apportion store: cannot load %d tokens of request %s: %s",
-                            len(req.token_ids), req.req_id, exc)
-                self._failed_blocks.update(req.block_ids[req.skip_blocks:])
+                log.warning(
+                    "apportion store: cannot load %d tokens of request %s: %s",
+                    len(req.token_ids),
+                    req.req_id,
+                    exc,
+                )
+                self._failed_blocks.update(req.block_ids[req.skip_blocks :])
                 self.stats["load_errors"] += 1
                 continue
             self.stats["loaded_tokens"] += len(req.token_ids) - req.skip_blocks * self._block_size
@@ -286,7 +347,9 @@ class ApportionStoreConnector(KVConnectorBase_V1):
     def wait_for_layer_load(self, layer_name: str) -> None:
         return  # start_load_kv loads synchronously
 
-    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
+    def save_kv_layer(
+        self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any
+    ) -> None:
         from safetensors.torch import save
 
         meta = self._get_connector_metadata()
@@ -302,10 +365,18 @@ class ApportionStoreConnector(KVConnectorBase_V1):
                 layer = get_forward_context().no_compile_layers.get(layer_name)
             src = torch.tensor(req.block_ids, dtype=torch.long, device=kv_layer.device)
             blocks = kv_layer[src].detach().to("cpu").contiguous()
-            self._store.put(self._layer_key(rank, layer_name, req.token_ids), "kv", save({"blocks": blocks}),
-                            fingerprint=self._model, tokens=len(req.token_ids),
-                            meta={"layer": layer_name, "layout": self._layout(layer, kv_layer),
-                                  "block_size": self._block_size})
+            self._store.put(
+                self._layer_key(rank, layer_name, req.token_ids),
+                "kv",
+                save({"blocks": blocks}),
+                fingerprint=self._model,
+                tokens=len(req.token_ids),
+                meta={
+                    "layer": layer_name,
+                    "layout": self._layout(layer, kv_layer),
+                    "block_size": self._block_size,
+                },
+            )
             self.stats["saved_entries"] += 1
 
     def wait_for_save(self) -> None:
@@ -317,6 +388,11 @@ class ApportionStoreConnector(KVConnectorBase_V1):
         assert isinstance(meta, StoreConnectorMetadata)
         for req in meta.requests:
             if req.is_store:
-                self._store.put(self._marker_key(self._worker_rank(), req.token_ids), "kv", b"{}",
-                                fingerprint=self._model, tokens=len(req.token_ids))
+                self._store.put(
+                    self._marker_key(self._worker_rank(), req.token_ids),
+                    "kv",
+                    b"{}",
+                    fingerprint=self._model,
+                    tokens=len(req.token_ids),
+                )
                 self.stats["saved_tokens"] += len(req.token_ids)

@@ -33,7 +33,10 @@ CODEC.max_elements = 1 << 22  # a header may claim more; the decoder must refuse
 def seed(path: str) -> None:
     """Write two small valid streams (one and several chunks) into ``path``."""
     g = torch.Generator().manual_seed(0)
-    kv = [(torch.randn(1, 2, 37, 8, generator=g), torch.randn(1, 2, 37, 8, generator=g)) for _ in range(2)]
+    kv = [
+        (torch.randn(1, 2, 37, 8, generator=g), torch.randn(1, 2, 37, 8, generator=g))
+        for _ in range(2)
+    ]
     for i, level in enumerate((0, 1)):
         with open(f"{path}/seed{i}", "wb") as f:
             f.write(CODEC.encode(kv, fingerprint="fuzz", level=level))
@@ -44,7 +47,7 @@ def repair(data: bytes) -> bytes:
     if len(data) < 14:
         return data
     magic, version, hlen = struct.unpack_from("<8sHI", data, 0)
-    hb, rest = data[14:14 + hlen], data[14 + hlen + 4:]
+    hb, rest = data[14 : 14 + hlen], data[14 + hlen + 4 :]
     try:
         header = json.loads(hb)
     except (ValueError, UnicodeDecodeError, RecursionError):
@@ -52,11 +55,20 @@ def repair(data: bytes) -> bytes:
     if isinstance(header, dict) and isinstance(header.get("chunks"), list):
         pos = 0
         for c in header["chunks"]:
-            if isinstance(c, dict) and isinstance(c.get("bytes"), int) and 0 <= c["bytes"] <= len(rest):
-                c["sha256"] = hashlib.sha256(rest[pos:pos + c["bytes"]]).hexdigest()
+            if (
+                isinstance(c, dict)
+                and isinstance(c.get("bytes"), int)
+                and 0 <= c["bytes"] <= len(rest)
+            ):
+                c["sha256"] = hashlib.sha256(rest[pos : pos + c["bytes"]]).hexdigest()
                 pos += c["bytes"]
         hb = json.dumps(header).encode()
-    return struct.pack("<8sHI", magic, version, len(hb)) + hb + struct.pack("<I", zlib.crc32(hb)) + rest
+    return (
+        struct.pack("<8sHI", magic, version, len(hb))
+        + hb
+        + struct.pack("<I", zlib.crc32(hb))
+        + rest
+    )
 
 
 def one_input(data: bytes) -> None:

@@ -42,7 +42,9 @@ class CostModel:
     quadratic: float
 
     @classmethod
-    def from_dims(cls, hidden: int = 4096, layers: int = 32, params: float | None = None) -> CostModel:
+    def from_dims(
+        cls, hidden: int = 4096, layers: int = 32, params: float | None = None
+    ) -> CostModel:
         params = params if params is not None else 12 * layers * hidden**2
         return cls(linear=6.0 * params, quadratic=6.0 * layers * hidden)
 
@@ -101,11 +103,13 @@ class Schedule:
 
     def summary(self) -> dict[str, float | int]:
         loads, tokens = self.loads, self.tokens
-        return {"imbalance": round(self.imbalance, 4),
-                "token_imbalance": round(max(tokens) / (sum(tokens) / len(tokens)), 4),
-                "cp_sequences": len(self.cp_groups),
-                "max_microbatches": max(self.microbatches),
-                "max_load": max(loads)}
+        return {
+            "imbalance": round(self.imbalance, 4),
+            "token_imbalance": round(max(tokens) / (sum(tokens) / len(tokens)), 4),
+            "cp_sequences": len(self.cp_groups),
+            "max_microbatches": max(self.microbatches),
+            "max_load": max(loads),
+        }
 
 
 def _validate(lengths: Sequence[int], n_ranks: int, tokens_per_rank: int) -> list[int]:
@@ -116,7 +120,9 @@ def _validate(lengths: Sequence[int], n_ranks: int, tokens_per_rank: int) -> lis
     out = []
     for i, length in enumerate(lengths):
         if isinstance(length, bool) or not isinstance(length, int) or length < 1:
-            raise ValueError(f"sequence {i} has length {length!r}; lengths must be positive integers")
+            raise ValueError(
+                f"sequence {i} has length {length!r}; lengths must be positive integers"
+            )
         if -(-length // tokens_per_rank) > n_ranks:
             raise ValueError(
                 f"sequence {i} has {length} tokens: even split over all {n_ranks} ranks it exceeds "
@@ -135,8 +141,9 @@ def _split(seq: int, length: int, cap: int, cost: CostModel, width: int = 0) -> 
     return [Piece(seq, base + (j < extra), share, j, k) for j in range(k)]
 
 
-def balance(lengths: Sequence[int], n_ranks: int, tokens_per_rank: int,
-            cost: CostModel | None = None) -> Schedule:
+def balance(
+    lengths: Sequence[int], n_ranks: int, tokens_per_rank: int, cost: CostModel | None = None
+) -> Schedule:
     """Compute-balanced hybrid DP/CP schedule (see the module docstring)."""
     lengths = _validate(lengths, n_ranks, tokens_per_rank)
     cost = cost or CostModel.from_dims()
@@ -146,7 +153,11 @@ def balance(lengths: Sequence[int], n_ranks: int, tokens_per_rank: int,
     for seq in sorted(range(len(lengths)), key=lambda s: -cost(lengths[s])):
         # a sequence heavier than a rank's fair share gets a wider CP group than its memory
         # needs, so that no single piece outweighs the mean load
-        width = min(n_ranks, lengths[seq], max(-(-lengths[seq] // tokens_per_rank), math.ceil(cost(lengths[seq]) / mean)))
+        width = min(
+            n_ranks,
+            lengths[seq],
+            max(-(-lengths[seq] // tokens_per_rank), math.ceil(cost(lengths[seq]) / mean)),
+        )
         pieces = _split(seq, lengths[seq], tokens_per_rank, cost, width)
         targets = heapq.nsmallest(len(pieces), range(n_ranks), key=lambda r: (loads[r], r))
         for piece, r in zip(pieces, targets, strict=True):
@@ -158,8 +169,7 @@ def balance(lengths: Sequence[int], n_ranks: int, tokens_per_rank: int,
     return sched
 
 
-def _place_in_order(lengths: list[int], n_ranks: int, cap: int, cost: CostModel,
-                    pick) -> Schedule:
+def _place_in_order(lengths: list[int], n_ranks: int, cap: int, cost: CostModel, pick) -> Schedule:
     sched = Schedule(n_ranks, cap, [[] for _ in range(n_ranks)])
     for seq, length in enumerate(lengths):
         pieces = _split(seq, length, cap, cost)
@@ -172,8 +182,9 @@ def _place_in_order(lengths: list[int], n_ranks: int, cap: int, cost: CostModel,
     return sched
 
 
-def naive_pack(lengths: Sequence[int], n_ranks: int, tokens_per_rank: int,
-               cost: CostModel | None = None) -> Schedule:
+def naive_pack(
+    lengths: Sequence[int], n_ranks: int, tokens_per_rank: int, cost: CostModel | None = None
+) -> Schedule:
     """Loader order; each rank's token share (total / n_ranks) is filled before the next."""
     lengths = _validate(lengths, n_ranks, tokens_per_rank)
     cost = cost or CostModel.from_dims()
@@ -190,8 +201,9 @@ def naive_pack(lengths: Sequence[int], n_ranks: int, tokens_per_rank: int,
     return _place_in_order(lengths, n_ranks, tokens_per_rank, cost, pick)
 
 
-def token_balanced(lengths: Sequence[int], n_ranks: int, tokens_per_rank: int,
-                   cost: CostModel | None = None) -> Schedule:
+def token_balanced(
+    lengths: Sequence[int], n_ranks: int, tokens_per_rank: int, cost: CostModel | None = None
+) -> Schedule:
     """Each sequence (or CP group) goes to the ranks holding the fewest tokens so far."""
     lengths = _validate(lengths, n_ranks, tokens_per_rank)
     cost = cost or CostModel.from_dims()
@@ -211,7 +223,10 @@ def _assign_microbatches(sched: Schedule) -> None:
     for seq, group in sched.cp_groups.items():
         pieces = [next(p for p in sched.ranks[r] if p.seq == seq) for r in group]
         m = 0
-        while any(m < len(used[r]) and used[r][m] + p.tokens > cap for r, p in zip(group, pieces, strict=True)):
+        while any(
+            m < len(used[r]) and used[r][m] + p.tokens > cap
+            for r, p in zip(group, pieces, strict=True)
+        ):
             m += 1
         for r, p in zip(group, pieces, strict=True):
             while len(used[r]) <= m:
@@ -227,11 +242,21 @@ def _assign_microbatches(sched: Schedule) -> None:
             p.microbatch = m
 
 
-def long_tailed_lengths(n: int, *, seed: int = 0, median: int = 2048, sigma: float = 1.4,
-                        min_len: int = 128, max_len: int = 262_144) -> list[int]:
+def long_tailed_lengths(
+    n: int,
+    *,
+    seed: int = 0,
+    median: int = 2048,
+    sigma: float = 1.4,
+    min_len: int = 128,
+    max_len: int = 262_144,
+) -> list[int]:
     """A realistic long-tailed length mix (log-normal, clipped): most sequences are a few
     thousand tokens, a few are hundreds of thousands, as in ByteScale's production data."""
     import random
 
     rng = random.Random(seed)
-    return [int(min(max_len, max(min_len, rng.lognormvariate(math.log(median), sigma)))) for _ in range(n)]
+    return [
+        int(min(max_len, max(min_len, rng.lognormvariate(math.log(median), sigma))))
+        for _ in range(n)
+    ]

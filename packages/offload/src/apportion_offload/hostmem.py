@@ -103,8 +103,11 @@ def pin(buf: HostBuffer, mode: str = "auto") -> str | None:
         buf.mode = "mlock"
         return "; ".join(reasons) if mode == "cuda" else None
     err = ctypes.get_errno()
-    hint = (" (RLIMIT_MEMLOCK is too low: raise `ulimit -l` or grant CAP_IPC_LOCK)"
-            if err in (errno.ENOMEM, errno.EPERM, errno.EAGAIN) else "")
+    hint = (
+        " (RLIMIT_MEMLOCK is too low: raise `ulimit -l` or grant CAP_IPC_LOCK)"
+        if err in (errno.ENOMEM, errno.EPERM, errno.EAGAIN)
+        else ""
+    )
     reasons.append(f"mlock: {os.strerror(err)}{hint}")
     return "; ".join(reasons)
 

@@ -16,7 +16,10 @@ from typing import Any
 
 MPOL_DEFAULT, MPOL_PREFERRED, MPOL_BIND, MPOL_INTERLEAVE = 0, 1, 2, 3
 MPOL_MF_STRICT, MPOL_MF_MOVE = 1, 2
-_SYSCALLS = {"x86_64": {"mbind": 237, "move_pages": 279}, "aarch64": {"mbind": 235, "move_pages": 239}}
+_SYSCALLS = {
+    "x86_64": {"mbind": 237, "move_pages": 279},
+    "aarch64": {"mbind": 235, "move_pages": 239},
+}
 SYSFS = Path("/sys/devices/system/node")
 
 
@@ -104,8 +107,15 @@ def mbind(address: int, length: int, mode: int, nodes: list[int]) -> None:
     mask = (ctypes.c_ulong * words)()
     for n in nodes:
         mask[n // 64] |= 1 << (n % 64)
-    rc = numa().call("mbind", ctypes.c_void_p(address), ctypes.c_ulong(length), ctypes.c_int(mode),
-                     mask, ctypes.c_ulong(maxnode), ctypes.c_uint(0))
+    rc = numa().call(
+        "mbind",
+        ctypes.c_void_p(address),
+        ctypes.c_ulong(length),
+        ctypes.c_int(mode),
+        mask,
+        ctypes.c_ulong(maxnode),
+        ctypes.c_uint(0),
+    )
     if rc != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"mbind(mode={mode}, nodes={nodes}) failed: {os.strerror(err)}")
@@ -117,8 +127,9 @@ def page_nodes(address: int, length: int, page: int = 4096) -> list[int]:
     count = -(-length // page)
     pages = (ctypes.c_void_p * count)(*[address + i * page for i in range(count)])
     status = (ctypes.c_int * count)()
-    rc = numa().call("move_pages", ctypes.c_int(0), ctypes.c_ulong(count), pages, None, status,
-                     ctypes.c_int(0))
+    rc = numa().call(
+        "move_pages", ctypes.c_int(0), ctypes.c_ulong(count), pages, None, status, ctypes.c_int(0)
+    )
     if rc != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"move_pages query failed: {os.strerror(err)}")

@@ -45,15 +45,30 @@ from apportion_offload.hostmem import PAGE, HostBuffer, pin, round_up
 
 
 class PinnedPoolConfig(ComponentConfig):
-    cap_bytes: int = Field(1 << 30, ge=PAGE, description="hard cap on host memory held (live + cached)")
-    alignment: int = Field(4096, description="buffer sizes are multiples of this: a power of two, 512 to the page size")
-    classes_per_doubling: int = Field(4, ge=1, le=64, description="size classes per power of two; waste <= 1/N")
-    reuse_slack: float = Field(0.25, ge=0.0, le=1.0, description="a cached buffer up to (1 + slack) x the class may serve a request")
+    cap_bytes: int = Field(
+        1 << 30, ge=PAGE, description="hard cap on host memory held (live + cached)"
+    )
+    alignment: int = Field(
+        4096, description="buffer sizes are multiples of this: a power of two, 512 to the page size"
+    )
+    classes_per_doubling: int = Field(
+        4, ge=1, le=64, description="size classes per power of two; waste <= 1/N"
+    )
+    reuse_slack: float = Field(
+        0.25,
+        ge=0.0,
+        le=1.0,
+        description="a cached buffer up to (1 + slack) x the class may serve a request",
+    )
     retain_headroom: float | None = Field(
-        0.0, ge=0.0,
+        0.0,
+        ge=0.0,
         description="cached buffers are kept while the pool holds at most (1 + headroom) x its peak in-use "
-                    "bytes (reserve()d ones always); None keeps them until cap_bytes forces a release")
-    pin: Literal["auto", "cuda", "mlock", "none"] = Field("auto", description="how buffers are pinned")
+        "bytes (reserve()d ones always); None keeps them until cap_bytes forces a release",
+    )
+    pin: Literal["auto", "cuda", "mlock", "none"] = Field(
+        "auto", description="how buffers are pinned"
+    )
 
     @field_validator("alignment")
     @classmethod
@@ -116,7 +131,9 @@ class PinnedPool(Allocator):
         self._in_use = 0  # bytes of buffers handed out (live tensors, acquired buffers)
         self._peak_in_use = 0
         self._evicted = 0
-        self._held: dict[int, tuple[Any, HostBuffer, int]] = {}  # id(tensor) -> (tensor, buffer, bytes)
+        self._held: dict[
+            int, tuple[Any, HostBuffer, int]
+        ] = {}  # id(tensor) -> (tensor, buffer, bytes)
         self._reserved = 0
         self._live = 0
         self._peak_live = 0
@@ -140,7 +157,9 @@ class PinnedPool(Allocator):
         MemAscend sizes its buffer pool from the model's tensors: the parameters, gradients
         and optimizer states move every step, so their sizes are known before the first one.
         """
-        sizes = sorted({round_up(max(_inventory_bytes(item), 1), self.config.alignment) for item in inventory})
+        sizes = sorted(
+            {round_up(max(_inventory_bytes(item), 1), self.config.alignment) for item in inventory}
+        )
         with self._lock:
             self._exact = sorted(set(self._exact).union(sizes))
         return sizes
@@ -352,7 +371,9 @@ def _inventory_bytes(item: int | tuple[Sequence[int] | int, Any]) -> int:
     try:
         n = operator.index(item)
     except TypeError:
-        raise TypeError(f"an inventory entry is a byte count or a (shape, dtype) pair, got {item!r}") from None
+        raise TypeError(
+            f"an inventory entry is a byte count or a (shape, dtype) pair, got {item!r}"
+        ) from None
     if n < 0:
         raise ValueError(f"an inventory entry cannot be negative ({n} bytes)")
     return n

@@ -68,7 +68,9 @@ class Placement:
                 raise ValueError(f"placement {text!r} names {state!r} twice")
             values[state] = tier
         if values.get("optimizer", "gpu") == "gpu" and values.get("params") not in (None, "gpu"):
-            raise ValueError("parameters off the GPU need the optimizer off it too (ZeRO partitions both)")
+            raise ValueError(
+                "parameters off the GPU need the optimizer off it too (ZeRO partitions both)"
+            )
         return cls(**values)
 
     def __str__(self) -> str:
@@ -99,13 +101,22 @@ class Hardware:
         :class:`apportion.plan.Hardware` (``flops``, ``hbm_bytes``, ``pcie_bandwidth`` in B/s,
         ``extra["nvme_bandwidth"]``, ``extra["cxl_bandwidth"]``) is translated."""
         values: dict[str, Any] = {}
-        if source is not None and not isinstance(source, Mapping) and hasattr(source, "pcie_bandwidth"):
+        if (
+            source is not None
+            and not isinstance(source, Mapping)
+            and hasattr(source, "pcie_bandwidth")
+        ):
             extra = getattr(source, "extra", None) or {}
-            values.update(gpu_tflops=source.flops / 1e12, gpu_memory_gb=source.hbm_bytes / 1e9,
-                          pcie_gbps=source.pcie_bandwidth / 1e9)
+            values.update(
+                gpu_tflops=source.flops / 1e12,
+                gpu_memory_gb=source.hbm_bytes / 1e9,
+                pcie_gbps=source.pcie_bandwidth / 1e9,
+            )
             if "nvme_bandwidth" in extra:  # one figure: take it for reads, scale writes alike
                 values["nvme_read_gbps"] = extra["nvme_bandwidth"] / 1e9
-                values["nvme_write_gbps"] = extra["nvme_bandwidth"] / 1e9 * cls.nvme_write_gbps / cls.nvme_read_gbps
+                values["nvme_write_gbps"] = (
+                    extra["nvme_bandwidth"] / 1e9 * cls.nvme_write_gbps / cls.nvme_read_gbps
+                )
             if "cxl_bandwidth" in extra:
                 values["cxl_gbps"] = extra["cxl_bandwidth"] / 1e9
             source = None
@@ -114,7 +125,9 @@ class Hardware:
                 values[f.name] = source[f.name]
             elif source is not None and not isinstance(source, Mapping) and hasattr(source, f.name):
                 values[f.name] = getattr(source, f.name)
-        hw = replace(cls(), **{k: float(v) for k, v in {**values, **overrides}.items() if v is not None})
+        hw = replace(
+            cls(), **{k: float(v) for k, v in {**values, **overrides}.items() if v is not None}
+        )
         bad = [f.name for f in fields(hw) if not getattr(hw, f.name) > 0]
         if bad:
             raise ValueError(f"hardware figures must be positive: {', '.join(bad)}")
@@ -133,12 +146,17 @@ class Workload:
         return sum(self.seq_lengths)
 
     def flops(self) -> float:
-        return 6 * self.params * self.tokens + 6 * self.layers * self.hidden * sum(L * L for L in self.seq_lengths)
+        return 6 * self.params * self.tokens + 6 * self.layers * self.hidden * sum(
+            L * L for L in self.seq_lengths
+        )
 
 
 def _tier_gbps(hw: Hardware, tier: str, write: bool = False) -> float:
-    return {"cpu": hw.dram_gbps, "cxl": hw.cxl_gbps,
-            "nvme": hw.nvme_write_gbps if write else hw.nvme_read_gbps}.get(tier, float("inf"))
+    return {
+        "cpu": hw.dram_gbps,
+        "cxl": hw.cxl_gbps,
+        "nvme": hw.nvme_write_gbps if write else hw.nvme_read_gbps,
+    }.get(tier, float("inf"))
 
 
 def step_time(work: Workload, placement: Placement, hw: Hardware | None = None) -> dict[str, Any]:
@@ -186,13 +204,21 @@ def step_time(work: Workload, placement: Placement, hw: Hardware | None = None) 
     if placement.activations == "gpu":
         gpu_bytes += act_bytes
     resident = {t: 0.0 for t in ("cpu", "cxl", "nvme")}
-    for state, size in (("params", 2 * P), ("gradients", 2 * P), ("optimizer", 12 * P),
-                        ("activations", act_bytes)):
+    for state, size in (
+        ("params", 2 * P),
+        ("gradients", 2 * P),
+        ("optimizer", 12 * P),
+        ("activations", act_bytes),
+    ):
         tier = getattr(placement, state)
         if tier != "gpu":
             resident[tier] += size
-    parts = {"compute": compute, "pcie": pcie_s, **{f"{t}_io": s for t, s in tier_s.items()},
-             "optimizer": optimizer_s}
+    parts = {
+        "compute": compute,
+        "pcie": pcie_s,
+        **{f"{t}_io": s for t, s in tier_s.items()},
+        "optimizer": optimizer_s,
+    }
     return {
         "placement": str(placement),
         "step_seconds": step,
@@ -200,15 +226,19 @@ def step_time(work: Workload, placement: Placement, hw: Hardware | None = None) 
         "compute_seconds": compute,
         "pcie_seconds": pcie_s,
         "cxl_seconds": tier_s["cxl"],
-        "nvme_seconds": tier_s["nvme"],  # parameter/gradient traffic; optimizer swaps are in optimizer_seconds
+        "nvme_seconds": tier_s[
+            "nvme"
+        ],  # parameter/gradient traffic; optimizer swaps are in optimizer_seconds
         "optimizer_seconds": optimizer_s,
         "bottleneck": max(parts, key=parts.get),
         "gpu_gb": gpu_bytes / 1e9,
         "dram_gb": resident["cpu"] / 1e9,
         "cxl_gb": resident["cxl"] / 1e9,
         "nvme_gb": resident["nvme"] / 1e9,
-        "fits": gpu_bytes / 1e9 <= hw.gpu_memory_gb and resident["cpu"] / 1e9 <= hw.dram_gb
-        and resident["cxl"] / 1e9 <= hw.cxl_gb and resident["nvme"] / 1e9 <= hw.nvme_gb,
+        "fits": gpu_bytes / 1e9 <= hw.gpu_memory_gb
+        and resident["cpu"] / 1e9 <= hw.dram_gb
+        and resident["cxl"] / 1e9 <= hw.cxl_gb
+        and resident["nvme"] / 1e9 <= hw.nvme_gb,
         "hardware": asdict(hw),
     }
 
@@ -220,7 +250,9 @@ def workload_from_plan(plan: Any) -> Workload:
     def pick(*names: str) -> Any:
         for source in (plan, getattr(plan, "model", None)):
             for name in names:
-                value = source.get(name) if isinstance(source, Mapping) else getattr(source, name, None)
+                value = (
+                    source.get(name) if isinstance(source, Mapping) else getattr(source, name, None)
+                )
                 if value is not None and not callable(value):
                     return value
         return None
@@ -234,8 +266,12 @@ def workload_from_plan(plan: Any) -> Workload:
     batch = pick("batch", "batch_size") or 1
     if lengths is None:
         lengths = [int(length)] * int(batch) if length is not None else list(base.seq_lengths)
-    return Workload(params=float(params or base.params), layers=int(layers or base.layers),
-                    hidden=int(hidden or base.hidden), seq_lengths=tuple(int(x) for x in lengths))
+    return Workload(
+        params=float(params or base.params),
+        layers=int(layers or base.layers),
+        hidden=int(hidden or base.hidden),
+        seq_lengths=tuple(int(x) for x in lengths),
+    )
 
 
 def plan_offload(plan: Any, placement: str, hardware: Any = None) -> dict[str, Any] | None:

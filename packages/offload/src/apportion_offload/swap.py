@@ -58,12 +58,20 @@ _SPACE_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 
 
 class NvmeSwapConfig(ComponentConfig):
-    directory: str | None = Field(None, description="where swap files go (default: a fresh temp dir)")
-    alignment: int = Field(4096, description="O_DIRECT alignment of offsets and lengths (power of two >= 512)")
-    block_bytes: int = Field(8 << 20, ge=1 << 16, le=1 << 30, description="I/O and checksum block size")
+    directory: str | None = Field(
+        None, description="where swap files go (default: a fresh temp dir)"
+    )
+    alignment: int = Field(
+        4096, description="O_DIRECT alignment of offsets and lengths (power of two >= 512)"
+    )
+    block_bytes: int = Field(
+        8 << 20, ge=1 << 16, le=1 << 30, description="I/O and checksum block size"
+    )
     io_threads: int = Field(4, ge=1, le=64, description="blocks in flight at once")
     direct: Literal["auto", "on", "off"] = Field(
-        "auto", description="O_DIRECT: auto falls back to buffered I/O where the file system refuses it")
+        "auto",
+        description="O_DIRECT: auto falls back to buffered I/O where the file system refuses it",
+    )
     fsync: bool = Field(True, description="fdatasync each swap file before it becomes visible")
     pool_cap_bytes: int = Field(1 << 30, ge=1 << 20, description="cap of the host buffer pool")
     pin: Literal["auto", "cuda", "mlock", "none"] = "auto"
@@ -141,15 +149,26 @@ class NvmeSwapper(Allocator):
             self.directory.mkdir(parents=True, exist_ok=True)
         if not os.access(self.directory, os.W_OK | os.X_OK):
             raise SwapFormatError(f"nvme: swap directory {self.directory} is not writable")
-        self.pool = PinnedPool(PinnedPoolConfig(cap_bytes=cfg.pool_cap_bytes, alignment=min(cfg.alignment, 4096),
-                                                pin=cfg.pin))
+        self.pool = PinnedPool(
+            PinnedPoolConfig(
+                cap_bytes=cfg.pool_cap_bytes, alignment=min(cfg.alignment, 4096), pin=cfg.pin
+            )
+        )
         self._io = ThreadPoolExecutor(cfg.io_threads, thread_name_prefix="apportion-nvme-io")
         self._commit = ThreadPoolExecutor(2, thread_name_prefix="apportion-nvme-commit")
         self._lock = threading.Lock()
         self._seq = 0
         self.direct = self._probe_direct()
-        self._counters = {"swaps_out": 0, "swaps_in": 0, "bytes_written": 0, "bytes_read": 0,
-                          "write_seconds": 0.0, "read_seconds": 0.0, "zero_copy_out": 0, "zero_copy_in": 0}
+        self._counters = {
+            "swaps_out": 0,
+            "swaps_in": 0,
+            "bytes_written": 0,
+            "bytes_read": 0,
+            "write_seconds": 0.0,
+            "read_seconds": 0.0,
+            "zero_copy_out": 0,
+            "zero_copy_in": 0,
+        }
         self._remove_stale_temporaries()
 
     # ------------------------------------------------------------------ setup
@@ -226,9 +245,16 @@ class NvmeSwapper(Allocator):
         cfg = self.config
         padded = round_up(max(nbytes, 1), cfg.alignment)
         n_blocks = -(-padded // cfg.block_bytes)
-        meta = {"key": key, "dtype": _dtype_name(tensor.dtype), "shape": list(tensor.shape),
-                "nbytes": nbytes, "alignment": cfg.alignment, "block_bytes": cfg.block_bytes,
-                "checksum": "xxh3_64", "blocks": ["0" * 16] * n_blocks}
+        meta = {
+            "key": key,
+            "dtype": _dtype_name(tensor.dtype),
+            "shape": list(tensor.shape),
+            "nbytes": nbytes,
+            "alignment": cfg.alignment,
+            "block_bytes": cfg.block_bytes,
+            "checksum": "xxh3_64",
+            "blocks": ["0" * 16] * n_blocks,
+        }
         header_bytes = SwapHeader.size_for(meta, cfg.alignment)
         total = header_bytes + padded
         with self._lock:
@@ -251,8 +277,10 @@ class NvmeSwapper(Allocator):
                 raise self._space_error(exc, key, total) from None
             raise
 
-        blocks = [self._io.submit(self._write_block, fd, src, buf, i, header_bytes, nbytes, padded)
-                  for i in range(n_blocks)]
+        blocks = [
+            self._io.submit(self._write_block, fd, src, buf, i, header_bytes, nbytes, padded)
+            for i in range(n_blocks)
+        ]
 
         def commit() -> Path:
             try:
@@ -297,10 +325,18 @@ class NvmeSwapper(Allocator):
         """(flat uint8 source, pool buffer when the tensor sits aligned in one, else None)."""
         import torch
 
-        flat = tensor.detach().reshape(-1).view(torch.uint8) if nbytes else torch.zeros(0, dtype=torch.uint8)
+        flat = (
+            tensor.detach().reshape(-1).view(torch.uint8)
+            if nbytes
+            else torch.zeros(0, dtype=torch.uint8)
+        )
         buf = self.pool.buffer_of(tensor)
-        if (buf is not None and tensor.is_contiguous() and buf.address == tensor.data_ptr()
-                and buf.nbytes >= padded):
+        if (
+            buf is not None
+            and tensor.is_contiguous()
+            and buf.address == tensor.data_ptr()
+            and buf.nbytes >= padded
+        ):
             if padded > nbytes:
                 buf.tensor[nbytes:padded].zero_()
             return flat, buf
@@ -308,7 +344,9 @@ class NvmeSwapper(Allocator):
             flat = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
         return flat, None
 
-    def _write_block(self, fd: int, src: Any, buf: Any, i: int, base: int, nbytes: int, padded: int) -> str:
+    def _write_block(
+        self, fd: int, src: Any, buf: Any, i: int, base: int, nbytes: int, padded: int
+    ) -> str:
         bs = self.config.block_bytes
         start, stop = i * bs, min((i + 1) * bs, padded)
         if buf is not None:
@@ -320,9 +358,9 @@ class NvmeSwapper(Allocator):
         try:
             real = max(0, min(stop, nbytes) - start)
             if real:
-                stage.tensor[:real].copy_(src[start:start + real])
+                stage.tensor[:real].copy_(src[start : start + real])
             if real < stop - start:
-                stage.tensor[real:stop - start].zero_()
+                stage.tensor[real : stop - start].zero_()
             view = stage.view(stop - start)
             digest = _hexsum(view)
             _pwrite_all(fd, view, base + start)
@@ -336,7 +374,11 @@ class NvmeSwapper(Allocator):
             free = f"{st.f_bavail * st.f_frsize} bytes free"
         except OSError:
             free = "free space unknown"
-        what = "no space left on the device" if exc.errno != errno.EFBIG else "the file size limit was hit"
+        what = (
+            "no space left on the device"
+            if exc.errno != errno.EFBIG
+            else "the file size limit was hit"
+        )
         err = SwapSpaceError(
             f"nvme: {what} while swapping out {key!r} ({total} bytes) to {self.directory} "
             f"({free}); nothing was written. Free space, choose another directory, or offload less."
@@ -361,17 +403,29 @@ class NvmeSwapper(Allocator):
             raise SwapFormatError(f"nvme: {path} is not an apportion swap file (bad magic)")
         _, version, header_bytes, json_bytes, digest = _PREFIX.unpack_from(head)
         if version != VERSION:
-            raise SwapFormatError(f"nvme: {path} has swap format version {version}; this reader knows {VERSION}")
-        if header_bytes % 512 or _PREFIX.size + json_bytes > header_bytes or header_bytes > len(head):
-            raise SwapFormatError(f"nvme: {path} has a malformed or unaligned header ({header_bytes} bytes)")
-        body = head[_PREFIX.size:_PREFIX.size + json_bytes]
+            raise SwapFormatError(
+                f"nvme: {path} has swap format version {version}; this reader knows {VERSION}"
+            )
+        if (
+            header_bytes % 512
+            or _PREFIX.size + json_bytes > header_bytes
+            or header_bytes > len(head)
+        ):
+            raise SwapFormatError(
+                f"nvme: {path} has a malformed or unaligned header ({header_bytes} bytes)"
+            )
+        body = head[_PREFIX.size : _PREFIX.size + json_bytes]
         if xxhash.xxh3_64_intdigest(body) != digest:
-            raise SwapChecksumError(f"nvme: the header of {path} fails its checksum (the file is corrupted)")
+            raise SwapChecksumError(
+                f"nvme: the header of {path} fails its checksum (the file is corrupted)"
+            )
         meta = _checked_meta(path, body)
         align, bs, nbytes = meta["alignment"], meta["block_bytes"], meta["nbytes"]
         padded = round_up(max(nbytes, 1), align)
         if align < 512 or align & (align - 1) or header_bytes % align or bs % align:
-            raise SwapFormatError(f"nvme: {path} is not aligned (alignment {align}, header {header_bytes})")
+            raise SwapFormatError(
+                f"nvme: {path} is not aligned (alignment {align}, header {header_bytes})"
+            )
         if size != header_bytes + padded or len(meta["blocks"]) != -(-padded // bs):
             raise SwapFormatError(
                 f"nvme: {path} is {size} bytes but its header describes {header_bytes + padded}: "
@@ -411,8 +465,12 @@ class NvmeSwapper(Allocator):
                 self.free(dest)
             raise
         try:
-            futures = [self._io.submit(self._read_block, fd, path, header, i, buf if zero_copy else None,
-                                       flat, padded) for i in range(len(header.blocks))]
+            futures = [
+                self._io.submit(
+                    self._read_block, fd, path, header, i, buf if zero_copy else None, flat, padded
+                )
+                for i in range(len(header.blocks))
+            ]
             for f in futures:
                 f.result()
         except BaseException:
@@ -430,7 +488,9 @@ class NvmeSwapper(Allocator):
             self._counters["zero_copy_in"] += zero_copy
         return dest
 
-    def _read_block(self, fd: int, path: Path, header: SwapHeader, i: int, buf: Any, flat: Any, padded: int) -> None:
+    def _read_block(
+        self, fd: int, path: Path, header: SwapHeader, i: int, buf: Any, flat: Any, padded: int
+    ) -> None:
         bs, nbytes = header.block_bytes, header.nbytes
         start, stop = i * bs, min((i + 1) * bs, padded)
         stage = None
@@ -447,14 +507,18 @@ class NvmeSwapper(Allocator):
                 )
             real = max(0, min(stop, nbytes) - start)
             if stage is not None and real:
-                flat[start:start + real].copy_(stage.tensor[:real])
+                flat[start : start + real].copy_(stage.tensor[:real])
         finally:
             if stage is not None:
                 self.pool.give_back(stage)
 
     # ------------------------------------------------------------------ housekeeping
     def keys(self) -> list[str]:
-        return sorted(p.name[: -len(SUFFIX)] for p in self.directory.glob(f"*{SUFFIX}") if not p.name.startswith("."))
+        return sorted(
+            p.name[: -len(SUFFIX)]
+            for p in self.directory.glob(f"*{SUFFIX}")
+            if not p.name.startswith(".")
+        )
 
     def remove(self, key: str) -> None:
         self.path(key).unlink()
@@ -477,8 +541,16 @@ class NvmeSwapper(Allocator):
         self.close()
 
 
-_META_TYPES = {"key": str, "dtype": str, "shape": list, "nbytes": int, "alignment": int,
-               "block_bytes": int, "checksum": str, "blocks": list}
+_META_TYPES = {
+    "key": str,
+    "dtype": str,
+    "shape": list,
+    "nbytes": int,
+    "alignment": int,
+    "block_bytes": int,
+    "checksum": str,
+    "blocks": list,
+}
 _HEX16 = re.compile(r"[0-9a-f]{16}")
 
 
@@ -513,7 +585,9 @@ def _checked_meta(path: Path, body: bytes) -> dict[str, Any]:
     for d in meta["shape"]:
         numel *= d
     if numel * torch.empty((), dtype=dtype).element_size() != meta["nbytes"]:
-        raise bad(f"nbytes {meta['nbytes']} does not match shape {meta['shape']} of {meta['dtype']}")
+        raise bad(
+            f"nbytes {meta['nbytes']} does not match shape {meta['shape']} of {meta['dtype']}"
+        )
     return meta
 
 

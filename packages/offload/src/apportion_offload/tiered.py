@@ -37,7 +37,9 @@ from apportion_offload.numa import MPOL_BIND, MPOL_INTERLEAVE, mbind, numa, topo
 from apportion_offload.pool import as_shape, tensor_nbytes
 
 LATENCY = frozenset({"latency", "optimizer", "optimizer-state", "master-weights", "adam"})
-BANDWIDTH = frozenset({"bandwidth", "activation", "activations", "checkpoint", "checkpoints", "kv", "stream"})
+BANDWIDTH = frozenset(
+    {"bandwidth", "activation", "activations", "checkpoint", "checkpoints", "kv", "stream"}
+)
 
 
 def access_class(access: str) -> str:
@@ -56,14 +58,24 @@ def access_class(access: str) -> str:
 
 class TieredConfig(ComponentConfig):
     local_capacity_bytes: int | None = Field(
-        None, ge=0, description="local DRAM budget for this allocator (default: half the local nodes' memory)")
-    cap_bytes: int | None = Field(None, ge=1, description="refuse allocations past this many bytes in all")
+        None,
+        ge=0,
+        description="local DRAM budget for this allocator (default: half the local nodes' memory)",
+    )
+    cap_bytes: int | None = Field(
+        None, ge=1, description="refuse allocations past this many bytes in all"
+    )
     emulate: Literal["auto", "on", "off"] = Field(
-        "auto", description="emulate far tiers (auto: when the machine has no CPU-less nodes)")
+        "auto", description="emulate far tiers (auto: when the machine has no CPU-less nodes)"
+    )
     emulated_far_nodes: int = Field(2, ge=1, le=16, description="virtual CXL nodes when emulating")
-    cxl_bandwidth_ratio: float = Field(0.5, gt=0, description="one CXL node's bandwidth / local DRAM's")
+    cxl_bandwidth_ratio: float = Field(
+        0.5, gt=0, description="one CXL node's bandwidth / local DRAM's"
+    )
     cxl_latency_ratio: float = Field(2.2, gt=1, description="CXL load latency / local DRAM's")
-    bind: bool = Field(True, description="mbind buffers to their nodes (real tiers; node 0 when emulating)")
+    bind: bool = Field(
+        True, description="mbind buffers to their nodes (real tiers; node 0 when emulating)"
+    )
 
 
 @dataclass
@@ -78,8 +90,9 @@ class TierModel:
     measured: bool = False
 
     @classmethod
-    def measure(cls, far_nodes: int, bandwidth_ratio: float, latency_ratio: float,
-                nbytes: int = 32 << 20) -> TierModel:
+    def measure(
+        cls, far_nodes: int, bandwidth_ratio: float, latency_ratio: float, nbytes: int = 32 << 20
+    ) -> TierModel:
         """Time a streaming copy and random 8-byte gathers over ``nbytes`` of local DRAM."""
         import torch
 
@@ -95,7 +108,14 @@ class TierModel:
         t0 = time.perf_counter()
         src.index_select(0, idx)
         latency = (time.perf_counter() - t0) / idx.numel()
-        return cls(bandwidth, latency, bandwidth * bandwidth_ratio, latency * latency_ratio, far_nodes, True)
+        return cls(
+            bandwidth,
+            latency,
+            bandwidth * bandwidth_ratio,
+            latency * latency_ratio,
+            far_nodes,
+            True,
+        )
 
     def stream_seconds(self, nbytes: float, tier: str, nodes: int = 1) -> float:
         """Time to stream ``nbytes`` (interleaved over ``nodes`` far nodes when far)."""
@@ -137,7 +157,9 @@ class TieredAllocator(Allocator):
             far.sort(key=lambda n: (dist[n.id] if n.id < len(dist) else 255, n.id))
             self.far_nodes = [n.id for n in far]
         local_mem = sum(n.mem_bytes for n in nodes if n.id in self.local_nodes)
-        self.local_capacity = cfg.local_capacity_bytes if cfg.local_capacity_bytes is not None else local_mem // 2
+        self.local_capacity = (
+            cfg.local_capacity_bytes if cfg.local_capacity_bytes is not None else local_mem // 2
+        )
         self._lock = threading.Lock()
         self._held: dict[int, tuple[Any, HostBuffer, Decision]] = {}
         self._tier_bytes = {"local": 0, "far": 0}
@@ -151,8 +173,9 @@ class TieredAllocator(Allocator):
     def model(self) -> TierModel:
         """The tier model (measured on first use)."""
         if self._model is None:
-            self._model = TierModel.measure(len(self.far_nodes), self.config.cxl_bandwidth_ratio,
-                                            self.config.cxl_latency_ratio)
+            self._model = TierModel.measure(
+                len(self.far_nodes), self.config.cxl_bandwidth_ratio, self.config.cxl_latency_ratio
+            )
         return self._model
 
     def place(self, nbytes: int, access: str = "default") -> Decision:
@@ -160,22 +183,35 @@ class TieredAllocator(Allocator):
         cls = access_class(access)
         local_room = self._tier_bytes["local"] + nbytes <= self.local_capacity
         if cls == "bandwidth" and self.far_nodes:
-            return Decision("far", list(self.far_nodes), "interleave", cls,
-                            "bandwidth-bound: striped over the far-memory nodes")
+            return Decision(
+                "far",
+                list(self.far_nodes),
+                "interleave",
+                cls,
+                "bandwidth-bound: striped over the far-memory nodes",
+            )
         if local_room or not self.far_nodes:
             why = "latency-critical: local DRAM" if cls == "latency" else "local DRAM has room"
             return Decision("local", list(self.local_nodes), "bind", cls, why)
-        return Decision("far", [self.far_nodes[0]], "bind", cls,
-                        f"local DRAM budget ({self.local_capacity} bytes) is full: spilled to the nearest far node")
+        return Decision(
+            "far",
+            [self.far_nodes[0]],
+            "bind",
+            cls,
+            f"local DRAM budget ({self.local_capacity} bytes) is full: spilled to the nearest far node",
+        )
 
     def allocate(self, shape: Sequence[int], dtype: Any, *, access: str = "default") -> Any:
         nbytes = tensor_nbytes(shape, dtype)
         cap = self.config.cap_bytes
         with self._lock:
-            if cap is not None and self._stats.current_bytes + nbytes > cap:  # before any memory is touched
+            if (
+                cap is not None and self._stats.current_bytes + nbytes > cap
+            ):  # before any memory is touched
                 raise PoolCapacityError(
                     f"tiered: allocating {nbytes} bytes would exceed cap_bytes={cap} "
-                    f"({self._stats.current_bytes} in use)")
+                    f"({self._stats.current_bytes} in use)"
+                )
             decision = self.place(nbytes, access)
             buf = HostBuffer.create(max(nbytes, 1))
             self._bind(buf, decision)
@@ -196,7 +232,10 @@ class TieredAllocator(Allocator):
         if self.emulated:
             nodes, mode = list(self.local_nodes), MPOL_BIND
         else:
-            nodes, mode = decision.nodes, MPOL_INTERLEAVE if decision.policy == "interleave" else MPOL_BIND
+            nodes, mode = (
+                decision.nodes,
+                MPOL_INTERLEAVE if decision.policy == "interleave" else MPOL_BIND,
+            )
         try:
             mbind(buf.address, buf.nbytes, mode, nodes)
         except OSError as exc:  # recorded, not fatal: the data is still correct, just unplaced
@@ -206,7 +245,9 @@ class TieredAllocator(Allocator):
         with self._lock:
             entry = self._held.get(id(tensor))
             if entry is None or entry[0] is not tensor:
-                raise ValueError("free() of a tensor this allocator did not allocate (or freed twice)")
+                raise ValueError(
+                    "free() of a tensor this allocator did not allocate (or freed twice)"
+                )
             del self._held[id(tensor)]
             _, buf, decision = entry
             nbytes = tensor.numel() * tensor.element_size()
@@ -224,14 +265,23 @@ class TieredAllocator(Allocator):
 
     def stats(self) -> AllocatorStats:
         s = self._stats
-        s.extra = {"emulated": self.emulated, "local_nodes": self.local_nodes, "far_nodes": self.far_nodes,
-                   "local_capacity_bytes": self.local_capacity, "tier_bytes": dict(self._tier_bytes),
-                   "node_bytes": dict(self._node_bytes), "spills": self._spills,
-                   "numa_via": numa().via, "bind_error": self.bind_error}
+        s.extra = {
+            "emulated": self.emulated,
+            "local_nodes": self.local_nodes,
+            "far_nodes": self.far_nodes,
+            "local_capacity_bytes": self.local_capacity,
+            "tier_bytes": dict(self._tier_bytes),
+            "node_bytes": dict(self._node_bytes),
+            "spills": self._spills,
+            "numa_via": numa().via,
+            "bind_error": self.bind_error,
+        }
         return s
 
 
-def predict(trace: Sequence[tuple[int, str, float]], decisions: Sequence[Decision], model: TierModel) -> float:
+def predict(
+    trace: Sequence[tuple[int, str, float]], decisions: Sequence[Decision], model: TierModel
+) -> float:
     """Predicted seconds of an access trace: ``(nbytes, access, passes)`` per tensor.
 
     Latency-critical tensors are charged per cache line at their tier's latency, bandwidth-bound

@@ -25,18 +25,31 @@ from apportion_offload.pool import PinnedPool
 from apportion_offload.stepmodel import Placement
 
 
-def zero_config(placement: Placement | str, *, largest_param_numel: int, nvme_path: str | None = None,
-                micro_batch: int = 1, grad_accum: int = 1, precision: str = "fp32",
-                pin_memory: bool = True, aio_block_bytes: int = 1 << 20, aio_queue_depth: int = 8,
-                aio_threads: int = 4) -> dict[str, Any]:
+def zero_config(
+    placement: Placement | str,
+    *,
+    largest_param_numel: int,
+    nvme_path: str | None = None,
+    micro_batch: int = 1,
+    grad_accum: int = 1,
+    precision: str = "fp32",
+    pin_memory: bool = True,
+    aio_block_bytes: int = 1 << 20,
+    aio_queue_depth: int = 8,
+    aio_threads: int = 4,
+) -> dict[str, Any]:
     """A DeepSpeed ZeRO stage-3 config for ``placement`` (see the module docstring)."""
     p = Placement.parse(placement) if isinstance(placement, str) else placement
     if largest_param_numel < 1:
         raise ValueError(f"largest_param_numel must be positive, got {largest_param_numel}")
     if "nvme" in (p.params, p.optimizer) and not nvme_path:
-        raise ValueError(f"placement {p} puts state on NVMe: pass nvme_path (a directory on the NVMe drive)")
+        raise ValueError(
+            f"placement {p} puts state on NVMe: pass nvme_path (a directory on the NVMe drive)"
+        )
     if p.gradients == "nvme":
-        raise ValueError("DeepSpeed keeps gradients in host memory; use gradients=cpu with NVMe offload")
+        raise ValueError(
+            "DeepSpeed keeps gradients in host memory; use gradients=cpu with NVMe offload"
+        )
     if precision not in ("fp32", "bf16", "fp16"):
         raise ValueError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
     zero: dict[str, Any] = {
@@ -51,13 +64,19 @@ def zero_config(placement: Placement | str, *, largest_param_numel: int, nvme_pa
     # NVMe buffers must hold the largest parameter; align to the aio block (elements of 2 B)
     buffer = -(-largest_param_numel // aio_block_bytes) * aio_block_bytes
     if p.params != "gpu":
-        zero["offload_param"] = {"device": "nvme" if p.params == "nvme" else "cpu", "pin_memory": pin_memory}
+        zero["offload_param"] = {
+            "device": "nvme" if p.params == "nvme" else "cpu",
+            "pin_memory": pin_memory,
+        }
         if p.params == "nvme":
-            zero["offload_param"].update(nvme_path=nvme_path, buffer_count=5, buffer_size=buffer,
-                                         max_in_cpu=0)
+            zero["offload_param"].update(
+                nvme_path=nvme_path, buffer_count=5, buffer_size=buffer, max_in_cpu=0
+            )
     if p.optimizer != "gpu":
-        zero["offload_optimizer"] = {"device": "nvme" if p.optimizer == "nvme" else "cpu",
-                                     "pin_memory": pin_memory}
+        zero["offload_optimizer"] = {
+            "device": "nvme" if p.optimizer == "nvme" else "cpu",
+            "pin_memory": pin_memory,
+        }
         if p.optimizer == "nvme":
             zero["offload_optimizer"].update(nvme_path=nvme_path, buffer_count=4, fast_init=False)
     config: dict[str, Any] = {
@@ -74,11 +93,19 @@ def zero_config(placement: Placement | str, *, largest_param_numel: int, nvme_pa
     elif precision == "fp16":
         config["fp16"] = {"enabled": True, "initial_scale_power": 12}
     if "nvme" in (p.params, p.optimizer):
-        config["aio"] = {"block_size": aio_block_bytes, "queue_depth": aio_queue_depth,
-                         "intra_op_parallelism": aio_threads, "single_submit": False, "overlap_events": True}
+        config["aio"] = {
+            "block_size": aio_block_bytes,
+            "queue_depth": aio_queue_depth,
+            "intra_op_parallelism": aio_threads,
+            "single_submit": False,
+            "overlap_events": True,
+        }
     if p.activations != "gpu":
-        config["activation_checkpointing"] = {"partition_activations": True, "cpu_checkpointing": True,
-                                              "contiguous_memory_optimization": False}
+        config["activation_checkpointing"] = {
+            "partition_activations": True,
+            "cpu_checkpointing": True,
+            "contiguous_memory_optimization": False,
+        }
     return config
 
 
@@ -181,8 +208,13 @@ def init_single_process(port: int = 29533) -> None:
     spending minutes in a C++ build.
     """
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(port)), ("RANK", "0"),
-                       ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
+    for key, value in (
+        ("MASTER_ADDR", "127.0.0.1"),
+        ("MASTER_PORT", str(port)),
+        ("RANK", "0"),
+        ("WORLD_SIZE", "1"),
+        ("LOCAL_RANK", "0"),
+    ):
         os.environ.setdefault(key, value)
     import deepspeed
     import deepspeed.ops

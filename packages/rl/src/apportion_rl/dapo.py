@@ -26,8 +26,11 @@ class DAPOConfig(GRPOConfig):
     clip_eps_high: float | None = Field(0.28, gt=0, description="upper clip (clip-higher)")
     dynamic_sampling: bool = Field(True, description="drop groups whose rewards are all equal")
     max_completion_length: int | None = Field(
-        None, ge=1, description="length limit for the overlong penalty (None: no shaping)")
-    overlong_buffer: int = Field(0, ge=0, description="tokens before the limit where the penalty ramps")
+        None, ge=1, description="length limit for the overlong penalty (None: no shaping)"
+    )
+    overlong_buffer: int = Field(
+        0, ge=0, description="tokens before the limit where the penalty ramps"
+    )
 
 
 class DAPO(GRPO):
@@ -45,7 +48,9 @@ class DAPO(GRPO):
             self.stats.dropped_groups += not ok
         return keep
 
-    def shape_rewards(self, rewards: Sequence[float | None], lengths: Sequence[int]) -> list[float | None]:
+    def shape_rewards(
+        self, rewards: Sequence[float | None], lengths: Sequence[int]
+    ) -> list[float | None]:
         """Add the soft overlong penalty to each reward (``None``/NaN stay as they are)."""
         limit, buf = self.config.max_completion_length, self.config.overlong_buffer
         if limit is None or buf == 0:

@@ -18,7 +18,8 @@ from apportion_rl.grpo import GRPO, GRPOConfig
 class DrGRPOConfig(GRPOConfig):
     scale_rewards: bool = Field(False, description="Dr.GRPO does not divide by the group's std")
     max_completion_length: int | None = Field(
-        None, ge=1, description="the constant divisor's length; None = the padded batch length")
+        None, ge=1, description="the constant divisor's length; None = the padded batch length"
+    )
 
 
 class DrGRPO(GRPO):

@@ -30,9 +30,12 @@ from pydantic import Field
 class GRPOConfig(ComponentConfig):
     clip_eps: float = Field(0.2, gt=0, lt=1, description="PPO ratio clip (lower side)")
     clip_eps_high: float | None = Field(
-        None, gt=0, description="upper clip; None = clip_eps (symmetric)")
+        None, gt=0, description="upper clip; None = clip_eps (symmetric)"
+    )
     beta: float = Field(0.0, ge=0, description="KL penalty weight against the reference policy")
-    scale_rewards: bool = Field(True, description="divide by the group's std (GRPO); False = Dr.GRPO")
+    scale_rewards: bool = Field(
+        True, description="divide by the group's std (GRPO); False = Dr.GRPO"
+    )
     std_eps: float = Field(1e-4, gt=0, description="added to the std before dividing")
     rollouts_per_prompt: int = Field(8, ge=1, description="group size when no budget is given")
 
@@ -92,8 +95,9 @@ class GRPO(TrainerStrategy):
 
     # ------------------------------------------------------------------ allocation
 
-    def collect(self, n_prompts: int, budget: int,
-                sample: Callable[[list[int]], Sequence[Sequence[Any]]]) -> list[list[Any]]:
+    def collect(
+        self, n_prompts: int, budget: int, sample: Callable[[list[int]], Sequence[Sequence[Any]]]
+    ) -> list[list[Any]]:
         """Spend ``budget`` rollouts over ``n_prompts`` prompts; returns each prompt's results.
 
         ``sample(counts)`` draws ``counts[i]`` more rollouts of prompt ``i`` and returns, per
@@ -109,12 +113,15 @@ class GRPO(TrainerStrategy):
                 raise ValueError(f"sample() returned {len(drawn)} groups for {n_prompts} prompts")
             for i, (c, got) in enumerate(zip(counts, drawn, strict=True)):
                 if len(got) != c:
-                    raise ValueError(f"sample() returned {len(got)} rollouts for prompt {i}, asked {c}")
+                    raise ValueError(
+                        f"sample() returned {len(got)} rollouts for prompt {i}, asked {c}"
+                    )
                 history[i].extend(got)
             if not self.phased:
                 break
             counts = self.allocate_rollouts(
-                n_prompts, budget, [[reward_of(x) for x in h] for h in history])
+                n_prompts, budget, [[reward_of(x) for x in h] for h in history]
+            )
         return history
 
     # ------------------------------------------------------------------ advantages
@@ -142,8 +149,12 @@ class GRPO(TrainerStrategy):
             if max(valid) == min(valid):
                 self.stats.zero_std_groups += 1
             base, scale = self._center(valid)
-            out.append([(float(r) - base) / scale if good else 0.0
-                        for r, good in zip(group, ok, strict=True)])
+            out.append(
+                [
+                    (float(r) - base) / scale if good else 0.0
+                    for r, good in zip(group, ok, strict=True)
+                ]
+            )
         return out
 
     # ------------------------------------------------------------------------ loss
@@ -157,8 +168,9 @@ class GRPO(TrainerStrategy):
         """Per-token log importance ratio (GSPO overrides this with a sequence-level one)."""
         return logps - old_logps
 
-    def per_token_loss(self, logps: Any, old_logps: Any, advantages: Any, mask: Any,
-                       ref_logps: Any = None) -> Any:
+    def per_token_loss(
+        self, logps: Any, old_logps: Any, advantages: Any, mask: Any, ref_logps: Any = None
+    ) -> Any:
         import torch
 
         lo, hi = self._clip()
@@ -175,7 +187,10 @@ class GRPO(TrainerStrategy):
         per_seq = (per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)
         return per_seq.mean()
 
-    def loss(self, logps: Any, old_logps: Any, advantages: Any, mask: Any,
-             ref_logps: Any = None) -> Any:
+    def loss(
+        self, logps: Any, old_logps: Any, advantages: Any, mask: Any, ref_logps: Any = None
+    ) -> Any:
         mask = mask.to(logps.dtype)
-        return self.aggregate(self.per_token_loss(logps, old_logps, advantages, mask, ref_logps), mask)
+        return self.aggregate(
+            self.per_token_loss(logps, old_logps, advantages, mask, ref_logps), mask
+        )

@@ -37,7 +37,9 @@ class SUPOConfig(GRPOConfig):
     working_limit: int = Field(2048, ge=32, description="tokens the working context may hold")
     summary_tokens: int = Field(128, ge=8, description="new tokens allowed for one summary")
     max_summaries: int = Field(3, ge=0, description="summaries before a rollout counts as overlong")
-    max_new_tokens: int = Field(1024, ge=1, description="policy tokens per trajectory, all segments")
+    max_new_tokens: int = Field(
+        1024, ge=1, description="policy tokens per trajectory, all segments"
+    )
     temperature: float = Field(1.0, ge=0, description="sampling temperature; 0 = greedy")
 
 
@@ -69,8 +71,9 @@ class SUPO(GRPO):
     name = "supo"
     Config = SUPOConfig
 
-    def segment_batch(self, groups: Sequence[Sequence[Trajectory]]
-                      ) -> tuple[list[Segment], list[float], list[int]]:
+    def segment_batch(
+        self, groups: Sequence[Sequence[Trajectory]]
+    ) -> tuple[list[Segment], list[float], list[int]]:
         """Flatten groups of scored trajectories into training segments.
 
         Returns ``(segments, advantages, keep)``: one advantage per segment (its trajectory's),
@@ -96,7 +99,9 @@ class SUPO(GRPO):
         return rollout(model, tokenizer, messages, self.config)
 
 
-def _generate(model: Any, ids: list[int], max_new: int, cfg: SUPOConfig, eos: set[int]) -> list[int]:
+def _generate(
+    model: Any, ids: list[int], max_new: int, cfg: SUPOConfig, eos: set[int]
+) -> list[int]:
     import torch
 
     x = torch.tensor([ids], device=model.device)
@@ -107,7 +112,7 @@ def _generate(model: Any, ids: list[int], max_new: int, cfg: SUPOConfig, eos: se
         kwargs.update(do_sample=False)
     with torch.no_grad():
         out = model.generate(x, attention_mask=torch.ones_like(x), **kwargs)
-    return out[0, len(ids):].tolist()
+    return out[0, len(ids) :].tolist()
 
 
 def _chat(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
@@ -121,20 +126,26 @@ def _inserted_ids(tokenizer: Any, messages: list[dict[str, str]], partial: str) 
     """Tokens the chat template puts between the policy's partial turn and the summary: the
     end of that turn, the summary instruction, the next assistant header. The policy's own
     tokens are kept as generated (re-tokenising them could change them)."""
-    ask = [*messages, {"role": "assistant", "content": partial},
-           {"role": "user", "content": SUMMARY_INSTRUCTION}]
+    ask = [
+        *messages,
+        {"role": "assistant", "content": partial},
+        {"role": "user", "content": SUMMARY_INSTRUCTION},
+    ]
     text = tokenizer.apply_chat_template(ask, tokenize=False, add_generation_prompt=True)
     key = partial.strip()
     if key:
         at = text.rfind(key) + len(key)
     else:  # nothing written: everything after the assistant header was inserted
-        at = len(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+        at = len(
+            tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        )
     tail = text[at:]
     return tokenizer.encode(tail, add_special_tokens=False)
 
 
-def rollout(model: Any, tokenizer: Any, messages: list[dict[str, str]],
-            config: SUPOConfig | None = None) -> Trajectory:
+def rollout(
+    model: Any, tokenizer: Any, messages: list[dict[str, str]], config: SUPOConfig | None = None
+) -> Trajectory:
     """Run one SUPO trajectory: generate until EOS, summarising whenever the working context
     is about to exceed ``working_limit`` (see the module doc). Raises ``ValueError`` when the
     prompt alone does not leave room for a summary."""
@@ -150,7 +161,8 @@ def rollout(model: Any, tokenizer: Any, messages: list[dict[str, str]],
     if len(prompt_ids) + reserve + 1 > cfg.working_limit:
         raise ValueError(
             f"the prompt takes {len(prompt_ids)} tokens and a summary needs {reserve} more, "
-            f"which leaves no room under working_limit={cfg.working_limit}")
+            f"which leaves no room under working_limit={cfg.working_limit}"
+        )
 
     traj = Trajectory()
     context = prompt_ids
@@ -174,11 +186,18 @@ def rollout(model: Any, tokenizer: Any, messages: list[dict[str, str]],
         partial = tokenizer.decode(gen, skip_special_tokens=True)
         inserted = _inserted_ids(tokenizer, messages, partial)
         summary_ids = _generate(model, context + gen + inserted, cfg.summary_tokens, cfg, eos)
-        traj.segments.append(Segment(
-            context, gen + inserted + summary_ids,
-            [1] * len(gen) + [0] * len(inserted) + [1] * len(summary_ids), ends_with_summary=True))
+        traj.segments.append(
+            Segment(
+                context,
+                gen + inserted + summary_ids,
+                [1] * len(gen) + [0] * len(inserted) + [1] * len(summary_ids),
+                ends_with_summary=True,
+            )
+        )
         summary = tokenizer.decode(summary_ids, skip_special_tokens=True).strip()
         traj.summaries.append(summary)
-        context = _chat(tokenizer, [*messages, {"role": "user", "content":
-                                                RESUME_TEMPLATE.format(summary=summary)}])
+        context = _chat(
+            tokenizer,
+            [*messages, {"role": "user", "content": RESUME_TEMPLATE.format(summary=summary)}],
+        )
     return traj

@@ -43,17 +43,25 @@ class Problem:
 
     def row(self) -> dict[str, Any]:
         """A dataset row for TRL: ``prompt`` (conversational), ``answer`` and ``level``."""
-        return {"prompt": self.messages(), "answer": self.answer, "level": self.level, "id": self.id}
+        return {
+            "prompt": self.messages(),
+            "answer": self.answer,
+            "level": self.level,
+            "id": self.id,
+        }
 
 
-def arithmetic_problems(n: int, *, seed: int = 0, levels: Sequence[int] = (0, 1, 2, 3, 4, 5)
-                        ) -> list[Problem]:
+def arithmetic_problems(
+    n: int, *, seed: int = 0, levels: Sequence[int] = (0, 1, 2, 3, 4, 5)
+) -> list[Problem]:
     """``n`` problems, levels cycled in order, operands drawn from ``random.Random(seed)``."""
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     unknown = [lv for lv in levels if lv not in LEVELS]
     if unknown or not levels:
-        raise ValueError(f"unknown difficulty levels {unknown or list(levels)}; known: {sorted(LEVELS)}")
+        raise ValueError(
+            f"unknown difficulty levels {unknown or list(levels)}; known: {sorted(LEVELS)}"
+        )
     rng = random.Random(seed)
     out = []
     for i in range(n):
@@ -64,7 +72,9 @@ def arithmetic_problems(n: int, *, seed: int = 0, levels: Sequence[int] = (0, 1,
         if op == "-" and b > a:
             a, b = b, a
         value = a + b if op == "+" else a - b if op == "-" else a * b
-        out.append(Problem(f"s{seed}-{i}", f"What is {a} {op} {b}? {INSTRUCTION}", str(value), level))
+        out.append(
+            Problem(f"s{seed}-{i}", f"What is {a} {op} {b}? {INSTRUCTION}", str(value), level)
+        )
     return out
 
 
@@ -85,8 +95,9 @@ def completion_text(completion: Any) -> str:
     raise TypeError(f"cannot read a completion of type {type(completion).__name__}")
 
 
-def exact_match_reward(completions: Sequence[Any], answer: Sequence[str], **_: Any
-                       ) -> list[float | None]:
+def exact_match_reward(
+    completions: Sequence[Any], answer: Sequence[str], **_: Any
+) -> list[float | None]:
     """TRL reward function: 1.0 if the last integer equals ``answer``, else 0.0."""
     if len(completions) != len(answer):
         raise ValueError(f"{len(completions)} completions but {len(answer)} answers")

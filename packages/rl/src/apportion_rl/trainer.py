@@ -71,13 +71,20 @@ class StrategyGRPOTrainer(GRPOTrainer):
     rewards, groups of one and dropped groups.
     """
 
-    def __init__(self, model: Any, reward_funcs: Any = None, *args: Any,
-                 strategy: str | TrainerStrategy = "grpo",
-                 strategy_options: dict[str, Any] | None = None, **kwargs: Any):
+    def __init__(
+        self,
+        model: Any,
+        reward_funcs: Any = None,
+        *args: Any,
+        strategy: str | TrainerStrategy = "grpo",
+        strategy_options: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ):
         if reward_funcs is None or (isinstance(reward_funcs, list) and not reward_funcs):
             raise MissingRewardFunctionError(
                 "StrategyGRPOTrainer needs reward_funcs: a callable (prompts, completions, "
-                "**columns) -> list[float | None], a list of them, or a reward model id; none was given")
+                "**columns) -> list[float | None], a list of them, or a reward model id; none was given"
+            )
         if isinstance(strategy, str):
             from apportion import get_registry
 
@@ -93,15 +100,20 @@ class StrategyGRPOTrainer(GRPOTrainer):
         self.last_round: dict[str, Any] = {}  # rewards, advantages, kept groups of the last round
         super().__init__(model, reward_funcs, *args, **kwargs)
         if self.accelerator.num_processes != 1:
-            raise ApportionError("StrategyGRPOTrainer runs in one process (variable groups are "
-                                 f"not gathered across ranks); got {self.accelerator.num_processes}")
+            raise ApportionError(
+                "StrategyGRPOTrainer runs in one process (variable groups are "
+                f"not gathered across ranks); got {self.accelerator.num_processes}"
+            )
         if self.rollout_func is not None or self.tools or self.environment_factories is not None:
-            raise ConfigError("StrategyGRPOTrainer does not combine with rollout_func, tools "
-                              "or environments")
+            raise ConfigError(
+                "StrategyGRPOTrainer does not combine with rollout_func, tools or environments"
+            )
         beta = getattr(strategy.config, "beta", 0.0)
         if beta and not self.beta:
-            raise ConfigError(f"the strategy's KL weight beta={beta} needs reference log-probs: "
-                              "set GRPOConfig(beta=...) non-zero as well")
+            raise ConfigError(
+                f"the strategy's KL weight beta={beta} needs reference log-probs: "
+                "set GRPOConfig(beta=...) non-zero as well"
+            )
 
     # ------------------------------------------------------------------ generation
 
@@ -110,8 +122,9 @@ class StrategyGRPOTrainer(GRPOTrainer):
             return self._cached["generated"]
         return super()._generate(prompts)
 
-    def _calculate_rewards(self, inputs: Any, prompts: Any, completions: Any,
-                           completion_ids_list: Any) -> Any:
+    def _calculate_rewards(
+        self, inputs: Any, prompts: Any, completions: Any, completion_ids_list: Any
+    ) -> Any:
         if self._cached is not None:
             return self._cached["rewards_per_func"]
         return super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
@@ -120,23 +133,28 @@ class StrategyGRPOTrainer(GRPOTrainer):
         w = self.reward_weights.to(rewards_per_func.device)
         total = (rewards_per_func * w.unsqueeze(0)).nansum(dim=1)
         unscorable = torch.isnan(rewards_per_func).all(dim=1)
-        return [None if bad else float(t) for t, bad in zip(total.tolist(), unscorable.tolist(),
-                                                            strict=True)]
+        return [
+            None if bad else float(t)
+            for t, bad in zip(total.tolist(), unscorable.tolist(), strict=True)
+        ]
 
     def _seed(self, row: dict[str, Any]) -> dict[str, Any]:
         seed_prompt = getattr(self.strategy, "seed_prompt", None)
         if seed_prompt is None or not self.exemplars:
             return row
-        messages, _ = seed_prompt(_question(row["prompt"]), list(self.exemplars),
-                                  tokenizer=self._tokenizer)
+        messages, _ = seed_prompt(
+            _question(row["prompt"]), list(self.exemplars), tokenizer=self._tokenizer
+        )
         return {**row, "prompt": _with_messages(row["prompt"], messages)}
 
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
         mode = "train" if self.model.training else "eval"
         g = self.num_generations if mode == "train" else self.num_generations_eval
         if len(inputs) % g:
-            raise ApportionError(f"a generation batch of {len(inputs)} rows is not a whole number "
-                                 f"of groups of num_generations={g}")
+            raise ApportionError(
+                f"a generation batch of {len(inputs)} rows is not a whole number "
+                f"of groups of num_generations={g}"
+            )
         unique = inputs[::g]  # TRL's RepeatSampler repeats each prompt g times in a row
         n_prompts, budget = len(unique), len(inputs)
         strategy = self.strategy
@@ -147,7 +165,9 @@ class StrategyGRPOTrainer(GRPOTrainer):
             history = [[r for r, _ in h] for h in groups_so_far]
             rows, owner = [], []
             for i, c in enumerate(counts):
-                failed = bool(history[i]) and getattr(strategy, "all_failed", lambda _: False)(history[i])
+                failed = bool(history[i]) and getattr(strategy, "all_failed", lambda _: False)(
+                    history[i]
+                )
                 row = self._seed(dict(unique[i])) if failed else dict(unique[i])
                 rows.extend([row] * c)
                 owner.extend([i] * c)
@@ -158,7 +178,8 @@ class StrategyGRPOTrainer(GRPOTrainer):
             generated = super(StrategyGRPOTrainer, self)._generate(prompts)
             completions = generated[3]
             rpf = super(StrategyGRPOTrainer, self)._calculate_rewards(
-                rows, prompts, completions, generated[1])
+                rows, prompts, completions, generated[1]
+            )
             rewards = self._total_reward(rpf)
             base = sum(len(p[0]) for p in parts)
             parts.append((rows, generated, rpf))
@@ -167,9 +188,12 @@ class StrategyGRPOTrainer(GRPOTrainer):
                 if is_valid_reward(r) and r > threshold:
                     from apportion_rl.xrpo import Exemplar
 
-                    self.exemplars.append(Exemplar(_question(unique[i]["prompt"]),
-                                                   self.processing_class.decode(
-                                                       generated[1][k], skip_special_tokens=True)))
+                    self.exemplars.append(
+                        Exemplar(
+                            _question(unique[i]["prompt"]),
+                            self.processing_class.decode(generated[1][k], skip_special_tokens=True),
+                        )
+                    )
             for i, got in enumerate(out):
                 groups_so_far[i].extend(got)
             return out
@@ -181,8 +205,10 @@ class StrategyGRPOTrainer(GRPOTrainer):
             groups = sample(strategy.allocate_rollouts(n_prompts, budget))
         order = [idx for g in groups for _, idx in g]
         if len(order) != budget:
-            raise ApportionError(f"the strategy spent {len(order)} rollouts of a budget of {budget}; "
-                                 "TRL needs the whole generation batch (raise max_rollouts_per_prompt)")
+            raise ApportionError(
+                f"the strategy spent {len(order)} rollouts of a budget of {budget}; "
+                "TRL needs the whole generation batch (raise max_rollouts_per_prompt)"
+            )
         self.allocations.append([len(gr) for gr in groups])
 
         rows = [r for p in parts for r in p[0]]
@@ -200,15 +226,17 @@ class StrategyGRPOTrainer(GRPOTrainer):
         adv = strategy.advantages(rewards)
         if hasattr(strategy, "sharpen"):
             adv = strategy.sharpen(adv, self._grouped(self._mean_logps(output), groups))
-        flat = torch.tensor([a for gr in adv for a in gr], dtype=torch.float32,
-                            device=output["advantages"].device)
+        flat = torch.tensor(
+            [a for gr in adv for a in gr], dtype=torch.float32, device=output["advantages"].device
+        )
         output["advantages"] = flat
         self.last_round = {"rewards": rewards, "advantages": adv, "kept": [True] * len(groups)}
         if hasattr(strategy, "keep_groups"):
             keep = strategy.keep_groups(rewards)
             self.last_round["kept"] = keep
-            rows_keep = torch.tensor([k for k, gr in zip(keep, groups, strict=True) for _ in gr],
-                                     device=flat.device)
+            rows_keep = torch.tensor(
+                [k for k, gr in zip(keep, groups, strict=True) for _ in gr], device=flat.device
+            )
             output["completion_mask"] = output["completion_mask"] * rows_keep.unsqueeze(1).int()
             mask = output["completion_mask"] * output.get("tool_mask", 1)
             output["num_items_in_batch"] = mask.sum()
@@ -219,7 +247,8 @@ class StrategyGRPOTrainer(GRPOTrainer):
         self._metrics[mode]["apportion/min_group"].append(float(min(len(gr) for gr in groups)))
         if isinstance(strategy, GRPO):
             self._metrics[mode]["apportion/excluded_rewards"].append(
-                float(strategy.stats.excluded_rewards))
+                float(strategy.stats.excluded_rewards)
+            )
         return output
 
     @staticmethod
@@ -236,8 +265,10 @@ class StrategyGRPOTrainer(GRPOTrainer):
         if value is None:
             return None
         if isinstance(value, dict):
-            return {k: [v[i] for i in order] if isinstance(v, list) and len(v) >= len(order) else v
-                    for k, v in value.items()}
+            return {
+                k: [v[i] for i in order] if isinstance(v, list) and len(v) >= len(order) else v
+                for k, v in value.items()
+            }
         if isinstance(value, list) and not value:
             return value
         return [value[i] for i in order]
@@ -246,7 +277,7 @@ class StrategyGRPOTrainer(GRPOTrainer):
     def _grouped(flat: list[float], groups: list[list[Any]]) -> list[list[float]]:
         out, k = [], 0
         for gr in groups:
-            out.append(flat[k:k + len(gr)])
+            out.append(flat[k : k + len(gr)])
             k += len(gr)
         return out
 
@@ -259,8 +290,12 @@ class StrategyGRPOTrainer(GRPOTrainer):
             ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
             att = torch.cat([output["prompt_mask"], mask], dim=1)
             logps, _, _ = self._get_per_token_logps_and_entropies(
-                self.model, ids, att, output["completion_ids"].size(1),
-                batch_size=self.args.per_device_train_batch_size)
+                self.model,
+                ids,
+                att,
+                output["completion_ids"].size(1),
+                batch_size=self.args.per_device_train_batch_size,
+            )
         m = mask.to(logps.dtype)
         return ((logps * m).sum(-1) / m.sum(-1).clamp(min=1)).tolist()
 
@@ -270,13 +305,17 @@ class StrategyGRPOTrainer(GRPOTrainer):
         completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
         input_ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
         attention_mask = torch.cat([inputs["prompt_mask"], completion_mask], dim=1)
-        mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
+        mask = (
+            completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
+        )
         logps, _, _ = self._get_per_token_logps_and_entropies(
-            model, input_ids, attention_mask, completion_ids.size(1))
+            model, input_ids, attention_mask, completion_ids.size(1)
+        )
         old = inputs.get("old_per_token_logps")
         old = logps.detach() if old is None else old
-        loss = self.strategy.loss(logps, old, inputs["advantages"], mask,
-                                  ref_logps=inputs.get("ref_per_token_logps"))
+        loss = self.strategy.loss(
+            logps, old, inputs["advantages"], mask, ref_logps=inputs.get("ref_per_token_logps")
+        )
         mode = "train" if self.model.training else "eval"
         self._metrics[mode]["policy_loss"].append(loss.item())
         if mode == "train":

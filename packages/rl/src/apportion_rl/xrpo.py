@@ -50,10 +50,14 @@ class XRPOConfig(GRPOConfig):
     novelty_coef: float = Field(0.5, ge=0, description="kappa: boost per std of likelihood deficit")
     novelty_cap: float = Field(0.5, ge=0, description="largest relative boost of an advantage")
     success_threshold: float = Field(0.5, description="a reward above this counts as a success")
-    seed_exemplars: int = Field(2, ge=0, description="solved exemplars prepended to a failed prompt")
+    seed_exemplars: int = Field(
+        2, ge=0, description="solved exemplars prepended to a failed prompt"
+    )
     seed_strategy: str | None = Field(
-        "auto", description="prompt-strategy that picks exemplars: a registered name, 'auto' "
-        "(the icl package's selection when installed) or None (lexical overlap)")
+        "auto",
+        description="prompt-strategy that picks exemplars: a registered name, 'auto' "
+        "(the icl package's selection when installed) or None (lexical overlap)",
+    )
 
 
 @lru_cache(maxsize=4096)
@@ -138,8 +142,11 @@ class XRPO(GRPO):
         now = min(remaining, max(phase, 1))
         valid = [[float(r) for r in h if is_valid_reward(r)] for h in history]
         counts = [0] * n_prompts
-        heap = [(-self.priority(valid[i], drawn[i], spent), i) for i in range(n_prompts)
-                if drawn[i] < cfg.max_rollouts_per_prompt]
+        heap = [
+            (-self.priority(valid[i], drawn[i], spent), i)
+            for i in range(n_prompts)
+            if drawn[i] < cfg.max_rollouts_per_prompt
+        ]
         heapq.heapify(heap)
         for k in range(now):
             if not heap:
@@ -174,14 +181,22 @@ class XRPO(GRPO):
 
         registry = get_registry()
         if name == "auto":  # the icl package's embedding selection, when it is installed
-            if "knn" in registry.names("prompt-strategy") and \
-                    registry.get("prompt-strategy", "knn").provider == "apportion-icl":
+            if (
+                "knn" in registry.names("prompt-strategy")
+                and registry.get("prompt-strategy", "knn").provider == "apportion-icl"
+            ):
                 return registry.create("prompt-strategy", "knn", {"k": self.config.seed_exemplars})
             return None
         return registry.create("prompt-strategy", name)
 
-    def seed_prompt(self, query: str, pool: Sequence[Exemplar], *, tokenizer: Any = None,
-                    budget: int | None = None) -> tuple[list[dict[str, str]], dict[str, Any]]:
+    def seed_prompt(
+        self,
+        query: str,
+        pool: Sequence[Exemplar],
+        *,
+        tokenizer: Any = None,
+        budget: int | None = None,
+    ) -> tuple[list[dict[str, str]], dict[str, Any]]:
         """Chat messages: solved exemplars as earlier user/assistant turns, then the query;
         and how they were chosen.
 
@@ -197,20 +212,32 @@ class XRPO(GRPO):
             return [{"role": "user", "content": query}], {"seeded": 0, "selector": None}
         strategy = self._icl_strategy()
         if strategy is not None:
-            prompt = strategy.build(query, demos=[e.as_dict() for e in pool], budget=budget,
-                                    tokenizer=tokenizer)
-            return prompt.messages, {"seeded": prompt.accounting.get("demos_kept"),
-                                     "selector": strategy.name}
+            prompt = strategy.build(
+                query, demos=[e.as_dict() for e in pool], budget=budget, tokenizer=tokenizer
+            )
+            return prompt.messages, {
+                "seeded": prompt.accounting.get("demos_kept"),
+                "selector": strategy.name,
+            }
         chosen = self._select_lexical(query, pool, k)
-        messages = [m for e in reversed(chosen) for m in (
-            {"role": "user", "content": e.question}, {"role": "assistant", "content": e.answer})]
+        messages = [
+            m
+            for e in reversed(chosen)
+            for m in (
+                {"role": "user", "content": e.question},
+                {"role": "assistant", "content": e.answer},
+            )
+        ]
         return messages + [{"role": "user", "content": query}], {
-            "seeded": len(chosen), "selector": "lexical"}
+            "seeded": len(chosen),
+            "selector": "lexical",
+        }
 
     # ------------------------------------------------------------------ sharpening
 
-    def sharpen(self, advantages: Sequence[Sequence[float]],
-                seq_logps: Sequence[Sequence[float]]) -> list[list[float]]:
+    def sharpen(
+        self, advantages: Sequence[Sequence[float]], seq_logps: Sequence[Sequence[float]]
+    ) -> list[list[float]]:
         """Boost the positive advantages of unlikely correct responses (see the module doc).
 
         ``seq_logps``: per response, its mean token log-likelihood under the policy that drew

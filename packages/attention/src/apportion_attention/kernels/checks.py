@@ -29,7 +29,9 @@ def check_scores(q: torch.Tensor, centroids: torch.Tensor, bias: torch.Tensor | 
     if bias is not None:
         check_rows("bias", bias, 2)
         if bias.shape != centroids.shape[:2]:
-            raise ValueError(f"bias must be (rows, K) = {tuple(centroids.shape[:2])}, got {tuple(bias.shape)}")
+            raise ValueError(
+                f"bias must be (rows, K) = {tuple(centroids.shape[:2])}, got {tuple(bias.shape)}"
+            )
         if bias.device != q.device:
             raise ValueError(f"bias is on {bias.device} but q on {q.device}")
 
@@ -40,7 +42,9 @@ def check_mask(mask: torch.Tensor) -> None:
         raise TypeError(f"mask must be torch.bool, got {mask.dtype}")
 
 
-def check_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, counts: torch.Tensor) -> None:
+def check_decode(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, counts: torch.Tensor
+) -> None:
     check_rows("q", q, 3)
     check_rows("k", k, 3)
     check_rows("v", v, 3)
@@ -54,23 +58,41 @@ def check_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.T
         raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape")
     rows = q.shape[0]
     if k.shape[0] != rows or k.shape[2] != q.shape[2]:
-        raise ValueError(f"q (rows, G, d) = {tuple(q.shape)} and k (rows, n, d) = {tuple(k.shape)} disagree")
+        raise ValueError(
+            f"q (rows, G, d) = {tuple(q.shape)} and k (rows, n, d) = {tuple(k.shape)} disagree"
+        )
     if idx.shape[0] != rows or counts.shape[0] != rows:
-        raise ValueError(f"idx {tuple(idx.shape)} / counts {tuple(counts.shape)} must have {rows} rows")
-    if idx.dtype not in (torch.int32, torch.int64) or counts.dtype not in (torch.int32, torch.int64):
+        raise ValueError(
+            f"idx {tuple(idx.shape)} / counts {tuple(counts.shape)} must have {rows} rows"
+        )
+    if idx.dtype not in (torch.int32, torch.int64) or counts.dtype not in (
+        torch.int32,
+        torch.int64,
+    ):
         raise TypeError(f"idx/counts must be int32 or int64, got {idx.dtype} and {counts.dtype}")
     devices = {t.device for t in (q, k, v, idx, counts)}
     if len(devices) != 1:
-        raise ValueError(f"q, k, v, idx, counts must be on one device, got {sorted(map(str, devices))}")
+        raise ValueError(
+            f"q, k, v, idx, counts must be on one device, got {sorted(map(str, devices))}"
+        )
 
 
-def check_lists(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, counts: list[int]) -> None:
+def check_lists(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, counts: list[int]
+) -> None:
     """:func:`check_decode` for ragged position lists (``counts`` a host-side list)."""
     check_rows("q", q, 3)
     check_rows("positions", positions, 1)
     rows = q.shape[0]
     if len(counts) != rows or sum(counts) != positions.numel() or min(counts, default=0) < 0:
-        raise ValueError(f"counts must be {rows} non-negative entries summing to positions' "
-                         f"{positions.numel()}, got {len(counts)} summing to {sum(counts)}")
-    check_decode(q, k, v, positions.view(1, -1).expand(rows, -1), torch.zeros(rows, dtype=positions.dtype,
-                                                                              device=positions.device))
+        raise ValueError(
+            f"counts must be {rows} non-negative entries summing to positions' "
+            f"{positions.numel()}, got {len(counts)} summing to {sum(counts)}"
+        )
+    check_decode(
+        q,
+        k,
+        v,
+        positions.view(1, -1).expand(rows, -1),
+        torch.zeros(rows, dtype=positions.dtype, device=positions.device),
+    )

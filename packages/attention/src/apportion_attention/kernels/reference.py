@@ -17,7 +17,11 @@ from apportion_attention.kernels.checks import check_decode, check_lists, check_
 
 
 def centroid_scores(
-    q: torch.Tensor, centroids: torch.Tensor, bias: torch.Tensor | None = None, *, scale: float | None = None
+    q: torch.Tensor,
+    centroids: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    scale: float | None = None,
 ) -> torch.Tensor:
     """``scale * q @ centroids^T + bias``: (rows, G, d) x (rows, K, d) -> (rows, G, K) float32.
 
@@ -106,7 +110,11 @@ def sparse_decode_lists(
             raise IndexError(f"positions outside [0, {n if tail_start is None else tail_start})")
     out = torch.empty(rows, G, d, dtype=q.dtype, device=q.device)
     lse = torch.empty(rows, G, dtype=torch.float32, device=q.device)
-    tail = None if tail_start is None or tail_start == n else torch.arange(tail_start, n, device=q.device)
+    tail = (
+        None
+        if tail_start is None or tail_start == n
+        else torch.arange(tail_start, n, device=q.device)
+    )
     for r, part in enumerate(positions.split(counts)):
         ids = part if tail is None else torch.cat([part.to(tail.dtype), tail])
         kr, vr = k[r].index_select(0, ids).float(), v[r].index_select(0, ids).float()

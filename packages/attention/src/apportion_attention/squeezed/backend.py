@@ -72,36 +72,69 @@ log = logging.getLogger("apportion_attention.squeezed")
 
 
 class SqueezedConfig(ComponentConfig):
-    budget: float = Field(0.1, ge=0.0, le=1.0, description="fraction of the context's keys each query selects")
-    budget_tokens: int | None = Field(None, ge=0, description="absolute key budget; overrides budget when set")
-    cluster_size: int = Field(16, ge=1, description="mean keys per fine cluster (K2 = n_ctx / cluster_size)")
+    budget: float = Field(
+        0.1, ge=0.0, le=1.0, description="fraction of the context's keys each query selects"
+    )
+    budget_tokens: int | None = Field(
+        None, ge=0, description="absolute key budget; overrides budget when set"
+    )
+    cluster_size: int = Field(
+        16, ge=1, description="mean keys per fine cluster (K2 = n_ctx / cluster_size)"
+    )
     coarse_ratio: int = Field(8, ge=1, description="fine clusters per coarse cluster")
-    coarse_keep: float = Field(4.0, ge=1.0, description="the coarse level keeps coarse_keep x budget of the keys")
+    coarse_keep: float = Field(
+        4.0, ge=1.0, description="the coarse level keeps coarse_keep x budget of the keys"
+    )
     kmeans_iters: int = Field(8, ge=1, le=100)
-    kmeans_max_points: int | None = Field(16384, ge=1, description="fit the fine K-means on at most this many keys")
-    calibration_quantile: float = Field(0.5, ge=0.0, le=1.0,
-                                        description="quantile of the per-query thresholds taken as the threshold")
-    min_context_tokens: int = Field(256, ge=1, description="shorter contexts are not clustered (dense, logged)")
-    kernels: Literal["auto", "torch", "triton"] = Field("auto", description="auto: Triton on CUDA, torch elsewhere")
+    kmeans_max_points: int | None = Field(
+        16384, ge=1, description="fit the fine K-means on at most this many keys"
+    )
+    calibration_quantile: float = Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="quantile of the per-query thresholds taken as the threshold",
+    )
+    min_context_tokens: int = Field(
+        256, ge=1, description="shorter contexts are not clustered (dense, logged)"
+    )
+    kernels: Literal["auto", "torch", "triton"] = Field(
+        "auto", description="auto: Triton on CUDA, torch elsewhere"
+    )
     question_share: float = Field(
-        0.5, ge=0.0, le=1.0,
+        0.5,
+        ge=0.0,
+        le=1.0,
         description="share of the budget given to the keys the question selected (kept at every later "
-                    "step); the rest is each step's own centroid selection. 0: the paper's per-step "
-                    "selection only. Used only when the prompt has a question (question_len > 0)")
+        "step); the rest is each step's own centroid selection. 0: the paper's per-step "
+        "selection only. Used only when the prompt has a question (question_len > 0)",
+    )
     question_reduce: Literal["sum", "max"] = Field(
-        "max", description="a context key's question vote: its attention probability summed over the question's "
-                           "queries and heads (sum) or the largest one (max)")
-    question_before: int = Field(15, ge=0, description="a question-selected key brings this many keys before it")
-    question_after: int = Field(15, ge=0, description="a question-selected key brings this many keys after it "
-                                                      "(its sentence's continuation, e.g. a needle's value)")
+        "max",
+        description="a context key's question vote: its attention probability summed over the question's "
+        "queries and heads (sum) or the largest one (max)",
+    )
+    question_before: int = Field(
+        15, ge=0, description="a question-selected key brings this many keys before it"
+    )
+    question_after: int = Field(
+        15,
+        ge=0,
+        description="a question-selected key brings this many keys after it "
+        "(its sentence's continuation, e.g. a needle's value)",
+    )
     estimate_rest: bool = Field(
-        True, description="the context keys a query did not select still take part, each cluster's rest as "
-                          "one key (centroid, weight = its size) with the rest's mean value; False: they get "
-                          "no attention at all (the paper's sparse attention)")
+        True,
+        description="the context keys a query did not select still take part, each cluster's rest as "
+        "one key (centroid, weight = its size) with the rest's mean value; False: they get "
+        "no attention at all (the paper's sparse attention)",
+    )
     seed: int = 0
 
 
-def _sdpa(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: Any, **kw: Any):
+def _sdpa(
+    module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: Any, **kw: Any
+):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     return sdpa_attention_forward(module, query, key, value, mask, **kw)
@@ -170,27 +203,64 @@ class Squeezed(AttentionBackend):
         return c.budget
 
     # ------------------------------------------------------------------ the attention function
-    def _attend(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    def _attend(
+        self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs
+    ):
         layer = getattr(module, "layer_idx", None)
         if query.dim() != 4 or key.dim() != 4 or value.shape != key.shape:
-            raise ValueError(f"squeezed: expected query (B, H, Q, d) and key/value (B, Hkv, N, d), got "
-                             f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}")
+            raise ValueError(
+                f"squeezed: expected query (B, H, Q, d) and key/value (B, Hkv, N, d), got "
+                f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}"
+            )
         if query.shape[1] % key.shape[1]:
-            raise ValueError(f"squeezed: {query.shape[1]} query heads is not a multiple of {key.shape[1]} KV heads")
+            raise ValueError(
+                f"squeezed: {query.shape[1]} query heads is not a multiple of {key.shape[1]} KV heads"
+            )
         if layer is None:
-            return _sdpa(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+            return _sdpa(
+                module,
+                query,
+                key,
+                value,
+                attention_mask,
+                scaling=scaling,
+                dropout=dropout,
+                **kwargs,
+            )
         scale = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
         q_len, kv_len = query.shape[2], key.shape[2]
         if q_len == kv_len:
-            return self._fresh(module, layer, query, key, value, attention_mask, scale, dropout, kwargs)
+            return self._fresh(
+                module, layer, query, key, value, attention_mask, scale, dropout, kwargs
+            )
         index = self._layers.get(layer)
         if index is None:
-            return _sdpa(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+            return _sdpa(
+                module,
+                query,
+                key,
+                value,
+                attention_mask,
+                scaling=scaling,
+                dropout=dropout,
+                **kwargs,
+            )
         if kv_len != index.last_n + q_len:
             self._layers[layer] = None
-            self._note(f"layer {layer}: cache length {kv_len} != {index.last_n} + {q_len} (entries were "
-                       "evicted or replaced after indexing); dense attention from here")
-            return _sdpa(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+            self._note(
+                f"layer {layer}: cache length {kv_len} != {index.last_n} + {q_len} (entries were "
+                "evicted or replaced after indexing); dense attention from here"
+            )
+            return _sdpa(
+                module,
+                query,
+                key,
+                value,
+                attention_mask,
+                scaling=scaling,
+                dropout=dropout,
+                **kwargs,
+            )
         index.last_n = kv_len
         if q_len == 1 and query.shape[0] * key.shape[1] == index.rows:
             return self._decode(index, query, key, value, attention_mask, scale)
@@ -201,10 +271,17 @@ class Squeezed(AttentionBackend):
         q_len = query.shape[2]
         qlen = self._question_len or 0
         n_ctx = q_len - qlen
-        dense = lambda: _sdpa(module, query, key, value, attention_mask, scaling=scale, dropout=dropout, **kwargs)  # noqa: E731
+
+        def dense():
+            return _sdpa(
+                module, query, key, value, attention_mask, scaling=scale, dropout=dropout, **kwargs
+            )
+
         if n_ctx < self.config.min_context_tokens:
-            self._note(f"context of {n_ctx} tokens is shorter than min_context_tokens="
-                       f"{self.config.min_context_tokens}: too short to cluster, dense attention")
+            self._note(
+                f"context of {n_ctx} tokens is shorter than min_context_tokens="
+                f"{self.config.min_context_tokens}: too short to cluster, dense attention"
+            )
             return dense()
         budget = self._budget_fraction(n_ctx)
         if budget >= 1.0:
@@ -218,23 +295,38 @@ class Squeezed(AttentionBackend):
         valid = None
         if mask is not None:  # left padding: a key nobody (not even the last query) may see
             valid = mask[:, 0, -1, :n_ctx].unsqueeze(1).expand(B, Hkv, n_ctx).reshape(rows, n_ctx)
-        calib = query[:, :, n_ctx:] if qlen > 0 else query[:, :, max(0, n_ctx - 64):n_ctx]
+        calib = query[:, :, n_ctx:] if qlen > 0 else query[:, :, max(0, n_ctx - 64) : n_ctx]
         calib = calib.reshape(B, Hkv, G, calib.shape[2], d).reshape(rows, G, calib.shape[2], d)
         c = self.config
         share = c.question_share if qlen > 0 else 0.0
         ctx_keys = key[:, :, :n_ctx].reshape(rows, n_ctx, d)
         sticky = None
         if share > 0.0:
-            n_valid = (torch.full((rows,), n_ctx, device=key.device) if valid is None
-                       else valid.sum(-1)).float()
+            n_valid = (
+                torch.full((rows,), n_ctx, device=key.device) if valid is None else valid.sum(-1)
+            ).float()
             n_keep = (n_valid * budget * share).ceil().long()
-            votes = question_votes(ctx_keys, calib, scale=scale, valid=valid, reduce=c.question_reduce)
-            sticky = top_voted(votes, n_keep, valid=valid, before=c.question_before, after=c.question_after)
+            votes = question_votes(
+                ctx_keys, calib, scale=scale, valid=valid, reduce=c.question_reduce
+            )
+            sticky = top_voted(
+                votes, n_keep, valid=valid, before=c.question_before, after=c.question_after
+            )
         # the centroid thresholds are calibrated to the budget's keys that are not sticky
         index = build_layer_index(
-            ctx_keys, calib, budget=budget, scale=scale, valid=valid, sticky=sticky,
-            cluster_size=c.cluster_size, coarse_ratio=c.coarse_ratio, coarse_keep=c.coarse_keep,
-            iters=c.kmeans_iters, quantile=c.calibration_quantile, seed=c.seed + layer, max_points=c.kmeans_max_points,
+            ctx_keys,
+            calib,
+            budget=budget,
+            scale=scale,
+            valid=valid,
+            sticky=sticky,
+            cluster_size=c.cluster_size,
+            coarse_ratio=c.coarse_ratio,
+            coarse_keep=c.coarse_keep,
+            iters=c.kmeans_iters,
+            quantile=c.calibration_quantile,
+            seed=c.seed + layer,
+            max_points=c.kmeans_max_points,
         )
         if c.estimate_rest and budget > 0.0:
             index.summarize_rest(value[:, :, :n_ctx].reshape(rows, n_ctx, d))
@@ -244,8 +336,16 @@ class Squeezed(AttentionBackend):
             return dense()
         # context queries: dense causal over the context; question queries: selected keys
         ctx_mask = None if attention_mask is None else attention_mask[..., :n_ctx, :n_ctx]
-        out_ctx, _ = _sdpa(module, query[:, :, :n_ctx], key[:, :, :n_ctx], value[:, :, :n_ctx], ctx_mask,
-                           scaling=scale, dropout=dropout, is_causal=True if ctx_mask is None else None)
+        out_ctx, _ = _sdpa(
+            module,
+            query[:, :, :n_ctx],
+            key[:, :, :n_ctx],
+            value[:, :, :n_ctx],
+            ctx_mask,
+            scaling=scale,
+            dropout=dropout,
+            is_causal=True if ctx_mask is None else None,
+        )
         out_q, _ = self._masked(index, query[:, :, n_ctx:], key, value, attention_mask, scale)
         return torch.cat([out_ctx, out_q], dim=1), None
 
@@ -266,20 +366,27 @@ class Squeezed(AttentionBackend):
         self._count(sel.sum(), sel.numel())
         sel = sel.view(B, Hkv, 1, Q, n_ctx).expand(B, Hkv, G, Q, n_ctx).reshape(B, H, Q, n_ctx)
         q_pos = torch.arange(N - Q, N, device=query.device)
-        tail = torch.arange(n_ctx, N, device=query.device)[None, :] <= q_pos[:, None]  # (Q, N - n_ctx)
+        tail = (
+            torch.arange(n_ctx, N, device=query.device)[None, :] <= q_pos[:, None]
+        )  # (Q, N - n_ctx)
         full = torch.cat([sel, tail.expand(B, H, Q, N - n_ctx)], dim=-1)
         base = _bool_mask(attention_mask, Q, N)
         if base is not None:
             full = full & base
         if not estimate:
             out = torch.nn.functional.scaled_dot_product_attention(
-                query, key, value, attn_mask=full, scale=scale, enable_gqa=G > 1)
+                query, key, value, attn_mask=full, scale=scale, enable_gqa=G > 1
+            )
             return out.transpose(1, 2).contiguous(), None
         from apportion.host.lse import partial_attention
 
-        o_sel, lse_sel = partial_attention(query.reshape(B * Hkv, G, Q, d), key.reshape(B * Hkv, 1, N, d),
-                                           value.reshape(B * Hkv, 1, N, d), scale=scale,
-                                           mask=full.view(B * Hkv, G, Q, N))
+        o_sel, lse_sel = partial_attention(
+            query.reshape(B * Hkv, G, Q, d),
+            key.reshape(B * Hkv, 1, N, d),
+            value.reshape(B * Hkv, 1, N, d),
+            scale=scale,
+            mask=full.view(B * Hkv, G, Q, N),
+        )
         out = index.add_rest(o_sel, lse_sel, fine, keep_f)  # (rows, G, Q, d)
         return out.view(B, H, Q, d).to(query.dtype).transpose(1, 2).contiguous(), None
 
@@ -298,11 +405,15 @@ class Squeezed(AttentionBackend):
             # torch path: whole clusters' key lists, and the keys after the context in place
             pos, counts = index.select_positions(q, scale, kern, keep_f=keep_f)
             self._count(sum(counts), rows * index.n_ctx)
-            out, lse = kern.sparse_decode_lists(q, k, v, pos, counts, scale=scale, tail_start=index.n_ctx)
+            out, lse = kern.sparse_decode_lists(
+                q, k, v, pos, counts, scale=scale, tail_start=index.n_ctx
+            )
         else:
             ctx = index.select_one(q, scale, kern, keep_f=keep_f)  # (rows, n_ctx)
             self._count(ctx.sum(), ctx.numel())
-            keep = torch.cat([ctx, torch.ones(rows, N - index.n_ctx, dtype=torch.bool, device=ctx.device)], dim=1)
+            keep = torch.cat(
+                [ctx, torch.ones(rows, N - index.n_ctx, dtype=torch.bool, device=ctx.device)], dim=1
+            )
             if base is not None:  # padding columns of each batch row
                 keep = keep & base[:, 0, 0, :].unsqueeze(1).expand(B, Hkv, N).reshape(rows, N)
             idx, counts_t = kern.compact(keep)

@@ -78,7 +78,9 @@ class LayerIndex:
             self.order = torch.argsort(a, dim=-1, stable=True)
             sizes = torch.zeros(self.rows, k2 + 1, dtype=torch.long, device=a.device)
             sizes.scatter_add_(1, a, torch.ones_like(a))
-            self.starts = torch.cat([torch.zeros_like(sizes[:, :1]), sizes[:, :k2].cumsum(-1)], dim=-1)
+            self.starts = torch.cat(
+                [torch.zeros_like(sizes[:, :1]), sizes[:, :k2].cumsum(-1)], dim=-1
+            )
         return self.order, self.starts
 
     def set_sticky(self, keep: torch.Tensor | None) -> None:
@@ -89,21 +91,29 @@ class LayerIndex:
             self.sticky = self._sticky_rows = self._sticky_pos = None
             return
         if keep.shape != self.assign.shape:
-            raise ValueError(f"sticky must be (rows, n_ctx)={tuple(self.assign.shape)}, got {tuple(keep.shape)}")
+            raise ValueError(
+                f"sticky must be (rows, n_ctx)={tuple(self.assign.shape)}, got {tuple(keep.shape)}"
+            )
         self.sticky = keep.to(torch.bool) & (self.assign >= 0)
         self._sticky_rows, self._sticky_pos = self.sticky.nonzero(as_tuple=True)
 
-    def _clusters(self, q: torch.Tensor, scale: float, scores_fn) -> tuple[torch.Tensor, torch.Tensor]:
+    def _clusters(
+        self, q: torch.Tensor, scale: float, scores_fn
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Kept fine clusters and fine scores for queries ``q`` (rows, G, Q, d): (bool (rows,
         Q, K2), float (rows, G, Q, K2) = ``scale * q . mu_c + log n_c``). A head group keeps a
         cluster if any of its heads does, and only under a kept coarse parent."""
         rows, G, Q, d = q.shape
         flat = q.reshape(rows, G * Q, d)
-        coarse = scores_fn(flat, self.coarse_c.to(q.dtype), self.coarse_bias, scale=scale).view(rows, G, Q, -1)
+        coarse = scores_fn(flat, self.coarse_c.to(q.dtype), self.coarse_bias, scale=scale).view(
+            rows, G, Q, -1
+        )
         lse = torch.logsumexp(coarse, dim=-1, keepdim=True)
         keep_c = (coarse - lse).amax(1) >= self.t_coarse[:, None, None]  # (rows, Q, K1)
         keep_parent = keep_c.gather(2, self.parent[:, None, :].expand(rows, Q, -1))  # (rows, Q, K2)
-        fine = scores_fn(flat, self.fine_c.to(q.dtype), self.fine_bias, scale=scale).view(rows, G, Q, -1)
+        fine = scores_fn(flat, self.fine_c.to(q.dtype), self.fine_bias, scale=scale).view(
+            rows, G, Q, -1
+        )
         keep_f = ((fine - lse).amax(1) >= self.t_fine[:, None, None]) & keep_parent
         return keep_f, fine
 
@@ -121,7 +131,9 @@ class LayerIndex:
         sel = sel if self.sticky is None else sel | self.sticky[:, None, :]
         return (sel, keep_f, fine) if with_clusters else sel
 
-    def cluster_scores(self, q: torch.Tensor, scale: float, kernels) -> tuple[torch.Tensor, torch.Tensor]:
+    def cluster_scores(
+        self, q: torch.Tensor, scale: float, kernels
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The fine clusters one query group keeps and the fine scores: ``q`` (rows, G, d) ->
         (keep_f bool (rows, K2), fine (rows, G, K2)), with the kernels' centroid scoring."""
         keep_f, fine = self._clusters(q[:, :, None], scale, kernels.centroid_scores)
@@ -131,7 +143,9 @@ class LayerIndex:
         """The fine clusters one query group keeps: ``q`` (rows, G, d) -> bool (rows, K2)."""
         return self.cluster_scores(q, scale, kernels)[0]
 
-    def select_one(self, q: torch.Tensor, scale: float, kernels, keep_f: torch.Tensor | None = None) -> torch.Tensor:
+    def select_one(
+        self, q: torch.Tensor, scale: float, kernels, keep_f: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Decode fast path: ``q`` (rows, G, d) -> bool (rows, n_ctx), with the scoring kernel
         (or the clusters ``keep_f`` already chosen for ``q``)."""
         keep_f = self.select_clusters(q, scale, kernels) if keep_f is None else keep_f
@@ -145,7 +159,9 @@ class LayerIndex:
         :meth:`set_sticky`, which clears the summaries)."""
         rows, n_ctx, d = values.shape
         if n_ctx != self.n_ctx or rows != self.rows:
-            raise ValueError(f"values must be (rows={self.rows}, n_ctx={self.n_ctx}, d), got {tuple(values.shape)}")
+            raise ValueError(
+                f"values must be (rows={self.rows}, n_ctx={self.n_ctx}, d), got {tuple(values.shape)}"
+            )
         rest = self.assign >= 0
         if self.sticky is not None:
             rest = rest & ~self.sticky
@@ -154,14 +170,21 @@ class LayerIndex:
         w = rest.to(torch.float32)
         count = torch.zeros(rows, k2, device=values.device).scatter_add_(1, a, w)
         total = torch.zeros(rows, k2, d, device=values.device).scatter_add_(
-            1, a[..., None].expand(rows, n_ctx, d), values.float() * w[..., None])
+            1, a[..., None].expand(rows, n_ctx, d), values.float() * w[..., None]
+        )
         self.rest_v = total / count.clamp(min=1.0)[..., None]
-        log_n = torch.where(count > 0, count.clamp(min=1.0).log(), torch.full_like(count, float("-inf")))
+        log_n = torch.where(
+            count > 0, count.clamp(min=1.0).log(), torch.full_like(count, float("-inf"))
+        )
         # fine scores carry + log n_c (all keys); swap it for log(rest count). An empty
         # cluster has fine_bias -inf and no rest: keep -inf rather than form -inf - -inf.
-        self.rest_shift = torch.where(count > 0, log_n - self.fine_bias, torch.full_like(count, float("-inf")))
+        self.rest_shift = torch.where(
+            count > 0, log_n - self.fine_bias, torch.full_like(count, float("-inf"))
+        )
 
-    def estimate_rest(self, fine: torch.Tensor, keep_f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def estimate_rest(
+        self, fine: torch.Tensor, keep_f: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Attention over the context keys a query did not select, each cluster's rest
         standing in as one key (its centroid) of weight ``rest count`` carrying the rest's
         mean value: exact when a cluster's keys are equal, an estimate otherwise.
@@ -184,8 +207,9 @@ class LayerIndex:
         out = torch.matmul(probs.reshape(rows, -1, k2), self.rest_v).reshape(*probs.shape[:-1], d)
         return out, lse
 
-    def add_rest(self, out: torch.Tensor, lse: torch.Tensor, fine: torch.Tensor,
-                 keep_f: torch.Tensor) -> torch.Tensor:
+    def add_rest(
+        self, out: torch.Tensor, lse: torch.Tensor, fine: torch.Tensor, keep_f: torch.Tensor
+    ) -> torch.Tensor:
         """The selected keys' attention ``out`` (rows, G, [Q,] d) with log-sum-exp ``lse``,
         merged with :meth:`estimate_rest` when the index has summaries (else ``out`` as is)."""
         if self.rest_v is None:
@@ -195,8 +219,9 @@ class LayerIndex:
         o_rest, lse_rest = self.estimate_rest(fine, keep_f)
         return merge([out, o_rest], [lse, lse_rest])[0]
 
-    def select_positions(self, q: torch.Tensor, scale: float, kernels,
-                         keep_f: torch.Tensor | None = None) -> tuple[torch.Tensor, list[int]]:
+    def select_positions(
+        self, q: torch.Tensor, scale: float, kernels, keep_f: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, list[int]]:
         """The same selection as :meth:`select_one`, as position lists built cluster by cluster.
 
         Returns ``(positions, counts)``: ``positions`` int64, row 0's selected context
@@ -210,11 +235,15 @@ class LayerIndex:
         r, c = keep_f.nonzero(as_tuple=True)  # row-major: row 0's clusters first
         first = starts[r, c]
         sizes = starts[r, c + 1] - first
-        counts = torch.zeros(rows, dtype=torch.long, device=q.device).index_add_(0, r, sizes).tolist()
+        counts = (
+            torch.zeros(rows, dtype=torch.long, device=q.device).index_add_(0, r, sizes).tolist()
+        )
         total = sum(counts)
         # entry j of kept run s is order.flat[r_s * n_ctx + first_s + j], and it is output
         # entry cum_s + j (cum_s: the runs before s): flat = output entry + (start - cum_s)
-        shift = torch.repeat_interleave(first + r * n_ctx - (sizes.cumsum(0) - sizes), sizes, output_size=total)
+        shift = torch.repeat_interleave(
+            first + r * n_ctx - (sizes.cumsum(0) - sizes), sizes, output_size=total
+        )
         flat = shift.add_(torch.arange(total, device=q.device))
         pos = order.reshape(-1).index_select(0, flat)
         if self.sticky is None or self._sticky_rows is None or self._sticky_pos is None:
@@ -229,10 +258,14 @@ class LayerIndex:
 
 
 def _log_sizes(counts: torch.Tensor) -> torch.Tensor:
-    return torch.where(counts > 0, counts.clamp(min=1e-12).log(), torch.full_like(counts, float("-inf")))
+    return torch.where(
+        counts > 0, counts.clamp(min=1e-12).log(), torch.full_like(counts, float("-inf"))
+    )
 
 
-def _calibrate(log_mass: torch.Tensor, sizes: torch.Tensor, target: torch.Tensor, quantile: float) -> torch.Tensor:
+def _calibrate(
+    log_mass: torch.Tensor, sizes: torch.Tensor, target: torch.Tensor, quantile: float
+) -> torch.Tensor:
     """Per row: the log-mass threshold selecting ``target`` keys, a quantile over queries.
 
     ``log_mass`` (rows, Qc, K), ``sizes`` (rows, K), ``target`` (rows,) keys to select.
@@ -247,8 +280,14 @@ def _calibrate(log_mass: torch.Tensor, sizes: torch.Tensor, target: torch.Tensor
 
 
 @torch.no_grad()
-def question_votes(keys: torch.Tensor, question_q: torch.Tensor, *, scale: float,
-                   valid: torch.Tensor | None = None, reduce: str = "sum") -> torch.Tensor:
+def question_votes(
+    keys: torch.Tensor,
+    question_q: torch.Tensor,
+    *,
+    scale: float,
+    valid: torch.Tensor | None = None,
+    reduce: str = "sum",
+) -> torch.Tensor:
     """Observation-window votes (as in SnapKV): ``keys`` (rows, n_ctx, d), ``question_q``
     (rows, G, Qq, d) -> float32 (rows, n_ctx). A key's vote is its exact softmax attention
     probability (softmax over the valid context keys), reduced over the question's queries
@@ -256,7 +295,9 @@ def question_votes(keys: torch.Tensor, question_q: torch.Tensor, *, scale: float
     largest probability any one query gave it). Padding keys get 0."""
     rows, n_ctx, d = keys.shape
     if question_q.dim() != 4 or question_q.shape[0] != rows or question_q.shape[-1] != d:
-        raise ValueError(f"question_q must be (rows={rows}, G, Qq, d={d}), got {tuple(question_q.shape)}")
+        raise ValueError(
+            f"question_q must be (rows={rows}, G, Qq, d={d}), got {tuple(question_q.shape)}"
+        )
     flat = question_q.float().reshape(rows, -1, d)
     logits = torch.bmm(flat, keys.float().transpose(1, 2)) * scale  # (rows, G * Qq, n_ctx)
     if valid is not None:
@@ -267,8 +308,14 @@ def question_votes(keys: torch.Tensor, question_q: torch.Tensor, *, scale: float
     return probs.sum(1) if reduce == "sum" else probs.amax(1)
 
 
-def top_voted(votes: torch.Tensor, n_keep: torch.Tensor, *, valid: torch.Tensor | None = None,
-              before: int = 0, after: int = 0) -> torch.Tensor:
+def top_voted(
+    votes: torch.Tensor,
+    n_keep: torch.Tensor,
+    *,
+    valid: torch.Tensor | None = None,
+    before: int = 0,
+    after: int = 0,
+) -> torch.Tensor:
     """The ``n_keep[r]`` best-voted keys of each row: ``votes`` (rows, n_ctx) >= 0 -> bool
     (rows, n_ctx) (fewer keys where a row has fewer valid ones).
 
@@ -303,8 +350,17 @@ def tail_only_index(rows: int, n_ctx: int, d: int, device: torch.device) -> Laye
     z = torch.zeros(rows, 1, d, device=device)
     zb = torch.zeros(rows, 1, device=device)
     inf = torch.full((rows,), float("inf"), device=device)
-    index = LayerIndex(n_ctx, torch.zeros(rows, n_ctx, dtype=torch.long, device=device), z, zb,
-                       torch.zeros(rows, 1, dtype=torch.long, device=device), z.clone(), zb.clone(), inf, inf.clone())
+    index = LayerIndex(
+        n_ctx,
+        torch.zeros(rows, n_ctx, dtype=torch.long, device=device),
+        z,
+        zb,
+        torch.zeros(rows, 1, dtype=torch.long, device=device),
+        z.clone(),
+        zb.clone(),
+        inf,
+        inf.clone(),
+    )
     index.by_cluster()
     return index
 
@@ -356,26 +412,44 @@ def build_layer_index(
     # -- calibrate: estimated masses of the calibration queries, max over the head group
     rows_, G, Qc, _ = calib_q.shape
     flat = calib_q.float().reshape(rows, G * Qc, d)
-    cs = (torch.bmm(flat, coarse.centroids.transpose(1, 2)) * scale + coarse_bias[:, None, :]).view(rows, G, Qc, -1)
+    cs = (torch.bmm(flat, coarse.centroids.transpose(1, 2)) * scale + coarse_bias[:, None, :]).view(
+        rows, G, Qc, -1
+    )
     lse = torch.logsumexp(cs, -1, keepdim=True)
     coarse_lm = (cs - lse).amax(1)
-    fs = (torch.bmm(flat, fine.centroids.transpose(1, 2)) * scale + fine_bias[:, None, :]).view(rows, G, Qc, -1)
+    fs = (torch.bmm(flat, fine.centroids.transpose(1, 2)) * scale + fine_bias[:, None, :]).view(
+        rows, G, Qc, -1
+    )
     fine_lm = (fs - lse).amax(1)
-    t_coarse = _calibrate(coarse_lm, coarse.counts, (n_valid * min(1.0, coarse_keep * budget)).ceil(), quantile)
+    t_coarse = _calibrate(
+        coarse_lm, coarse.counts, (n_valid * min(1.0, coarse_keep * budget)).ceil(), quantile
+    )
     fine_sizes, fine_target = fine.counts, (n_valid * budget).ceil()
     if sticky is not None:
         if sticky.shape != (rows, n_ctx):
-            raise ValueError(f"sticky must be (rows, n_ctx)={(rows, n_ctx)}, got {tuple(sticky.shape)}")
+            raise ValueError(
+                f"sticky must be (rows, n_ctx)={(rows, n_ctx)}, got {tuple(sticky.shape)}"
+            )
         stuck = sticky.to(torch.bool) & (fine.assign >= 0)
         fine_sizes = fine.counts - torch.zeros_like(fine.counts).scatter_add_(
-            1, fine.assign.clamp(min=0), stuck.to(fine.counts.dtype))
+            1, fine.assign.clamp(min=0), stuck.to(fine.counts.dtype)
+        )
         fine_target = (fine_target - stuck.sum(-1).to(fine_target.dtype)).clamp(min=0)
     t_fine = _calibrate(fine_lm, fine_sizes, fine_target, quantile)
     if budget >= 1.0:
         t_coarse = torch.full_like(t_coarse, float("-inf"))
         t_fine = torch.full_like(t_fine, float("-inf"))
-    index = LayerIndex(n_ctx, fine.assign, fine.centroids, fine_bias, parent, coarse.centroids, coarse_bias,
-                       t_fine, t_coarse)
+    index = LayerIndex(
+        n_ctx,
+        fine.assign,
+        fine.centroids,
+        fine_bias,
+        parent,
+        coarse.centroids,
+        coarse_bias,
+        t_fine,
+        t_coarse,
+    )
     index.by_cluster()  # the per-cluster key lists decode selects from
     if sticky is not None:
         index.set_sticky(sticky)

@@ -18,8 +18,18 @@ from apportion.config import ComponentConfig
 
 QUESTION = "What is the special magic number for {key} mentioned in the text above? Answer with the number only."
 NEEDLE = "The special magic number for {key} is: {value}."
-KEYS = ("dusty-harbor", "silent-meadow", "amber-canyon", "frozen-lantern", "hollow-river",
-        "crimson-orchard", "quiet-summit", "golden-marsh", "misty-bridge", "pale-comet")
+KEYS = (
+    "dusty-harbor",
+    "silent-meadow",
+    "amber-canyon",
+    "frozen-lantern",
+    "hollow-river",
+    "crimson-orchard",
+    "quiet-summit",
+    "golden-marsh",
+    "misty-bridge",
+    "pale-comet",
+)
 
 
 class NeedleConfig(ComponentConfig):
@@ -72,8 +82,9 @@ def fill_haystack(tokenizer: Any, n_tokens: int, rng: random.Random) -> list[tup
 def chat_overhead(tokenizer: Any) -> int:
     """Tokens the chat template (and the blank line before the question) add to a prompt."""
     if getattr(tokenizer, "chat_template", None):
-        empty = tokenizer.apply_chat_template([{"role": "user", "content": ""}],
-                                              add_generation_prompt=True, tokenize=False)
+        empty = tokenizer.apply_chat_template(
+            [{"role": "user", "content": ""}], add_generation_prompt=True, tokenize=False
+        )
         return len(tokenizer.encode(empty, add_special_tokens=False)) + 2
     return 3
 

@@ -22,7 +22,9 @@ from typing import Any, ClassVar
 from apportion.base import Component
 
 
-def register_attention(name: str, fn: Callable[..., Any], mask_fn: Callable[..., Any] | None = None) -> str:
+def register_attention(
+    name: str, fn: Callable[..., Any], mask_fn: Callable[..., Any] | None = None
+) -> str:
     """Register ``fn`` as ``name`` in transformers' attention and mask interfaces."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask

@@ -68,7 +68,9 @@ class Host:
             prompt = Prompt([{"role": "user", "content": prompt}], question=None)
         tok = self.tokenizer
         if getattr(tok, "chat_template", None):
-            text = tok.apply_chat_template(prompt.messages, add_generation_prompt=True, tokenize=False)
+            text = tok.apply_chat_template(
+                prompt.messages, add_generation_prompt=True, tokenize=False
+            )
         else:
             text = "\n\n".join(m["content"] for m in prompt.messages) + "\n"
         split = text.rfind(prompt.question) if prompt.question else -1
@@ -112,8 +114,8 @@ class Host:
         ids = torch.full((len(encoded), width), pad, dtype=torch.long)
         mask = torch.zeros((len(encoded), width), dtype=torch.long)
         for i, e in enumerate(encoded):
-            ids[i, width - len(e.ids):] = torch.tensor(e.ids)
-            mask[i, width - len(e.ids):] = 1
+            ids[i, width - len(e.ids) :] = torch.tensor(e.ids)
+            mask[i, width - len(e.ids) :] = 1
         device = self.loaded.device
         return ids.to(device), mask.to(device)
 
@@ -125,14 +127,22 @@ class Host:
                 ids.add(eos)
             elif isinstance(eos, (list, tuple)):
                 ids.update(int(x) for x in eos)
-        im_end = self.tokenizer.convert_tokens_to_ids("<|im_end|>") if hasattr(self.tokenizer, "convert_tokens_to_ids") else None
+        im_end = (
+            self.tokenizer.convert_tokens_to_ids("<|im_end|>")
+            if hasattr(self.tokenizer, "convert_tokens_to_ids")
+            else None
+        )
         if isinstance(im_end, int) and im_end != getattr(self.tokenizer, "unk_token_id", None):
             ids.add(im_end)
         return ids
 
     @torch.inference_mode()
     def _run(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, question_len: int, max_new_tokens: int
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        question_len: int,
+        max_new_tokens: int,
     ) -> list[GenerationResult]:
         model = self.loaded.model
         batch = input_ids.shape[0]
@@ -143,8 +153,12 @@ class Host:
             sync()
             t0 = time.perf_counter()
             pre = self.attention.prefill(
-                model, input_ids, attention_mask, cache,
-                question_len=question_len, inner=self.kv_policy.prefill,
+                model,
+                input_ids,
+                attention_mask,
+                cache,
+                question_len=question_len,
+                inner=self.kv_policy.prefill,
             )
             sync()
             prefill_s = time.perf_counter() - t0
@@ -157,14 +171,22 @@ class Host:
             steps = forwards = 0
             for step in range(max_new_tokens):
                 next_tok = logits.argmax(-1)
-                next_tok = torch.where(done, torch.full_like(next_tok, self.tokenizer.pad_token_id), next_tok)
+                next_tok = torch.where(
+                    done, torch.full_like(next_tok, self.tokenizer.pad_token_id), next_tok
+                )
                 generated = torch.cat([generated, next_tok[:, None]], dim=1)
                 steps += 1
                 done |= torch.isin(next_tok, torch.tensor(sorted(eos), device=next_tok.device))
                 if bool(done.all()) or step == max_new_tokens - 1:
                     break
                 if kv_mask is not None:
-                    kv_mask = torch.cat([kv_mask, torch.ones((batch, 1), dtype=kv_mask.dtype, device=kv_mask.device)], 1)
+                    kv_mask = torch.cat(
+                        [
+                            kv_mask,
+                            torch.ones((batch, 1), dtype=kv_mask.dtype, device=kv_mask.device),
+                        ],
+                        1,
+                    )
                 out = model(
                     input_ids=next_tok[:, None],
                     attention_mask=kv_mask.long() if kv_mask is not None else None,

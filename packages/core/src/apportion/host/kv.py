@@ -92,7 +92,9 @@ def cache_nbytes(cache: Any) -> int:
 def cache_seq_lengths(cache: Any) -> list[int]:
     """Cached sequence length of each layer."""
     return [
-        int(layer.keys.shape[-2]) if getattr(layer, "keys", None) is not None and layer.keys.dim() == 4 else 0
+        int(layer.keys.shape[-2])
+        if getattr(layer, "keys", None) is not None and layer.keys.dim() == 4
+        else 0
         for layer in getattr(cache, "layers", [])
     ]
 

@@ -37,14 +37,18 @@ def partial_attention(
     return out, lse
 
 
-def merge(outputs: list[torch.Tensor], lses: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def merge(
+    outputs: list[torch.Tensor], lses: list[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Combine per-shard (output, lse) pairs into the attention over the union of the shards.
 
     ``outputs[i]``: (..., q, d) as returned by :func:`partial_attention` (normalised within the
     shard); ``lses[i]``: (..., q). Returns (output, lse) over all shards.
     """
     if not outputs or len(outputs) != len(lses):
-        raise ValueError(f"merge needs matching non-empty lists, got {len(outputs)} and {len(lses)}")
+        raise ValueError(
+            f"merge needs matching non-empty lists, got {len(outputs)} and {len(lses)}"
+        )
     lse_all = torch.logsumexp(torch.stack(lses), dim=0)
     safe = torch.where(torch.isfinite(lse_all), lse_all, torch.zeros_like(lse_all))
     out = torch.zeros_like(outputs[0], dtype=torch.float32)

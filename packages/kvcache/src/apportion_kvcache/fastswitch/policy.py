@@ -61,22 +61,40 @@ class FastSwitch(KVPolicy):
         if self.manager is None:
             shape = KVShape.of(model.config, self.config.block_size, model.dtype)
             dev = str(model.device) if str(model.device).startswith("cuda") else "cpu"
-            self.manager = SwapManager(shape, self.config.device_blocks, self.config.host_blocks,
-                                       granularity="group", device=dev)
+            self.manager = SwapManager(
+                shape,
+                self.config.device_blocks,
+                self.config.host_blocks,
+                granularity="group",
+                device=dev,
+            )
         return self.manager
 
     def _match(self, ids: list[int]) -> Kept | None:
         best = None
         for k in self.kept.values():
             n = len(k.ids)
-            if n <= len(ids) - 1 and (best is None or n > len(best.ids)) and tuple(ids[:n]) == k.ids:
+            if (
+                n <= len(ids) - 1
+                and (best is None or n > len(best.ids))
+                and tuple(ids[:n]) == k.ids
+            ):
                 best = k
         return best
 
-    def prefill(self, model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: Any, *,
-                question_len: int = 0) -> PrefillOutput:
+    def prefill(
+        self,
+        model: Any,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        cache: Any,
+        *,
+        question_len: int = 0,
+    ) -> PrefillOutput:
         if input_ids.shape[0] != 1:
-            return super().prefill(model, input_ids, attention_mask, cache, question_len=question_len)
+            return super().prefill(
+                model, input_ids, attention_mask, cache, question_len=question_len
+            )
         mgr = self._ensure(model)
         ids = input_ids[0].tolist()
         hit = self._match(ids)
@@ -93,20 +111,39 @@ class FastSwitch(KVPolicy):
                 self.kept.move_to_end(hit.key)
                 start = len(hit.ids)
                 for layer in range(kv.shape[1]):
-                    k = kv[:, layer, 0].permute(1, 0, 2, 3).reshape(kv.shape[3], -1, kv.shape[5])[None]
-                    v = kv[:, layer, 1].permute(1, 0, 2, 3).reshape(kv.shape[3], -1, kv.shape[5])[None]
-                    cache.update(k[:, :, :start].to(model.dtype), v[:, :, :start].to(model.dtype), layer)
+                    k = (
+                        kv[:, layer, 0]
+                        .permute(1, 0, 2, 3)
+                        .reshape(kv.shape[3], -1, kv.shape[5])[None]
+                    )
+                    v = (
+                        kv[:, layer, 1]
+                        .permute(1, 0, 2, 3)
+                        .reshape(kv.shape[3], -1, kv.shape[5])[None]
+                    )
+                    cache.update(
+                        k[:, :, :start].to(model.dtype), v[:, :, :start].to(model.dtype), layer
+                    )
             except (SwapError, PoolExhaustedError):
                 self._drop(hit.key)
                 start = 0
         pos = torch.arange(start, len(ids), device=input_ids.device)[None, :]
-        out = model(input_ids=input_ids[:, start:], position_ids=pos, use_cache=True, logits_to_keep=1,
-                    **cache_kwargs(model, cache))
+        out = model(
+            input_ids=input_ids[:, start:],
+            position_ids=pos,
+            use_cache=True,
+            logits_to_keep=1,
+            **cache_kwargs(model, cache),
+        )
         self._keep(ids, cache)
         self.reused_tokens += start
         self.last_info = {"reused_tokens": start, "swap_in_seconds": t_swap}
-        return PrefillOutput(logits=out.logits[:, -1, :], kv_mask=None,
-                             next_position=torch.tensor([len(ids)], device=input_ids.device), info=self.last_info)
+        return PrefillOutput(
+            logits=out.logits[:, -1, :],
+            kv_mask=None,
+            next_position=torch.tensor([len(ids)], device=input_ids.device),
+            info=self.last_info,
+        )
 
     def _keep(self, ids: list[int], cache: Any) -> None:
         mgr = self.manager
@@ -115,13 +152,21 @@ class FastSwitch(KVPolicy):
         n_blocks = len(ids) // bs
         if n_blocks * bs < self.config.min_reuse_tokens:
             return
-        covered = tuple(ids[:n_blocks * bs])
+        covered = tuple(ids[: n_blocks * bs])
         if any(k.ids == covered for k in self.kept.values()):
             return
         layers = cache.layers
-        kv = torch.stack([torch.stack([layer.keys[0, :, :n_blocks * bs], layer.values[0, :, :n_blocks * bs]])
-                          for layer in layers])  # (layers, 2, kvh, n, d)
-        kv = kv.reshape(kv.shape[0], 2, kv.shape[2], n_blocks, bs, kv.shape[-1]).permute(3, 0, 1, 2, 4, 5)
+        kv = torch.stack(
+            [
+                torch.stack(
+                    [layer.keys[0, :, : n_blocks * bs], layer.values[0, :, : n_blocks * bs]]
+                )
+                for layer in layers
+            ]
+        )  # (layers, 2, kvh, n, d)
+        kv = kv.reshape(kv.shape[0], 2, kv.shape[2], n_blocks, bs, kv.shape[-1]).permute(
+            3, 0, 1, 2, 4, 5
+        )
         while True:
             try:
                 if mgr.host.allocator.free_blocks < n_blocks:

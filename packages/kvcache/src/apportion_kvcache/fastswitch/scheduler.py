@@ -43,8 +43,14 @@ class Request:
 class FairScheduler:
     """Priorities from per-conversation service counters, with aging."""
 
-    def __init__(self, *, priority_interval: int = 4, prefill_weight: float = 1.0, decode_weight: float = 2.0,
-                 aging_per_s: float = 50.0):
+    def __init__(
+        self,
+        *,
+        priority_interval: int = 4,
+        prefill_weight: float = 1.0,
+        decode_weight: float = 2.0,
+        aging_per_s: float = 50.0,
+    ):
         self.priority_interval = priority_interval
         self.prefill_weight = prefill_weight
         self.decode_weight = decode_weight
@@ -54,7 +60,9 @@ class FairScheduler:
 
     def served(self, req: Request, prefill: int = 0, decode: int = 0) -> None:
         s = self.service.get(req.conversation, 0.0)
-        self.service[req.conversation] = s + self.prefill_weight * prefill + self.decode_weight * decode
+        self.service[req.conversation] = (
+            s + self.prefill_weight * prefill + self.decode_weight * decode
+        )
 
     def update(self, active: list[Request], now: float) -> bool:
         """Recompute priorities on the interval; True if it did."""
@@ -62,8 +70,14 @@ class FairScheduler:
         if (self.iteration - 1) % self.priority_interval:
             return False
         # a newcomer starts at the lowest active counter (VTC), not at zero
-        floor = min((self.service.get(r.conversation, 0.0) for r in active if r.conversation in self.service),
-                    default=0.0)
+        floor = min(
+            (
+                self.service.get(r.conversation, 0.0)
+                for r in active
+                if r.conversation in self.service
+            ),
+            default=0.0,
+        )
         for r in active:
             self.service.setdefault(r.conversation, floor)
             wait = now - r.arrival if r.state != "running" else 0.0

@@ -67,7 +67,9 @@ class CostModel:
         return dict(self.__dict__)
 
 
-def measure_copy_costs(shape: KVShape, *, blocks: int = 256, device: str | None = None) -> dict[str, float]:
+def measure_copy_costs(
+    shape: KVShape, *, blocks: int = 256, device: str | None = None
+) -> dict[str, float]:
     """Swap real KV out and back in both modes; fit per-copy overhead and bandwidth from a
     small and a large swap."""
     import torch
@@ -84,7 +86,12 @@ def measure_copy_costs(shape: KVShape, *, blocks: int = 256, device: str | None 
             for rep in range(3):
                 rid = f"cal-{n}-{rep}"
                 mgr.allocate(rid, n)
-                mgr.write(rid, torch.randn(n, shape.layers, 2, shape.kv_heads, shape.block_size, shape.head_dim))
+                mgr.write(
+                    rid,
+                    torch.randn(
+                        n, shape.layers, 2, shape.kv_heads, shape.block_size, shape.head_dim
+                    ),
+                )
                 rec = mgr.swap_out(rid).result()
                 back = mgr.swap_in(rid).result()
                 best = min(best, rec.seconds, back.seconds)
@@ -105,7 +112,9 @@ def measure_copy_costs(shape: KVShape, *, blocks: int = 256, device: str | None 
         out[f"{gran}_seconds_{n2}"] = t2
         out[f"{gran}_copies_{n2}"] = c2
     big = blocks * shape.block_bytes
-    out["memcpy_bandwidth"] = big / raw_copy_seconds(big, device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    out["memcpy_bandwidth"] = big / raw_copy_seconds(
+        big, device or ("cuda" if torch.cuda.is_available() else "cpu")
+    )
     return out
 
 
@@ -118,9 +127,16 @@ class TraceItem:
     output_tokens: int
 
 
-def make_trace(conversations: int = 24, turns: int = 3, *, rate: float = 2.0, think_s: float = 2.0,
-               prompt: tuple[int, int] = (200, 900), output: tuple[int, int] = (32, 256), seed: int = 0
-               ) -> list[TraceItem]:
+def make_trace(
+    conversations: int = 24,
+    turns: int = 3,
+    *,
+    rate: float = 2.0,
+    think_s: float = 2.0,
+    prompt: tuple[int, int] = (200, 900),
+    output: tuple[int, int] = (32, 256),
+    seed: int = 0,
+) -> list[TraceItem]:
     """Multi-turn conversations (ShareGPT-like lengths): Poisson conversation starts at
     ``rate``/s; each next turn arrives ``think_s`` after... its scheduled time (the simulator
     releases a turn only once the previous one finished)."""
@@ -130,7 +146,11 @@ def make_trace(conversations: int = 24, turns: int = 3, *, rate: float = 2.0, th
     for c in range(conversations):
         t += rng.expovariate(rate)
         for turn in range(turns):
-            items.append(TraceItem(t + turn * think_s, f"c{c}", turn, rng.randint(*prompt), rng.randint(*output)))
+            items.append(
+                TraceItem(
+                    t + turn * think_s, f"c{c}", turn, rng.randint(*prompt), rng.randint(*output)
+                )
+            )
     return items
 
 
@@ -148,12 +168,21 @@ class SimResult:
     rejected: int = 0
 
     def summary(self) -> dict[str, Any]:
-        return {"system": self.system, "requests": len(self.ttft),
-                "ttft_p50": pct(self.ttft, 50), "ttft_p99": pct(self.ttft, 99),
-                "tbt_p50": pct(self.tbt, 50), "tbt_p99": pct(self.tbt, 99),
-                "swaps": self.swaps, "swap_seconds": self.swap_seconds, "preemptions": self.preemptions,
-                "reused_turns": self.reused_turns, "makespan_s": self.makespan,
-                "admission_waits": self.waited_for_memory, "rejected": self.rejected}
+        return {
+            "system": self.system,
+            "requests": len(self.ttft),
+            "ttft_p50": pct(self.ttft, 50),
+            "ttft_p99": pct(self.ttft, 99),
+            "tbt_p50": pct(self.tbt, 50),
+            "tbt_p99": pct(self.tbt, 99),
+            "swaps": self.swaps,
+            "swap_seconds": self.swap_seconds,
+            "preemptions": self.preemptions,
+            "reused_turns": self.reused_turns,
+            "makespan_s": self.makespan,
+            "admission_waits": self.waited_for_memory,
+            "rejected": self.rejected,
+        }
 
 
 def pct(xs: list[float], p: float) -> float:
@@ -165,17 +194,34 @@ def pct(xs: list[float], p: float) -> float:
     return s[lo] + (s[hi] - s[lo]) * (k - lo)
 
 
-def simulate(trace: list[TraceItem], system: System, cost: CostModel, *, device_blocks: int, host_blocks: int,
-             block_size: int = 16, max_batch: int = 32, scheduler: FairScheduler | None = None,
-             max_iterations: int = 1_000_000) -> SimResult:
+def simulate(
+    trace: list[TraceItem],
+    system: System,
+    cost: CostModel,
+    *,
+    device_blocks: int,
+    host_blocks: int,
+    block_size: int = 16,
+    max_batch: int = 32,
+    scheduler: FairScheduler | None = None,
+    max_iterations: int = 1_000_000,
+) -> SimResult:
     """Run ``trace`` through ``system``; returns per-request TTFT and per-token TBT."""
     sched = scheduler or FairScheduler()
-    alloc = BlockGroupAllocator(device_blocks) if system == "fastswitch" else BlockAllocator(device_blocks)
-    host = BlockGroupAllocator(host_blocks) if system == "fastswitch" else BlockAllocator(host_blocks)
+    alloc = (
+        BlockGroupAllocator(device_blocks)
+        if system == "fastswitch"
+        else BlockAllocator(device_blocks)
+    )
+    host = (
+        BlockGroupAllocator(host_blocks) if system == "fastswitch" else BlockAllocator(host_blocks)
+    )
     res = SimResult(system)
     dev_groups: dict[str, list[Group]] = {}
     host_groups: dict[str, list[Group]] = {}
-    kept: dict[str, tuple[list[Group], int]] = {}  # conversation -> host groups of its finished turns
+    kept: dict[
+        str, tuple[list[Group], int]
+    ] = {}  # conversation -> host groups of its finished turns
     pending = sorted(trace, key=lambda x: (x.arrival, x.conversation, x.turn))
     by_conv: dict[str, list[TraceItem]] = {}
     for it in pending:
@@ -196,8 +242,16 @@ def simulate(trace: list[TraceItem], system: System, cost: CostModel, *, device_
     for _ in range(max_iterations):
         while queue and queue[0].arrival <= now:
             it = queue.pop(0)
-            active.append(Request(f"{it.conversation}/{it.turn}", it.conversation, it.arrival, it.prompt_tokens,
-                                  it.output_tokens, history_tokens=history.get(it.conversation, 0)))
+            active.append(
+                Request(
+                    f"{it.conversation}/{it.turn}",
+                    it.conversation,
+                    it.arrival,
+                    it.prompt_tokens,
+                    it.output_tokens,
+                    history_tokens=history.get(it.conversation, 0),
+                )
+            )
         if not active:
             if not queue:
                 break
@@ -224,8 +278,14 @@ def simulate(trace: list[TraceItem], system: System, cost: CostModel, *, device_
                 need = blocks_for(r.context + 1)
             if need > alloc.free_blocks:
                 # preempt lower-priority running requests (the end of the order) to make room
-                victims = [v for v in reversed(order) if v.state == "running" and v is not r
-                           and v not in running and v.priority < r.priority]
+                victims = [
+                    v
+                    for v in reversed(order)
+                    if v.state == "running"
+                    and v is not r
+                    and v not in running
+                    and v.priority < r.priority
+                ]
                 for v in victims:
                     if need <= alloc.free_blocks:
                         break
@@ -269,7 +329,12 @@ def simulate(trace: list[TraceItem], system: System, cost: CostModel, *, device_
                 groups = dev_groups.setdefault(r.id, [])
                 if need > 0:
                     groups.extend(alloc.allocate(need, after=groups[-1] if groups else None))
-                if not r.prefilled and system == "fastswitch" and r.conversation in kept and r.history_tokens:
+                if (
+                    not r.prefilled
+                    and system == "fastswitch"
+                    and r.conversation in kept
+                    and r.history_tokens
+                ):
                     hg, n = kept.pop(r.conversation)
                     host.free(hg)
                     t = swap_cost(n, hg)
@@ -289,14 +354,19 @@ def simulate(trace: list[TraceItem], system: System, cost: CostModel, *, device_
                 nxt.append(queue[0].arrival)
             now = max(now + blocking, min(nxt)) if nxt else now + max(blocking, 1e-3)
             continue
-        prefill = sum((r.prompt_tokens + (0 if r.reused_history else r.history_tokens)) for r in running
-                      if not r.prefilled)
+        prefill = sum(
+            (r.prompt_tokens + (0 if r.reused_history else r.history_tokens))
+            for r in running
+            if not r.prefilled
+        )
         decode = sum(1 for r in running if r.prefilled)
         now += cost.compute(prefill, decode) + blocking
         for r in running:
             if not r.prefilled:
                 r.prefilled = True
-                sched.served(r, prefill=r.prompt_tokens + (0 if r.reused_history else r.history_tokens))
+                sched.served(
+                    r, prefill=r.prompt_tokens + (0 if r.reused_history else r.history_tokens)
+                )
                 r.first_token_at = now
                 res.ttft.append(now - r.arrival)
             else:
@@ -321,11 +391,20 @@ def simulate(trace: list[TraceItem], system: System, cost: CostModel, *, device_
                     except PoolExhaustedError:
                         pass
                 alloc.free(groups)
-                nxt_turns = [x for x in by_conv[r.conversation] if x.turn == int(r.id.split("/")[1]) + 1]
+                nxt_turns = [
+                    x for x in by_conv[r.conversation] if x.turn == int(r.id.split("/")[1]) + 1
+                ]
                 if nxt_turns:
                     it = nxt_turns[0]
-                    queue.append(TraceItem(max(it.arrival, now), it.conversation, it.turn, it.prompt_tokens,
-                                           it.output_tokens))
+                    queue.append(
+                        TraceItem(
+                            max(it.arrival, now),
+                            it.conversation,
+                            it.turn,
+                            it.prompt_tokens,
+                            it.output_tokens,
+                        )
+                    )
                     queue.sort(key=lambda x: x.arrival)
     res.makespan = now
     return res
@@ -356,4 +435,8 @@ def measure_compute(loaded: Any, *, prompt_tokens: int = 256, batch: int = 4) ->
     p1, d1 = run(1)
     pb, db = run(batch)
     per_seq = max((db - d1) / (batch - 1), 0.0)
-    return {"prefill_per_token": min(p1, pb), "decode_step": max(d1 - per_seq, 0.0), "decode_per_seq": per_seq}
+    return {
+        "prefill_per_token": min(p1, pb),
+        "decode_step": max(d1 - per_seq, 0.0),
+        "decode_per_seq": per_seq,
+    }

@@ -69,9 +69,17 @@ class Placement:
 class SwapManager:
     """Owns a device tier and a host tier and moves requests between them."""
 
-    def __init__(self, shape: KVShape, device_blocks: int, host_blocks: int, *,
-                 granularity: Literal["group", "block"] = "group", device: str | None = None,
-                 workers: int = 1, fault: Callable[[str, int], None] | None = None):
+    def __init__(
+        self,
+        shape: KVShape,
+        device_blocks: int,
+        host_blocks: int,
+        *,
+        granularity: Literal["group", "block"] = "group",
+        device: str | None = None,
+        workers: int = 1,
+        fault: Callable[[str, int], None] | None = None,
+    ):
         self.shape = shape
         self.granularity = granularity
         dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -129,13 +137,17 @@ class SwapManager:
         return self._exec.submit(self._swap, request, "in")
 
     def _swap(self, request: str, direction: Literal["out", "in"]) -> SwapRecord:
-        src_tier, dst_tier = (self.device, self.host) if direction == "out" else (self.host, self.device)
+        src_tier, dst_tier = (
+            (self.device, self.host) if direction == "out" else (self.host, self.device)
+        )
         want = "device" if direction == "out" else "host"
         with self._lock:
             p = self.placement.get(request)
             if p is None or p.tier != want:
-                raise SwapError(f"cannot swap {direction} request {request}: it is "
-                                f"{'unknown' if p is None else 'on the ' + p.tier}")
+                raise SwapError(
+                    f"cannot swap {direction} request {request}: it is "
+                    f"{'unknown' if p is None else 'on the ' + p.tier}"
+                )
             dst = dst_tier.allocator.allocate(p.blocks)  # PoolExhaustedError: caller queues
         t0 = time.perf_counter()
         try:
@@ -143,17 +155,23 @@ class SwapManager:
         except Exception as exc:
             with self._lock:
                 dst_tier.allocator.free(dst)
-            raise SwapError(f"swap {direction} of request {request} failed midway ({exc}); "
-                            f"its KV is intact on the {want}") from exc
+            raise SwapError(
+                f"swap {direction} of request {request} failed midway ({exc}); "
+                f"its KV is intact on the {want}"
+            ) from exc
         seconds = time.perf_counter() - t0
         with self._lock:  # commit
             src_tier.allocator.free(p.groups)
             self.placement[request] = Placement("host" if direction == "out" else "device", dst)
-        rec = SwapRecord(request, direction, p.blocks, p.blocks * self.shape.block_bytes, copies, seconds)
+        rec = SwapRecord(
+            request, direction, p.blocks, p.blocks * self.shape.block_bytes, copies, seconds
+        )
         self.records.append(rec)
         return rec
 
-    def _copy(self, request: str, src, src_groups: list[Group], dst, dst_groups: list[Group]) -> int:
+    def _copy(
+        self, request: str, src, src_groups: list[Group], dst, dst_groups: list[Group]
+    ) -> int:
         ctx = torch.cuda.stream(self._stream) if self._stream is not None else _null()
         copies = 0
         # pools may have been made under inference mode (inside a host's generate): copy in it too
@@ -167,7 +185,9 @@ class SwapManager:
             else:
                 s_blocks = [x for g in src_groups for x in range(g.start, g.end)]
                 d_blocks = [x for g in dst_groups for x in range(g.start, g.end)]
-                for st, dt in zip(src.layers, dst.layers, strict=True):  # vLLM: per layer, per block, K then V
+                for st, dt in zip(
+                    src.layers, dst.layers, strict=True
+                ):  # vLLM: per layer, per block, K then V
                     for a, b in zip(s_blocks, d_blocks, strict=True):
                         for kv in (0, 1):
                             if self.fault is not None:
