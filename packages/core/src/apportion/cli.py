@@ -393,8 +393,9 @@ def main() -> None:
         if type(exc).__name__ != "ValidationError" or "pydantic" not in type(exc).__module__:
             raise
         # an option that a config model refuses (e.g. --device tpu0): one line per field
+        refused: Any = exc
         lines = "; ".join(
-            f"{'.'.join(map(str, e['loc'])) or '(value)'}: {e['msg']}" for e in exc.errors()
+            f"{'.'.join(map(str, e['loc'])) or '(value)'}: {e['msg']}" for e in refused.errors()
         )
         err_console.print(f"[bold red]error:[/bold red] {lines}", highlight=False)
         sys.exit(2)

@@ -669,7 +669,7 @@ def _resolve(config: RunConfig, options: RunOptions, plugin_host: Any, run_dir: 
     if options.seed is not None:
         config = config.model_copy(update={"seed": options.seed})
     skipped: list[str] = []
-    given = {v.label for v in config.variants()}
+    given = {str(v.label) for v in config.variants()}
     if config.harness.sweep_installed is not None:
         config, skipped = expand_installed(config, registry, config.harness.sweep_installed)
     variants = resolve_config(config, registry, plugin_host.hook.apportion_check_run)

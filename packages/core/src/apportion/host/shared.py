@@ -86,17 +86,18 @@ def layerwise_prefill(
         if hidden is None or hidden.shape[1] != length:
             return  # not this prompt's prefill
         idx = int(module.layer_idx)
-        layer = driver.layers[idx]
+        layer: Any = driver.layers[idx]
         full_k, full_v = layer.keys, layer.values
         in_flight = _nbytes(full_k, full_v)
         cos, sin = kwargs["position_embeddings"]
         memo: dict[Any, Any] = {}
         for i, policy in enumerate(policies):
-            if plans[i] is None:
+            n_keep = plans[i]
+            if n_keep is None:
                 k, v = full_k, full_v
             else:
                 inputs = LayerInputs(
-                    module, hidden, cos, sin, full_k, full_v, real, q, plans[i], memo
+                    module, hidden, cos, sin, full_k, full_v, real, q, n_keep, memo
                 )
                 k, v = policy.evict_layer(inputs)
             peaks[i] = max(peaks[i], kept[i] + in_flight)
@@ -152,11 +153,13 @@ def _reserved_layer_class() -> type:
 
         def update(
             self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
-        ) -> tuple[torch.Tensor, torch.Tensor]:
+        ) -> tuple[Any, Any]:
             m = key_states.shape[-2]
             if self._n + m > self._kbuf.shape[-2]:  # past the reservation: grow as usual
-                self.keys = torch.cat([self.keys, key_states], dim=-2)
-                self.values = torch.cat([self.values, value_states], dim=-2)
+                keys: Any = self.keys
+                values: Any = self.values
+                self.keys = torch.cat([keys, key_states], dim=-2)
+                self.values = torch.cat([values, value_states], dim=-2)
                 self._kbuf, self._vbuf, self._n = self.keys, self.values, self.keys.shape[-2]
                 return self.keys, self.values
             self._kbuf[..., self._n : self._n + m, :] = key_states
