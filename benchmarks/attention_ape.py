@@ -143,7 +143,8 @@ def main() -> None:
             if mode == "ape":
                 cold, info = timed_prefill(loaded, backend, text, question)
                 assert info.get("encoded") == len(docs), info
-                # a later query over the same documents, in another order: contexts come from the cache
+                # a later query over the same documents, in another order: contexts come from
+                # the cache
                 other = rng.choice(sorted(facts))
                 q2 = QUESTION.format(key=other)
                 shuffled = docs[:]

@@ -25,7 +25,7 @@ from apportion.baselines.niah import NeedleConfig, SingleNeedle
 from apportion.host import load_model
 from apportion.host.kv import cache_kwargs
 from apportion_attention.hope import HoPE, HoPEConfig
-from apportion_attention.hope_scaling import DynamicNTK, RotaryPlugin, YaRN
+from apportion_attention.rope_scaling import DynamicNTK, RotaryPlugin, YaRN
 
 METHODS = {"rope": RotaryPlugin, "rope-ntk": DynamicNTK, "rope-yarn": YaRN, "hope": HoPE}
 
@@ -162,7 +162,9 @@ def main() -> None:
                     else HoPEConfig(zero_threshold=args.hope_zero_threshold)
                 ).model_dump(),
                 "targets": {
-                    "hope_vs_rope_past_window": "ppl <= rope and niah >= rope at every length > window"
+                    "hope_vs_rope_past_window": (
+                        "ppl <= rope and niah >= rope at every length > window"
+                    )
                 },
                 "met": {"hope_vs_rope_past_window": verdict},
                 "note": None

@@ -1,9 +1,10 @@
-"""Full-cache SmolLM2 on single-needle niah at 1K, 2K and 4K tokens (issue 3 acceptance).
+"""Full-cache SmolLM2 on single-needle niah at 1K, 2K and 4K tokens, against a 90% goal.
 
-Runs the eval harness (full KV cache, dense attention) on ``niah`` single, 7-digit values,
-at each length over several depths, then prints one JSON line per length (accuracy, and
-what the model said where it missed) and a last ``"summary": true`` line holding the
-accuracy per length against the 90% goal. Records and report.html go to ``--out``.
+Runs ``apportion run``'s loop (:func:`apportion.runner.execute`; full KV cache, dense
+attention) on ``niah`` single, 7-digit values, at each length over several depths, then
+prints one JSON line per length (accuracy, and what the model said where it missed) and a
+last ``"summary": true`` line holding the accuracy per length against the 90% goal. Records
+and report.html go to ``--out``.
 
     uv run --no-sync python benchmarks/eval_niah_full.py --samples 2 --out runs/niah-full
 """
@@ -15,8 +16,7 @@ import json
 import time
 
 from apportion.config import parse_config
-from apportion.runner import RunOptions
-from apportion_eval.harness import run
+from apportion.runner import RunOptions, execute
 
 GOAL = 0.90
 
@@ -47,7 +47,7 @@ def main() -> None:
         }
     )
     t0 = time.perf_counter()
-    result = run(cfg, args.out, RunOptions(progress=False))
+    result = execute(cfg, args.out, RunOptions(progress=False))
     wall = time.perf_counter() - t0
     by_length: dict[int, list[dict]] = {}
     for r in result.records:

@@ -86,11 +86,10 @@ def main() -> None:
 
     from apportion.config import ModelSpec
     from apportion.host import load_model
-    from apportion_icl import data, runtime
+    from apportion_icl import data
     from apportion_icl.allocation import AllocationModel
 
     loaded = load_model(ModelSpec(name="smollm2", device="cpu", dtype="float32"))
-    runtime.share(loaded)
 
     def split(name, limit):
         """All of a split's questions, or ``limit`` of them, half one-hop and half two-hop."""
@@ -171,7 +170,9 @@ def main() -> None:
                 "budgets": rows,
                 "min_ratio_pick_vs_best": min(ratios) if ratios else None,
                 "mean_ratio_pick_vs_best": round(sum(ratios) / len(ratios), 4) if ratios else None,
-                "baseline": "best measured test configuration within each budget, same run (oracle)",
+                "baseline": (
+                    "best measured test configuration within each budget, same run (oracle)"
+                ),
                 "targets": {"ratio_pick_vs_best": ">= 0.90 at every budget"},
                 "met": {"ratio": bool(ratios) and min(ratios) >= 0.9},
                 "seconds": round(time.perf_counter() - t_all, 1),

@@ -35,7 +35,6 @@ def main() -> None:
     from apportion_icl.knn import KNN, KNNConfig
 
     loaded = load_model(ModelSpec(name="smollm2", device="cpu", dtype="float32"))
-    runtime.share(loaded)
     t0 = time.perf_counter()
     path = args.controller
     if path is None:

@@ -30,11 +30,10 @@ def main() -> None:
     from apportion.config import ModelSpec
     from apportion.host import Host, load_model
     from apportion.plugins import get_registry
-    from apportion_icl import data, runtime
+    from apportion_icl import data
     from apportion_icl.prune import Prune, PruneConfig
 
     loaded = load_model(ModelSpec(name="smollm2", device="cpu", dtype="float32"))
-    runtime.share(loaded)
     host, tok = Host(loaded), loaded.tokenizer
     reg = get_registry()
     niah = reg.create(
@@ -60,7 +59,7 @@ def main() -> None:
                 24,
             )
         )
-    base, pruner = PromptStrategy(), Prune(PruneConfig(scorer=args.scorer))
+    base, pruner = PromptStrategy(), Prune(PruneConfig(scorer=args.scorer)).bind(loaded)
     agg: dict[str, dict[str, float]] = {}
     t_all = time.perf_counter()
     for i in range(0, len(items), args.batch_size):

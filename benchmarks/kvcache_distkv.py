@@ -2,8 +2,8 @@
 
 Every instance (the home included) has the same KV budget, ``--capacity`` tokens. With one
 instance a request fits only that budget; with N, the home lends the overflow from the other
-N-1 ranks (torch.distributed, gloo on loopback; NCCL on GPU) and attention over the lent
-blocks is computed on those ranks and merged exactly by log-sum-exp. For each N the
+N-1 ranks (torch.distributed, started by torch's launcher, gloo on loopback) and attention
+over the lent blocks is computed on those ranks and merged exactly by log-sum-exp. For each N the
 benchmark serves the longest prompt the budget allows (a single-needle haystack) and checks
 the answer and the first-token logits against dense attention over the whole prompt in one
 process with no budget; one block more than the budget must be refused (KVCapacityError).
@@ -23,7 +23,7 @@ from apportion.base import Prompt
 from apportion.host import Host
 from apportion.host.kv import KVPolicy
 from apportion_kvcache.distkv import DistKV, DistKVConfig, KVCapacityError
-from apportion_kvcache.distkv_dist import Cluster
+from apportion_kvcache.distkv.ranks import Cluster
 
 QUESTION = "What is the secret code mentioned above? Answer with the code only."
 FACT = "The secret code is 4417-BLUE."

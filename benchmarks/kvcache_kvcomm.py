@@ -9,9 +9,10 @@ full prefill's round-1 messages). The anchor pool starts empty and fills online.
 
 Reported: reuse rate (reused shared-segment occurrences / all occurrences; an occurrence whose
 first tokens were recomputed counts only as the share of its tokens that was reused), the
-fraction of prompt tokens whose KV was reused, the tokens of reused occurrences recomputed, prefill time of both (KVCOMM's includes computing each
-segment's base KV once, and the embedding), answer agreement (same extracted number), exact
-text agreement, next-token top-1 agreement and KL(full || kvcomm) of the first token.
+fraction of prompt tokens whose KV was reused, the tokens of reused occurrences recomputed,
+prefill time of both (KVCOMM's includes computing each segment's base KV once, and the
+embedding), answer agreement (same extracted number), exact text agreement, next-token top-1
+agreement and KL(full || kvcomm) of the first token.
 
     uv run --no-sync python benchmarks/kvcache_kvcomm.py
     uv run --no-sync python benchmarks/kvcache_kvcomm.py --agents 5 --tasks 8
@@ -24,7 +25,7 @@ import json
 
 import torch
 from apportion_kvcache.kvcomm import KVCOMM, KVCOMMConfig
-from apportion_kvcache.kvcomm_agents import ROLES, make_tasks, run_team, summarize
+from apportion_kvcache.kvcomm.agents import ROLES, make_tasks, run_team, summarize
 
 TARGET = {"reuse_rate": 0.70, "answer_agreement": 0.95}
 

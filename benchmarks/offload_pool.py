@@ -118,7 +118,8 @@ if kind == "naive":
                       "seconds": round(time.perf_counter() - t0, 3)}))
 else:
     from apportion_offload.pool import PinnedPool, PinnedPoolConfig
-    pool = PinnedPool(PinnedPoolConfig(cap_bytes=cap, classes_per_doubling=8, retain_headroom=0.0, pin="mlock"))
+    pool = PinnedPool(PinnedPoolConfig(cap_bytes=cap, classes_per_doubling=8,
+                                       retain_headroom=0.0, pin="mlock"))
     pool.plan(inventory)
     warm = pool.allocate((1,), torch.uint8); pool.free(warm); pool.trim()
     base, t0 = rss("VmRSS:"), time.perf_counter()
@@ -131,7 +132,8 @@ else:
     s = pool.stats()
     print(json.dumps({"peak_rss_growth": rss("VmHWM:") - base, "allocator_peak": s.peak_bytes,
                       "seconds": round(time.perf_counter() - t0, 3),
-                      "hits": s.extra["hits"], "misses": s.extra["misses"], "evictions": s.extra["evictions"],
+                      "hits": s.extra["hits"], "misses": s.extra["misses"],
+                      "evictions": s.extra["evictions"],
                       "trimmed_bytes": s.extra["trimmed_bytes"], "pin_modes": s.extra["pin_modes"],
                       "pin_fallback": s.extra["pin_fallback"]}))
 """

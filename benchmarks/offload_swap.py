@@ -5,7 +5,7 @@ same file system, interleaved so that load changes on a shared machine hit all a
 each round starts with a different method, so none is always first or last):
 
 - ``dd oflag=direct`` / ``dd iflag=direct`` (8 MiB blocks, one in flight): raw sequential
-  bandwidth, as the issue's target is stated;
+  bandwidth, the baseline the target is stated against;
 - ``fio`` (libaio, O_DIRECT, 8 MiB blocks, 8 in flight, random buffer contents): what the
   disk gives to a queue of requests;
 - the ``nvme`` swapper with its defaults (O_DIRECT, 8 MiB blocks, 4 in flight, xxh3 per
@@ -19,7 +19,9 @@ each round starts with a different method, so none is always first or last):
 Target: the swapper reaches >= 80% of dd's bandwidth both ways (median over rounds).
 DeepSpeed's op is JIT-built on first use (libaio-dev needed; about half an hour on 2 cores).
 
-    uv run --no-sync python benchmarks/offload_swap.py [--mib 1024] [--rounds 5] [--dir /tmp] [--io-threads N]
+    uv run --no-sync python benchmarks/offload_swap.py --mib 1024 --rounds 5 --dir /tmp
+
+(``--io-threads N`` sets the swapper's blocks in flight.)
 """
 
 from __future__ import annotations
@@ -122,7 +124,7 @@ def main() -> None:
     ap.add_argument("--no-deepspeed", action="store_true")
     args = ap.parse_args()
     import torch
-    from apportion_offload.swap import NvmeSwapConfig, NvmeSwapper
+    from apportion_offload.nvme import NvmeSwapConfig, NvmeSwapper
 
     nbytes = args.mib << 20
     work = Path(tempfile.mkdtemp(prefix="apportion-swapbench-", dir=args.dir))

@@ -234,7 +234,9 @@ def summarize(curves: dict[str, list[dict]], opts: argparse.Namespace) -> None:
     emit(
         {
             "summary": True,
-            "task": f"arithmetic levels {opts.levels}, exact match, {opts.held_out} held-out problems",
+            "task": (
+                f"arithmetic levels {opts.levels}, exact match, {opts.held_out} held-out problems"
+            ),
             "runs_per_arm": max(c["runs"] for c in curves["grpo"]),
             "rollouts_per_step": opts.prompts_per_step * opts.group,
             "smooth_window_evals": w,
@@ -253,9 +255,9 @@ def summarize(curves: dict[str, list[dict]], opts: argparse.Namespace) -> None:
             "target_rollout_ratio_max": 0.7,
             "met": ratio is not None and ratio <= 0.7 and target > base,
             **ablation,
-            "note": "rollout_ratio: XRPO's rollouts to reach GRPO's final (smoothed) reward over GRPO's "
-            "total; rollout_ratio_first_reach: over the rollouts GRPO itself first needed to reach "
-            "it. met also requires GRPO to have improved over the base model",
+            "note": "rollout_ratio: XRPO's rollouts to reach GRPO's final (smoothed) reward over "
+            "GRPO's total; rollout_ratio_first_reach: over the rollouts GRPO itself first needed "
+            "to reach it. met also requires GRPO to have improved over the base model",
         }
     )
 

@@ -15,7 +15,7 @@ median):
 Bandwidth: bytes actually read / time. Dense reads every key and value; the sparse kernel
 reads the selected keys and values, their indices and the queries; the full squeezed step
 adds the centroids and the key->cluster map. Reported as GB/s and as a fraction of the
-card's peak (``--peak-tbs``, 4.8 TB/s for an H200). Targets (issue 5): squeezed >= 4x faster
+card's peak (``--peak-tbs``, 4.8 TB/s for an H200). Targets: squeezed >= 4x faster
 than dense decode at 10%, sparse kernel >= 60% of peak bandwidth.
 
     python benchmarks/gpu/attention_decode_gpu.py            # prints JSON lines
@@ -53,7 +53,10 @@ def main() -> int:
     import torch
 
     if not torch.cuda.is_available():
-        msg = "no CUDA device: the Triton decode benchmark needs a GPU (the CPU comparison is benchmarks/attention_decode.py)"
+        msg = (
+            "no CUDA device: the Triton decode benchmark needs a GPU "
+            "(the CPU comparison is benchmarks/attention_decode.py)"
+        )
         print(msg, file=sys.stderr)
         print(
             json.dumps(
@@ -62,8 +65,8 @@ def main() -> int:
         )
         return 0
     import triton
-    from apportion_attention.kernels import triton_kernels as tk
     from apportion_attention.squeezed import Squeezed, SqueezedConfig, build_layer_index
+    from apportion_attention.squeezed.kernels import triton_kernels as tk
     from triton.testing import do_bench
 
     try:

@@ -264,4 +264,6 @@ def test_separator_patterns_do_not_reload_the_tokenizer_per_backend(smollm2, mon
         "from_pretrained",
         lambda *a, **k: pytest.fail("tokenizer loaded again"),
     )
-    assert APE().separator_patterns(smollm2.model) == first
+    second = APE()
+    second.bind(smollm2)  # as the host does: the loaded model's tokenizer is handed over
+    assert second.separator_patterns(smollm2.model) == first

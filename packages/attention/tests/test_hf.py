@@ -1,5 +1,5 @@
-"""Plain transformers: ``import apportion_attention`` registers the attention functions, and
-loading apportion's plugins does not import the package (nor torch)."""
+"""Plain transformers: ``apportion_attention.hf.register()`` registers the attention functions,
+and loading apportion's plugins imports only the tiny entry point (never torch)."""
 
 from __future__ import annotations
 
@@ -7,11 +7,12 @@ import json
 import subprocess
 import sys
 
-# Runs in a fresh interpreter: nothing but ``import apportion_attention`` may register the
-# names before ``from_pretrained`` asks for one.
+# Runs in a fresh interpreter: nothing but ``hf.register()`` may register the names before
+# ``from_pretrained`` asks for one.
 PLAIN = r"""
 import json, sys
-import apportion_attention
+from apportion_attention import hf
+hf.register()
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from apportion.testing.contracts import QUESTION, _long_context
@@ -20,10 +21,14 @@ from apportion_attention.squeezed import SqueezedConfig
 
 path = sys.argv[1]
 tok = AutoTokenizer.from_pretrained(path)
-model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="apportion-squeezed", dtype=torch.float32)
-backends = apportion_attention.hf.BACKENDS
+model = AutoModelForCausalLM.from_pretrained(
+    path, attn_implementation="apportion-squeezed", dtype=torch.float32
+)
+backends = hf.BACKENDS
 # small enough settings that the techniques engage on a ~150-token prompt
-backends["apportion-squeezed"].config = SqueezedConfig(min_context_tokens=32, budget=0.5, kmeans_iters=2)
+backends["apportion-squeezed"].config = SqueezedConfig(
+    min_context_tokens=32, budget=0.5, kmeans_iters=2
+)
 backends["apportion-longheads"].config = LongHeadsConfig(chunk_size=16, top_k=2, prefill_block=32)
 text = tok.apply_chat_template([{"role": "user", "content": _long_context(6) + "\n\n" + QUESTION}],
                                add_generation_prompt=True, tokenize=False)
@@ -32,7 +37,9 @@ report = {"impl": model.config._attn_implementation, "prompt": ids.shape[1], "ne
 
 def gen(n):
     with torch.inference_mode():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False)
+        out = model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False
+        )
     return out[0, ids.shape[1]:].tolist()
 
 report["new"]["apportion-squeezed"] = gen(4)
@@ -45,7 +52,7 @@ print("REPORT " + json.dumps(report))
 """
 
 
-def test_import_registers_for_plain_transformers():
+def test_register_for_plain_transformers():
     from apportion.host.model import converted_embedded
 
     folder = converted_embedded()
@@ -69,6 +76,8 @@ def test_ape_and_infiniretri_are_not_registered():
     from apportion_attention import hf
     from transformers import AttentionInterface
 
+    hf.register()
+
     names = set(AttentionInterface._global_mapping)
     assert {
         "apportion-squeezed",
@@ -80,25 +89,34 @@ def test_ape_and_infiniretri_are_not_registered():
     assert not {"apportion-ape", "apportion-infiniretri"} & set(hf.BACKENDS)
 
 
-def test_loading_plugins_does_not_import_the_package():
+def test_loading_plugins_imports_only_the_entry_point():
+    # the entry point runs the package's __init__, which is tiny: no backend module, no torch
     code = (
         "import sys, apportion.plugins as p\nhost = p.get_plugin_host()\n"
         "info = {x.name: x for x in host.plugins}['attention']\n"
-        "print(info.module, info.error, 'apportion_attention' in sys.modules, 'torch' in sys.modules)"
+        "mods = sorted(m for m in sys.modules if m.startswith('apportion_attention'))\n"
+        "print(info.module, info.error, ','.join(mods), 'torch' in sys.modules)"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout.split()
-    assert out == ["apportion_attention_plugin", "None", "False", "False"], out
+    assert out == [
+        "apportion_attention.plugin",
+        "None",
+        "apportion_attention,apportion_attention.plugin",
+        "False",
+    ], out
 
 
 def test_the_host_restores_the_registered_function(smollm2):
     # the host installs its own instance under the same name for a generation, then puts
-    # back the one `import apportion_attention` registered for plain transformers
+    # back the one `hf.register()` registered for plain transformers
     from apportion.host import Host
     from apportion_attention import hf
     from apportion_attention.squeezed import Squeezed
     from transformers import AttentionInterface
+
+    hf.register()
 
     seen = []
 

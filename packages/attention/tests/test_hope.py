@@ -8,7 +8,7 @@ import pytest
 import torch
 from apportion.testing.contracts import AttentionContract
 from apportion_attention.hope import HoPE, HoPEConfig, hope_inv_freq
-from apportion_attention.hope_scaling import RotaryPlugin, YaRN, rotary_module
+from apportion_attention.rope_scaling import RotaryPlugin, YaRN, rotary_module
 
 
 class TestHoPEContract(AttentionContract):

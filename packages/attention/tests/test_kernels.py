@@ -18,9 +18,9 @@ os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from apportion_attention.kernels import dispatch, reference  # noqa: E402
+from apportion_attention.squeezed.kernels import dispatch, reference  # noqa: E402
 
-triton_kernels = pytest.importorskip("apportion_attention.kernels.triton_kernels")
+triton_kernels = pytest.importorskip("apportion_attention.squeezed.kernels.triton_kernels")
 
 DTYPES = {torch.float32: (1e-4, 1e-5), torch.float16: (2e-2, 2e-3), torch.bfloat16: (1e-1, 2e-2)}
 

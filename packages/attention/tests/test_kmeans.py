@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from apportion_attention.kmeans import kmeans
+from apportion_attention.squeezed.kmeans import kmeans
 
 
 def test_recovers_separated_clusters():

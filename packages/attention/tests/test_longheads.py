@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from apportion.host.rope import inv_freq, rotate_by
 from apportion.testing.contracts import QUESTION, AttentionContract, _long_context
 from apportion_attention.longheads import LongHeads, LongHeadsConfig
-from apportion_attention.rope import inv_freq_for, rotate
 
 
 class TestLongHeadsContract(AttentionContract):
@@ -60,17 +60,22 @@ def test_all_chunks_selected_equals_dense(smollm2, ids):
 
 
 def test_rotation_remaps_positions(smollm2):
-    inv = inv_freq_for(smollm2.model.config, 64, torch.device("cpu"))
+    inv = inv_freq(smollm2.model.config, 64, torch.device("cpu"))
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 5, 64, generator=g)
     a, b = torch.tensor([3, 10, 0, 7, 100]), torch.tensor([-3, 4, 9, 1, -50])
-    assert torch.allclose(rotate(rotate(x, a, inv), b, inv), rotate(x, a + b, inv), atol=1e-4)
+    assert torch.allclose(
+        rotate_by(rotate_by(x, a, inv), b, inv), rotate_by(x, a + b, inv), atol=1e-4
+    )
     q, k = torch.randn(64, generator=g), torch.randn(64, generator=g)
     # q.k depends only on the relative shift: rotating both alike changes nothing
     d1 = (
-        rotate(q[None], torch.tensor([9000]), inv) * rotate(k[None], torch.tensor([8990]), inv)
+        rotate_by(q[None], torch.tensor([9000]), inv)
+        * rotate_by(k[None], torch.tensor([8990]), inv)
     ).sum()
-    d2 = (rotate(q[None], torch.tensor([20]), inv) * rotate(k[None], torch.tensor([10]), inv)).sum()
+    d2 = (
+        rotate_by(q[None], torch.tensor([20]), inv) * rotate_by(k[None], torch.tensor([10]), inv)
+    ).sum()
     assert torch.allclose(d1, d2, atol=1e-3)
 
 
@@ -104,7 +109,7 @@ def test_max_scoring_finds_a_single_matching_key(smollm2):
     """One key that matches the query (a needle) lifts its chunk under ``chunk_score="max"``,
     though that chunk's mean key loses to a chunk of uniformly lukewarm keys."""
     d, c = 64, 16
-    inv = inv_freq_for(smollm2.model.config, d, torch.device("cpu"))
+    inv = inv_freq(smollm2.model.config, d, torch.device("cpu"))
     g = torch.Generator().manual_seed(1)
     q = torch.nn.functional.normalize(torch.randn(d, generator=g), dim=0)
     noise = 0.01 * torch.randn(4 * c, d, generator=g)
@@ -113,7 +118,9 @@ def test_max_scoring_finds_a_single_matching_key(smollm2):
     raw[2 * c : 3 * c] -= 0.5 * q  # chunk 2: one needle among cold keys
     raw[2 * c + 5] = 3.0 * q
     n = raw.shape[0]
-    key = rotate(raw[None, None], torch.arange(n), inv)  # cached keys carry RoPE at their positions
+    key = rotate_by(
+        raw[None, None], torch.arange(n), inv
+    )  # cached keys carry RoPE at their positions
     q_raw = q.view(1, 1, d).expand(1, 3, d)  # three query heads share the one kv head
     best = {}
     for how in ("max", "mean"):
@@ -124,7 +131,7 @@ def test_max_scoring_finds_a_single_matching_key(smollm2):
     assert best == {"max": 2, "mean": 1}
     lh = LongHeads(LongHeadsConfig(chunk_size=c, top_k=1, prefill_block=c))
     # a partial last chunk is scored too, and the selection keeps chunk 0 in front
-    query = rotate(q.view(1, 1, 1, d).expand(1, 3, 1, d), torch.tensor([n + c]), inv)
+    query = rotate_by(q.view(1, 1, 1, d).expand(1, 3, 1, d), torch.tensor([n + c]), inv)
     chunks = lh._select(0, query, key, n + c, n - 3, inv)
     assert chunks.tolist() == [[[0, 2]] * 3]
 

@@ -91,7 +91,7 @@ def test_budget_zero_reads_only_the_question_and_decodes(smollm2, prompt, dense_
 
 def test_active_budget_selects_about_the_budget(smollm2, prompt):
     # Accuracy is measured by benchmarks/attention_niah_squeezed.py, not asserted here: on this
-    # 456-token prompt at a 30% budget the model answered without the code (seen 2026-11-28).
+    # 456-token prompt at a 30% budget the model answered without the code.
     from apportion.host import Host
 
     backend = Squeezed(SqueezedConfig(budget=0.3, min_context_tokens=32))
@@ -115,6 +115,7 @@ def test_plain_transformers_attn_implementation(smollm2):
     import apportion_attention.hf as hf
     from transformers import AttentionInterface
 
+    hf.register()
     assert "apportion-squeezed" in AttentionInterface._global_mapping
     backend = hf.BACKENDS["apportion-squeezed"]
     model, tok = smollm2.model, smollm2.tokenizer
@@ -197,7 +198,7 @@ def _decode_case(n_ctx=700, tail=9, seed=2):
 
 
 def test_cluster_positions_are_the_mask_selection():
-    from apportion_attention.kernels import reference
+    from apportion_attention.squeezed.kernels import reference
 
     index, _, _, queries = _decode_case()
     order, starts = index.by_cluster()
@@ -217,7 +218,7 @@ def test_cluster_positions_are_the_mask_selection():
 def test_torch_decode_path_equals_the_masked_compaction_path(with_mask):
     """The CPU decode path (cluster lists, tail read in place) against the generic one
     (mask, compaction, padded index lists): same keys, same attention, same counts."""
-    from apportion_attention.kernels import reference
+    from apportion_attention.squeezed.kernels import reference
 
     index, keys, values, queries = _decode_case()
     n = keys.shape[1]
@@ -278,7 +279,7 @@ def test_question_votes_spread_and_budget():
 def test_sticky_keys_stay_selected_at_decode():
     """Keys the question selected stay selected at every decode step (mask, cluster lists
     and the decode kernels' output agree), and the fraction stays within the budget."""
-    from apportion_attention.kernels import reference
+    from apportion_attention.squeezed.kernels import reference
 
     index, keys, values, queries = _decode_case()
     n = keys.shape[1]
@@ -356,7 +357,7 @@ def test_estimate_of_the_rest_is_exact_when_clusters_hold_equal_keys(sticky):
     """Each unselected cluster stands in for its keys as one key of weight n with their mean
     value: exactly the keys' attention when they are equal. So decode (torch path) and the
     multi-query masked path then equal dense attention, whatever was selected."""
-    from apportion_attention.kernels import reference
+    from apportion_attention.squeezed.kernels import reference
 
     index, keys, values, q = _equal_key_case()
     n_ctx = index.n_ctx

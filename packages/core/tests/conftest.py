@@ -18,6 +18,10 @@ def plugin_dir(tmp_path):
     class Plugins:
         path = tmp_path
 
+        def module(self, name: str, body: str) -> None:
+            """A plain module beside the plugins (e.g. the components they register lazily)."""
+            (tmp_path / f"{name}.py").write_text(textwrap.dedent(body))
+
         def add(self, name: str, body: str, version: str = "0.1.0") -> None:
             (tmp_path / f"{name}.py").write_text(textwrap.dedent(body))
             info = tmp_path / f"{name}-{version}.dist-info"

@@ -100,8 +100,22 @@ def test_converted_folder_is_hf_layout_and_a_stale_one_is_replaced(tmp_path, mon
     (target / "apportion.json").write_text(json.dumps({"format": 1}))
     (target / "model.safetensors").write_bytes(b"old layout")
     again = host_model.converted_embedded()
-    assert again == target and json.loads((target / "apportion.json").read_text())["format"] == 2
+    manifest = json.loads((target / "apportion.json").read_text())
+    assert again == target and manifest["format"] == host_model.CONVERTED_FORMAT
     assert json.loads((target / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
     with safe_open(str(target / "model.safetensors"), "pt") as f:
         assert "model.embed_tokens.weight" in f.keys() and "lm_head.weight" not in f.keys()
     assert [p.name for p in tmp_path.joinpath("models").iterdir()] == [target.name]
+    # a flipped byte in the weights, or in the manifest, is caught by the checksums: the
+    # next load converts again instead of loading damaged weights
+    assert host_model._check_converted(target) is None
+    weights = target / "model.safetensors"
+    raw = bytearray(weights.read_bytes())
+    raw[len(raw) // 2] ^= 0x10
+    weights.write_bytes(bytes(raw))
+    assert "checksum mismatch" in host_model._check_converted(target)
+    raw[len(raw) // 2] ^= 0x10
+    weights.write_bytes(bytes(raw))
+    assert host_model._check_converted(target) is None
+    (target / "apportion.json").write_text(json.dumps(manifest | {"source": "tampered"}))
+    assert "damaged manifest" in host_model._check_converted(target)

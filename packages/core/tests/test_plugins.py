@@ -2,15 +2,36 @@
 
 GOOD = """
 from apportion import hookimpl
-APPORTION_API = ">=1.0,<2"
+APPORTION_API = ">=2.0,<3"
 
 @hookimpl
 def apportion_register_kv_policies(register):
-    register("goodpolicy", "apportion.host.kv:KVPolicy", summary="a fine policy")
+    register("policies:GoodPolicy", name="goodpolicy")
+"""
+
+#: the components the test plugins register by import path
+POLICIES = """
+from apportion.host.kv import KVPolicy
+
+class GoodPolicy(KVPolicy):
+    name = "goodpolicy"
+    summary = "a fine policy"
+
+class OtherPolicy(KVPolicy):
+    name = "otherpolicy"
+    summary = "another fine policy"
+
+class Full(KVPolicy):
+    summary = "mine"
+
+class Misnamed(KVPolicy):
+    name = "not-what-it-says"
+    summary = "registered under another name"
 """
 
 
 def test_good_plugin_is_discovered(plugin_dir):
+    plugin_dir.module("policies", POLICIES)
     plugin_dir.add("goodplug", GOOD)
     report = plugin_dir.report()
     assert report["goodplug"]["error"] is None
@@ -19,6 +40,7 @@ def test_good_plugin_is_discovered(plugin_dir):
 
 
 def test_import_error_is_reported_and_skipped(plugin_dir):
+    plugin_dir.module("policies", POLICIES)
     plugin_dir.add("goodplug", GOOD)
     plugin_dir.add("brokenplug", "import no_such_module_xyz\n")
     report = plugin_dir.report()
@@ -34,7 +56,7 @@ from apportion import hookimpl
 
 @hookimpl
 def apportion_register_benchmarks(register):
-    register("half", "x:y", summary="s")
+    register("x:y", name="half")
     raise RuntimeError("boom in hook")
 """,
     )
@@ -44,14 +66,82 @@ def apportion_register_benchmarks(register):
 
 
 def test_duplicate_names_the_two_providers(plugin_dir):
+    plugin_dir.module("policies", POLICIES)
     plugin_dir.add("goodplug", GOOD)
-    plugin_dir.add("twinplug", GOOD.replace("a fine policy", "a twin"))
+    plugin_dir.add("twinplug", GOOD)
     report = plugin_dir.report()
-    err = report["twinplug"]["error"] or report["goodplug"]["error"]
-    assert "registered twice" in err and "goodplug" in err and "twinplug" in err
+    # the clash falls on the plugin that came second (entry-point name order), for that
+    # name only; neither plugin is disabled
+    assert report["goodplug"]["error"] is None and report["goodplug"]["clashes"] == []
+    assert report["goodplug"]["components"] == {"kv-policy": ["goodpolicy"]}
+    clash = report["twinplug"]["clashes"][0]
+    assert "goodplug" in clash and "twinplug" in clash and "goodpolicy" in clash
+    assert report["twinplug"]["error"] is None
+
+
+def test_an_impostor_never_disables_the_family_it_copies(plugin_dir):
+    """A plugin that registers a name another plugin owns loses that name only, whichever
+    loads first; the other plugin keeps every component."""
+    plugin_dir.module("policies", POLICIES)
+    family = """
+from apportion import hookimpl
+
+@hookimpl
+def apportion_register_kv_policies(register):
+    register("policies:GoodPolicy", name="goodpolicy")
+    register("policies:OtherPolicy", name="otherpolicy")
+"""
+    plugin_dir.add("zfamily", family)
+    plugin_dir.add("aimpostor", GOOD)  # sorts first: it keeps goodpolicy
+    report = plugin_dir.report()
+    assert report["aimpostor"]["components"] == {"kv-policy": ["goodpolicy"]}
+    assert report["zfamily"]["components"] == {"kv-policy": ["otherpolicy"]}
+    assert report["zfamily"]["error"] is None and len(report["zfamily"]["clashes"]) == 1
+    rc, _, err = plugin_dir.run(
+        "from apportion import get_registry; get_registry()", APPORTION_STRICT_PLUGINS="1"
+    )
+    assert rc != 0 and "goodpolicy" in err  # CI still fails on a clash
+
+
+def test_registered_name_must_match_the_class(plugin_dir):
+    plugin_dir.module("policies", POLICIES)
+    plugin_dir.add(
+        "misplug",
+        """
+from apportion import hookimpl
+
+@hookimpl
+def apportion_register_kv_policies(register):
+    register("policies:Misnamed", name="misnamed")
+""",
+    )
+    assert plugin_dir.report()["misplug"]["components"] == {"kv-policy": ["misnamed"]}
+    rc, out, err = plugin_dir.run(
+        "from apportion import get_registry\n"
+        "try:\n    get_registry().create('kv-policy', 'misnamed')\n"
+        "except Exception as e:\n    print(type(e).__name__, e)"
+    )
+    assert rc == 0, err
+    assert "PluginError" in out and "not-what-it-says" in out and "one name" in out
+
+
+def test_a_lazy_path_needs_a_name(plugin_dir):
+    plugin_dir.module("policies", POLICIES)
+    plugin_dir.add(
+        "nonameplug",
+        """
+from apportion import hookimpl
+
+@hookimpl
+def apportion_register_kv_policies(register):
+    register("policies:GoodPolicy")
+""",
+    )
+    assert "needs name=" in plugin_dir.report()["nonameplug"]["error"]
 
 
 def test_duplicate_of_core_baseline_is_an_error_without_replace(plugin_dir):
+    plugin_dir.module("policies", POLICIES)
     plugin_dir.add(
         "fullplug",
         """
@@ -59,13 +149,14 @@ from apportion import hookimpl
 
 @hookimpl
 def apportion_register_kv_policies(register):
-    register("full", "apportion.host.kv:KVPolicy", summary="mine")
+    register("policies:Full", name="full")
 """,
     )
-    assert "apportion-core" in plugin_dir.report()["fullplug"]["error"]
+    assert "apportion-core" in plugin_dir.report()["fullplug"]["clashes"][0]
 
 
 def test_replace_core_baseline(plugin_dir):
+    plugin_dir.module("policies", POLICIES)
     plugin_dir.add(
         "replug",
         """
@@ -73,7 +164,7 @@ from apportion import hookimpl
 
 @hookimpl
 def apportion_register_kv_policies(register):
-    register("full", "apportion.host.kv:KVPolicy", summary="mine", replace=True)
+    register("policies:Full", name="full", replace=True)
 """,
     )
     rc, out, err = plugin_dir.run(
@@ -85,14 +176,17 @@ def apportion_register_kv_policies(register):
 
 
 def test_incompatible_api_names_both_versions(plugin_dir):
-    plugin_dir.add("futureplug", GOOD.replace(">=1.0,<2", ">=2.0"))
+    plugin_dir.add("futureplug", GOOD.replace(">=2.0,<3", ">=3.0"))
     err = plugin_dir.report()["futureplug"]["error"]
-    assert ">=2.0" in err and "provides API 1.0" in err
+    assert ">=3.0" in err and "provides API 2.0" in err
 
 
 def test_allow_and_deny_lists(plugin_dir):
+    plugin_dir.module("policies", POLICIES)
     plugin_dir.add("goodplug", GOOD)
-    plugin_dir.add("otherplug", GOOD.replace("goodpolicy", "otherpolicy"))
+    plugin_dir.add(
+        "otherplug", GOOD.replace("goodpolicy", "otherpolicy").replace("GoodPolicy", "OtherPolicy")
+    )
     only = plugin_dir.report(APPORTION_PLUGINS="otherplug")
     assert only["goodplug"]["skipped"] and only["otherplug"]["skipped"] is None
     none = plugin_dir.report(APPORTION_PLUGINS="")
@@ -121,3 +215,25 @@ def test_cli_reports_broken_plugin(plugin_dir):
         APPORTION_STRICT_PLUGINS="1",
     )
     assert rc == 2 and "nope" in err and "Traceback" not in err
+
+
+def test_unknown_name_points_at_the_plugin_that_failed_to_load(plugin_dir):
+    plugin_dir.add("brokenplug", "raise ImportError('nope')\n")
+    rc, out, err = plugin_dir.run(
+        "from apportion import get_registry\n"
+        "try:\n    get_registry().get('kv-policy', 'snapkv')\n"
+        "except Exception as e:\n    print(type(e).__name__, e)"
+    )
+    assert rc == 0, err
+    assert "UnknownComponentError" in out and "brokenplug" in out and "nope" in out
+
+
+def test_unknown_name_of_an_uninstalled_family_says_what_to_install(plugin_dir):
+    rc, out, err = plugin_dir.run(
+        "from apportion import get_registry\n"
+        "try:\n    get_registry().get('benchmark', 'holobench')\n"
+        "except Exception as e:\n    print(e)",
+        APPORTION_PLUGINS="",
+    )
+    assert rc == 0, err
+    assert "pip install apportion-eval" in out

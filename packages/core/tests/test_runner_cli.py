@@ -1,5 +1,6 @@
 import json
 import os
+import time
 
 import pytest
 from apportion.config import parse_config
@@ -81,7 +82,8 @@ def test_cli_errors_are_clear(cli, cli_env, tmp_path):
 def test_cli_run_end_to_end(cli, cli_env, tmp_path):
     cfg = tmp_path / "c.toml"
     cfg.write_text(
-        'name = "e2e"\n[[benchmarks]]\nname = "niah"\nlengths = [256]\ndepths = [0.5]\nsamples = 1\n'
+        'name = "e2e"\n[[benchmarks]]\nname = "niah"\n'
+        "lengths = [256]\ndepths = [0.5]\nsamples = 1\n"
     )
     out = cli("run", str(cfg), "--out", str(tmp_path / "run"), "--no-progress", env=cli_env)
     assert out.returncode == 0, out.stderr
@@ -101,7 +103,7 @@ def test_time_budget_stops_starting_samples_and_a_rerun_finishes(tmp_path, smoll
     stopped = execute(
         _cfg(), run_dir, RunOptions(time_budget_s=1e-6, progress=False), loaded=smollm2
     )
-    assert stopped == []  # spent before the first sample: nothing started, nothing torn
+    assert stopped.records == []  # spent before the first sample: nothing started, nothing torn
     done = execute(_cfg(), run_dir, RunOptions(limit=1, progress=False), loaded=smollm2)
     assert len(done) == 1
 
@@ -238,3 +240,92 @@ def test_config_prompt_budget_reaches_the_strategy(tmp_path, smollm2):
     records = execute(cfg, tmp_path / "r", RunOptions(limit=1, progress=False), loaded=smollm2)
     # the zero-shot strategy refuses a prompt over its budget: a recorded error, not a crash
     assert records[0]["score"] == 0.0 and "budget is 20" in records[0]["error"]
+
+
+# ------------------------------------------------------------------- bad input
+def test_bad_record_lines_are_skipped_reported_and_set_aside(tmp_path, smollm2):
+    run_dir = tmp_path / "run"
+    first = execute(_cfg(), run_dir, RunOptions(limit=2, progress=False), loaded=smollm2)
+    path = run_dir / "records.jsonl"
+    with open(path, "ab") as f:
+        f.write(b"\xff\xfe not utf-8\n")
+        f.write(b'{"valid": "json", "but": "not a record"}\n')
+        f.write(b"[1, 2, 3]\n")
+        f.write(b'{"variant": "baseline", "bench')  # a torn last line
+    again = execute(_cfg(), run_dir, RunOptions(progress=False), loaded=smollm2)
+    assert len(again.records) == 3  # the two measured before are kept, one new
+    assert [r["sample_id"] for r in again.records][:2] == [r["sample_id"] for r in first]
+    assert any("4 line(s)" in n and "not UTF-8" in n for n in again.notes)
+    rejected = (run_dir / "records.rejected.jsonl").read_bytes()
+    assert rejected.count(b"\n") == 4 and b"not a record" in rejected
+    lines = path.read_bytes().splitlines()
+    assert len(lines) == 3 and all(json.loads(line)["variant"] == "baseline" for line in lines)
+
+
+def test_lengths_past_the_window_are_refused_before_the_model_loads(tmp_path, monkeypatch):
+    from apportion.host import model as host_model
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the config was checked")
+
+    monkeypatch.setattr(host_model, "load_model", no_load)
+    cfg = parse_config({"benchmarks": [{"name": "niah", "lengths": [10_000_000]}]})
+    with pytest.raises(ConfigError, match="exceed the model's context of 8192"):
+        execute(cfg, tmp_path / "r", RunOptions(progress=False))
+    cfg = parse_config({"generation": {"max_new_tokens": 8192}})
+    with pytest.raises(ConfigError, match="answer tokens exceeds"):
+        execute(cfg, tmp_path / "r", RunOptions(progress=False))
+
+
+def test_core_alone_runs_harness_options(tmp_path, smollm2):
+    """[harness] is the core's: sweep_installed and time_budget_s work without apportion-eval."""
+    cfg = _cfg(
+        harness={
+            "sweep_installed": {"kinds": ["kv-policy"], "options": {"compression_ratio": 0.5}},
+            "time_budget_s": 600,
+        }
+    )
+    run = execute(cfg, tmp_path / "r", RunOptions(limit=1, progress=False), loaded=smollm2)
+    variants = {r["variant"] for r in run.records}
+    assert "baseline" in variants and len(variants) == len(get_registry().names("kv-policy"))
+
+
+def test_cli_refuses_a_device_this_machine_lacks_in_one_line(cli, cli_env, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    for args in (["generate", "hi", "--device", "cuda"], ["generate", "hi", "--device", "tpu0"]):
+        t0 = time.monotonic()
+        out = cli(*args, env=cli_env)
+        assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+        assert "device" in out.stderr and len(out.stderr.strip().splitlines()) <= 3
+        assert time.monotonic() - t0 < 30  # refused before any model loads
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[model]\ndevice = "cuda"\n')
+    out = cli("run", str(cfg), "--out", str(tmp_path / "r"), env=cli_env)
+    assert out.returncode == 2 and "CUDA is not available" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_cli_refuses_an_empty_prompt(cli, cli_env):
+    for prompt in ("", "   \n"):
+        out = cli("generate", prompt, env=cli_env)
+        assert out.returncode == 2 and "prompt is empty" in out.stderr
+        assert "Traceback" not in out.stderr
+
+
+def test_a_broken_plugin_is_noted_in_the_run(plugin_dir, tmp_path):
+    plugin_dir.add("brokenplug", "raise ImportError('nope')\n")
+    rc, out, err = plugin_dir.run(
+        "from apportion.config import parse_config\n"
+        "from apportion.runner import RunOptions, execute\n"
+        "from apportion.testing.fixtures import *\n"
+        "from apportion.host import load_model\n"
+        "cfg = parse_config({'benchmarks': [{'name': 'niah', 'lengths': [256], "
+        "'depths': [0.5], 'samples': 1}], 'generation': {'max_new_tokens': 2}})\n"
+        f"run = execute(cfg, {str(tmp_path / 'r')!r}, RunOptions(progress=False))\n"
+        "print('NOTES', run.notes)\n"
+    )
+    assert rc == 0, err
+    assert "brokenplug" in out and "nope" in out and out.count("brokenplug (brokenplug") >= 1

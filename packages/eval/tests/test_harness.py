@@ -1,4 +1,5 @@
-"""The harness behind ``apportion run``: sweeps, resume, records, bad input, the report."""
+"""``apportion run`` with apportion-eval installed: sweeps, resume, records, bad input, the
+report (the loop is the core's :func:`apportion.runner.execute`; eval renders the report)."""
 
 import json
 import os
@@ -10,8 +11,8 @@ from pathlib import Path
 import pytest
 from apportion.config import parse_config, resolve_config
 from apportion.errors import ConfigError
-from apportion.runner import RunOptions, read_records
-from apportion_eval.harness import expand_installed, harness_options, run
+from apportion.records import read_records
+from apportion.runner import RunOptions, execute, expand_installed
 
 FAST = {"max_new_tokens": 6}
 
@@ -42,7 +43,7 @@ def test_sweep_installed_adds_every_component_with_matching_options(registry):
             }
         }
     )
-    expanded, skipped = expand_installed(cfg, registry, harness_options(cfg).sweep_installed)
+    expanded, skipped = expand_installed(cfg, registry, cfg.harness.sweep_installed)
     labels = {v.label: v for v in expanded.sweep}
     assert next(iter(labels)) == "baseline"
     for kind, field in (("kv-policy", "kv_policy"), ("attention", "attention")):
@@ -66,7 +67,7 @@ def test_sweep_installed_adds_every_component_with_matching_options(registry):
 
 
 def test_benchmark_labels_tell_entries_apart():
-    from apportion_eval.harness import benchmark_labels
+    from apportion.runner import benchmark_labels
 
     a = {"variant": "single", "lengths": [1024], "seed": 0}
     b = {"variant": "multi-key", "lengths": [1024], "seed": 0}
@@ -98,35 +99,64 @@ def test_benchmark_labels_tell_entries_apart():
 def test_bad_config_is_refused_before_the_model_loads(tmp_path, data, match):
     # loaded=None: reaching the model load would take seconds; the error must come first
     with pytest.raises(ConfigError, match=match):
-        run(parse_config(data), tmp_path / "r", RunOptions(progress=False))
+        execute(parse_config(data), tmp_path / "r", RunOptions(progress=False))
     assert not (tmp_path / "r" / "records.jsonl").exists()
 
 
 def test_incompatible_combination_is_refused(tmp_path):
+    from apportion.host.kv import KVPolicy
     from apportion.plugins import get_plugin_host, reset
-    from apportion.registry import ComponentSpec
+
+    class NeedsSparse(KVPolicy):
+        name = "test-needs-sparse"
+        summary = "test"
+        incompatible_with = {"attention": ["dense"]}
 
     host = get_plugin_host()
-    host.registry.add(
-        ComponentSpec(
-            kind="kv-policy",
-            name="test-needs-sparse",
-            factory="apportion.host.kv:KVPolicy",
-            summary="test",
-            provider="tests",
-            incompatible_with={"attention": ["dense"]},
-        )
-    )
+    host.registry.register_function("kv-policy", "tests", "0")(NeedsSparse)
     try:
         cfg = parse_config({"kv_policy": {"name": "test-needs-sparse"}})
         with pytest.raises(ConfigError, match="cannot be combined with attention 'dense'"):
-            run(cfg, tmp_path / "r", RunOptions(progress=False))
+            execute(cfg, tmp_path / "r", RunOptions(progress=False))
         # sweep_installed leaves such a component out, saying why, instead of failing the sweep
         cfg = parse_config({"harness": {"sweep_installed": {"kinds": ["kv-policy"]}}})
-        _, skipped = expand_installed(cfg, host.registry, harness_options(cfg).sweep_installed)
+        _, skipped = expand_installed(cfg, host.registry, cfg.harness.sweep_installed)
         assert any("test-needs-sparse" in s and "dense" in s for s in skipped)
     finally:
         reset()
+
+
+def test_render_run_writes_the_report_with_the_notes(tmp_path):
+    import io
+
+    from apportion.runner import RunResult
+    from apportion_eval.report import render_run
+    from rich.console import Console
+
+    rec = {
+        "variant": "a",
+        "benchmark": "niah",
+        "sample_id": "s0",
+        "length": 192,
+        "depth": 0.5,
+        "score": 1.0,
+        "peak_kv_bytes": 2**20,
+        "prefill_seconds": 0.1,
+        "decode_tokens_per_s": 10.0,
+        "prompt_tokens": 190,
+        "tags": {"diffusion": "low", "scope": "small"},
+        "answers": ["1234567"],
+        "prediction": "1234567",
+    }
+    run = RunResult(
+        parse_config({"name": "t"}), tmp_path, [rec], notes=["2 samples not run (time budget)"]
+    )
+    out = io.StringIO()
+    path = render_run(run, Console(file=out, width=200))
+    assert path == tmp_path / "report.html"
+    assert "2 samples not run (time budget)" in path.read_text()
+    assert "t: 1 records" in out.getvalue()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.html"]  # no temp file left
 
 
 # ------------------------------------------------------------------- with the model
@@ -138,7 +168,7 @@ def test_unwritable_run_dir(tmp_path, smollm2):
         locked.mkdir(mode=0o500)
         target = str(locked / "run")
     with pytest.raises(ConfigError, match="not writable"):
-        run(_cfg(), target, RunOptions(progress=False), loaded=smollm2)
+        execute(_cfg(), target, RunOptions(progress=False), loaded=smollm2)
 
 
 @pytest.mark.parametrize(
@@ -148,7 +178,7 @@ def test_unwritable_run_dir(tmp_path, smollm2):
 def test_length_beyond_context_refused_before_samples(tmp_path, smollm2, lengths, match):
     cfg = parse_config({"benchmarks": [{"name": "niah", "lengths": lengths}]})
     with pytest.raises(ConfigError, match=match):
-        run(cfg, tmp_path / "r", RunOptions(progress=False), loaded=smollm2)
+        execute(cfg, tmp_path / "r", RunOptions(progress=False), loaded=smollm2)
     assert not (tmp_path / "r" / "records.jsonl").exists()
 
 
@@ -156,13 +186,13 @@ def test_length_beyond_context_refused_before_samples(tmp_path, smollm2, lengths
 def finished_run(tmp_path_factory, smollm2):
     """A real two-config sweep, interrupted twice and resumed: (run_dir, stages)."""
     run_dir = tmp_path_factory.mktemp("sweep") / "run"
-    first = run(_cfg(), run_dir, RunOptions(limit=1, progress=False), loaded=smollm2)
+    first = execute(_cfg(), run_dir, RunOptions(limit=1, progress=False), loaded=smollm2)
     with open(run_dir / "records.jsonl", "a") as f:  # a crash mid-write leaves a torn line
         f.write('{"variant": "a", "bench')
-    stopped = run(
+    stopped = execute(
         _cfg(harness={"time_budget_s": 1e-6}), run_dir, RunOptions(progress=False), loaded=smollm2
     )
-    final = run(_cfg(), run_dir, RunOptions(progress=False), loaded=smollm2)
+    final = execute(_cfg(), run_dir, RunOptions(progress=False), loaded=smollm2)
     return run_dir, {"first": first, "stopped": stopped, "final": final}
 
 
@@ -202,7 +232,7 @@ def test_changed_seed_is_remeasured_not_reused(finished_run, smollm2):
         benchmarks=[{"name": "niah", "lengths": [192], "depths": [0.25], "samples": 1}],
         sweep=[{"label": "a"}],
     )
-    res = run(cfg, run_dir, RunOptions(seed=99, progress=False), loaded=smollm2)
+    res = execute(cfg, run_dir, RunOptions(seed=99, progress=False), loaded=smollm2)
     (rec,) = res.records
     old = [
         r
@@ -293,7 +323,7 @@ def test_report_command_rerenders(finished_run, tmp_path):
 
 def test_time_budget_option_overrides_the_config(tmp_path, smollm2):
     # `apportion run --time-budget` arrives as RunOptions.time_budget_s and wins over [harness]
-    res = run(
+    res = execute(
         _cfg(harness={"time_budget_s": 3600}),
         tmp_path / "r",
         RunOptions(time_budget_s=1e-6, progress=False),
@@ -324,5 +354,5 @@ def test_a_sample_needing_more_answer_tokens_than_fit_is_refused_before_generati
     with pytest.raises(
         ConfigError, match=rf"samples of length {length} \+ up to \d+ answer tokens"
     ):
-        run(cfg, tmp_path / "r", RunOptions(progress=False), loaded=smollm2)
+        execute(cfg, tmp_path / "r", RunOptions(progress=False), loaded=smollm2)
     assert not (tmp_path / "r" / "records.jsonl").exists()

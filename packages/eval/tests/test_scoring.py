@@ -52,7 +52,10 @@ def test_group_score():
 
 
 def test_item_lines():
-    text = "1. locker 417\n2) locker 120\nsome chatter\n2. locker 999\n**3.** locker 5\n12. out of range"
+    text = (
+        "1. locker 417\n2) locker 120\nsome chatter\n2. locker 999\n**3.** locker 5\n"
+        "12. out of range"
+    )
     lines = item_lines(text, 3)
     assert lines[1] == "locker 417" and lines[2] == "locker 120"  # the first line per item counts
     assert 3 in lines and 12 not in lines

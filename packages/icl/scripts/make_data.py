@@ -291,9 +291,9 @@ def classify(
     return out
 
 
-# Written in session 4 to give the DynaICL controller and its test more than ~45 queries each.
-# Added as new rows (ids continue after the first set; their own seed), so the first set and
-# the QA file are unchanged.
+# A second set of phrase lists, so that the DynaICL controller's training and test splits hold
+# more than about 45 queries each. Its rows follow the first set's (ids continue after it; its
+# own seed), so the first set and the QA file do not change.
 SUBJECTS_2 = [
     "The breakfast buffet",
     "The yoga class",

@@ -4,12 +4,14 @@ pytest_plugins = ["apportion.testing.fixtures"]
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _shared_llm(request):
-    """Strategies that run the LLM use the session's SmolLM2 instead of loading their own."""
-    if "smollm2" in request.fixturenames or True:
-        from apportion_icl import runtime
+def _session_llm(smollm2):
+    """Strategies used without ``bind`` load their model on first use; in the tests they get
+    the session's SmolLM2 instead of loading a copy each."""
+    from apportion_icl import runtime
 
-        runtime.share(request.getfixturevalue("smollm2"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(runtime, "load_llm", lambda spec=None: smollm2)
+        yield smollm2
 
 
 @pytest.fixture(scope="session")

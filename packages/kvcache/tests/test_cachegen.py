@@ -23,7 +23,8 @@ from hypothesis import strategies as st
 
 
 def _kv(layers=4, batch=1, heads=3, tokens=95, dim=16, seed=0):
-    """KV with the structure real caches have: per-channel offsets/scales, slow drift along tokens."""
+    """KV with the structure real caches have: per-channel offsets/scales, slow drift along
+    tokens."""
     g = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(layers):
@@ -151,7 +152,7 @@ def test_truncated_corrupt_foreign_future(stream):
 
 def test_version_1_streams_still_decode(monkeypatch):
     """v1 wrote uint32 symbol counts; a v2 build reads them, and refuses uint16 counts under v1."""
-    import apportion_kvcache.cachegen as cg
+    import apportion_kvcache.cachegen.codec as cg
 
     kv = _kv(layers=2, tokens=50)
     codec = CacheGenCodec(SMALL)
@@ -187,7 +188,8 @@ def test_header_lies_never_allocate(stream):
 )
 @given(data=st.data())
 def test_fuzz_decoder_raises_only_corrupt(stream, data):
-    """Random edits anywhere never crash or hang the decoder: it returns or raises CorruptKVError."""
+    """Random edits anywhere never crash or hang the decoder: it returns or raises
+    CorruptKVError."""
     codec = CacheGenCodec(SMALL)
     buf = bytearray(stream)
     for _ in range(data.draw(st.integers(1, 4))):
@@ -210,3 +212,116 @@ def test_fuzz_decoder_raises_only_corrupt(stream, data):
 def test_fuzz_random_bytes(blob):
     with pytest.raises(CorruptKVError):
         CacheGenCodec().decode(MAGIC + blob if blob[:1] == b"\0" else blob)
+
+
+# ----------------------------------------------------------------------- hostile, consistent
+
+
+def _bomb() -> bytes:
+    """A fully consistent stream (valid digest and CRC) built with the codec's own writers:
+    a real one-element-wide KV, then the shape blown up (batch 2, 2**26 tokens: 2**28 values)
+    and degenerate symbol tables (one symbol of probability one) that decode it for free."""
+    import hashlib
+
+    from apportion_kvcache.cachegen.codec import _compact
+    from safetensors.numpy import save
+
+    real = CacheGenCodec().encode(_kv(layers=1, heads=1, tokens=40, dim=1))
+    b, t, g = 2, 1 << 26, 1 << 20
+    n_anchor = b * (t // g)
+    n_resid = b * t - n_anchor
+    blob = save(
+        {
+            "mean": np.zeros((1, 2, 1, 1), np.float16),
+            "step": np.ones((1, 2), np.float16),
+            "use_delta": np.zeros((1, 2, 1, 1), np.uint8),
+            "tables": np.array([[0, 2]] * 4, np.int32),
+            "counts": _compact(np.array([n_anchor, 0, n_resid, 0] * 2, np.uint32)),
+            "words": np.zeros(1, np.uint32),
+        }
+    )
+    chunk = {
+        "start": 0,
+        "tokens": t,
+        "bytes": len(blob),
+        "sha256": hashlib.sha256(blob).hexdigest(),
+    }
+    bomb = _rewrite_header(real, batch=b, tokens=t, group_size=g, chunks=[chunk])
+    _, _, hlen = struct.unpack_from("<8sHI", bomb, 0)
+    return bomb[: 14 + hlen + 4] + blob
+
+
+def test_a_consistent_decompression_bomb_fails_fast():
+    import resource
+    import time
+
+    bomb = _bomb()
+    assert len(bomb) < 2048
+    codec = CacheGenCodec()
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    with pytest.raises(CorruptKVError, match="justif|cap"):
+        codec.read_header(bomb)
+    with pytest.raises(CorruptKVError, match="justif|cap"):
+        codec.decode(bomb)
+    assert time.perf_counter() - t0 < 1.0
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0 < 200 << 10  # KiB
+
+
+def test_the_output_cap_is_configurable(stream):
+    h = CacheGenCodec(SMALL).read_header(stream)
+    values = 2 * h.layers * h.batch * h.kv_heads * h.tokens * h.head_dim
+    assert CacheGenCodec(SMALL, max_elements=values).decode(stream)
+    with pytest.raises(CorruptKVError, match="cap"):
+        CacheGenCodec(SMALL, max_elements=values - 1).decode(stream)
+
+
+def test_a_deeply_nested_header_is_corrupt_not_a_recursion_error(stream):
+    magic, version, hlen = struct.unpack_from("<8sHI", stream, 0)
+    text = stream[14 : 14 + hlen].decode()
+    assert '"meta":{}' in text
+    hb = text.replace('"meta":{}', '"meta":' + "[" * 100_000 + "]" * 100_000).encode()
+    bad = struct.pack("<8sHI", magic, version, len(hb)) + hb + struct.pack("<I", zlib.crc32(hb))
+    bad += stream[14 + hlen + 4 :]
+    with pytest.raises(CorruptKVError, match="nested"):
+        CacheGenCodec(SMALL).decode(bad)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: [(torch.zeros(1, 3, 50, 16), torch.zeros(1, 3, 50, 16)) for _ in range(3)],
+        lambda: [(torch.full((1, 3, 50, 16), 3.5), torch.full((1, 3, 50, 16), -2.0))] * 3,
+        lambda: _kv(layers=3, tokens=50)[:2] + [(torch.zeros(1, 3, 50, 16),) * 2],
+        lambda: [(k, torch.full_like(v, 0.1)) for k, v in _kv(layers=3, tokens=50)],
+        lambda: [(torch.full((2, 3, 1, 16), 7.0), torch.zeros(2, 3, 1, 16))],  # one token
+    ],
+    ids=["all-zero", "constant", "one-zero-layer", "constant-values", "one-token"],
+)
+def test_constant_layers_encode_and_round_trip(make):
+    kv = make()
+    codec = CacheGenCodec(SMALL)
+    for level in range(codec.n_levels):
+        bs = codec.encode(kv, fingerprint="m", level=level)
+        out = codec.decode(bs, fingerprint="m")
+        for (k, v), (k2, v2) in zip(kv, out, strict=True):
+            for a, b in ((k, k2), (v, v2)):
+                if bool((a == a.flatten()[0]).all()) and float(a.flatten()[0]) in (
+                    0.0,
+                    3.5,
+                    -2.0,
+                    7.0,
+                ):
+                    assert torch.equal(a, b)  # a constant fp16 can hold is exact
+                else:
+                    assert (a - b).abs().max() <= 0.05 * a.abs().max() + 1e-3
+
+
+def test_a_layer_that_quantizes_to_one_symbol_encodes():
+    """Coarse bins over one layer of tiny spread next to a wide one: every value of that layer
+    falls in one bin (a one-symbol table), which the range coder cannot model directly."""
+    kv = _kv(layers=2, tokens=50)
+    kv[1] = (kv[1][0] * 1e-4, kv[1][1] * 1e-4)
+    codec = CacheGenCodec(CodecConfig(levels=[[2]], chunk_tokens=40, group_size=10))
+    out = codec.decode(codec.encode(kv))
+    assert kv_error(kv, out)["rel_rmse"] < 1.0

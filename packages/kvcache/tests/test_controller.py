@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from apportion_kvcache.controller import Controller, CostModel
+from apportion_kvcache.cachegen.controller import Controller, CostModel
 
 COSTS = CostModel(
     prefill_s=2e-3, level_bytes=[20_000.0, 12_000.0, 6_000.0], decode_s=[1e-4, 1e-4, 1e-4]

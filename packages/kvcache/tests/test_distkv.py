@@ -85,7 +85,7 @@ def test_other_policies_are_untouched_after_install(smollm2, prompt_ids):
 
 
 def test_blocks_across_processes_exact(smollm2, prompt_ids):
-    from apportion_kvcache.distkv_dist import Cluster
+    from apportion_kvcache.distkv.ranks import Cluster
 
     full, _ = _prefill_logits(smollm2, KVPolicy(), prompt_ids)
     with Cluster(3, capacity_blocks=64, timeout_s=60) as cluster:
@@ -100,7 +100,7 @@ def test_blocks_across_processes_exact(smollm2, prompt_ids):
 
 
 def test_a_dead_rank_is_a_clear_error_and_the_others_exit(smollm2, prompt_ids):
-    from apportion_kvcache.distkv_dist import Cluster
+    from apportion_kvcache.distkv.ranks import Cluster
 
     cluster = Cluster(3, capacity_blocks=64, timeout_s=20, die_after={2: 30})
     policy = DistKV(

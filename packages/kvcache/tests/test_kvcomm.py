@@ -7,6 +7,10 @@ import torch
 from apportion.base import Prompt
 from apportion.host import Host
 from apportion.host.kv import KVPolicy, cache_kwargs
+from apportion.host.model import fingerprint
+from apportion.host.rope import apply as rotate
+from apportion.host.rope import cos_sin as rope_cos_sin
+from apportion.host.rope import unapply as derotate
 from apportion.testing.contracts import KVPolicyContract
 from apportion_kvcache.kvcomm import (
     KVCOMM,
@@ -14,12 +18,8 @@ from apportion_kvcache.kvcomm import (
     AnchorMismatchError,
     AnchorPool,
     AnchorPoolFileError,
-    derotate,
-    rope_cos_sin,
-    rotate,
-    weights_fingerprint,
 )
-from apportion_kvcache.kvcomm_agents import make_tasks, round2_prompt
+from apportion_kvcache.kvcomm.agents import make_tasks, round2_prompt
 
 
 class TestKVCOMMContract(KVPolicyContract):
@@ -57,7 +57,8 @@ def team(smollm2):
     policy = KVCOMM()
     messages = {
         "Researcher": "The answer is in the second sentence of the document, I checked it twice.",
-        "Critic": "I agree with the Researcher and found no other number that matches the question.",
+        "Critic": "I agree with the Researcher and found no other number that matches the "
+        "question.",
     }
     return policy, tasks, messages
 
@@ -106,7 +107,7 @@ def test_generation_with_reuse(smollm2, team):
 
 def test_pool_round_trip_and_model_check(smollm2, team, tmp_path):
     policy, _, _ = team
-    fp = weights_fingerprint(smollm2.model)
+    fp = fingerprint(smollm2.model)
     path = policy.pool.save(tmp_path / "anchors.safetensors")
     again = AnchorPool.load(path, fingerprint=fp)
     assert len(again) == len(policy.pool) and again.fingerprint == fp
@@ -231,3 +232,120 @@ def test_message_base_after_its_document_is_closer_to_its_kv_in_a_prompt(smollm2
         )
         dist.append(float((true_k - seg.base_k).norm(dim=-1).mean()))
     assert dist[1] < 0.7 * dist[0], dist
+
+
+# ----------------------------------------------------------------------- pool files, hostile
+
+
+def _pool(fp: str = "feedfacefeedface") -> AnchorPool:
+    g = torch.Generator().manual_seed(0)
+    pool = AnchorPool(fp, max_per_slot=4)
+    for i, slot in enumerate(["doc", "doc", "msg"]):
+        emb = torch.nn.functional.normalize(torch.randn(384, generator=g), dim=0)
+        dk, dv = (torch.randn(2, 1, 5 + i, 4, generator=g).half() for _ in range(2))
+        base = torch.randn(2, 1, 5 + i, 4, generator=g).half() if i == 0 else None
+        pool.add(Anchor(slot, 5 + i, emb, dk, dv, fp, base_k=base))
+    return pool
+
+
+def _same_pool(a: AnchorPool, b: AnchorPool) -> bool:
+    rows = [
+        [(x.slot, x.length, x.fingerprint, x.delta_k.tolist()) for v in p.slots.values() for x in v]
+        for p in (a, b)
+    ]
+    return (a.fingerprint, a.max_per_slot, rows[0]) == (b.fingerprint, b.max_per_slot, rows[1])
+
+
+def test_every_bit_flip_of_the_pool_metadata_is_a_typed_error(tmp_path):
+    """The checksum covers the metadata (format, version, fingerprint, anchors, cap) and the
+    tensors' names, dtypes and shapes: no flip in the header region loads, none escapes
+    untyped."""
+    pool = _pool()
+    path = pool.save(tmp_path / "pool.safetensors")
+    assert _same_pool(AnchorPool.load(path), pool)
+    raw = path.read_bytes()
+    region = 8 + int.from_bytes(raw[:8], "little")
+    bad = tmp_path / "bad.safetensors"
+    untyped, loaded = [], []
+    for pos in range(region):
+        for bit in range(8):
+            data = bytearray(raw)
+            data[pos] ^= 1 << bit
+            bad.write_bytes(bytes(data))
+            try:
+                got = AnchorPool.load(bad)
+            except AnchorPoolFileError:
+                continue
+            except Exception as exc:  # noqa: BLE001 - what the test looks for
+                untyped.append((pos, bit, repr(exc)[:120]))
+            else:
+                loaded.append((pos, bit, _same_pool(got, pool)))
+    assert not untyped, untyped[:10]
+    assert not loaded, loaded[:10]
+
+
+def test_pool_values_are_validated(tmp_path):
+    pool = _pool()
+    pool.slots["doc"][0].length = -3
+    with pytest.raises(AnchorPoolFileError, match="length"):
+        AnchorPool.load(pool.save(tmp_path / "a.safetensors"))
+    pool = _pool()
+    stranger = _pool("0123456789abcdef").slots["msg"][0]
+    pool.slots["msg"].append(stranger)  # bypasses add(): a file that contradicts itself
+    with pytest.raises(AnchorPoolFileError, match="fingerprint"):
+        AnchorPool.load(pool.save(tmp_path / "b.safetensors"))
+    pool = _pool()
+    pool.slots["doc"][1].delta_v = pool.slots["doc"][1].delta_v[:, :, :2]
+    with pytest.raises(AnchorPoolFileError, match="shape"):
+        AnchorPool.load(pool.save(tmp_path / "c.safetensors"))
+
+
+def test_deeply_nested_pool_metadata_is_a_typed_error(tmp_path, monkeypatch):
+    import json
+
+    import apportion_kvcache.kvcomm.pool as pool_mod
+
+    class NestedJSON:
+        """json whose dump of the anchor list is 50,000 levels deep (a hostile writer)."""
+
+        def __getattr__(self, name):
+            return getattr(json, name)
+
+        @staticmethod
+        def dumps(obj, **kw):
+            if isinstance(obj, list) and obj and isinstance(obj[0], dict) and "slot" in obj[0]:
+                return "[" * 50_000 + "]" * 50_000
+            return json.dumps(obj, **kw)
+
+    monkeypatch.setattr(pool_mod, "json", NestedJSON())
+    path = _pool().save(tmp_path / "deep.safetensors")
+    monkeypatch.undo()
+    with pytest.raises(AnchorPoolFileError, match="nested"):
+        AnchorPool.load(path)
+
+
+def test_version_2_pools_still_load(tmp_path):
+    """Version 2 files (checksum over the tensors only) load, their values checked."""
+    import json
+
+    from apportion_kvcache.kvcomm.pool import _digest
+    from safetensors.torch import save
+
+    pool = _pool()
+    tensors, meta = {}, []
+    for i, a in enumerate(a for v in pool.slots.values() for a in v):
+        tensors.update({f"{i}.dk": a.delta_k, f"{i}.dv": a.delta_v, f"{i}.emb": a.embedding})
+        if a.base_k is not None:
+            tensors[f"{i}.bk"] = a.base_k
+        meta.append({"slot": a.slot, "length": a.length, "fingerprint": a.fingerprint})
+    header = {
+        "format": "apportion-kvcomm-anchors",
+        "version": "2",
+        "fingerprint": pool.fingerprint,
+        "anchors": json.dumps(meta),
+        "sha256": _digest(tensors),
+        "max_per_slot": str(pool.max_per_slot),
+    }
+    path = tmp_path / "v2.safetensors"
+    path.write_bytes(save(tensors, metadata=header))
+    assert _same_pool(AnchorPool.load(path), pool)

@@ -111,7 +111,8 @@ def test_eviction_keeps_the_needle_answer(registry, smollm2, ratio):
 
 
 def test_patch_plain_transformers_generate_matches_host(registry, smollm2):
-    """``policy.patch(model)`` around ``model.generate`` gives the host's answer (positions kept)."""
+    """``policy.patch(model)`` around ``model.generate`` gives the host's answer (positions
+    kept)."""
     policy = registry.create("kv-policy", "snapkv", {"compression_ratio": 0.5})
     host = Host(smollm2, kv_policy=policy)
     prompt = _prompt(20)
@@ -124,3 +125,26 @@ def test_patch_plain_transformers_generate_matches_host(registry, smollm2):
         )
     got = smollm2.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
     assert got.startswith(want[:20]), (got, want)
+
+
+def test_one_shared_prefill_serves_every_eviction_policy(smollm2, registry):
+    """full + the four eviction policies from one prefill, decoded as one batch: every answer,
+    cache size and peak is the one the policy gets alone."""
+    from apportion.base import Prompt
+    from apportion.host import Host
+    from apportion.host.shared import generate_shared
+    from apportion.testing.contracts import QUESTION, _long_context
+
+    prompt = Prompt(
+        [{"role": "user", "content": f"{_long_context(40)}\n\n{QUESTION}"}], question=QUESTION
+    )
+    policies = [registry.create("kv-policy", "full")] + [
+        registry.create("kv-policy", name, {"compression_ratio": ratio})
+        for name in ("streaming", "snapkv", "h2o", "qspan")
+        for ratio in (0.5, 0.75)
+    ]
+    assert all(p.layerwise for p in policies)
+    alone = [Host(smollm2, kv_policy=p).generate(prompt, max_new_tokens=20)[0] for p in policies]
+    shared = generate_shared(Host(smollm2), policies, prompt, 20)
+    for p, a, s in zip(policies, alone, shared, strict=True):
+        assert (s.text, s.kv_tokens, s.peak_kv_bytes) == (a.text, a.kv_tokens, a.peak_kv_bytes), p

@@ -57,16 +57,19 @@ STEP = textwrap.dedent("""
 
     loaded = load_model(ModelSpec(name="smollm2", device="cpu", dtype="float32"))
     model = loaded.model
-    model.model.layers = model.model.layers[:1]  # the embedded model's first layer: real weights, a short step
+    # the embedded model's first layer: real weights, a short step
+    model.model.layers = model.model.layers[:1]
     model.config.num_hidden_layers = 1
-    ids = loaded.tokenizer("The quick brown fox jumps over the lazy dog. " * 4, return_tensors="pt").input_ids[:, :32]
+    text = "The quick brown fox jumps over the lazy dog. " * 4
+    ids = loaded.tokenizer(text, return_tensors="pt").input_ids[:, :32]
     with torch.no_grad():
         plain = model(input_ids=ids, labels=ids).loss.item()
-    cfg = zero_config("params=cpu,optimizer=cpu", largest_param_numel=max(p.numel() for p in model.parameters()))
+    largest = max(p.numel() for p in model.parameters())
+    cfg = zero_config("params=cpu,optimizer=cpu", largest_param_numel=largest)
     pool = PinnedPool(PinnedPoolConfig(cap_bytes=2 << 30))
     with pool_as_pinned_memory(pool) as backend:
-        engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-4),
-                                          config=cfg)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=cfg)
         losses = []
         for _ in range(2):
             out = engine(input_ids=ids, labels=ids)
@@ -76,7 +79,8 @@ STEP = textwrap.dedent("""
     print(json.dumps({"plain": plain, "losses": losses, "stage": engine.zero_optimization_stage(),
                       "offload_param": bool(engine.zero_offload_param()),
                       "offload_optimizer": bool(engine.zero_offload_optimizer()),
-                      "pinned_requests": backend.pinned_requests, "pool_peak": pool.stats().peak_bytes,
+                      "pinned_requests": backend.pinned_requests,
+                      "pool_peak": pool.stats().peak_bytes,
                       "params": sum(p.ds_numel for p in model.parameters())}))
 """)
 

@@ -16,11 +16,12 @@ import pytest
 import torch
 from apportion_offload.errors import SwapChecksumError
 from apportion_offload.hostmem import round_up
-from apportion_offload.swap import NvmeSwapConfig, NvmeSwapper
+from apportion_offload.nvme import NvmeSwapConfig, NvmeSwapper
 
 BUILD_HINT = (
-    'build it once with: DS_ACCELERATOR=cpu uv run --no-sync python -c "from deepspeed.ops.op_builder '
-    'import AsyncIOBuilder; AsyncIOBuilder().load()" (needs libaio-dev)'
+    "build it once with: DS_ACCELERATOR=cpu uv run --no-sync python -c "
+    '"from deepspeed.ops.op_builder import AsyncIOBuilder; AsyncIOBuilder().load()" '
+    "(needs libaio-dev)"
 )
 
 
@@ -65,8 +66,8 @@ def _jit_built(name: str) -> Path:
         built_for = m.group(1) if m else None
     if built_for != torch.__version__:
         pytest.skip(
-            f"the {name} op in {so.parent} was built for torch {built_for}, not {torch.__version__}; "
-            f"{BUILD_HINT}"
+            f"the {name} op in {so.parent} was built for torch {built_for}, "
+            f"not {torch.__version__}; {BUILD_HINT}"
         )
     return so
 

@@ -15,7 +15,8 @@ from apportion_offload.errors import (
     SwapFormatError,
     SwapSpaceError,
 )
-from apportion_offload.swap import _PREFIX, MAGIC, NvmeSwapConfig, NvmeSwapper, SwapHeader
+from apportion_offload.nvme import NvmeSwapConfig, NvmeSwapper
+from apportion_offload.nvme.fileformat import MAGIC, PREFIX, SwapHeader
 
 
 class TestNvmeContract(AllocatorContract):
@@ -111,8 +112,8 @@ def _rewrite_header(path: Path, edit, version: int | None = None) -> None:
     import json
 
     data = path.read_bytes()
-    _, _, header_bytes, json_bytes, _ = _PREFIX.unpack_from(data)
-    meta = json.loads(data[_PREFIX.size : _PREFIX.size + json_bytes])
+    _, _, header_bytes, json_bytes, _ = PREFIX.unpack_from(data)
+    meta = json.loads(data[PREFIX.size : PREFIX.size + json_bytes])
     edit(meta)
     header = bytearray(SwapHeader.encode(meta, 4096))
     if version is not None:
@@ -220,4 +221,18 @@ def test_file_size_limit_is_a_clear_error(tmp_path):
         resource.setrlimit(resource.RLIMIT_FSIZE, saved)
     assert info.value.errno == errno.EFBIG
     assert sorted(p.name for p in tmp_path.iterdir()) == ["small.apswap"]
+    s.close()
+
+
+def test_temporaries_of_a_dead_writer_are_removed_on_open(tmp_path):
+    """A swap-out killed mid-write leaves its hidden temporary file; the next swapper to open
+    the directory removes it, and leaves a live writer's alone."""
+    child = subprocess.Popen(["true"])
+    child.wait()  # its pid now names a writer that is gone
+    stale = tmp_path / f".k.apswap.tmp-{child.pid}-0123abcd"
+    stale.write_bytes(b"\0" * 4096)
+    live = tmp_path / f".j.apswap.tmp-{os.getpid()}-0123abcd"
+    live.write_bytes(b"\0")
+    s = NvmeSwapper(NvmeSwapConfig(directory=str(tmp_path), pin="none"))
+    assert not stale.exists() and live.exists()
     s.close()

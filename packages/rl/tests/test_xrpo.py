@@ -128,3 +128,18 @@ def test_seed_prompt_auto_uses_icl_selection_when_installed():
     assert info == {"seeded": 1, "selector": "knn"}
     assert messages[-1]["content"].endswith("What is 2 + 2?")
     assert any(m["content"] == "What is 1 + 1?" for m in messages[:-1])
+
+
+def test_seed_strategy_is_built_once_and_gets_the_bound_model(monkeypatch):
+    s = XRPO(XRPOConfig(seed_strategy="zero-shot", seed_exemplars=1))
+    pool = [Exemplar("What is 1 + 1?", "2")]
+    s.seed_prompt("What is 2 + 2?", pool)
+    seeder = s._icl_strategy()
+    assert seeder is not None and seeder.name == "zero-shot"
+    s.seed_prompt("What is 3 + 3?", pool)
+    assert s._icl_strategy() is seeder  # one per XRPO instance, not one per seeded prompt
+    bound = []
+    monkeypatch.setattr(type(seeder), "bind", lambda self, loaded: bound.append(loaded))
+    loaded = object()  # stands in for an apportion.host.LoadedModel
+    s.bind(loaded)
+    assert bound == [loaded]

@@ -10,8 +10,7 @@ import random
 from collections.abc import Iterator
 from typing import Any
 
-from apportion.base import Benchmark, Sample
-from apportion.config import ComponentConfig
+from apportion.base import Benchmark, ComponentConfig, Sample
 from pydantic import Field
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
@@ -26,6 +25,7 @@ class PasskeyConfig(ComponentConfig):
 
 class Passkey(Benchmark):
     name = "passkey"
+    summary = "find a 5-digit pass key hidden in repeated filler text"
     Config = PasskeyConfig
     max_new_tokens = 24
 

@@ -24,22 +24,28 @@ generated tokens, in the un-tempered part. The merge is the authors' released co
 Cost: encoding N contexts of length L independently makes attention ``N * L * (P + L)``
 instead of ``(P + N*L)^2 / 2``, but every context token still runs through every
 projection and MLP, so a *cold* prefill is only a little cheaper than sequential where the
-MLP dominates (short contexts, e.g. 8 x 190 tokens on a CPU: 1.0-1.2x measured). The large
-speed-up is *warm*: contexts already in the store cost nothing and only the query is read.
+MLP dominates (short contexts). The large speed-up is *warm*: contexts already in the store
+cost nothing and only the query is read.
 
 Prompt layout for the host: the contexts are the paragraphs (``separator``, default a blank
 line) of the prompt: the text before the first separator (chat header + instruction) is the
 shared prefix, the text after the last one (question + chat suffix) is the query. A prompt
 with fewer than ``min_contexts`` contexts is read sequentially by the KV policy as usual.
 
-Context KV is cached and reused across queries: in apportion-kvcache's store when ``store``
-names one (a directory or ``redis://`` URL; safetensors payloads, checksummed), else in an
-in-process LRU (:class:`MemoryContextStore`).
+Context KV is cached and reused across queries: in the KV store ``store`` names (a directory
+or ``redis://`` URL, opened through :func:`apportion.host.store.open_store`, so any installed
+provider of stores serves it, e.g. apportion-kvcache), else in an in-process LRU
+(:class:`MemoryContextStore`). Entries are keyed by the model's fingerprint and the tokens;
+a context's entry also names the shared prefix it was encoded after (its ``variant``).
+
+Parameters (:class:`APEConfig`): ``temperature`` T, ``scale`` S, ``separator``,
+``min_contexts``, ``store``, ``cache_entries``. The model and its tokenizer come from
+:meth:`APE.bind` (the host binds them); used standalone, the tokenizer is loaded once per
+instance from the model's folder and the fingerprint computed once per model.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import math
 import time
@@ -51,10 +57,11 @@ from typing import Any, ClassVar
 
 import torch
 from apportion.config import ComponentConfig
-from apportion.errors import ApportionError, ConfigError
+from apportion.errors import ApportionError
 from apportion.host.attention import AttentionBackend
 from apportion.host.kv import PrefillOutput, cache_kwargs
 from apportion.host.lse import merge, partial_attention
+from apportion.host.store import KVStore, open_store, prefix_key
 from pydantic import Field
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer (keys, values), (1, hkv, n, d)
@@ -65,10 +72,8 @@ class APEError(ApportionError):
 
 
 class APEConfig(ComponentConfig):
-    # The paper searches T and S per model and task (no universal default). 0.7 / 0.9 were
-    # picked on benchmarks/attention_ape.py's development seed (--seed 1, 8 samples, 8
-    # contexts) for SmolLM2-135M: T = S = 1 (plain parallel) 3/8, the former 0.9 / 0.9 3/8,
-    # T = 0.6-0.7 with S = 0.9-1.0 5/8 = sequential's 5/8; S <= 0.7 collapses.
+    # The paper searches T and S per model and task (no universal default); these defaults
+    # were tuned for SmolLM2-135M on benchmarks/attention_ape.py's development seed (--seed 1).
     temperature: float = Field(
         0.7, gt=0.0, le=2.0, description="attention temperature T on the contexts"
     )
@@ -81,8 +86,8 @@ class APEConfig(ComponentConfig):
     min_contexts: int = Field(2, ge=1, description="fewer contexts than this: read sequentially")
     store: str | None = Field(
         None,
-        description="apportion-kvcache store (directory or redis:// URL) "
-        "for context KV; None: in-process LRU",
+        description="KV store (directory or redis:// URL, opened through apportion's "
+        "open_store) for context KV; None: in-process LRU",
     )
     cache_entries: int = Field(
         512, ge=0, description="contexts kept by the in-process LRU (0: no caching)"
@@ -93,31 +98,41 @@ class APEConfig(ComponentConfig):
 
 
 class MemoryContextStore:
-    """In-process LRU of context KV with the same ``save_kv``/``load_kv`` shape as
-    apportion-kvcache's stores (used when no store is configured)."""
+    """In-process LRU of context KV implementing :class:`apportion.host.store.KVStore` (used
+    when no store is configured). Entries are the tensors themselves, on the model's device."""
 
     def __init__(self, max_entries: int = 512):
         self.max_entries = max_entries
         self._entries: OrderedDict[str, KV] = OrderedDict()
         self.hits = self.misses = 0
 
-    @staticmethod
-    def _key(fingerprint: str, token_ids: Sequence[int]) -> str:
-        return hashlib.sha256(f"{fingerprint}:{','.join(map(str, token_ids))}".encode()).hexdigest()
-
     def load_kv(
-        self, fingerprint: str, token_ids: Sequence[int], *, model: Any = None
+        self,
+        fingerprint: str,
+        token_ids: Sequence[int],
+        *,
+        model: Any = None,
+        variant: str = "",
     ) -> KV | None:
-        kv = self._entries.get(self._key(fingerprint, token_ids))
+        key = prefix_key(fingerprint, token_ids, variant)
+        kv = self._entries.get(key)
         if kv is None:
             self.misses += 1
             return None
-        self._entries.move_to_end(self._key(fingerprint, token_ids))
+        self._entries.move_to_end(key)
         self.hits += 1
         return kv
 
-    def save_kv(self, fingerprint: str, token_ids: Sequence[int], kv: KV, meta: Any = None) -> str:
-        key = self._key(fingerprint, token_ids)
+    def save_kv(
+        self,
+        fingerprint: str,
+        token_ids: Sequence[int],
+        kv: Any,
+        meta: dict[str, Any] | None = None,
+        *,
+        variant: str = "",
+    ) -> str:
+        key = prefix_key(fingerprint, token_ids, variant)
         if self.max_entries == 0:
             return key
         self._entries[key] = [(k.detach(), v.detach()) for k, v in kv]
@@ -130,15 +145,12 @@ class MemoryContextStore:
         return len(self._entries)
 
 
-def open_context_store(config: APEConfig) -> Any:
+def open_context_store(config: APEConfig) -> KVStore:
+    """The store ``config.store`` names (through :func:`apportion.host.store.open_store`, a
+    :class:`~apportion.errors.ConfigError` when no installed plugin provides it), or an
+    in-process :class:`MemoryContextStore` when it names none."""
     if config.store is None:
         return MemoryContextStore(config.cache_entries)
-    try:
-        from apportion_kvcache.store import open_store
-    except ImportError as exc:
-        raise ConfigError(
-            f"ape: store={config.store!r} needs apportion-kvcache installed ({exc})"
-        ) from None
     return open_store(config.store)
 
 
@@ -155,19 +167,13 @@ class APEState:
     stats: dict[str, Any] = field(default_factory=dict)
 
 
-@functools.lru_cache(maxsize=32)
-def _separator_patterns(model_name: str, separator: str) -> tuple[tuple[int, ...], ...]:
-    """The separator's token sequences for a model's tokenizer, the between-words form first
-    (it is the canonical separator a context ends with). Cached per process: loading the
-    tokenizer costs 0.2-0.5 s, which a per-instance cache charged to every new backend's
-    first (cold) prefill."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model_name, local_files_only=True)
-    alone = tok.encode(separator, add_special_tokens=False)
-    a = tok.encode("a", add_special_tokens=False)
-    between = tok.encode(f"a{separator}b", add_special_tokens=False)[len(a) : -1]
-    return tuple(p for p in dict.fromkeys([tuple(between), tuple(alone)]) if p)
+def separator_token_patterns(tokenizer: Any, separator: str) -> list[list[int]]:
+    """The separator's token sequences under ``tokenizer``, the between-words form first (it
+    is the canonical separator a context ends with), then the separator alone."""
+    alone = tokenizer.encode(separator, add_special_tokens=False)
+    a = tokenizer.encode("a", add_special_tokens=False)
+    between = tokenizer.encode(f"a{separator}b", add_special_tokens=False)[len(a) : -1]
+    return [list(p) for p in dict.fromkeys([tuple(between), tuple(alone)]) if p]
 
 
 def _sdpa(
@@ -187,12 +193,27 @@ class APE(AttentionBackend):
     """``ape``: parallel-encoded contexts with a shared prefix, temperature and scaling factor."""
 
     name: ClassVar[str] = "ape"
+    summary: ClassVar[str] = (
+        "APE: contexts encoded in parallel after a shared prefix, cached; "
+        "temperature + scale at query time"
+    )
     Config = APEConfig
 
     def __init__(self, config: APEConfig | None = None):
         super().__init__(config)
         self.state: APEState | None = None
         self.store = open_context_store(self.config)
+        self._loaded: Any = None  # the LoadedModel from bind()
+        self._tokenizer: Any = None
+        self._patterns: list[list[int]] | None = None
+        self._fingerprint: tuple[Any, str] | None = None  # (model, fingerprint), unbound use
+
+    def bind(self, loaded: Any) -> None:
+        """Keep the loaded model's tokenizer (to find the separators) and fingerprint (to key
+        stored context KV)."""
+        self._loaded = loaded
+        self._tokenizer = loaded.tokenizer
+        self._patterns = None
 
     @contextmanager
     def installed(self, model: Any) -> Iterator[None]:
@@ -251,15 +272,23 @@ class APE(AttentionBackend):
         return attention
 
     # ------------------------------------------------------------------ encoding API
-    @staticmethod
-    def fingerprints(model: Any, prefix_ids: Sequence[int]) -> tuple[str, str]:
-        """Store namespaces: the model (for the prefix itself) and model + shared prefix (for
-        contexts, whose KV depends on the prefix they were encoded after)."""
-        from apportion.host.model import model_fingerprint
+    def model_fingerprint(self, model: Any) -> str:
+        """The bound model's fingerprint, or (unbound) :func:`apportion.host.model.fingerprint`
+        of ``model``, computed once per model."""
+        if self._loaded is not None and model is self._loaded.model:
+            return str(self._loaded.fingerprint)
+        if self._fingerprint is None or self._fingerprint[0] is not model:
+            from apportion.host.model import fingerprint
 
-        base = model_fingerprint(model.config, str(getattr(model, "name_or_path", "")))
+            self._fingerprint = (model, fingerprint(model))
+        return self._fingerprint[1]
+
+    @staticmethod
+    def context_variant(prefix_ids: Sequence[int]) -> str:
+        """The store variant of contexts encoded after ``prefix_ids``: a context's KV depends
+        on the prefix it was encoded after, so each prefix has its own entries."""
         digest = hashlib.sha256(",".join(map(str, prefix_ids)).encode()).hexdigest()[:16]
-        return base, f"{base}:ape-prefix-{digest}"
+        return f"ape-after-prefix-{digest}"
 
     @torch.inference_mode()
     def _forward_kv(
@@ -322,13 +351,14 @@ class APE(AttentionBackend):
         if any(len(c) == 0 for c in contexts):
             raise APEError("ape got an empty context")
         prefix_ids = list(prefix_ids)
-        base, fp = self.fingerprints(model, prefix_ids)
+        fp = self.model_fingerprint(model)
+        variant = self.context_variant(prefix_ids)
         t0 = time.perf_counter()
-        prefix = self._load(base, prefix_ids, model)
+        prefix = self._load(fp, prefix_ids, model)
         if prefix is None:
             prefix = self._forward_kv(model, [prefix_ids], None, 0)[0]
-            self.store.save_kv(base, prefix_ids, prefix)
-        kvs: list[KV | None] = [self._load(fp, list(c), model) for c in contexts]
+            self.store.save_kv(fp, prefix_ids, prefix)
+        kvs: list[KV | None] = [self._load(fp, list(c), model, variant) for c in contexts]
         missing = [i for i, kv in enumerate(kvs) if kv is None]
         if missing:
             fresh = self._forward_kv(
@@ -336,7 +366,7 @@ class APE(AttentionBackend):
             )
             for i, kv in zip(missing, fresh, strict=True):
                 kvs[i] = kv
-                self.store.save_kv(fp, list(contexts[i]), kv)
+                self.store.save_kv(fp, list(contexts[i]), kv, variant=variant)
         stats = {
             "contexts": len(contexts),
             "encoded": len(missing),
@@ -345,8 +375,8 @@ class APE(AttentionBackend):
         }
         return prefix, [kv for kv in kvs if kv is not None], stats
 
-    def _load(self, fp: str, ids: list[int], model: Any) -> KV | None:
-        kv = self.store.load_kv(fp, ids, model=model)
+    def _load(self, fp: str, ids: list[int], model: Any, variant: str = "") -> KV | None:
+        kv = self.store.load_kv(fp, ids, model=model, variant=variant)
         if kv is not None and kv[0][0].shape[-2] != len(ids):
             raise APEError(
                 f"stored KV holds {kv[0][0].shape[-2]} tokens, the segment has {len(ids)}"
@@ -404,13 +434,17 @@ class APE(AttentionBackend):
 
     # ------------------------------------------------------------------ host integration
     def separator_patterns(self, model: Any) -> list[list[int]]:
-        """Token sequences the separator becomes, alone and between words."""
-        return [
-            list(p)
-            for p in _separator_patterns(
-                str(getattr(model, "name_or_path", "")), self.config.separator
-            )
-        ]
+        """Token sequences the separator becomes, alone and between words (computed once per
+        tokenizer). The tokenizer is the bound one; unbound, it is loaded once, on this
+        instance, from ``model``'s folder."""
+        if self._patterns is None:
+            if self._tokenizer is None:
+                from transformers import AutoTokenizer
+
+                path = str(getattr(model, "name_or_path", ""))
+                self._tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            self._patterns = separator_token_patterns(self._tokenizer, self.config.separator)
+        return [list(p) for p in self._patterns]
 
     @staticmethod
     def canonical(segment: list[int], patterns: list[list[int]]) -> list[int]:

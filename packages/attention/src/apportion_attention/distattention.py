@@ -16,34 +16,32 @@ Two ways to use it:
   NCCL on the GPU). Each rank holds only its shard of every layer's KV; the prompt is split
   into contiguous chunks (rank r prefills chunk r), each decode token's KV goes to the least
   loaded rank, and per layer the ranks exchange queries and (output, lse) pairs. Every
-  collective runs under a bounded timeout, and the launcher watches its workers: a rank that
-  dies or hangs is reported as :class:`DistAttentionError` naming it, never a hang.
+  collective runs under a bounded timeout, and the ranks are started and watched by core's
+  launcher (:func:`apportion.host.launch.run_ranks`): a rank that dies or hangs is reported
+  as :class:`DistAttentionError` naming it, never a hang.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import multiprocessing as mp
 import os
-import socket
 import time
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import timedelta
 from typing import Any, ClassVar
 
 import torch
 from apportion.config import ComponentConfig
-from apportion.errors import ApportionError
+from apportion.errors import ApportionError, LaunchError
 from apportion.host.attention import AttentionBackend
 from apportion.host.lse import merge, partial_attention
 from pydantic import Field
 
 
 class DistAttentionError(ApportionError):
-    """A rank died, hung past the timeout, or the distributed setup was invalid."""
+    """A rank died, hung past the timeout, or the distributed setup was invalid (a
+    :class:`~apportion.errors.LaunchError` of the launcher is raised as this, with its
+    message)."""
 
 
 class DistAttentionConfig(ComponentConfig):
@@ -58,7 +56,8 @@ class DistAttentionConfig(ComponentConfig):
 def as_bool_mask(
     attention_mask: torch.Tensor | None, q_len: int, k_len: int, device: Any
 ) -> torch.Tensor | None:
-    """transformers' mask (bool True=attend, or additive float; None = causal) -> bool (b|1, 1, q, k).
+    """transformers' mask (bool True=attend, or additive float; None = causal) -> bool
+    (b|1, 1, q, k).
 
     ``None`` means plain causal attention with the queries being the last ``q_len`` keys.
     """
@@ -126,6 +125,9 @@ class DistAttention(AttentionBackend):
     """
 
     name: ClassVar[str] = "distattention"
+    summary: ClassVar[str] = (
+        "DistAttention (Infinite-LLM): micro-attention over KV shards, merged exactly by LSE"
+    )
     Config = DistAttentionConfig
 
     def attention_function(self) -> Callable[..., Any]:
@@ -367,57 +369,6 @@ def generate_on_rank(
 # --------------------------------------------------------------------------- launcher
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-def _worker(
-    rank: int,
-    world_size: int,
-    port: int,
-    backend: str,
-    timeout_s: float,
-    target: str,
-    payload: str,
-    conn: Any,
-) -> None:
-    import importlib
-
-    import torch.distributed as dist
-
-    try:
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-        dist.init_process_group(
-            backend,
-            init_method=f"tcp://127.0.0.1:{port}",
-            rank=rank,
-            world_size=world_size,
-            timeout=timedelta(seconds=timeout_s),
-        )
-        module, attr = target.split(":")
-        fn = getattr(importlib.import_module(module), attr)
-        result = fn(rank, world_size, json.loads(payload), timeout_s)
-        conn.send_bytes(json.dumps({"ok": True, "result": result}).encode())
-    except BaseException as exc:  # reported to the launcher, which raises it with the rank
-        conn.send_bytes(
-            json.dumps(
-                {
-                    "ok": False,
-                    "error": f"{type(exc).__name__}: {exc}",
-                    "traceback": traceback.format_exc(),
-                }
-            ).encode()
-        )
-    finally:
-        try:
-            if dist.is_initialized():
-                dist.destroy_process_group()
-        finally:
-            conn.close()
-
-
 def launch(
     target: str,
     payload: dict[str, Any],
@@ -427,78 +378,20 @@ def launch(
     timeout_s: float = 120.0,
 ) -> list[Any]:
     """Run ``target`` ("module:function", called as ``fn(rank, world_size, payload,
-    timeout_s)`` inside an initialised process group) on ``world_size`` spawned processes on
-    loopback; return each rank's JSON-able result.
+    timeout_s)`` inside an initialised process group) on ``world_size`` ranks started by
+    :func:`apportion.host.launch.run_ranks`; return each rank's JSON-able result.
 
-    Raises :class:`DistAttentionError` naming the rank if a worker raises, exits without a
-    result (killed, crashed) or the whole run exceeds ``timeout_s``; survivors are terminated.
+    A rank that raises, exits without a result (killed, crashed) or outlives ``timeout_s``
+    is a :class:`DistAttentionError` naming it; the other ranks are stopped.
     """
-    if world_size < 1:
-        raise DistAttentionError(f"world_size must be >= 1, got {world_size}")
-    if backend == "nccl" and torch.cuda.device_count() < world_size:
-        raise DistAttentionError(
-            f"nccl needs {world_size} GPUs, {torch.cuda.device_count()} visible"
-        )
-    ctx = mp.get_context("spawn")
-    port = free_port()
-    procs, pipes = [], []
-    for rank in range(world_size):
-        recv, send = ctx.Pipe(duplex=False)
-        p = ctx.Process(
-            target=_worker,
-            name=f"distattention-rank{rank}",
-            daemon=True,
-            args=(rank, world_size, port, backend, timeout_s, target, json.dumps(payload), send),
-        )
-        p.start()
-        send.close()
-        procs.append(p)
-        pipes.append(recv)
-    results: list[Any] = [None] * world_size
-    pending = set(range(world_size))
-    deadline = time.monotonic() + timeout_s + 30.0  # workers' own collective timeouts fire first
-    errors: list[str] = []
+    from apportion.host.launch import run_ranks
+
     try:
-        while pending:
-            if time.monotonic() > deadline:
-                raise DistAttentionError(
-                    f"ranks {sorted(pending)} gave no result within {timeout_s:.0f}s (+30s grace); terminated"
-                )
-            for rank in sorted(pending):
-                pipe, proc = pipes[rank], procs[rank]
-                if pipe.poll(0.05):
-                    try:
-                        msg = json.loads(pipe.recv_bytes().decode())
-                    except EOFError:
-                        msg = None
-                    pending.discard(rank)
-                    if msg is None:
-                        proc.join(timeout=5.0)  # EOF can arrive before the process is reaped
-                        errors.append(
-                            f"rank {rank} exited without a result (exit code {proc.exitcode})"
-                        )
-                    elif msg["ok"]:
-                        results[rank] = msg["result"]
-                    else:
-                        errors.append(f"rank {rank} failed: {msg['error']}")
-                elif not proc.is_alive() and not pipe.poll(0):
-                    pending.discard(rank)
-                    errors.append(f"rank {rank} died (exit code {proc.exitcode}) without a result")
-            if errors:
-                # one rank's failure dooms the others' collectives: stop them now
-                break
-        if errors:
-            raise DistAttentionError("; ".join(errors))
-        return results
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.terminate()
-        for p in procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
-                p.join(timeout=5)
+        return run_ranks(
+            target, payload, world_size=world_size, backend=backend, timeout_s=timeout_s
+        )
+    except LaunchError as exc:
+        raise DistAttentionError(str(exc)) from exc
 
 
 def _generate_worker(

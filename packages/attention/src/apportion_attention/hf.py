@@ -2,12 +2,13 @@
 ``AttentionMaskInterface``, so ``attn_implementation="apportion-<name>"`` works on any
 Llama-like model loaded with plain transformers::
 
-    import apportion_attention  # registers (importing transformers and torch)
+    from apportion_attention import hf
+
+    hf.register()  # once per process; imports transformers and torch
     model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="apportion-squeezed")
 
-``import apportion_attention`` runs :func:`register` once (this module is imported by the
-package's ``__init__``). The registered functions belong to default-config backends, kept in
-:data:`BACKENDS` (change one's ``config`` there, or call :func:`register` with your own
+Nothing is registered at import. The registered functions belong to default-config backends,
+kept in :data:`BACKENDS` (change one's ``config`` there, or call :func:`register` with your own
 instances, which replace them under the same names).
 
 Registered by default, the backends whose attention function is the technique on its own:
@@ -59,6 +60,3 @@ def register(*backends: Any) -> list[str]:
         BACKENDS[name] = b
         names.append(name)
     return names
-
-
-register()

@@ -22,25 +22,20 @@ is 1 (``dynamic_scaling=False`` keeps it 1 everywhere).
 Zero-shot caveat (why ``zero_threshold`` defaults to 16, not 1). The paper trains the model
 with its allocation; here HoPE is applied, untrained, to a RoPE-trained model. Zeroing a
 frequency removes the phase ``theta_i * distance`` the model learned to read, and that harms
-attention as soon as the phase is large inside the window. With the paper's plain rule
-(wavelength > one window, ``zero_threshold=1``) SmolLM2-135M (rope_theta 1e5, head_dim 64,
-window 8192) loses 12 of its 32 frequency pairs (pairs 20..31, i.e. head dims 20-31 and
-52-63 in HF's rotate-half layout), whose phases reach up to 6.1 rad within the window.
-Measured (niah haystack, perplexity of the last 512 context tokens, fp32 CPU):
-RoPE 28.93 / 24.93 / 13.61 / 21.33 at 1K / 2K / 4K / 8K tokens vs HoPE(zero_threshold=1)
-29.73 / 37.76 / 90.02 / 298.2 (no needle found at 4K and 8K) -- a collapse *inside* the
-trained window that is not a bug (the rotate-half pairing, decode positions and dtype match
-the model's own RoPE, and gamma is 1 in the window), but the cost of discarding learned
-phases. At 4K, zeroing 8 pairs (threshold 4, phases up to 1.46 rad in the window) still
-gives 19.29; 6 pairs (threshold 8, <= 0.71 rad) 13.66; 4 pairs (threshold 16, <= 0.35 rad)
-13.65; 2 pairs (threshold 32) 13.68. The default therefore zeroes only frequencies that
-turn by at most ``2*pi/16`` (0.39 rad) over the whole window -- for SmolLM2 pairs 28..31
-(head dims 28-31 and 60-63) -- which keeps in-window quality at RoPE's level; it is a
-smaller change than the paper's. Set ``zero_threshold=1`` for the paper's rule (meant for a
-model trained or fine-tuned with it).
+attention as soon as the phase is large inside the window: with the paper's plain rule
+(wavelength > one window, ``zero_threshold=1``) SmolLM2-135M loses 12 of its 32 frequency
+pairs, whose phases reach about 6 rad within the window, and its perplexity collapses inside
+the trained window (see docs/families/attention.md). The default zeroes only frequencies
+that turn by at most ``2*pi/16`` (0.39 rad) over the whole window (for SmolLM2, pairs 28..31:
+head dims 28-31 and 60-63), which keeps in-window quality at RoPE's level; it is a smaller
+change than the paper's. Set ``zero_threshold=1`` for the paper's rule (meant for a model
+trained or fine-tuned with it).
+
+Parameters (:class:`HoPEConfig`): ``zero_threshold`` or ``zero_fraction`` (which
+frequencies are zeroed), ``dynamic_scaling`` and ``scales`` (the position factors).
 
 Selectable by name: ``attention.name = "hope"``; it installs its rotary embedding into the
-model for the duration of the run (:class:`~apportion_attention.hope_scaling.RotaryPlugin`).
+model for the duration of the run (:class:`~apportion_attention.rope_scaling.RotaryPlugin`).
 """
 
 from __future__ import annotations
@@ -52,7 +47,7 @@ import torch
 from apportion.config import ComponentConfig
 from pydantic import Field, field_validator
 
-from apportion_attention.hope_scaling import RotaryPlugin, head_dim, rope_base, trained_length
+from apportion_attention.rope_scaling import RotaryPlugin, head_dim, rope_base, trained_length
 
 
 class HoPEConfig(ComponentConfig):
@@ -107,6 +102,10 @@ class HoPE(RotaryPlugin):
     """``hope``: lowest RoPE frequencies zeroed + dynamic position scaling past the window."""
 
     name: ClassVar[str] = "hope"
+    summary: ClassVar[str] = (
+        "HoPE position plugin: lowest RoPE frequencies zeroed, "
+        "dynamic position scaling past the window"
+    )
     Config = HoPEConfig
 
     def gamma(self, seq_len: int, window: int) -> float:

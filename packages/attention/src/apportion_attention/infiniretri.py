@@ -12,14 +12,18 @@ are not needed to score. After the last chunk the answer is generated from
 ``[head] + [kept] + [question]`` through the KV policy's own prefill.
 
 Sentences end at tokens whose text ends in ``.``, ``!``, ``?`` or a newline; the tokenizer
-comes from the host (the ``apportion_model_loaded`` hook records it) or from
+comes from :meth:`InfiniRetri.bind` (the host binds the loaded model) or from
 :meth:`InfiniRetri.use_tokenizer`. Batch size 1 (several prompts are read one by one).
+
+Parameters (:class:`InfiniRetriConfig`): ``chunk_tokens`` new context tokens per pass,
+``keep_tokens`` carried forward, ``head_tokens`` of the prompt kept in every pass,
+``score_layer`` (default three quarters of the way up: the middle layer lost the needle on
+long inputs) and ``phrase_window``.
 """
 
 from __future__ import annotations
 
 import logging
-import weakref
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -31,9 +35,6 @@ from apportion.host.kv import PrefillOutput
 from pydantic import Field
 
 log = logging.getLogger("apportion_attention.infiniretri")
-
-#: model -> tokenizer, filled by the plugin's ``apportion_model_loaded`` hook
-TOKENIZERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class InfiniRetriConfig(ComponentConfig):
@@ -73,6 +74,9 @@ class InfiniRetri(AttentionBackend):
     """Chunked reading; the question's attention picks the sentences carried forward."""
 
     name: ClassVar[str] = "infiniretri"
+    summary: ClassVar[str] = (
+        "InfiniRetri: chunked reading, the question's attention keeps sentences for the next chunk"
+    )
     Config = InfiniRetriConfig
     extends_context: ClassVar[bool] = True
 
@@ -83,7 +87,12 @@ class InfiniRetri(AttentionBackend):
         #: what the last prefill did: passes, kept tokens, final prompt length
         self.last_read: dict[str, Any] = {}
 
+    def bind(self, loaded: Any) -> None:
+        """Keep the loaded model's tokenizer: sentence boundaries are read from token text."""
+        self._tokenizer = loaded.tokenizer
+
     def use_tokenizer(self, tokenizer: Any) -> InfiniRetri:
+        """Set the tokenizer for standalone use (without :meth:`bind`)."""
         self._tokenizer = tokenizer
         return self
 
@@ -110,14 +119,14 @@ class InfiniRetri(AttentionBackend):
             raise _Stop
         return out
 
-    def _tokenizer_for(self, model: Any) -> Any:
-        tok = self._tokenizer or TOKENIZERS.get(model)
-        if tok is None:
+    def _require_tokenizer(self) -> Any:
+        if self._tokenizer is None:
             raise ApportionError(
-                "infiniretri needs the tokenizer to find sentences: load the model through "
-                "apportion's host, or call InfiniRetri.use_tokenizer(tokenizer)"
+                "infiniretri needs the tokenizer to find sentences: bind it to the loaded model "
+                "(InfiniRetri.bind, which apportion's host calls), or call "
+                "InfiniRetri.use_tokenizer(tokenizer)"
             )
-        return tok
+        return self._tokenizer
 
     @torch.inference_mode()
     def _scores(self, model: Any, ids: list[int], question_len: int, layer: int) -> torch.Tensor:
@@ -144,8 +153,7 @@ class InfiniRetri(AttentionBackend):
             raise ConfigError("infiniretri does not take padded prompts")
         c = self.config
         n_layers = model.config.num_hidden_layers
-        # Three quarters up, not the middle: on SmolLM2 (30 layers) at 16K, layer 22 kept the
-        # needle's sentence through every pass at depths 0.1 and 0.5; layers 5, 15 and 29 lost it.
+        # three quarters up, not the middle: lower and top layers lose the needle's sentence
         layer = (3 * n_layers) // 4 if c.score_layer is None else c.score_layer
         if not -n_layers <= layer < n_layers:
             raise ConfigError(f"score_layer {layer} is outside the model's {n_layers} layers")
@@ -180,7 +188,7 @@ class InfiniRetri(AttentionBackend):
             ids[c.head_tokens : len(ids) - question_len],
             ids[len(ids) - question_len :],
         )
-        ends = sentence_ends(self._tokenizer_for(model), context)
+        ends = sentence_ends(self._require_tokenizer(), context)
         bounds = [0] + [e + 1 for e in ends if e + 1 < len(context)] + [len(context)]
         sent_of = torch.zeros(len(context), dtype=torch.long)
         for si, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):

@@ -10,7 +10,7 @@ and the local window (the previous ``chunk_size`` tokens and the block itself, c
 Positions are remapped: the selected chunks sit back to back from position 0 in their
 original order, followed by the local window, so no relative distance exceeds
 ``(top_k + 2) * chunk_size + prefill_block``, inside the trained window. Keys are re-rotated
-(:mod:`apportion_attention.rope`), never recomputed.
+(:func:`apportion.host.rope.rotate_by`), never recomputed.
 
 While the whole cache fits the window, attention is exactly dense. The host's prompt is fed
 in blocks of ``prefill_block`` tokens (the selection is made per block, from the block's
@@ -28,11 +28,10 @@ from typing import Any, ClassVar, Literal
 import torch
 from apportion.config import ComponentConfig
 from apportion.errors import ConfigError
+from apportion.host import rope
 from apportion.host.attention import AttentionBackend
 from apportion.host.kv import KVPolicy, PrefillOutput, cache_kwargs
 from pydantic import Field, model_validator
-
-from apportion_attention.rope import inv_freq_for, rotate
 
 
 class LongHeadsConfig(ComponentConfig):
@@ -45,19 +44,21 @@ class LongHeadsConfig(ComponentConfig):
     )
     chunk_score: Literal["max", "mean"] = Field(
         "max",
-        description="how a chunk is scored against a query: its best key ('max') or its mean key ('mean')",
+        description="how a chunk is scored against a query: its best key ('max') "
+        "or its mean key ('mean')",
     )
     question_chunks: bool = Field(
         False,
-        description="while generating, each head also reads the chunks it selected for the question "
-        "(the prompt's question tail), besides the ones the new token selects",
+        description="while generating, each head also reads the chunks it selected for the "
+        "question (the prompt's question tail), besides the ones the new token selects",
     )
 
     @model_validator(mode="after")
     def _block(self) -> LongHeadsConfig:
         if self.prefill_block % self.chunk_size:
             raise ValueError(
-                f"prefill_block ({self.prefill_block}) must be a multiple of chunk_size ({self.chunk_size})"
+                f"prefill_block ({self.prefill_block}) must be a multiple of "
+                f"chunk_size ({self.chunk_size})"
             )
         return self
 
@@ -71,6 +72,9 @@ class LongHeads(AttentionBackend):
     """Per-head top-k chunk selection with positions remapped into the trained window."""
 
     name: ClassVar[str] = "longheads"
+    summary: ClassVar[str] = (
+        "LongHeads: per-head top-k chunks, positions remapped into the trained window"
+    )
     Config = LongHeadsConfig
     extends_context: ClassVar[bool] = True
 
@@ -148,7 +152,7 @@ class LongHeads(AttentionBackend):
         if n_have > n:  # a shorter cache than before: a new prompt
             have, n_have = None, 0
         if n_have < n:
-            new = rotate(
+            new = rope.rotate_by(
                 key[:, :, n_have:n], -torch.arange(n_have, n, device=key.device), inv_freq
             ).float()
             have = new if have is None else torch.cat([have, new], dim=2)
@@ -205,7 +209,9 @@ class LongHeads(AttentionBackend):
         The query is the RoPE-free mean of the call's queries (one query while decoding, so
         the selection is remade at every generated token)."""
         q_raw = (
-            rotate(query, -torch.arange(P0, P0 + query.shape[2], device=query.device), inv_freq)
+            rope.rotate_by(
+                query, -torch.arange(P0, P0 + query.shape[2], device=query.device), inv_freq
+            )
             .float()
             .mean(2)
         )
@@ -242,7 +248,7 @@ class LongHeads(AttentionBackend):
             or self._inv_freq.device != query.device
             or self._inv_freq.numel() != d // 2
         ):
-            self._inv_freq = inv_freq_for(module.config, d, query.device)
+            self._inv_freq = rope.inv_freq(module.config, d, query.device)
         inv_freq = self._inv_freq
         scale = scaling if scaling is not None else 1.0 / math.sqrt(d)
         G = H // Hkv
@@ -275,7 +281,7 @@ class LongHeads(AttentionBackend):
         # by (new - original) - (shift of the local window)
         new = torch.arange(S * c, device=query.device)
         shift_local = S * c - local_start
-        kg = rotate(kg, (new - orig) - shift_local, inv_freq)
+        kg = rope.rotate_by(kg, (new - orig) - shift_local, inv_freq)
         k_all = torch.cat([kg, key[:, :, local_start:].repeat_interleave(G, dim=1)], dim=2)
         v_all = torch.cat([vg, value[:, :, local_start:].repeat_interleave(G, dim=1)], dim=2)
         n_local = N - local_start

@@ -1,12 +1,20 @@
-"""The former entry-point module, kept for installs whose metadata still names
-``apportion_attention.plugin`` (an editable install from before the move; reinstall to refresh).
+"""Entry point of apportion-attention: registers its backends by import path (nothing heavy
+is imported here, and nothing is registered into transformers: see
+:func:`apportion_attention.hf.register`)."""
 
-The entry point is now the top-level :mod:`apportion_attention_plugin`, which loads without
-importing this package. Importing this module imports the package, hence transformers and torch.
-"""
+from apportion import hookimpl
 
-from apportion_attention_plugin import (  # noqa: F401  (pluggy finds the hook implementations here)
-    APPORTION_API,
-    apportion_model_loaded,
-    apportion_register_attention,
-)
+APPORTION_API = ">=2.0,<3"
+
+
+@hookimpl
+def apportion_register_attention(register):
+    register("apportion_attention.squeezed.backend:Squeezed", name="squeezed")
+    register("apportion_attention.longheads:LongHeads", name="longheads")
+    register("apportion_attention.infiniretri:InfiniRetri", name="infiniretri")
+    register("apportion_attention.distattention:DistAttention", name="distattention")
+    register("apportion_attention.ape:APE", name="ape")
+    register("apportion_attention.hope:HoPE", name="hope")
+    register("apportion_attention.rope_scaling:DynamicNTK", name="rope-ntk")
+    register("apportion_attention.rope_scaling:YaRN", name="rope-yarn")
+    register("apportion_attention.ssa:SSAAttention", name="ssa")

@@ -113,6 +113,9 @@ class SSAAttention(AttentionBackend):
     """
 
     name: ClassVar[str] = "ssa"
+    summary: ClassVar[str] = (
+        "SSA block-sparse attention (top-k key blocks + sink + local); train it with ssa.SSALoss"
+    )
     Config = SSAConfig
 
     def attention_function(self) -> Callable[..., Any]:

@@ -224,8 +224,8 @@ class SqueezedImpl(CPUAttentionBackendImpl):
                     if req is not None or claimed[before] > 1:
                         self.stats["untracked"] += 1
                         self._note(
-                            "a request could not be told apart from another (shared block table) or "
-                            "was preempted: dense attention for it"
+                            "a request could not be told apart from another (shared block "
+                            "table) or was preempted: dense attention for it"
                         )
                     elif e - s > 1:
                         self.stats["untracked"] += 1
@@ -243,8 +243,9 @@ class SqueezedImpl(CPUAttentionBackendImpl):
                 if start < self.config.min_context_tokens or self._budget(start) >= 1.0:
                     self.stats["dense_short"] += 1
                     self._note(
-                        f"a prompt shorter than min_context_tokens={self.config.min_context_tokens} "
-                        "(or a budget covering all of it): dense attention for it"
+                        "a prompt shorter than min_context_tokens="
+                        f"{self.config.min_context_tokens} (or a budget covering all of it): "
+                        "dense attention for it"
                     )
                     continue  # stop tracking: dense from here
                 req.index = self._build(req, start)
@@ -301,7 +302,7 @@ class SqueezedImpl(CPUAttentionBackendImpl):
 
     def _decode(self, req: _Request, q: torch.Tensor) -> torch.Tensor:
         """One decode token of one request: ``q`` (heads, d) -> (heads, d)."""
-        from apportion_attention.kernels import dispatch
+        from apportion_attention.squeezed.kernels import dispatch
 
         index = req.index
         assert index is not None and req.keys is not None and req.values is not None

@@ -16,9 +16,9 @@ name ``APPORTION_SQUEEZED`` (``register_backend("APPORTION_SQUEEZED", ...)``). S
 
 The backend itself (:mod:`apportion_attention.vllm_backend`) extends vLLM's CPU attention
 backend, so it runs where vLLM runs on a CPU; on other platforms the variable is refused
-with a logged reason and vLLM keeps its own backend. This module itself imports no vLLM at
-import time; importing it runs the package's ``__init__``, which imports transformers (and
-torch) to register the HF attention functions, which vLLM's processes have loaded anyway.
+with a logged reason and vLLM keeps its own backend. Importing this module imports neither
+vLLM nor torch (the package's ``__init__`` has no side effects); :func:`register` imports
+vLLM's registry, and vLLM imports the backend module when it builds the layers.
 """
 
 from __future__ import annotations

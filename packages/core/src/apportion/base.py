@@ -1,7 +1,21 @@
-"""Small base classes for the torch-free kinds, with defaults that work.
+"""The contract of every component kind: one small base class per kind, with defaults that work.
 
-A component's factory receives its validated config; these bases store it as ``self.config``.
-Attention backends and KV policies live in :mod:`apportion.host` (they need transformers).
+A component is a class that carries everything the registry needs to know about it::
+
+    class SnapKV(ScoredEviction):
+        name = "snapkv"                       # its name within its kind
+        summary = "SnapKV: observation-window attention, pooled, per KV head"
+        Config = SnapKVConfig                 # pydantic options, every field with a default
+
+and is registered once, by that class (``register(SnapKV)``) or by a lazy import path
+(``register("pkg.snapkv:SnapKV", name="snapkv")``), see :mod:`apportion.hookspecs`. The
+registry builds it as ``cls(config)``; the instance keeps the validated options as
+``self.config``. Components that need the loaded model get it explicitly through
+:meth:`Component.bind`, never through module-level caches.
+
+Attention backends and KV policies need transformers, so their bases live in
+:mod:`apportion.host` (:class:`~apportion.host.attention.AttentionBackend`,
+:class:`~apportion.host.kv.KVPolicy`); the four torch-free bases are here.
 """
 
 from __future__ import annotations
@@ -11,17 +25,42 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from apportion.config import ComponentConfig
+from pydantic import BaseModel, ConfigDict
+
+
+class ComponentConfig(BaseModel):
+    """Base class of component options: unknown options are errors, every field has a default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class EmptyConfig(ComponentConfig):
+    """Options of a component that takes none."""
 
 
 class Component:
-    """Common shape: a ``name`` and a validated ``config`` of type ``Config``."""
+    """What every component carries: its ``kind``, ``name``, one-line ``summary`` and ``Config``.
 
+    ``incompatible_with``: ``{kind: [names]}`` this component cannot run beside; a run config
+    that combines them is refused at validation, before a model loads.
+    """
+
+    kind: ClassVar[str] = ""
     name: ClassVar[str] = ""
-    Config: ClassVar[type[ComponentConfig]] = ComponentConfig
+    summary: ClassVar[str] = ""
+    Config: ClassVar[type[ComponentConfig]] = EmptyConfig
+    incompatible_with: ClassVar[dict[str, list[str]]] = {}
 
     def __init__(self, config: ComponentConfig | None = None):
         self.config = config if config is not None else self.Config()
+
+    def bind(self, loaded: Any) -> None:
+        """Receive the loaded model (an :class:`apportion.host.LoadedModel`) before first use.
+
+        The runner and :class:`apportion.host.Host` call it once per model; the default keeps
+        nothing. Components that run the model, read its tokenizer or key stored data by the
+        model's fingerprint override it (as kvpress's ``post_init_from_model``).
+        """
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config!r})"
@@ -57,8 +96,10 @@ class Sample:
 
 
 class Benchmark(Component):
-    """Base benchmark: subclasses implement :meth:`samples` and may override :meth:`score`."""
+    """Base benchmark: subclasses implement :meth:`samples` and may override :meth:`score`
+    and :meth:`metrics`."""
 
+    kind: ClassVar[str] = "benchmark"
     max_new_tokens: ClassVar[int] = 48
 
     def samples(self, tokenizer: Any) -> Iterator[Sample]:
@@ -77,6 +118,10 @@ class Benchmark(Component):
         pred = prediction.lower()
         return sum(a.lower() in pred for a in sample.answers) / len(sample.answers)
 
+    def metrics(self, sample: Sample, prediction: str) -> dict[str, Any] | None:
+        """Extra named figures recorded beside the score (e.g. per-item accuracy); default none."""
+        return None
+
 
 # ------------------------------------------------------------------------- prompt strategy
 
@@ -92,7 +137,11 @@ class Prompt:
 
 
 class PromptStrategy(Component):
-    """Base prompt strategy: zero-shot, the context followed by the query."""
+    """``zero-shot``: the context, then the question; no demonstrations."""
+
+    kind: ClassVar[str] = "prompt-strategy"
+    name: ClassVar[str] = "zero-shot"
+    summary: ClassVar[str] = "the context, then the question; no demonstrations"
 
     def build(
         self,
@@ -123,6 +172,8 @@ class PromptStrategy(Component):
 
 class TrainerStrategy(Component):
     """Base GRPO-style strategy: uniform rollouts, group-normalised advantages, clipped loss."""
+
+    kind: ClassVar[str] = "trainer-strategy"
 
     def allocate_rollouts(
         self, n_prompts: int, budget: int, history: Sequence[Sequence[float]] | None = None
@@ -184,6 +235,8 @@ class AllocatorStats:
 
 class Allocator(Component):
     """Base allocator: ordinary pageable host memory through torch, with byte accounting."""
+
+    kind: ClassVar[str] = "allocator"
 
     def __init__(self, config: ComponentConfig | None = None):
         super().__init__(config)

@@ -10,12 +10,12 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Optional  # typer < 0.15 reads no `X | None` in options
 
 import typer
 
 from apportion import KINDS, __version__
-from apportion.errors import ApportionError
+from apportion.errors import ApportionError, ConfigError
 
 app = typer.Typer(
     name="apportion",
@@ -27,7 +27,7 @@ app = typer.Typer(
 
 
 class _LazyConsole:
-    """A rich Console created on first use (importing rich costs ~0.1 s)."""
+    """A rich Console created on first use (commands that print nothing never import rich)."""
 
     def __init__(self, **kwargs: Any):
         self._kwargs: dict[str, Any] = kwargs
@@ -75,6 +75,8 @@ def plugins(as_json: Annotated[bool, typer.Option("--json", help="print JSON")] 
             if p["skipped"]
             else "[green]ok[/green]"
         )
+        for clash in p.get("clashes", []):
+            status += f"\n[yellow]clash: {clash}[/yellow]"
         table.add_row(p["name"], p["distribution"], p["version"], comps, status)
     console.print(table)
 
@@ -122,23 +124,32 @@ def default_config_path() -> Path | None:
 @app.command()
 def run(
     config: Annotated[
-        Path | None, typer.Argument(help="TOML run config (default: examples/default.toml)")
+        Optional[Path],
+        typer.Argument(help="TOML run config (default: examples/default.toml)"),
     ] = None,
     out: Annotated[
-        Path | None, typer.Option(help="run directory (default: OUTPUT_DIR/NAME)")
+        Optional[Path],
+        typer.Option(help="run directory (default: OUTPUT_DIR/NAME)"),
     ] = None,
     limit: Annotated[
-        int | None, typer.Option(min=1, help="at most N samples per benchmark")
+        Optional[int],
+        typer.Option(min=1, help="at most N samples per benchmark"),
     ] = None,
-    seed: Annotated[int | None, typer.Option(help="override the config's seed")] = None,
-    progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+    seed: Annotated[Optional[int], typer.Option(help="override the config's seed")] = None,
+    progress: Annotated[
+        Optional[bool],
+        typer.Option(
+            help="a progress bar (default: on a terminal; else a log line per 10 samples)"
+        ),
+    ] = None,
     time_budget: Annotated[
-        float | None,
+        Optional[float],
         typer.Option(
             "--time-budget",
             metavar="SECONDS",
-            help="start no sample after SECONDS from the start of the run; rerun the same command to "
-            "finish the rest (default: the config's [harness] time_budget_s, else no limit)",
+            help="start no sample after SECONDS from the start of the run; rerun the same "
+            "command to finish the rest (default: the config's [harness] time_budget_s, "
+            "else no limit)",
         ),
     ] = None,
 ) -> None:
@@ -146,7 +157,7 @@ def run(
     import time
 
     from apportion.config import RunConfig, load_config
-    from apportion.runner import RunOptions, execute, render_table, summarize
+    from apportion.runner import RunOptions, execute
 
     path = config or default_config_path()
     cfg = load_config(path) if path is not None else RunConfig(name="default")
@@ -154,12 +165,13 @@ def run(
     options = RunOptions(limit=limit, seed=seed, progress=progress, time_budget_s=time_budget)
     console.print(f"[bold]apportion run[/bold] {path or '(built-in default)'} -> {run_dir}")
     t0 = time.perf_counter()
-    result = _host().hook.apportion_run(config=cfg, run_dir=run_dir, options=options)
-    if result is None:  # no harness plugin: the core's minimal runner
-        records = execute(cfg, run_dir, options, console=console.real())
-        render_table(summarize(records), console, title=f"{cfg.name} ({len(records)} records)")
+    try:
+        result = execute(cfg, run_dir, options, console=console.real())
+    except KeyboardInterrupt:  # the runner said what was kept
+        sys.exit(130)
     console.print(
-        f"wall time {time.perf_counter() - t0:.1f} s; records in {run_dir / 'records.jsonl'}"
+        f"wall time {time.perf_counter() - t0:.1f} s; {len(result.records)} records in "
+        f"{run_dir / 'records.jsonl'}"
     )
 
 
@@ -183,10 +195,10 @@ def generate(
     attention: Annotated[str, typer.Option(help="attention backend")] = "dense",
     kv_policy: Annotated[str, typer.Option("--kv-policy", help="KV policy")] = "full",
     attention_option: Annotated[
-        list[str] | None, typer.Option("--attention-option", "-a", help="key=value")
+        Optional[list[str]], typer.Option("--attention-option", "-a", help="key=value")
     ] = None,
     kv_option: Annotated[
-        list[str] | None, typer.Option("--kv-option", "-k", help="key=value")
+        Optional[list[str]], typer.Option("--kv-option", "-k", help="key=value")
     ] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 64,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
@@ -197,12 +209,23 @@ def generate(
 
     if prompt == "-":
         prompt = sys.stdin.read()
+    if not prompt.strip():
+        raise ConfigError("the prompt is empty: give the model something to answer")
     registry = _host().registry
     backend = registry.create("attention", attention, _parse_options(attention_option))
     policy = registry.create("kv-policy", kv_policy, _parse_options(kv_option))
     from apportion.host import Host, load_model
+    from apportion.host.model import model_window, pick_device
 
-    loaded = load_model(ModelSpec(name=model, device=device))
+    spec = ModelSpec(name=model, device=device)
+    pick_device(spec)
+    window = model_window(spec)
+    if max_new_tokens >= window:
+        raise ConfigError(
+            f"--max-new-tokens {max_new_tokens} does not fit {model!r}'s context of {window} "
+            "tokens with any prompt; use fewer"
+        )
+    loaded = load_model(spec)
     result = Host(loaded, backend, policy).generate(prompt, max_new_tokens=max_new_tokens)[0]
     stats = result.as_dict() | {
         "model": loaded.name,
@@ -241,18 +264,19 @@ def plan(
     ] = "yi-34b",
     hardware: Annotated[str, typer.Option(help="preset: a100-80gb, h100-sxm, h200")] = "a100-80gb",
     context: Annotated[
-        list[int] | None, typer.Option(min=1, help="context length(s) in tokens")
+        Optional[list[int]], typer.Option(min=1, help="context length(s) in tokens")
     ] = None,
     new_tokens: Annotated[int, typer.Option(min=1, help="tokens decoded per request")] = 250,
     offload: Annotated[
-        str | None, typer.Option(help="placement for the offload plugin's step-time model")
+        Optional[str], typer.Option(help="placement for the offload plugin's step-time model")
     ] = None,
     paper: Annotated[
         bool, typer.Option(help="print the paper's running example beside ours")
     ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ) -> None:
-    """The long-context cost model (Fu 2024): KV bytes, concurrency, prefill, decode, context switch."""
+    """The long-context cost model (Fu 2024): KV bytes, concurrency, prefill, decode and
+    context-switch time."""
     from apportion.plan import Plan, compare_with_paper, resolve_hardware, resolve_model
 
     shape, hw = resolve_model(model), resolve_hardware(hardware)
@@ -356,14 +380,24 @@ def main() -> None:
     argv = sys.argv[1:]
     try:
         if argv in (["plugins"], ["plugins", "--json"]):
-            # Fast path: typer's parameter coercion imports pydantic (~0.25 s on a small
-            # machine); listing plugins needs neither, and must stay well under 0.5 s.
+            # Fast path: typer's parameter coercion imports pydantic; listing plugins needs
+            # neither, and must stay well under 0.5 s.
             plugins(as_json=argv == ["plugins", "--json"])
             return
         _host().hook.apportion_register_commands(app=app)
         app(standalone_mode=True)
     except ApportionError as exc:
         err_console.print(f"[bold red]error:[/bold red] {exc}", highlight=False)
+        sys.exit(2)
+    except Exception as exc:
+        if type(exc).__name__ != "ValidationError" or "pydantic" not in type(exc).__module__:
+            raise
+        # an option that a config model refuses (e.g. --device tpu0): one line per field
+        refused: Any = exc
+        lines = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or '(value)'}: {e['msg']}" for e in refused.errors()
+        )
+        err_console.print(f"[bold red]error:[/bold red] {lines}", highlight=False)
         sys.exit(2)
 
 

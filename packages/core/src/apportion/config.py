@@ -34,19 +34,26 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from apportion import FIELD_KINDS
+from apportion.base import ComponentConfig, EmptyConfig
 from apportion.errors import ApportionError, ConfigError
+from apportion.registry import unknown_field_message
 
-
-class EmptyConfig(BaseModel):
-    """Config of a component that takes no options."""
-
-    model_config = ConfigDict(extra="forbid")
-
-
-class ComponentConfig(BaseModel):
-    """Base class for component configs: unknown options are errors, every field has a default."""
-
-    model_config = ConfigDict(extra="forbid")
+__all__ = [
+    "ComponentConfig",
+    "ComponentRef",
+    "EmptyConfig",
+    "GenerationSpec",
+    "HarnessSpec",
+    "ModelSpec",
+    "ResolvedVariant",
+    "RunConfig",
+    "SweepInstalled",
+    "Variant",
+    "load_config",
+    "parse_config",
+    "resolve_config",
+]
 
 
 class ComponentRef(BaseModel):
@@ -71,7 +78,11 @@ class ModelSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field("smollm2", description="'smollm2' (embedded), an HF id, or a local folder")
-    device: str = Field("auto", description="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1'")
+    device: str = Field(
+        "auto",
+        pattern=r"^(auto|cpu|mps|(cuda|xpu)(:[0-9]+)?)$",
+        description="'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1', 'mps' or 'xpu'",
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     max_context: int | None = Field(None, ge=16, description="override the model's window")
 
@@ -82,7 +93,24 @@ class GenerationSpec(BaseModel):
     max_new_tokens: int | None = Field(
         None, ge=1, le=8192, description="None: each benchmark's own default"
     )
-    batch_size: int = Field(1, ge=1, le=256)
+    batch_size: int = Field(
+        8,
+        ge=1,
+        le=256,
+        description="decode at most this many configs of a shared prefill together",
+    )
+    sample_batch_size: int = Field(
+        1,
+        ge=1,
+        le=256,
+        description="configs that cannot share a prefill run this many samples of one "
+        "benchmark and length as one left-padded batch",
+    )
+    share_prefill: bool = Field(
+        True,
+        description="configs that differ only in a layer-wise KV policy share one prefill per "
+        "sample and decode together (answers as when run alone)",
+    )
     prompt_budget: int | None = Field(
         None,
         ge=1,
@@ -91,12 +119,55 @@ class GenerationSpec(BaseModel):
     )
 
 
-_COMPONENT_FIELDS = {
-    "attention": "attention",
-    "kv_policy": "kv-policy",
-    "prompt": "prompt-strategy",
-    "allocator": "allocator",
-}
+class SweepInstalled(BaseModel):
+    """Add every installed component of ``kinds`` as a variant beside the base config.
+
+    ``options`` go to each component whose config has that field; ``grid`` gives a field
+    several values, one variant each (``compression_ratio = [0.5, 0.75]``); ``only_with``
+    keeps only the components whose config has at least one of these fields (a study of
+    budgets leaves out components without one).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    kinds: list[str] = Field(["kv-policy", "attention"], description="kinds to sweep")
+    options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="options passed to each component whose config has that field",
+    )
+    grid: dict[str, list[Any]] = Field(
+        default_factory=dict,
+        description="a field -> its values: one variant per value, for components with the field",
+    )
+    only_with: list[str] = Field(
+        default_factory=list,
+        description="sweep only components whose config has one of these fields (empty: all)",
+    )
+    exclude: list[str] = Field(default_factory=list, description="component names to leave out")
+
+    @field_validator("kinds")
+    @classmethod
+    def _kinds(cls, v: list[str]) -> list[str]:
+        kinds = sorted(set(FIELD_KINDS.values()))
+        bad = [k for k in v if k not in kinds]
+        if bad:
+            raise ValueError(f"{bad} are not kinds a run config names; use some of {kinds}")
+        return v
+
+
+class HarnessSpec(BaseModel):
+    """``[harness]``: how the run loop runs the study (time budget, automatic sweep, report)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    sweep_installed: SweepInstalled | None = None
+    time_budget_s: float | None = Field(
+        None,
+        gt=0,
+        description="start no sample that would end after this many seconds from the start "
+        "of the run (a rerun in the same directory resumes)",
+    )
+    report: bool = Field(True, description="render the report after the run (apportion-eval)")
 
 
 class Variant(BaseModel):
@@ -132,10 +203,7 @@ class RunConfig(BaseModel):
         default_factory=dict,
         description="'kv_policy.compression_ratio' = [0.25, 0.5]: expands into sweep variants",
     )
-    harness: dict[str, Any] = Field(
-        default_factory=dict,
-        description="options for the harness plugin that runs this config (see its docs)",
-    )
+    harness: HarnessSpec = HarnessSpec()
 
     @field_validator("benchmarks")
     @classmethod
@@ -156,10 +224,10 @@ class RunConfig(BaseModel):
                 data = self._fill(v).model_dump()
                 for key, value in zip(keys, values, strict=True):
                     field, _, option = key.partition(".")
-                    if field not in _COMPONENT_FIELDS or not option:
+                    if field not in FIELD_KINDS or not option:
                         raise ConfigError(
                             f"grid key {key!r} must look like 'kv_policy.compression_ratio' "
-                            f"with one of {', '.join(_COMPONENT_FIELDS)}",
+                            f"with one of {', '.join(FIELD_KINDS)}",
                             [(f"grid.{key}", "bad key")],
                         )
                     data[field][option] = value
@@ -170,7 +238,7 @@ class RunConfig(BaseModel):
 
     def _fill(self, v: Variant) -> Variant:
         data: dict[str, Any] = {}
-        for field in _COMPONENT_FIELDS:
+        for field in FIELD_KINDS:
             ref = getattr(v, field) or getattr(self, field)
             data[field] = ref.model_dump()
         variant = Variant.model_validate(data)
@@ -178,7 +246,7 @@ class RunConfig(BaseModel):
             v.label
             or "+".join(
                 getattr(variant, f).label()
-                for f in _COMPONENT_FIELDS
+                for f in FIELD_KINDS
                 if getattr(variant, f).model_dump() != getattr(RunConfig(), f).model_dump()
             )
             or "baseline"
@@ -186,22 +254,66 @@ class RunConfig(BaseModel):
         return variant
 
 
-def _pydantic_errors(exc: ValidationError, prefix: str = "") -> list[tuple[str, str]]:
+#: the deepest nesting a run config may have (the deepest real one has 4)
+MAX_DEPTH = 32
+
+
+def _pydantic_errors(exc: ValidationError, model: type[BaseModel]) -> list[tuple[str, str]]:
     out = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"])
-        out.append((f"{prefix}{loc}" if loc else prefix.rstrip(".") or "(root)", err["msg"]))
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden" and err["loc"]:
+            fields = _fields_at(model, err["loc"][:-1])
+            msg = unknown_field_message(str(err["loc"][-1]), fields, noun="field")
+        out.append((loc or "(root)", msg))
     return out
 
 
+def _fields_at(model: Any, path: tuple[Any, ...]) -> list[str]:
+    """The field names of the (nested) model at ``path`` of ``model``; [] if not a model."""
+    for part in path:
+        if isinstance(part, int):
+            continue
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        model = _model_of(field.annotation)
+    return sorted(getattr(model, "model_fields", {}))
+
+
+def _model_of(annotation: Any) -> Any:
+    import typing
+
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _model_of(arg)
+        if found is not None:
+            return found
+    return None
+
+
 def parse_config(data: dict[str, Any], *, source: str = "config") -> RunConfig:
-    """Validate a config mapping; errors name each offending field."""
+    """Validate a config mapping; errors name each offending field (unknown ones with the
+    nearest valid name and the list of valid ones)."""
+    from apportion.host.io import depth
+
+    if depth(data) > MAX_DEPTH:
+        raise ConfigError(
+            f"{source} is nested too deeply to be a run config (more than {MAX_DEPTH} levels)",
+            [("(root)", "nesting")],
+        )
     try:
         return RunConfig.model_validate(data)
     except ValidationError as exc:
-        errors = _pydantic_errors(exc)
+        errors = _pydantic_errors(exc, RunConfig)
         lines = "\n".join(f"  {loc}: {msg}" for loc, msg in errors)
         raise ConfigError(f"{source} is invalid:\n{lines}", errors) from None
+    except RecursionError:
+        raise ConfigError(
+            f"{source} is nested too deeply to be a run config", [("(root)", "nesting")]
+        ) from None
 
 
 def load_config(path: str | Path) -> RunConfig:
@@ -213,6 +325,14 @@ def load_config(path: str | Path) -> RunConfig:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path} is not valid TOML: {exc}", [("(file)", str(exc))]) from None
+    except RecursionError:
+        raise ConfigError(
+            f"{path} is nested too deeply to be a run config", [("(file)", "nesting")]
+        ) from None
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot read {str(path)!r}: {exc.strerror or exc}", [("(file)", str(exc))]
+        ) from None
     return parse_config(data, source=str(path))
 
 
@@ -226,18 +346,17 @@ class ResolvedVariant(BaseModel):
     configs: dict[str, Any]
 
 
-def resolve_config(config: RunConfig, registry: Any = None) -> list[ResolvedVariant]:
-    """Check every component and option of every variant against the registry.
+def resolve_config(
+    config: RunConfig, registry: Any, check_run: Any = None
+) -> list[ResolvedVariant]:
+    """Check every component and option of every variant against ``registry``.
 
     Raises :class:`ConfigError` listing every problem (unknown names with did-you-mean,
     bad options by field, incompatible combinations) before any model is loaded.
+    ``check_run``: the ``apportion_check_run`` hook caller, asked once everything else holds.
     """
     from apportion.errors import UnknownComponentError
 
-    if registry is None:
-        from apportion.plugins import get_registry
-
-        registry = get_registry()
     errors: list[tuple[str, str]] = []
     resolved: list[ResolvedVariant] = []
     variants = config.variants()
@@ -245,7 +364,7 @@ def resolve_config(config: RunConfig, registry: Any = None) -> list[ResolvedVari
         where = f"sweep[{i}]." if config.sweep or config.grid else ""
         refs: dict[str, ComponentRef] = {}
         configs: dict[str, Any] = {}
-        for field, kind in _COMPONENT_FIELDS.items():
+        for field, kind in FIELD_KINDS.items():
             ref = getattr(variant, field)
             refs[field] = ref
             try:
@@ -274,10 +393,8 @@ def resolve_config(config: RunConfig, registry: Any = None) -> list[ResolvedVari
     dupes = sorted({x for x in labels if labels.count(x) > 1})
     if dupes:
         errors.append(("sweep", f"duplicate variant labels {dupes}; give each a distinct label"))
-    if not errors:
-        from apportion.plugins import get_plugin_host
-
-        for problems in get_plugin_host().hook.apportion_check_run(config=config):
+    if not errors and check_run is not None:
+        for problems in check_run(config=config):
             errors.extend(("(combination)", p) for p in problems or [])
     if errors:
         lines = "\n".join(f"  {loc}: {msg}" for loc, msg in errors)
@@ -289,9 +406,9 @@ def _incompatibilities(
     registry: Any, refs: dict[str, ComponentRef], where: str
 ) -> list[tuple[str, str]]:
     out = []
-    chosen = {_COMPONENT_FIELDS[f]: r.name for f, r in refs.items()}
+    chosen = {FIELD_KINDS[f]: r.name for f, r in refs.items()}
     for field, ref in refs.items():
-        kind = _COMPONENT_FIELDS[field]
+        kind = FIELD_KINDS[field]
         try:
             spec = registry.get(kind, ref.name)
         except ApportionError:

@@ -34,5 +34,14 @@ class ModelNotFoundError(ApportionError, FileNotFoundError):
     """The requested model path or id cannot be found locally."""
 
 
+class ModelLoadError(ApportionError):
+    """A model was found but could not be loaded (damaged weights, a config transformers
+    cannot read)."""
+
+
+class LaunchError(ApportionError):
+    """A rank of a multi-process run failed, died or gave no result within its timeout."""
+
+
 class PromptTooLongError(ApportionError, ValueError):
     """A prompt (plus the tokens to generate) does not fit the model's context window."""

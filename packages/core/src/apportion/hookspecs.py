@@ -1,99 +1,82 @@
 """Hook specifications: the whole contract between the core and its plugins.
 
-A plugin is a module listed in the ``apportion`` entry-point group. It implements any of
-these hooks with :data:`apportion.hookimpl` and may declare the core API range it supports::
+A plugin is a module listed in the ``apportion`` entry-point group, by convention
+``apportion_<family>.plugin``. It implements any of these hooks with
+:data:`apportion.hookimpl` and may declare the core API range it supports::
 
     # apportion_myplugin/plugin.py
     from apportion import hookimpl
 
-    APPORTION_API = ">=1.0,<2"
+    APPORTION_API = ">=2.0,<3"
+
 
     @hookimpl
     def apportion_register_kv_policies(register):
-        register(
-            "my-policy",
-            "apportion_myplugin.my_policy:MyPolicy",   # imported only when used
-            config="apportion_myplugin.my_policy:MyPolicyConfig",
-            summary="Keeps the tokens I like.",
-        )
+        register("apportion_myplugin.my_policy:MyPolicy", name="my-policy")
+
+The class carries the rest (``summary``, ``Config``, ``incompatible_with``: see
+:class:`apportion.base.Component`); it is imported only when the component is used.
 
 Registration hooks are called once per process, each plugin in isolation: a hook that
 raises is reported by ``apportion plugins`` and skipped (fatal under
-``APPORTION_STRICT_PLUGINS=1``). Keep the entry-point module tiny: pass import paths as
-strings so that listing plugins never imports torch.
+``APPORTION_STRICT_PLUGINS=1``); a name another plugin registered first is reported against
+the second plugin, for that name only. Keep the entry-point module tiny: pass import paths
+as strings so that listing plugins never imports torch, and register nothing into a host
+(transformers, vLLM) at import: that is an explicit call the host makes.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pluggy
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from apportion.registry import Register
 
 hookspec = pluggy.HookspecMarker("apportion")
 
 
 # --------------------------------------------------------------------------- registration
-# Each registration hook receives ``register(name, factory, *, config=None, summary="",
-# replace=False, incompatible_with=None)``:
-#
-# - ``name``: the component's name within its kind (lower-case, dashes).
-# - ``factory``: a class or callable taking one argument, the validated config instance,
-#   or a ``"module:attr"`` string naming one (imported lazily).
-# - ``config``: a pydantic model class (or ``"module:attr"``) whose fields all have defaults,
-#   so the component is constructible by name alone. ``None`` means "no options".
-# - ``summary``: one line for ``apportion list``.
-# - ``replace``: a plugin may replace a *core baseline* of the same name, never another
-#   plugin's component. Without it a duplicate name is an error naming both providers.
-# - ``incompatible_with``: ``{kind: [names]}`` this component cannot run beside; a run config
-#   that combines them is refused at validation, before any model loads.
+# Each registration hook receives ``register(component, *, name=None, replace=False)``
+# (:class:`apportion.registry.Register`): ``component`` is the class or ``"module:Class"``.
 
 
 @hookspec
-def apportion_register_attention(register: Any) -> None:
-    """Register attention backends (kind ``attention``).
-
-    The factory returns an :class:`apportion.host.attention.AttentionBackend`.
-    """
+def apportion_register_attention(register: Register) -> None:
+    """Register attention backends (kind ``attention``): subclasses of
+    :class:`apportion.host.attention.AttentionBackend`."""
 
 
 @hookspec
-def apportion_register_kv_policies(register: Any) -> None:
-    """Register KV-cache policies (kind ``kv-policy``).
-
-    The factory returns an :class:`apportion.host.kv.KVPolicy`.
-    """
+def apportion_register_kv_policies(register: Register) -> None:
+    """Register KV-cache policies (kind ``kv-policy``): subclasses of
+    :class:`apportion.host.kv.KVPolicy`."""
 
 
 @hookspec
-def apportion_register_allocators(register: Any) -> None:
-    """Register memory allocators (kind ``allocator``).
-
-    The factory returns an :class:`apportion.base.Allocator`.
-    """
+def apportion_register_allocators(register: Register) -> None:
+    """Register memory allocators (kind ``allocator``): subclasses of
+    :class:`apportion.base.Allocator`."""
 
 
 @hookspec
-def apportion_register_trainer_strategies(register: Any) -> None:
-    """Register RL trainer strategies (kind ``trainer-strategy``).
-
-    The factory returns an :class:`apportion.base.TrainerStrategy`.
-    """
+def apportion_register_trainer_strategies(register: Register) -> None:
+    """Register RL trainer strategies (kind ``trainer-strategy``): subclasses of
+    :class:`apportion.base.TrainerStrategy`."""
 
 
 @hookspec
-def apportion_register_prompt_strategies(register: Any) -> None:
-    """Register prompt strategies (kind ``prompt-strategy``).
-
-    The factory returns an :class:`apportion.base.PromptStrategy`.
-    """
+def apportion_register_prompt_strategies(register: Register) -> None:
+    """Register prompt strategies (kind ``prompt-strategy``): subclasses of
+    :class:`apportion.base.PromptStrategy`."""
 
 
 @hookspec
-def apportion_register_benchmarks(register: Any) -> None:
-    """Register benchmarks (kind ``benchmark``).
-
-    The factory returns an :class:`apportion.base.Benchmark`.
-    """
+def apportion_register_benchmarks(register: Register) -> None:
+    """Register benchmarks (kind ``benchmark``): subclasses of :class:`apportion.base.Benchmark`."""
 
 
 @hookspec
@@ -109,17 +92,29 @@ def apportion_check_run(config: Any) -> list[str] | None:
     """Veto a run config before anything loads.
 
     ``config`` is a validated :class:`apportion.config.RunConfig`. Return a list of problems
-    (each naming the components involved) or ``None``. Use this for combinations that
-    ``incompatible_with`` cannot express.
+    (each naming the components involved) or ``None``. Use this for combinations that a
+    component's ``incompatible_with`` cannot express.
     """
 
 
 @hookspec(firstresult=True)
-def apportion_run(config: Any, run_dir: Any, options: Any) -> Any:
-    """Execute a run config; the first plugin returning non-``None`` wins.
+def apportion_kv_store(url: str, max_bytes: int | None) -> Any:
+    """Open the KV store at ``url`` (a directory, or ``redis://host:port/db``).
 
-    The eval package implements the full harness here. Without it the core's minimal
-    runner (:mod:`apportion.runner`) is used. ``options`` is a :class:`apportion.runner.RunOptions`.
+    Return an object implementing :class:`apportion.host.store.KVStore`, or ``None`` if the
+    URL is not yours. Components that reuse KV across prompts ask the core for a store
+    (:func:`apportion.host.store.open_store`) instead of importing the family that provides it.
+    """
+
+
+@hookspec(firstresult=True)
+def apportion_report(run: Any, console: Any) -> Path | None:
+    """Render a finished run: print its summary on ``console`` and, unless the run's
+    ``[harness] report`` is false, write a report file into the run directory.
+
+    ``run`` is the :class:`apportion.runner.RunResult` (config, records, run directory,
+    notes). Return the report's path, or ``None`` when no file was written. The core prints a
+    plain table when no plugin implements this hook.
     """
 
 
@@ -134,10 +129,14 @@ def apportion_plan_offload(plan: Any, placement: str, hardware: Any) -> Any:
 
 
 @hookspec
-def apportion_model_loaded(model: Any, tokenizer: Any, spec: Any) -> None:
-    """Called once after the host loads a model (e.g. to attach a store or warm a kernel)."""
+def apportion_model_loaded(loaded: Any) -> None:
+    """Called once after the host loads a model (an :class:`apportion.host.LoadedModel`).
+
+    For side work such as warming a kernel. Components get the model through
+    :meth:`apportion.base.Component.bind`, not through this hook.
+    """
 
 
 @hookspec
-def apportion_run_finished(config: Any, run_dir: Any, records: Any) -> None:
-    """Called after a run wrote all its records (e.g. to render a report)."""
+def apportion_run_finished(config: Any, run_dir: Path, records: list[dict[str, Any]]) -> None:
+    """Called after a run wrote all its records and its report."""

@@ -22,7 +22,7 @@ from typing import Any
 import pluggy
 
 from apportion import API_VERSION, __version__, hookspecs
-from apportion.errors import ApportionError, PluginError
+from apportion.errors import ApportionError, DuplicateComponentError, PluginError
 from apportion.registry import CORE_PROVIDER, Registry
 
 ENTRY_POINT_GROUP = "apportion"
@@ -50,10 +50,12 @@ class PluginInfo:
     components: dict[str, list[str]] = field(default_factory=dict)
     error: str | None = None
     skipped: str | None = None
+    #: names this plugin registers that another plugin registered first (skipped, name by name)
+    clashes: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return self.error is None and self.skipped is None
+        return self.error is None and self.skipped is None and not self.clashes
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -66,6 +68,7 @@ class PluginInfo:
             "components": {k: sorted(v) for k, v in self.components.items() if v},
             "error": self.error,
             "skipped": self.skipped,
+            "clashes": list(self.clashes),
         }
 
 
@@ -114,15 +117,17 @@ class PluginHost:
         from apportion.baselines import plugin as core_plugin
 
         core = PluginInfo("core", CORE_PROVIDER, __version__, module=core_plugin.__name__)
+        self._core = core_plugin
         self._add(core_plugin, core)
         if load_entry_points:
             self._load_entry_points()
         self._register_components()
-        failures = [p for p in self.plugins if p.error]
-        if failures and strict_mode():
-            lines = "\n".join(
-                f"  {p.name} ({p.distribution} {p.version}): {p.error}" for p in failures
-            )
+        self.registry.broken = [
+            (p.name, p.distribution, p.version, str(p.error)) for p in self.plugins if p.error
+        ]
+        problems = self.problems()
+        if problems and strict_mode():
+            lines = "\n".join(f"  {line}" for line in problems)
             raise PluginError(f"APPORTION_STRICT_PLUGINS=1 and plugins failed:\n{lines}")
 
     # ------------------------------------------------------------------ loading
@@ -163,8 +168,13 @@ class PluginHost:
     def _register_components(self) -> None:
         for hook_name, kind in REGISTRATION_HOOKS.items():
             caller = getattr(self.pm.hook, hook_name)
-            # get_hookimpls() lists plugins in registration order: the core baselines first
-            for impl in caller.get_hookimpls():
+            # the core baselines first, then plugins in entry-point name order: the same
+            # order on every machine, so a clash always falls on the same plugin
+            impls = sorted(
+                caller.get_hookimpls(),
+                key=lambda impl: (impl.plugin is not self._core, self._plugin_name(impl)),
+            )
+            for impl in impls:
                 info = self._info_by_plugin.get(id(impl.plugin))
                 if info is None or info.error:
                     continue
@@ -172,22 +182,43 @@ class PluginHost:
                 register = staged.register_function(kind, info.distribution, info.version)
                 try:
                     impl.function(*[register for _ in impl.argnames])
-                    for spec in staged.specs(kind):
-                        self.registry.add(spec)
-                        info.components.setdefault(kind, []).append(spec.name)
                 except Exception as exc:
                     info.error = f"{hook_name}: {_describe(exc)}"
                     self._unregister(info)
+                    continue
+                for spec in staged.specs(kind):
+                    try:
+                        self.registry.add(spec)
+                    except DuplicateComponentError as exc:
+                        # the clash is this plugin's, for this name only: the component
+                        # registered first, and the rest of this plugin, stay
+                        info.clashes.append(str(exc))
+                        continue
+                    info.components.setdefault(kind, []).append(spec.name)
+
+    def _plugin_name(self, impl: Any) -> str:
+        info = self._info_by_plugin.get(id(impl.plugin))
+        return info.name if info is not None else ""
 
     def _unregister(self, info: PluginInfo) -> None:
         """Drop everything a failed plugin registered so far, and its hooks."""
         for kind, names in info.components.items():
             for name in names:
-                self.registry._specs[kind].pop(name, None)
+                self.registry.remove(kind, name)
         info.components.clear()
         plugin = self.pm.get_plugin(info.name)
         if plugin is not None:
             self.pm.unregister(plugin)
+
+    def problems(self) -> list[str]:
+        """One line per plugin that failed, and per name a plugin could not register."""
+        out = [
+            f"{p.name} ({p.distribution} {p.version}): {p.error}" for p in self.plugins if p.error
+        ]
+        out += [
+            f"{p.name} ({p.distribution} {p.version}): {c}" for p in self.plugins for c in p.clashes
+        ]
+        return out
 
     @property
     def hook(self) -> Any:

@@ -13,10 +13,9 @@ def report_command(
 ) -> None:
     """Re-render the terminal table and RUN_DIR/report.html from the run's records."""
     from apportion.errors import ConfigError
-    from apportion.runner import RECORDS, read_records
+    from apportion.records import RECORDS, latest, load_records
     from rich.console import Console
 
-    from apportion_eval.harness import latest
     from apportion_eval.report import render_terminal, write_report
 
     path = run_dir / RECORDS
@@ -25,13 +24,20 @@ def report_command(
             f"{str(run_dir)!r} is not a run directory: {RECORDS} is missing",
             [("run_dir", str(run_dir))],
         )
-    records = latest(read_records(path))
+    loaded = load_records(path)
+    records = latest(loaded.records)
     if not records:
         raise ConfigError(f"{path} holds no complete records", [("run_dir", str(run_dir))])
+    notes = []
+    if loaded.problems:
+        notes.append(
+            f"{len(loaded.problems)} line(s) of {RECORDS} are not records and were left out "
+            f"({'; '.join(loaded.problems[:3])})"
+        )
     console = Console()
     render_terminal(records, console, title=f"{run_dir.name}: {len(records)} records")
     try:
-        out = write_report(records, run_dir, title=run_dir.name)
+        out = write_report(records, run_dir, title=run_dir.name, notes=notes)
     except OSError as exc:
         raise ConfigError(
             f"cannot write the report into {str(run_dir)!r}: {exc.strerror or exc}",

@@ -79,7 +79,10 @@ LAST = (
 DEPARTMENTS = ("Sales", "Research", "Finance", "Legal", "Support", "Marketing")
 CITIES = ("Lisbon", "Oslo", "Nairobi", "Lima", "Osaka", "Denver")
 
-SCHEMA = "CREATE TABLE employees (name VARCHAR, department VARCHAR, city VARCHAR, age INTEGER, salary INTEGER)"
+SCHEMA = (
+    "CREATE TABLE employees "
+    "(name VARCHAR, department VARCHAR, city VARCHAR, age INTEGER, salary INTEGER)"
+)
 
 
 @dataclass(frozen=True)
@@ -110,11 +113,13 @@ def query_sql(query: str, arg: str | None) -> tuple[str, list[Any], str]:
         ),
         "max": (
             "SELECT max(salary) FROM employees WHERE city = ?",
-            f"What is the highest yearly salary among the employees in {arg}? Answer with the number only.",
+            f"What is the highest yearly salary among the employees in {arg}? "
+            "Answer with the number only.",
         ),
         "min": (
             "SELECT min(age) FROM employees WHERE department = ?",
-            f"How old is the youngest employee of the {arg} department? Answer with the number only.",
+            f"How old is the youngest employee of the {arg} department? "
+            "Answer with the number only.",
         ),
         "sum": (
             "SELECT sum(salary) FROM employees WHERE department = ?",
@@ -183,6 +188,9 @@ class HoloBench(Benchmark):
     """Database operations over text; gold answers by DuckDB on the same rows."""
 
     name = "holobench"
+    summary = (
+        "database queries over rows written as sentences; gold answers by DuckDB on the same rows"
+    )
     Config = HoloConfig
     max_new_tokens = 32
 

@@ -48,6 +48,7 @@ class LongGen(Benchmark):
     """Many small questions in one long response: completion rate and per-item accuracy."""
 
     name = "longgen"
+    summary = "many small questions in one long response: completion rate and per-item accuracy"
     Config = LongGenConfig
     max_new_tokens = 16
 

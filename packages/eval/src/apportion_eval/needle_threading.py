@@ -38,6 +38,9 @@ class NeedleThreading(Benchmark):
     """Needle threading: follow key -> key pointers (single or multi-thread, either direction)."""
 
     name = "needle-threading"
+    summary = (
+        "follow key -> key pointers through the context (single/multi-thread, forward/backward)"
+    )
     Config = ThreadingConfig
     max_new_tokens = 48
 
@@ -94,8 +97,8 @@ class NeedleThreading(Benchmark):
                     question = (
                         f"For each of the keys {', '.join(starts)}, follow the pointers in the "
                         f'text above ("Key A points to B" means go from A to B) until you reach '
-                        f"a key that points nowhere. Answer with the {cfg.threads} final keys only, "
-                        f"in the same order."
+                        f"a key that points nowhere. Answer with the {cfg.threads} final keys "
+                        f"only, in the same order."
                     )
                 composed = compose(
                     tokenizer, length, question, pieces, rng, what="needle-threading"

@@ -58,6 +58,10 @@ class Niah(Benchmark):
     """RULER-style needle in a haystack (single, multi-key, multi-value, multi-query)."""
 
     name = "niah"
+    summary = (
+        "RULER needle in a haystack: single/multi-key/multi-value/multi-query; "
+        "numbers, words, UUIDs"
+    )
     Config = NiahConfig
     max_new_tokens = 32
 

@@ -31,6 +31,9 @@ class VariableTracking(Benchmark):
     """RULER variable tracking: multi-hop tracing of variable assignments."""
 
     name = "variable-tracking"
+    summary = (
+        "RULER variable tracking: find every variable a chain of VAR X = VAR Y assigns a value"
+    )
     Config = VariableTrackingConfig
     max_new_tokens = 40
 

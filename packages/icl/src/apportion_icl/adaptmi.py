@@ -33,6 +33,10 @@ class AdaptMIConfig(KNNConfig):
 
 class AdaptMI(KNN):
     name = "adaptmi"
+    summary = (
+        "AdaptMI: skill-based demos only for queries the model is unsure of "
+        "(confidence or verifier)"
+    )
     Config = AdaptMIConfig
     plus = False
 
@@ -44,7 +48,7 @@ class AdaptMI(KNN):
         return [s for s, _ in votes.most_common()]
 
     def missing(self, answer: str, wanted: list[str], pool: list[Demo]) -> list[str]:
-        from apportion_icl.runtime import get_embedder
+        from apportion.host.embed import SentenceEmbedder
 
         by_skill = {
             s: [d.output for d in pool if s in d.skills]
@@ -52,7 +56,7 @@ class AdaptMI(KNN):
         }
         if not answer or len(by_skill) < 2:
             return wanted
-        emb = get_embedder()
+        emb = SentenceEmbedder.shared()
         a = emb.encode([answer])[0]
         sims = {s: float((emb.encode(outs) @ a).max()) for s, outs in by_skill.items() if outs}
         shown = max(sims, key=sims.__getitem__)
@@ -102,4 +106,5 @@ class AdaptMI(KNN):
 
 class AdaptMIPlus(AdaptMI):
     name = "adaptmi-plus"
+    summary = "AdaptMI+: demos targeting the skills missing from the model's first answer"
     plus = True

@@ -6,7 +6,10 @@ Accuracy is modelled as ``sigmoid(a . [1, log(1+k), log(1+m), n-1, log(1+k)*(n-1
 paper's log-linear form in the inference parameters, plus the interaction between documents
 and rounds), fitted by binomial log-likelihood with a small L2 penalty; prompt tokens as a
 linear function of ``k*n``, ``m`` and ``n``, fitted by least squares on the same runs. The
-model is stored as versioned, checksummed JSON.
+model is stored as versioned JSON, written atomically, with the sha256 of its coefficients,
+grid and metadata. Loading checks the version and checksum, then every value (coefficient
+counts, finite numbers, a non-empty grid of (k >= 0, m >= 0, n >= 1) integers, an object for
+``meta``): anything else is an :class:`~apportion_icl.errors.ArtifactError` naming the file.
 """
 
 from __future__ import annotations
@@ -20,9 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from apportion.host.io import atomic_write, loads_json
+
 from apportion_icl.errors import ArtifactError, BudgetError
 
 FORMAT = 1
+MAX_BYTES = 1 << 24
+_BODY = ("acc_coef", "tok_coef", "grid", "meta")
 
 
 def features(k: int, m: int, n: int) -> list[float]:
@@ -116,17 +123,21 @@ class AllocationModel:
         return max(fits, key=lambda c: (round(self.accuracy(*c), 6), -self.tokens(*c)))
 
     def save(self, path: str | Path) -> Path:
-        from apportion_icl.controller import _atomic_write
-
+        """Write the model as checksummed JSON, atomically; returns the path. A model that
+        could not be loaded back (non-finite coefficients, a bad grid) is a ValueError."""
         body = {
-            "acc_coef": self.acc_coef,
-            "tok_coef": self.tok_coef,
-            "grid": self.grid,
+            "acc_coef": [float(c) for c in self.acc_coef],
+            "tok_coef": [float(c) for c in self.tok_coef],
+            "grid": [[int(v) for v in g] for g in self.grid],
             "meta": self.meta,
         }
+        problem = _invalid(body)
+        if problem:
+            raise ValueError(f"refusing to save an allocation model that {problem}")
         digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
         doc = {"kind": "drag-allocation", "format": FORMAT, "sha256": digest, **body}
-        _atomic_write(Path(path), json.dumps(doc, indent=1, sort_keys=True).encode())
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(Path(path), json.dumps(doc, indent=1, sort_keys=True).encode())
         return Path(path)
 
     @classmethod
@@ -138,16 +149,73 @@ class AllocationModel:
                 "(AllocationModel.fit on measured runs, then .save)"
             )
         try:
-            doc = json.loads(p.read_text(encoding="utf-8"))
-        except ValueError as exc:
-            raise ArtifactError(f"{p} is not valid JSON: {exc}") from None
-        if doc.get("kind") != "drag-allocation" or doc.get("format") != FORMAT:
+            with p.open("rb") as f:
+                raw = f.read(MAX_BYTES + 1)
+        except OSError as exc:
+            raise ArtifactError(f"{p} cannot be read ({exc.strerror or exc}); refit it") from None
+        doc = loads_json(
+            raw,
+            what=str(p),
+            error=lambda msg: ArtifactError(f"{msg}; refit it"),
+            max_bytes=MAX_BYTES,
+        )
+        if (
+            not isinstance(doc, dict)
+            or doc.get("kind") != "drag-allocation"
+            or doc.get("format") != FORMAT
+        ):
             raise ArtifactError(f"{p} is not a drag-allocation model of format {FORMAT}")
-        body = {k: doc[k] for k in ("acc_coef", "tok_coef", "grid", "meta")}
+        missing = [k for k in (*_BODY, "sha256") if k not in doc]
+        if missing:
+            raise ArtifactError(f"{p} lacks {', '.join(missing)}; refit it")
+        body = {k: doc[k] for k in _BODY}
         if hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest() != doc.get(
             "sha256"
         ):
             raise ArtifactError(f"{p} does not match its checksum; refit it")
+        problem = _invalid(body)
+        if problem:
+            raise ArtifactError(f"{p} is not a valid allocation model: it {problem}; refit it")
         return cls(
-            body["acc_coef"], body["tok_coef"], [tuple(g) for g in body["grid"]], body["meta"]
+            [float(c) for c in body["acc_coef"]],
+            [float(c) for c in body["tok_coef"]],
+            [tuple(g) for g in body["grid"]],
+            body["meta"],
         )
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _invalid(body: dict[str, Any]) -> str | None:
+    """What is wrong with a model's stored values, or None."""
+    for name, n in (
+        ("acc_coef", len(features(1, 1, 1))),
+        ("tok_coef", len(token_features(1, 1, 1))),
+    ):
+        coef = body[name]
+        if (
+            not isinstance(coef, list)
+            or len(coef) != n
+            or not all((_is_int(c) or isinstance(c, float)) and math.isfinite(c) for c in coef)
+        ):
+            return f"has {name} {coef!r}, not {n} finite numbers"
+    grid = body["grid"]
+    if (
+        not isinstance(grid, list)
+        or not grid
+        or not all(
+            isinstance(g, list | tuple)
+            and len(g) == 3
+            and all(_is_int(v) for v in g)
+            and g[0] >= 0
+            and g[1] >= 0
+            and g[2] >= 1
+            for g in grid
+        )
+    ):
+        return f"has grid {grid!r}, not a non-empty list of (k >= 0, m >= 0, n >= 1) integers"
+    if not isinstance(body["meta"], dict):
+        return f"has meta {body['meta']!r}, not an object"
+    return None

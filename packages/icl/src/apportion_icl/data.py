@@ -53,8 +53,12 @@ def _check_split(split: str) -> None:
 
 CLASSIFY_TEMPLATE = {
     "sentiment": "Review: {text}\nIs this review positive or negative? Answer with one word.",
-    "topic": "Headline: {text}\nIs the topic sports, science, business or food? Answer with one word.",
-    "intent": "Customer message: {text}\nIs the intent refund, shipping or account? Answer with one word.",
+    "topic": (
+        "Headline: {text}\nIs the topic sports, science, business or food? Answer with one word."
+    ),
+    "intent": (
+        "Customer message: {text}\nIs the intent refund, shipping or account? Answer with one word."
+    ),
 }
 
 

@@ -47,6 +47,7 @@ def _doc_block(docs: list[str]) -> str:
 
 class DRAG(KNN):
     name = "drag"
+    summary = "DRAG: k BM25/embedding-retrieved documents + m demonstrations"
     Config = DRAGConfig
     rounds = 1
 
@@ -104,6 +105,7 @@ _FOLLOW = re.compile(r"follow[- ]up:?\s*(.+?\?)", re.I | re.S)
 
 class IterDRAG(DRAG):
     name = "iterdrag"
+    summary = "IterDRAG: sub-query decomposition with retrieval over up to n rounds"
     Config = IterDRAGConfig
     rounds = 2
 
@@ -122,8 +124,9 @@ class IterDRAG(DRAG):
                     "content": (
                         f"Documents:\n{_doc_block([docs[i] for i in used])}\n\n"
                         + "\n".join(chain)
-                        + f"\nQuestion: {query}\nIf the documents answer the question, reply 'So the final "
-                        "answer is: <answer>'. Otherwise reply 'Follow up: <one simpler question>'."
+                        + f"\nQuestion: {query}\nIf the documents answer the question, "
+                        "reply 'So the final answer is: <answer>'. "
+                        "Otherwise reply 'Follow up: <one simpler question>'."
                     ),
                 }
             ]
@@ -135,10 +138,11 @@ class IterDRAG(DRAG):
             sub = follow.group(1).strip()
             new = retriever.search(sub, self.config.k, exclude=set(used))
             used += [i for i, _ in new]
+            found = [docs[i] for i, _ in new] or [docs[i] for i in used]
             answer_prompt = [
                 {
                     "role": "user",
-                    "content": f"Documents:\n{_doc_block([docs[i] for i, _ in new] or [docs[i] for i in used])}\n\n{sub} Answer briefly.",
+                    "content": f"Documents:\n{_doc_block(found)}\n\n{sub} Answer briefly.",
                 }
             ]
             answer = generate(self.llm, [answer_prompt], self.config.sub_tokens)[0]

@@ -64,14 +64,17 @@ def load_controller(path: str | None) -> Any:
 
 class DynaICL(KNN):
     name = "dynaicl"
+    summary = (
+        "DynaICL: a trained controller predicts how many demos each query needs; batch token budget"
+    )
     Config = DynaICLConfig
 
     def predict(self, queries: Sequence[str]) -> tuple[Any, list[int]]:
         """Predicted accuracy per (query, k) and the controller's ladder (capped at ``k``)."""
-        from apportion_icl.runtime import get_embedder
+        from apportion.host.embed import SentenceEmbedder
 
         ctl = load_controller(self.config.controller)
-        probs = ctl.predict(get_embedder().encode(list(queries)))
+        probs = ctl.predict(SentenceEmbedder.shared().encode(list(queries)))
         ladder = [k for k in ctl.k_values if k <= self.config.k] or [ctl.k_values[0]]
         return probs[:, : len(ladder)], ladder
 
@@ -161,7 +164,9 @@ class DynaICL(KNN):
                 "predicted_accuracy": dict(
                     zip(map(str, ladder), (round(float(p), 4) for p in probs[i]), strict=True)
                 ),
-                "reason": "batch allocation: highest predicted gain per token under the total budget",
+                "reason": (
+                    "batch allocation: highest predicted gain per token under the total budget"
+                ),
             }
             out.append(self.finish(q, c, ranked_all[i][:k], pool, None, tokens, acc))
         return out

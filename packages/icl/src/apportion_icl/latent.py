@@ -19,11 +19,19 @@ class LatentConfig(KNNConfig):
 
 class Latent(KNN):
     name = "latent"
+    summary = "UniICL-style: demonstrations nearest in the LLM's own hidden-state space"
     Config = LatentConfig
 
     def __init__(self, config=None):
         super().__init__(config)
         self._memo: dict[str, Any] = {}
+
+    def bind(self, loaded: Any) -> Latent:  # type: ignore[override]
+        """Run ``loaded``; vectors memoised under another model are dropped."""
+        if loaded is not self._llm:
+            self._memo.clear()
+        super().bind(loaded)
+        return self
 
     def vectors(self, texts: list[str]) -> Any:
         import torch

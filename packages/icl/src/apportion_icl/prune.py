@@ -84,6 +84,9 @@ def _minmax(xs: list[float]) -> list[float]:
 
 class Prune(ICLStrategy):
     name = "prune"
+    summary = (
+        "Provence-style sentence pruning (embedding and/or LLM attention), per-context threshold"
+    )
     Config = PruneConfig
     uses_demos = False
 
@@ -93,9 +96,9 @@ class Prune(ICLStrategy):
         out: dict[str, list[float]] = {}
         texts = [s.text for s in sentences]
         if self.config.scorer in ("embedding", "both"):
-            from apportion_icl.runtime import get_embedder
+            from apportion.host.embed import SentenceEmbedder
 
-            vecs = get_embedder().encode([query] + texts)
+            vecs = SentenceEmbedder.shared().encode([query] + texts)
             out["embedding"] = [float(x) for x in vecs[1:] @ vecs[0]]
         if self.config.scorer in ("attention", "both"):
             from apportion_icl.probe import question_attention

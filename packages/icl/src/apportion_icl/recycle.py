@@ -30,18 +30,23 @@ class RecycleConfig(StrategyConfig):
 
 class Recycle(ICLStrategy):
     name = "recycle"
+    summary = (
+        "context recycling: the model writes QA demos from the context's own paragraphs (cited)"
+    )
     Config = RecycleConfig
     uses_demos = False
 
     def plan(self, query, context, pool, budget, tokens):
         if not context:
             return context, [], {"recycled": []}
-        from apportion_icl.runtime import generate, get_embedder
+        from apportion.host.embed import SentenceEmbedder
+
+        from apportion_icl.runtime import generate
 
         paras = sent.paragraphs(context)
         if len(paras) == 1:
             paras = [s.text for s in sent.split(context)]  # one paragraph: its sentences
-        vecs = get_embedder().encode([query] + paras)
+        vecs = SentenceEmbedder.shared().encode([query] + paras)
         order = sorted(range(len(paras)), key=lambda i: -float(vecs[i + 1] @ vecs[0]))
         if self.config.skip_most_relevant and len(order) > 1:
             order = order[1:]
@@ -51,8 +56,8 @@ class Recycle(ICLStrategy):
                 {
                     "role": "user",
                     "content": (
-                        f"Paragraph: {paras[i]}\n\nWrite one short question about this paragraph and its answer, "
-                        "in the form:\nQuestion: ...\nAnswer: ..."
+                        f"Paragraph: {paras[i]}\n\nWrite one short question about this "
+                        "paragraph and its answer, in the form:\nQuestion: ...\nAnswer: ..."
                     ),
                 }
             ]

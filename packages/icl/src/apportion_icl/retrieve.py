@@ -37,9 +37,9 @@ class Retriever:
         if self.method == "bm25":
             scores = [float(x) for x in self._bm25.get_scores(words(query))]
         else:
-            from apportion_icl.runtime import get_embedder
+            from apportion.host.embed import SentenceEmbedder
 
-            vecs = get_embedder().encode([query] + self.docs)
+            vecs = SentenceEmbedder.shared().encode([query] + self.docs)
             scores = [float(x) for x in vecs[1:] @ vecs[0]]
         order = sorted(range(len(self.docs)), key=lambda i: (-scores[i], i))
         order = [i for i in order if not exclude or i not in exclude]

@@ -14,8 +14,7 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
-from apportion.base import Prompt, PromptStrategy
-from apportion.config import ComponentConfig
+from apportion.base import ComponentConfig, Prompt, PromptStrategy
 from apportion.errors import PromptTooLongError
 from pydantic import Field
 
@@ -26,7 +25,11 @@ _APPROX = re.compile(r"\w+|[^\w\s]")
 
 
 class StrategyConfig(ComponentConfig):
-    model: str = Field("smollm2", description="LLM used by strategies that run or inspect it")
+    model: str = Field(
+        "smollm2",
+        description="LLM loaded (on the CPU, float32) by a strategy that runs or inspects it "
+        "when no host bound one; the runner binds the run's model",
+    )
 
 
 class Tokens:
@@ -62,7 +65,12 @@ class Tokens:
 
 class ICLStrategy(PromptStrategy):
     """Base of the package's strategies. Subclasses implement :meth:`plan`, returning the
-    (possibly rewritten) context, the demonstrations in order of preference, and accounting."""
+    (possibly rewritten) context, the demonstrations in order of preference, and accounting.
+
+    Strategies that run the LLM read it from :attr:`llm`: the model given to :meth:`bind`
+    (the core runner binds the run's model), else the ``model`` option, loaded on first use
+    and kept on this instance.
+    """
 
     name = "icl"
     Config = StrategyConfig
@@ -72,17 +80,19 @@ class ICLStrategy(PromptStrategy):
         self._llm: Any = None
 
     # ----------------------------------------------------------------- the LLM
-    def bind(self, loaded: Any) -> ICLStrategy:
-        """Use this loaded model (``apportion.host.LoadedModel``) instead of loading one."""
+    def bind(self, loaded: Any) -> ICLStrategy:  # type: ignore[override]
+        """Run this loaded model (an :class:`apportion.host.LoadedModel`) instead of loading
+        one. Returns the strategy, so that ``KNN().bind(loaded).build(...)`` reads well."""
         self._llm = loaded
         return self
 
     @property
     def llm(self) -> Any:
+        """The bound model; unbound, the ``model`` option, loaded once for this instance."""
         if self._llm is None:
-            from apportion_icl.runtime import get_llm
+            from apportion_icl import runtime
 
-            self._llm = get_llm(self.config.model)
+            self._llm = runtime.load_llm(runtime.default_spec(self.config.model))
         return self._llm
 
     # ----------------------------------------------------------------- build

@@ -47,16 +47,21 @@ def cluster(vecs, threshold: float, max_groups: int) -> list[list[int]]:
 
 class Structurize(ICLStrategy):
     name = "structurize"
+    summary = (
+        "restructures the context into titled sections of related sentences before the question"
+    )
     Config = StructurizeConfig
     uses_demos = False
 
     def plan(self, query, context, pool, budget, tokens):
         if not context:
             return context, [], {"sections": []}
-        from apportion_icl.runtime import generate, get_embedder
+        from apportion.host.embed import SentenceEmbedder
+
+        from apportion_icl.runtime import generate
 
         sentences = sent.split(context)
-        vecs = get_embedder().encode([query] + [s.text for s in sentences])
+        vecs = SentenceEmbedder.shared().encode([query] + [s.text for s in sentences])
         groups = cluster(vecs[1:], self.config.merge_threshold, self.config.max_sections)
         rel = [float((vecs[1:][g] @ vecs[0]).max()) for g in groups]
         order = sorted(range(len(groups)), key=lambda i: -rel[i])

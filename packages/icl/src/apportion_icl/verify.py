@@ -22,6 +22,7 @@ class VerifyLoopConfig(StrategyConfig):
 
 class VerifyLoop(ICLStrategy):
     name = "verify-loop"
+    summary = "iterative prompting: answers checked by an external verifier, rejections fed back"
     Config = VerifyLoopConfig
     uses_demos = False
 

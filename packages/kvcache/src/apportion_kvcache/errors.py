@@ -10,8 +10,37 @@ class CorruptKVError(ApportionError, ValueError):
 
 
 class KVMismatchError(ApportionError, ValueError):
-    """A stored KV belongs to another model, or its shape does not fit the model it is loaded into."""
+    """A stored KV belongs to another model, or its shape does not fit the model it is loaded
+    into."""
 
 
 class StoreUnavailableError(ApportionError, ConnectionError):
     """The store's backend (e.g. a Redis server) cannot be reached."""
+
+
+class StoreFullError(ApportionError, ValueError):
+    """The entry alone is larger than the store's size cap (nothing was evicted for it), the
+    disk under the store is full, or a Redis store is out of memory. ``path`` names the file
+    (or the Redis URL) that could not be written, ``needed`` the bytes it needed."""
+
+    def __init__(self, message: str, *, path: str | None = None, needed: int | None = None):
+        super().__init__(message)
+        self.path = path
+        self.needed = needed
+
+
+class AnchorMismatchError(ApportionError):
+    """A KVCOMM anchor (or a pool) recorded with one model was offered to another."""
+
+
+class AnchorPoolFileError(ApportionError):
+    """A saved KVCOMM anchor pool is unreadable: wrong format, version or checksum."""
+
+
+class DistKVError(ApportionError):
+    """A DistKV instance failed or did not answer in time."""
+
+
+class KVCapacityError(ApportionError):
+    """Every DistKV instance is full: the request is refused (admission control), nothing
+    crashes."""

@@ -30,57 +30,19 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-from apportion.host.kv import CompressionConfig, KVPolicy, PrefillOutput, positions_from_mask
-
-
-@dataclass
-class LayerInputs:
-    """What a scorer sees for one layer, right after that layer's prefill.
-
-    ``keys``/``values``: (B, H_kv, L, D) as cached (keys after RoPE). ``hidden``: (B, L, hidden)
-    input of the attention module. ``real``: (B, L) bool, False at left padding.
-    ``question_len``: protected tail length. ``n_keep``: entries each KV head will keep.
-    """
-
-    module: Any
-    hidden: torch.Tensor
-    cos: torch.Tensor
-    sin: torch.Tensor
-    keys: torch.Tensor
-    values: torch.Tensor
-    real: torch.Tensor
-    question_len: int
-    n_keep: int
-
-    def queries(self, last: int | None = None) -> torch.Tensor:
-        """Post-RoPE queries (B, H_q, n, D) of the last ``last`` prompt positions (all if None)."""
-        return project_queries(self.module, self.hidden, self.cos, self.sin, last)
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def project_queries(
-    module: Any, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, last: int | None = None
-) -> torch.Tensor:
-    """Recompute an attention module's queries (Llama/Mistral/Qwen layout: ``q_proj``, optional
-    ``q_norm``, rotate-half RoPE). Only ``last`` positions are projected: scorers that read an
-    observation window never pay for the whole prompt."""
-    if last is not None:
-        hidden, cos, sin = hidden[:, -last:], cos[..., -last:, :], sin[..., -last:, :]
-    b, n, _ = hidden.shape
-    q = module.q_proj(hidden).view(b, n, -1, module.head_dim)
-    if getattr(module, "q_norm", None) is not None:
-        q = module.q_norm(q)
-    q = q.transpose(1, 2)
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return q * cos + _rotate_half(q) * sin
+from apportion.host.kv import (
+    CompressionConfig,
+    KVPolicy,
+    LayerInputs,
+    PrefillOutput,
+    attention_modules,
+    kept_mask,
+    positions_from_mask,
+)
+from apportion.host.shared import layerwise_prefill
 
 
 def window_attention(inputs: LayerInputs, window: int) -> torch.Tensor:
@@ -121,6 +83,8 @@ class ScoredEviction(KVPolicy):
 
     name: ClassVar[str] = ""
     Config: ClassVar[type[CompressionConfig]] = CompressionConfig
+    #: one full prefill can serve several of these (apportion.host.shared)
+    layerwise: ClassVar[bool] = True
 
     # ------------------------------------------------------------------ to override
     def score(self, inputs: LayerInputs) -> torch.Tensor:
@@ -145,7 +109,11 @@ class ScoredEviction(KVPolicy):
         """Keep the top ``n_keep`` entries per KV head; returns new (keys, values)."""
         keys, values, n_keep = inputs.keys, inputs.values, inputs.n_keep
         length = keys.shape[-2]
-        scores = self.score(inputs).float()
+        # one scorer at several ratios in a shared prefill scores once
+        key = (type(self), self.config.model_dump_json(exclude={"compression_ratio"}))
+        if key not in inputs.memo:
+            inputs.memo[key] = self.score(inputs).float()
+        scores = inputs.memo[key].clone()
         if scores.shape != keys.shape[:3]:
             raise RuntimeError(
                 f"{type(self).__name__}.score returned {tuple(scores.shape)}, "
@@ -194,22 +162,14 @@ class ScoredEviction(KVPolicy):
         *,
         question_len: int = 0,
     ) -> PrefillOutput:
-        n_keep = self.plan(attention_mask, question_len)
-        if n_keep is None:
+        """The prompt through the model, each layer evicted as soon as it attended (core's
+        :func:`~apportion.host.shared.layerwise_prefill` with this policy alone)."""
+        if self.plan(attention_mask, question_len) is None:
             return super().prefill(
                 model, input_ids, attention_mask, cache, question_len=question_len
             )
-        real = attention_mask.bool()
-        q = max(0, min(int(question_len), input_ids.shape[1]))
-        with self._hooks(model, cache, real, q, n_keep):
-            logits, position_ids = self.forward_prompt(model, input_ids, attention_mask, cache)
-        kv_mask = kept_mask(real, n_keep)
-        return PrefillOutput(
-            logits=logits,
-            kv_mask=kv_mask,
-            next_position=position_ids[:, -1] + 1,
-            info={"n_keep": n_keep, "evicted": input_ids.shape[1] - n_keep},
-        )
+        out = layerwise_prefill(model, input_ids, attention_mask, [self], question_len, [cache])
+        return out[0].prefill
 
     # ------------------------------------------------------------------ plain transformers
     @contextlib.contextmanager
@@ -291,24 +251,3 @@ def _find_cache(kwargs: dict) -> Any:
         if c is not None and hasattr(c, "layers"):
             return c
     return None
-
-
-def kept_mask(real: torch.Tensor, n_keep: int) -> torch.Tensor | None:
-    """(B, n_keep) validity of the kept entries: a row keeps ``max(0, n_keep - n_real)`` padding
-    entries and they come first (left padding scores lowest and kept indices are sorted)."""
-    if bool(real.all()):
-        return None
-    pad_kept = (n_keep - real.sum(-1)).clamp(min=0)
-    cols = torch.arange(n_keep, device=real.device)[None, :]
-    return cols >= pad_kept[:, None]
-
-
-def attention_modules(model: Any) -> list[Any]:
-    """The self-attention modules of a decoder (anything with ``layer_idx`` and ``q_proj``)."""
-    mods = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "q_proj")]
-    if not mods:
-        raise TypeError(
-            f"{type(model).__name__} has no attention modules with q_proj/layer_idx; "
-            "score-based eviction supports Llama-style decoders"
-        )
-    return mods

@@ -14,45 +14,58 @@ from typing import ClassVar
 
 import torch
 from apportion.host.kv import CompressionConfig
+from apportion.host.rope import project_queries
 from pydantic import Field
 
-from apportion_kvcache.eviction import LayerInputs, ScoredEviction, group_heads, project_queries
+from apportion_kvcache.eviction import LayerInputs, ScoredEviction
 
 
 class H2OConfig(CompressionConfig):
     recent_fraction: float = Field(
         0.5, ge=0.0, le=1.0, description="share of the budget for recent tokens"
     )
-    block_size: int = Field(512, ge=16, le=65536, description="queries scored per block")
+    block_size: int = Field(256, ge=16, le=65536, description="queries scored per block")
 
 
 class H2O(ScoredEviction):
     name: ClassVar[str] = "h2o"
+    summary: ClassVar[str] = (
+        "H2O: accumulated-attention heavy hitters + recent tokens, scored in a hook"
+    )
     Config = H2OConfig
 
     def protect_tail(self, n_keep: int, question_len: int) -> int:
         return max(question_len, int(n_keep * self.config.recent_fraction))
 
     def score(self, inputs: LayerInputs) -> torch.Tensor:
+        """The attention each entry received, summed over every prompt query and over the
+        query heads of its KV head. A block of queries reads only the keys up to its last
+        position (the rest are causally masked anyway)."""
         keys = inputs.keys
         b, h_kv, length, d = keys.shape
         k = keys.float()
         real = inputs.real
-        acc = None
+        acc = k.new_zeros((b, h_kv, length))
         block = self.config.block_size
+        padded = not bool(real.all())
         for start in range(0, length, block):
             stop = min(length, start + block)
             hid = inputs.hidden[:, start:stop]
             q = project_queries(
                 inputs.module, hid, inputs.cos[..., start:stop, :], inputs.sin[..., start:stop, :]
             ).float()
-            groups = q.shape[1] // h_kv
-            kk = k.repeat_interleave(groups, dim=1)
-            logits = torch.matmul(q, kk.transpose(-1, -2)) * (d**-0.5)  # (B, Hq, n, L)
-            q_pos = torch.arange(start, stop, device=k.device)[:, None]
-            allowed = (torch.arange(length, device=k.device)[None, :] <= q_pos)[None, None]
-            allowed = allowed & real[:, None, None, :] & real[:, None, start:stop, None]
-            probs = torch.softmax(logits.masked_fill(~allowed, float("-inf")), -1).nan_to_num(0.0)
-            part = probs.sum(dim=2)
-            acc = part if acc is None else acc + part
-        return group_heads(acc, h_kv, "mean") * (acc.shape[1] // h_kv)
+            n = stop - start
+            q = q.view(b, h_kv, q.shape[1] // h_kv, n, d)  # GQA: a KV head's query heads
+            logits = torch.matmul(q, k[:, :, None, :stop].transpose(-1, -2))
+            logits.mul_(d**-0.5)
+            # causal: only the block's own keys can lie in a query's future (in place)
+            future = torch.ones((n, n), dtype=torch.bool, device=k.device).triu_(1)
+            logits[..., start:stop].masked_fill_(future, float("-inf"))
+            if padded:
+                blind = ~real[:, None, None, None, :stop] | ~real[:, None, None, start:stop, None]
+                logits.masked_fill_(blind, float("-inf"))
+            probs = torch.softmax(logits, -1)
+            if padded:
+                probs = probs.nan_to_num_(0.0)
+            acc[..., :stop] += probs.sum(dim=(2, 3))
+        return acc

@@ -1,57 +1,27 @@
-"""Entry point of apportion-kvcache: registers its components by import path (nothing heavy here)."""
+"""Entry point of apportion-kvcache: registers its policies by import path (nothing heavy
+is imported here) and provides the core's KV store."""
 
 from apportion import hookimpl
 
-APPORTION_API = ">=1.0,<2"
+APPORTION_API = ">=2.0,<3"
 
 
 @hookimpl
 def apportion_register_kv_policies(register):
-    register(
-        "streaming",
-        "apportion_kvcache.streaming:StreamingLLM",
-        config="apportion_kvcache.streaming:StreamingConfig",
-        summary="StreamingLLM: attention sinks + recent window (positions kept exact)",
-    )
-    register(
-        "snapkv",
-        "apportion_kvcache.snapkv:SnapKV",
-        config="apportion_kvcache.snapkv:SnapKVConfig",
-        summary="SnapKV: observation-window attention, pooled, per KV head (GQA-aware)",
-    )
-    register(
-        "h2o",
-        "apportion_kvcache.h2o:H2O",
-        config="apportion_kvcache.h2o:H2OConfig",
-        summary="H2O: accumulated-attention heavy hitters + recent tokens, scored in a hook",
-    )
-    register(
-        "qspan",
-        "apportion_kvcache.qspan:QSpan",
-        config="apportion_kvcache.qspan:QSpanConfig",
-        summary="question-aware span keeping: question-query peaks, GQA union, kept neighbourhoods",
-    )
-    register(
-        "cachegen",
-        "apportion_kvcache.cachegen_policy:CacheGenPolicy",
-        config="apportion_kvcache.cachegen_policy:CacheGenPolicyConfig",
-        summary="CacheGen: context KV through the quantize+delta+range-coded bitstream (optional store reuse)",
-    )
-    register(
-        "kvcomm",
-        "apportion_kvcache.kvcomm:KVCOMM",
-        config="apportion_kvcache.kvcomm:KVCOMMConfig",
-        summary="KVCOMM: shared segments reused under new prefixes, offsets from an anchor pool (RoPE-aware)",
-    )
-    register(
-        "fastswitch",
-        "apportion_kvcache.fastswitch.policy:FastSwitch",
-        config="apportion_kvcache.fastswitch.policy:FastSwitchConfig",
-        summary="FastSwitch: multi-turn reuse of host-kept KV, swapped by block group on a thread",
-    )
-    register(
-        "distkv",
-        "apportion_kvcache.distkv:DistKV",
-        config="apportion_kvcache.distkv:DistKVConfig",
-        summary="DistKV (Infinite-LLM): KV blocks lent by other instances, attention merged exactly by LSE",
-    )
+    register("apportion_kvcache.streaming:StreamingLLM", name="streaming")
+    register("apportion_kvcache.snapkv:SnapKV", name="snapkv")
+    register("apportion_kvcache.h2o:H2O", name="h2o")
+    register("apportion_kvcache.qspan:QSpan", name="qspan")
+    register("apportion_kvcache.cachegen.policy:CacheGenPolicy", name="cachegen")
+    register("apportion_kvcache.kvcomm.policy:KVCOMM", name="kvcomm")
+    register("apportion_kvcache.fastswitch.policy:FastSwitch", name="fastswitch")
+    register("apportion_kvcache.distkv.policy:DistKV", name="distkv")
+
+
+@hookimpl
+def apportion_kv_store(url, max_bytes):
+    """The KV store at ``url``: a directory (:class:`~apportion_kvcache.store.LocalStore`) or a
+    ``redis://`` URL (:class:`~apportion_kvcache.store.RedisStore`), capped at ``max_bytes``."""
+    from apportion_kvcache.store import open_store
+
+    return open_store(url, max_bytes=max_bytes)

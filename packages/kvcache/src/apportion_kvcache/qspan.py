@@ -1,19 +1,20 @@
-"""``qspan`` — question-aware span keeping (this project's own policy).
+"""``qspan``: question-aware span keeping, this package's own eviction policy.
 
 SnapKV averages the attention of a fixed observation window, which on a short question spends
 half the window on context tokens and blurs a sharp peak into the mean. ``qspan`` instead:
 
-1. scores with the *question's* queries only (the protected tail ``question_len``; a window of
-   ``fallback_window`` tokens when the caller gives no question),
-2. keeps peaks: an entry's score is the max over the question's queries (plus their mean, to
-   order the rest), so a single question token that locks onto the needle is enough,
+1. scores with the *question's* queries only (the protected tail ``question_len``, at most
+   ``max_question`` of them; a window of ``fallback_window`` tokens when the caller gives no
+   question),
+2. keeps peaks: an entry's score is the max over the question's queries (plus their mean,
+   weighted by ``mean_weight``, to order the rest), so a single question token that locks onto
+   the needle is enough,
 3. is GQA-union: a KV head keeps what *any* of its query heads needs (max over the group),
 4. keeps spans, not tokens: max-pooling over ``span`` neighbours means a selected token keeps
    its surroundings, about a sentence. The question's queries lock onto the *key* of a fact
-   ("the magic number for wise-otter"); the value follows it: a 7-digit number is seven more
-   tokens, and with a 7-token span SmolLM2 answered 7268333 for 7268338 on niah at 1K. 25
-   keeps the whole needle sentence (niah 1K at 0.5: 6/9 with span 7, 9/9 with 15 and 25;
-   at 0.75: 3/9 with 15, 9/9 with 25).
+   ("the magic number for wise-otter"); the value follows it, several tokens later (a 7-digit
+   number is seven more tokens), so a span narrower than the fact loses part of the answer.
+   The default of 25 keeps a whole short sentence.
 
 Budgets, eviction and memory release are the shared ones (:mod:`apportion_kvcache.eviction`).
 """
@@ -47,6 +48,9 @@ class QSpanConfig(CompressionConfig):
 
 class QSpan(ScoredEviction):
     name: ClassVar[str] = "qspan"
+    summary: ClassVar[str] = (
+        "question-aware span keeping: question-query peaks, GQA union, kept neighbourhoods"
+    )
     Config = QSpanConfig
 
     def score(self, inputs: LayerInputs) -> torch.Tensor:

@@ -40,6 +40,7 @@ def pool(scores: torch.Tensor, kernel: int, how: str = "avg") -> torch.Tensor:
 
 class SnapKV(ScoredEviction):
     name: ClassVar[str] = "snapkv"
+    summary: ClassVar[str] = "SnapKV: observation-window attention, pooled, per KV head (GQA-aware)"
     Config = SnapKVConfig
 
     def protect_tail(self, n_keep: int, question_len: int) -> int:

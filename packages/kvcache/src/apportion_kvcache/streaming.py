@@ -25,6 +25,7 @@ class StreamingConfig(CompressionConfig):
 
 class StreamingLLM(ScoredEviction):
     name: ClassVar[str] = "streaming"
+    summary: ClassVar[str] = "StreamingLLM: attention sinks + recent window (positions kept exact)"
     Config = StreamingConfig
 
     def score(self, inputs: LayerInputs) -> torch.Tensor:

@@ -29,8 +29,8 @@ Blocks are copied whole. A paged block's interior layout belongs to the attentio
 same backend, block size, KV dtype and tensor/pipeline rank; all of those are in the key's
 model fingerprint, and the layer's block shape and backend are checked again on load.
 
-Keys are the store's usual ``sha256(fingerprint, token ids)`` (:func:`store.prefix_key`), so a
-Redis store shares prefixes between vLLM instances of the same configuration.
+Keys are the store's usual :func:`apportion.host.store.prefix_key` of (fingerprint, token
+ids), so a Redis store shares prefixes between vLLM instances of the same configuration.
 
 vLLM and torch are imported by this module (it subclasses ``KVConnectorBase_V1``); only vLLM
 imports it, through the entry point: ``import apportion`` and the apportion plugin never do.
@@ -105,7 +105,8 @@ class _PendingSave:
 
 
 class ApportionStoreConnector(KVConnectorBase_V1):
-    """KV connector whose external cache is an apportion :class:`~apportion_kvcache.store.KVStore`."""
+    """KV connector whose external cache is an apportion KV store
+    (:class:`~apportion_kvcache.store.KVStore`)."""
 
     def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: Any = None):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)

@@ -1,30 +1,16 @@
-"""Entry point of apportion-offload: registers its components by import path (nothing heavy here)."""
+"""Entry point of apportion-offload: registers its allocators by import path (nothing heavy
+is imported here) and the step-time model behind ``apportion plan --offload``."""
 
 from apportion import hookimpl
 
-APPORTION_API = ">=1.0,<2"
+APPORTION_API = ">=2.0,<3"
 
 
 @hookimpl
 def apportion_register_allocators(register):
-    register(
-        "pinned-pool",
-        "apportion_offload.pool:PinnedPool",
-        config="apportion_offload.pool:PinnedPoolConfig",
-        summary="MemAscend pinned buffer pool: size-classed, aligned, reused, under a hard cap",
-    )
-    register(
-        "nvme",
-        "apportion_offload.swap:NvmeSwapper",
-        config="apportion_offload.swap:NvmeSwapConfig",
-        summary="direct-I/O (O_DIRECT) async NVMe swapper: preallocated, checksummed, atomic files",
-    )
-    register(
-        "tiered",
-        "apportion_offload.tiered:TieredAllocator",
-        config="apportion_offload.tiered:TieredConfig",
-        summary="tier-aware DRAM/CXL placement: optimizer states local, activations striped on far NUMA nodes",
-    )
+    register("apportion_offload.pool:PinnedPool", name="pinned-pool")
+    register("apportion_offload.nvme:NvmeSwapper", name="nvme")
+    register("apportion_offload.tiered:TieredAllocator", name="tiered")
 
 
 @hookimpl

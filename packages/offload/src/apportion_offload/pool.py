@@ -63,8 +63,9 @@ class PinnedPoolConfig(ComponentConfig):
     retain_headroom: float | None = Field(
         0.0,
         ge=0.0,
-        description="cached buffers are kept while the pool holds at most (1 + headroom) x its peak in-use "
-        "bytes (reserve()d ones always); None keeps them until cap_bytes forces a release",
+        description="cached buffers are kept while the pool holds at most (1 + headroom) x "
+        "its peak in-use bytes (reserve()d ones always); None keeps them until cap_bytes "
+        "forces a release",
     )
     pin: Literal["auto", "cuda", "mlock", "none"] = Field(
         "auto", description="how buffers are pinned"
@@ -115,6 +116,7 @@ def tensor_nbytes(shape: Sequence[int] | int, dtype: Any) -> int:
 
 class PinnedPool(Allocator):
     name = "pinned-pool"
+    summary = "MemAscend pinned buffer pool: size-classed, aligned, reused, under a hard cap"
     Config = PinnedPoolConfig
 
     def __init__(self, config: PinnedPoolConfig | None = None):
@@ -178,7 +180,8 @@ class PinnedPool(Allocator):
             if self._reserved - self._cached + total > self.config.cap_bytes:
                 raise PoolCapacityError(
                     f"pinned-pool: reserving {len(classes)} buffers ({total} bytes) would exceed "
-                    f"cap_bytes={self.config.cap_bytes} ({self._reserved - self._cached} bytes in use)"
+                    f"cap_bytes={self.config.cap_bytes} "
+                    f"({self._reserved - self._cached} bytes in use)"
                 )
         bufs = []
         try:

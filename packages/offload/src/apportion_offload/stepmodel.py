@@ -62,7 +62,8 @@ class Placement:
             if not sep or state not in STATES or tier not in TIERS:
                 raise ValueError(
                     f"bad placement item {item!r} in {text!r}: use a preset ({', '.join(PRESETS)}) "
-                    f"or state=tier pairs with states {', '.join(STATES)} and tiers {', '.join(TIERS)}"
+                    f"or state=tier pairs with states {', '.join(STATES)} "
+                    f"and tiers {', '.join(TIERS)}"
                 )
             if state in values:
                 raise ValueError(f"placement {text!r} names {state!r} twice")

@@ -137,6 +137,10 @@ class Decision:
 
 class TieredAllocator(Allocator):
     name = "tiered"
+    summary = (
+        "tier-aware DRAM/CXL placement: optimizer states local, "
+        "activations striped on far NUMA nodes"
+    )
     Config = TieredConfig
 
     def __init__(self, config: TieredConfig | None = None):
@@ -198,7 +202,8 @@ class TieredAllocator(Allocator):
             [self.far_nodes[0]],
             "bind",
             cls,
-            f"local DRAM budget ({self.local_capacity} bytes) is full: spilled to the nearest far node",
+            f"local DRAM budget ({self.local_capacity} bytes) is full: "
+            "spilled to the nearest far node",
         )
 
     def allocate(self, shape: Sequence[int], dtype: Any, *, access: str = "default") -> Any:

@@ -35,6 +35,7 @@ class DAPOConfig(GRPOConfig):
 
 class DAPO(GRPO):
     name = "dapo"
+    summary = "DAPO: clip-higher, dynamic sampling of equal-reward groups, token-level loss"
     Config = DAPOConfig
 
     def keep_groups(self, rewards: Sequence[Sequence[float | None]]) -> list[bool]:

@@ -24,6 +24,7 @@ class DrGRPOConfig(GRPOConfig):
 
 class DrGRPO(GRPO):
     name = "dr-grpo"
+    summary = "Dr.GRPO: advantage r - mean, loss over a constant token count"
     Config = DrGRPOConfig
 
     def aggregate(self, per_token: Any, mask: Any) -> Any:

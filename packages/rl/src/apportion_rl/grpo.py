@@ -81,6 +81,7 @@ class GRPO(TrainerStrategy):
     averaged per sequence, then over the batch."""
 
     name = "grpo"
+    summary = "GRPO: group-normalised advantages, clipped token loss; counts bad rewards"
     Config = GRPOConfig
 
     #: True for allocators that hand out a budget over several phases (see ``xrpo``).

@@ -22,6 +22,7 @@ class GSPOConfig(GRPOConfig):
 
 class GSPO(GRPO):
     name = "gspo"
+    summary = "GSPO: sequence-level importance ratio, clipped per sequence"
     Config = GSPOConfig
 
     def log_ratio(self, logps: Any, old_logps: Any, mask: Any) -> Any:

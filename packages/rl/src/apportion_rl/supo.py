@@ -69,6 +69,7 @@ class Trajectory:
 
 class SUPO(GRPO):
     name = "supo"
+    summary = "SUPO: summarise near the context limit, split trajectories, mask overlong"
     Config = SUPOConfig
 
     def segment_batch(

@@ -83,7 +83,8 @@ class StrategyGRPOTrainer(GRPOTrainer):
         if reward_funcs is None or (isinstance(reward_funcs, list) and not reward_funcs):
             raise MissingRewardFunctionError(
                 "StrategyGRPOTrainer needs reward_funcs: a callable (prompts, completions, "
-                "**columns) -> list[float | None], a list of them, or a reward model id; none was given"
+                "**columns) -> list[float | None], a list of them, or a reward model id; "
+                "none was given"
             )
         if isinstance(strategy, str):
             from apportion import get_registry

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
+from apportion.base import ComponentConfig
 from pydantic import Field
 
 from apportion_rl.grpo import GRPO, GRPOConfig, is_valid_reward
@@ -42,8 +43,8 @@ class XRPOConfig(GRPOConfig):
     phases: int = Field(2, ge=1, description="allocation rounds after the first phase")
     max_rollouts_per_prompt: int = Field(32, ge=1, description="cap on one prompt's group")
     confidence: float = Field(0.95, gt=0, lt=1, description="level of the Student-t interval")
-    # 0.25 (the Bernoulli maximum) swamped groups of 2-4: every prompt looked equally uncertain
-    # and the allocation came out uniform in a real TRL run (4 prompts x 2 initial, budget 16)
+    # not 0.25 (the Bernoulli maximum): that prior swamps groups of 2-4 rollouts, every prompt
+    # looks equally uncertain and the allocation comes out uniform
     prior_variance: float = Field(0.05, ge=0, description="v0: reward variance assumed a priori")
     prior_strength: float = Field(1.0, ge=0, description="m0: pseudo-observations of v0")
     exploration: float = Field(0.05, ge=0, description="lambda: weight of the UCB bonus")
@@ -83,8 +84,14 @@ _WORD = re.compile(r"\w+")
 
 class XRPO(GRPO):
     name = "xrpo"
+    summary = "XRPO: Student-t uncertainty rollout allocator, ICL seeding, novelty sharpening"
     Config = XRPOConfig
     phased = True
+
+    def __init__(self, config: ComponentConfig | None = None):
+        super().__init__(config)
+        self._loaded: Any = None
+        self._seeder: Any = None  # the seed_strategy's prompt strategy, built on first use
 
     # ------------------------------------------------------------------ allocation
 
@@ -173,7 +180,23 @@ class XRPO(GRPO):
 
         return sorted(pool, key=overlap, reverse=True)[:k]
 
+    def bind(self, loaded: Any) -> None:
+        """Keep the policy model (an :class:`apportion.host.LoadedModel`) for the prompt
+        strategy that picks seeding exemplars, which gets it through its own ``bind``."""
+        self._loaded = loaded
+        if self._seeder is not None:
+            self._seeder.bind(loaded)
+
     def _icl_strategy(self) -> Any:
+        """The prompt strategy named by ``seed_strategy``, built once per instance (and bound
+        to this strategy's model, if it has one), or ``None`` for lexical selection."""
+        if self._seeder is None:
+            self._seeder = self._build_icl_strategy()
+            if self._seeder is not None and self._loaded is not None:
+                self._seeder.bind(self._loaded)
+        return self._seeder
+
+    def _build_icl_strategy(self) -> Any:
         name = self.config.seed_strategy
         if name is None:
             return None

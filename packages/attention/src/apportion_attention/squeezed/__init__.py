@@ -10,6 +10,10 @@ to the keys of the selected clusters plus every token after the context (the que
 the generated tokens). By default (``question_share``) half of the budget instead holds the
 context keys the question's queries attended to most, kept at every decode step (see
 :mod:`.backend`); ``question_share=0`` is the per-step selection alone.
+
+Modules: :mod:`.backend` (the ``squeezed`` component), :mod:`.index` (the centroid index
+and its calibration), :mod:`.kmeans` (batched K-means), :mod:`.kernels` (centroid scoring,
+index compaction and sparse decode, each in Triton and as a torch reference).
 """
 
 from apportion_attention.squeezed.backend import Squeezed, SqueezedConfig

@@ -11,7 +11,7 @@ How it runs inside a forward pass (one transformers attention call per layer):
 - A later call on the same cache (decode, or a further question chunk) attends to the
   selected context keys plus every key after the context. Decode (one query) runs the
   kernels: centroid scoring, index compaction, sparse split-K decode (Triton on CUDA, the
-  torch path on CPU: see :mod:`apportion_attention.kernels`). The torch path compacts by
+  torch path on CPU: see :mod:`apportion_attention.squeezed.kernels`). The torch path compacts by
   cluster (:meth:`.index.LayerIndex.select_positions`: the kept clusters' precomputed key
   lists, no pass over every key) and reads the keys after the context in place.
 - A cache changed behind the index (a KV policy evicted entries) is detected by length and
@@ -23,10 +23,8 @@ lands on them instead. Each fine cluster that a query did not select therefore t
 as one key, its centroid, weighted by the number of its (non-sticky) keys and carrying their
 mean value; its log-sum-exp merges with the selected keys' (:func:`apportion.host.lse.merge`).
 It reuses the fine centroid scores the selection computed anyway, so it costs one small
-matmul over the clusters per step, and it is exact when a cluster's keys are equal. On the
-niah benchmark the renormalisation is what lost needles at 4K tokens: with the needle's
-keys forced into every head's selection the model still answered "...mentioned in the
-text" (2 of 4 at 4K, depth 0.5); with the estimate, 3 of 4, as dense.
+matmul over the clusters per step, and it is exact when a cluster's keys are equal. Without
+it, the renormalisation loses needles even when their keys are selected.
 
 Question-selected keys (``question_share`` > 0, a prompt with a question): at the question's
 prefill, ``question_share`` of the budget goes to the context keys the question's queries
@@ -105,14 +103,14 @@ class SqueezedConfig(ComponentConfig):
         0.5,
         ge=0.0,
         le=1.0,
-        description="share of the budget given to the keys the question selected (kept at every later "
-        "step); the rest is each step's own centroid selection. 0: the paper's per-step "
+        description="share of the budget given to the keys the question selected (kept at every "
+        "later step); the rest is each step's own centroid selection. 0: the paper's per-step "
         "selection only. Used only when the prompt has a question (question_len > 0)",
     )
     question_reduce: Literal["sum", "max"] = Field(
         "max",
-        description="a context key's question vote: its attention probability summed over the question's "
-        "queries and heads (sum) or the largest one (max)",
+        description="a context key's question vote: its attention probability summed over the "
+        "question's queries and heads (sum) or the largest one (max)",
     )
     question_before: int = Field(
         15, ge=0, description="a question-selected key brings this many keys before it"
@@ -125,8 +123,8 @@ class SqueezedConfig(ComponentConfig):
     )
     estimate_rest: bool = Field(
         True,
-        description="the context keys a query did not select still take part, each cluster's rest as "
-        "one key (centroid, weight = its size) with the rest's mean value; False: they get "
+        description="the context keys a query did not select still take part, each cluster's "
+        "rest as one key (centroid, weight = its size) with the rest's mean value; False: they get "
         "no attention at all (the paper's sparse attention)",
     )
     seed: int = 0
@@ -155,6 +153,10 @@ class Squeezed(AttentionBackend):
     """Squeezed Attention: K-means centroid lookup picks the context keys each query reads."""
 
     name: ClassVar[str] = "squeezed"
+    summary: ClassVar[str] = (
+        "Squeezed Attention: K-means key clusters, two-level centroid lookup, "
+        "sparse decode (Triton)"
+    )
     Config = SqueezedConfig
     extends_context: ClassVar[bool] = False
 
@@ -214,7 +216,8 @@ class Squeezed(AttentionBackend):
             )
         if query.shape[1] % key.shape[1]:
             raise ValueError(
-                f"squeezed: {query.shape[1]} query heads is not a multiple of {key.shape[1]} KV heads"
+                f"squeezed: {query.shape[1]} query heads is not a multiple of "
+                f"{key.shape[1]} KV heads"
             )
         if layer is None:
             return _sdpa(
@@ -391,7 +394,7 @@ class Squeezed(AttentionBackend):
         return out.view(B, H, Q, d).to(query.dtype).transpose(1, 2).contiguous(), None
 
     def _decode(self, index: LayerIndex, query, key, value, attention_mask, scale):
-        from apportion_attention.kernels import dispatch, reference
+        from apportion_attention.squeezed.kernels import dispatch, reference
 
         kern = dispatch(self.config.kernels, query.device.type)
         B, H, _, d = query.shape

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from apportion_attention.kmeans import kmeans
+from apportion_attention.squeezed.kmeans import kmeans
 
 
 @dataclass
@@ -124,7 +124,7 @@ class LayerIndex:
         clusters (rows, Q, K2) and the fine scores (rows, G, Q, K2) that :meth:`estimate_rest`
         takes."""
         if scores_fn is None:
-            from apportion_attention.kernels.reference import centroid_scores as scores_fn
+            from apportion_attention.squeezed.kernels.reference import centroid_scores as scores_fn
         keep_f, fine = self._clusters(q, scale, scores_fn)
         assign = self.assign.clamp(min=0)[:, None, :].expand(self.rows, q.shape[2], -1)
         sel = keep_f.gather(2, assign) & (self.assign >= 0)[:, None, :]
@@ -160,7 +160,8 @@ class LayerIndex:
         rows, n_ctx, d = values.shape
         if n_ctx != self.n_ctx or rows != self.rows:
             raise ValueError(
-                f"values must be (rows={self.rows}, n_ctx={self.n_ctx}, d), got {tuple(values.shape)}"
+                f"values must be (rows={self.rows}, n_ctx={self.n_ctx}, d), "
+                f"got {tuple(values.shape)}"
             )
         rest = self.assign >= 0
         if self.sticky is not None:

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from apportion.base import TrainerStrategy
-from apportion.config import ComponentConfig
+from apportion.base import ComponentConfig, TrainerStrategy
 
 
 class GRPOConfig(ComponentConfig):
@@ -15,4 +14,5 @@ class GRPOConfig(ComponentConfig):
 
 class GRPO(TrainerStrategy):
     name = "grpo"
+    summary = "GRPO: uniform rollouts, group-normalised advantages, clipped loss"
     Config = GRPOConfig

@@ -12,11 +12,13 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
-from apportion.base import Benchmark, Sample
+from apportion.base import Benchmark, ComponentConfig, Sample
 from apportion.baselines.haystack import sentences
-from apportion.config import ComponentConfig
 
-QUESTION = "What is the special magic number for {key} mentioned in the text above? Answer with the number only."
+QUESTION = (
+    "What is the special magic number for {key} mentioned in the text above? "
+    "Answer with the number only."
+)
 NEEDLE = "The special magic number for {key} is: {value}."
 KEYS = (
     "dusty-harbor",
@@ -91,6 +93,7 @@ def chat_overhead(tokenizer: Any) -> int:
 
 class SingleNeedle(Benchmark):
     name = "niah"
+    summary = "single needle in a haystack (7-digit number) at given lengths and depths"
     Config = NeedleConfig
     config: NeedleConfig
     max_new_tokens = 32

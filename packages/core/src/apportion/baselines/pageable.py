@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from apportion.base import Allocator
-from apportion.config import ComponentConfig
+from apportion.base import Allocator, ComponentConfig
 
 
 class PageableConfig(ComponentConfig):
@@ -14,6 +13,7 @@ class PageableConfig(ComponentConfig):
 
 class Pageable(Allocator):
     name = "pageable"
+    summary = "ordinary pageable host memory, with byte accounting"
     Config = PageableConfig
 
     def allocate(self, shape, dtype, *, access="default"):

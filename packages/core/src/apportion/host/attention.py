@@ -49,7 +49,9 @@ def registered_attention(name: str) -> tuple[Callable[..., Any], Callable[..., A
 class AttentionBackend(Component):
     """``dense``: transformers' SDPA attention, unchanged."""
 
+    kind: ClassVar[str] = "attention"
     name: ClassVar[str] = "dense"
+    summary: ClassVar[str] = "transformers' SDPA attention over every key (the reference)"
     #: True if this backend reads prompts longer than the model's trained window.
     extends_context: ClassVar[bool] = False
 

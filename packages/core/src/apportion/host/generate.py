@@ -11,9 +11,9 @@ from typing import Any
 import torch
 
 from apportion.base import Prompt
-from apportion.errors import PromptTooLongError
+from apportion.errors import ConfigError, PromptTooLongError
 from apportion.host.attention import AttentionBackend
-from apportion.host.kv import KVPolicy, cache_kwargs, cache_seq_lengths
+from apportion.host.kv import KVPolicy, attention_modules, cache_kwargs, cache_seq_lengths
 from apportion.host.model import LoadedModel
 
 
@@ -37,6 +37,33 @@ class GenerationResult:
         return asdict(self)
 
 
+class PeakMeter:
+    """Records the most bytes ``policy``'s cache holds after each attention layer of ``model``
+    runs, inside the ``with`` block (forward hooks registered first, so they see a layer's
+    full KV before any eviction hook of the policy shrinks it)."""
+
+    def __init__(self, model: Any, policy: KVPolicy, cache: Any):
+        self.model, self.policy, self.cache = model, policy, cache
+        self.peak = 0
+        self._handles: list[Any] = []
+
+    def _hook(self, module: Any, args: Any, output: Any) -> None:
+        self.peak = max(self.peak, self.policy.kv_bytes(self.cache))
+
+    def __enter__(self) -> PeakMeter:
+        try:
+            modules = attention_modules(self.model)
+        except TypeError:  # not a Llama-style decoder: the after-prefill figure stands
+            modules = []
+        self._handles = [m.register_forward_hook(self._hook) for m in modules]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
 @dataclass
 class EncodedPrompt:
     ids: list[int]
@@ -44,7 +71,13 @@ class EncodedPrompt:
 
 
 class Host:
-    """Runs prompts through one model with one attention backend and one KV policy."""
+    """Runs prompts through one model with one attention backend and one KV policy, and
+    measures them.
+
+    ``peak_kv_bytes`` is the most the KV policy's cache held at any point: after every
+    layer's attention during the prefill (so a cache built whole and evicted afterwards
+    counts whole), after the prefill, and after every decode step.
+    """
 
     def __init__(
         self,
@@ -55,6 +88,8 @@ class Host:
         self.loaded = loaded
         self.attention = attention or AttentionBackend()
         self.kv_policy = kv_policy or KVPolicy()
+        self.attention.bind(loaded)
+        self.kv_policy.bind(loaded)
 
     @property
     def tokenizer(self) -> Any:
@@ -100,6 +135,10 @@ class Host:
             prompts = [prompts]
         if not prompts:
             return []
+        for p in prompts:
+            text = p if isinstance(p, str) else " ".join(m.get("content", "") for m in p.messages)
+            if not text.strip():
+                raise ConfigError("the prompt is empty: give the model something to answer")
         encoded = [self.encode(p) for p in prompts]
         for e in encoded:
             self.check_fits(len(e.ids), max_new_tokens)
@@ -145,82 +184,149 @@ class Host:
         max_new_tokens: int,
     ) -> list[GenerationResult]:
         model = self.loaded.model
-        batch = input_ids.shape[0]
-        eos = self._eos_ids()
         cache = self.kv_policy.make_cache(model)
-        sync = torch.cuda.synchronize if input_ids.is_cuda else (lambda: None)
+        sync = _sync(input_ids)
         with self.attention.installed(model):
             sync()
             t0 = time.perf_counter()
-            pre = self.attention.prefill(
-                model,
-                input_ids,
-                attention_mask,
-                cache,
-                question_len=question_len,
-                inner=self.kv_policy.prefill,
-            )
+            with PeakMeter(model, self.kv_policy, cache) as meter:
+                pre = self.attention.prefill(
+                    model,
+                    input_ids,
+                    attention_mask,
+                    cache,
+                    question_len=question_len,
+                    inner=self.kv_policy.prefill,
+                )
             sync()
             prefill_s = time.perf_counter() - t0
             kv_tokens = max(cache_seq_lengths(cache) or [0])
-            peak = self.kv_policy.kv_bytes(cache)
-            logits, kv_mask, position = pre.logits, pre.kv_mask, pre.next_position.clone()
-            generated = torch.empty((batch, 0), dtype=torch.long, device=input_ids.device)
-            done = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
-            t1 = time.perf_counter()
-            steps = forwards = 0
-            for step in range(max_new_tokens):
-                next_tok = logits.argmax(-1)
-                next_tok = torch.where(
-                    done, torch.full_like(next_tok, self.tokenizer.pad_token_id), next_tok
-                )
-                generated = torch.cat([generated, next_tok[:, None]], dim=1)
-                steps += 1
-                done |= torch.isin(next_tok, torch.tensor(sorted(eos), device=next_tok.device))
-                if bool(done.all()) or step == max_new_tokens - 1:
-                    break
-                if kv_mask is not None:
-                    kv_mask = torch.cat(
-                        [
-                            kv_mask,
-                            torch.ones((batch, 1), dtype=kv_mask.dtype, device=kv_mask.device),
-                        ],
-                        1,
-                    )
-                out = model(
-                    input_ids=next_tok[:, None],
-                    attention_mask=kv_mask.long() if kv_mask is not None else None,
-                    position_ids=position[:, None],
-                    use_cache=True,
-                    **cache_kwargs(model, cache),
-                )
-                logits = out.logits[:, -1, :]
-                forwards += 1
-                position += 1
-                peak = max(peak, self.kv_policy.kv_bytes(cache))
-            sync()
-            decode_s = time.perf_counter() - t1
-        results = []
-        prompt_lens = attention_mask.sum(-1).tolist()
-        for i in range(batch):
-            row = generated[i].tolist()
-            finish = "length"
-            for j, t in enumerate(row):
-                if t in eos:
-                    row, finish = row[:j], "stop"
-                    break
-            results.append(
-                GenerationResult(
-                    text=self.tokenizer.decode(row, skip_special_tokens=True).strip(),
-                    prompt_tokens=int(prompt_lens[i]),
-                    new_tokens=len(row),
-                    kv_tokens=kv_tokens,
-                    peak_kv_bytes=int(peak),
-                    prefill_seconds=prefill_s,
-                    decode_seconds=decode_s,
-                    decode_tokens_per_s=(forwards * batch / decode_s) if decode_s > 0 else 0.0,
-                    batch_size=batch,
-                    finish_reason=finish,
-                )
+            reported = int((pre.info or {}).get("peak_kv_bytes", 0))
+            peak = max(meter.peak, reported, self.kv_policy.kv_bytes(cache))
+            decoded = greedy_decode(
+                model,
+                cache,
+                pre,
+                max_new_tokens,
+                eos=self._eos_ids(),
+                pad_id=int(self.tokenizer.pad_token_id),
+                measure=lambda: self.kv_policy.kv_bytes(cache),
             )
-        return results
+        return [
+            self._result(row, decoded, int(n), kv_tokens, max(peak, decoded.peak_bytes), prefill_s)
+            for row, n in zip(decoded.rows, attention_mask.sum(-1).tolist(), strict=True)
+        ]
+
+    def _result(
+        self,
+        row: list[int],
+        decoded: Decoded,
+        prompt_tokens: int,
+        kv_tokens: int,
+        peak: int,
+        prefill_s: float,
+    ) -> GenerationResult:
+        tokens, finish = decoded.trim(row)
+        batch = len(decoded.rows)
+        return GenerationResult(
+            text=self.tokenizer.decode(tokens, skip_special_tokens=True).strip(),
+            prompt_tokens=prompt_tokens,
+            new_tokens=len(tokens),
+            kv_tokens=kv_tokens,
+            peak_kv_bytes=int(peak),
+            prefill_seconds=prefill_s,
+            decode_seconds=decoded.seconds,
+            decode_tokens_per_s=decoded.forwards * batch / decoded.seconds
+            if decoded.seconds > 0
+            else 0.0,
+            batch_size=batch,
+            finish_reason=finish,
+        )
+
+
+def _sync(t: torch.Tensor) -> Any:
+    return torch.cuda.synchronize if t.is_cuda else (lambda: None)
+
+
+@dataclass
+class Decoded:
+    """Greedy decode of a batch: the tokens of every row (eos included), the forwards run,
+    the decode time and the most KV bytes measured after a step."""
+
+    rows: list[list[int]]
+    eos: set[int]
+    forwards: int
+    seconds: float
+    peak_bytes: int
+
+    def trim(self, row: list[int]) -> tuple[list[int], str]:
+        """The row up to its first eos, and why it ended ('stop' or 'length')."""
+        for j, t in enumerate(row):
+            if t in self.eos:
+                return row[:j], "stop"
+        return row, "length"
+
+
+def greedy_decode(
+    model: Any,
+    cache: Any,
+    pre: Any,
+    max_new_tokens: int,
+    *,
+    eos: set[int],
+    pad_id: int,
+    measure: Any = None,
+    drop_finished: bool = False,
+) -> Decoded:
+    """Greedy tokens from a prefilled ``cache``: ``pre`` is the :class:`PrefillOutput` (last
+    logits, the cache's valid-entry mask, each row's next position). Rows that hit an eos
+    token are padded; the eos that ended a row is never fed back. ``measure()`` returns the
+    cache's bytes after a step (its peak is reported). ``drop_finished``: rows that ended
+    leave the batch (``cache.batch_select_indices``), so the rest decode cheaper."""
+    logits, kv_mask, position = pre.logits, pre.kv_mask, pre.next_position.clone()
+    batch, device = logits.shape[0], logits.device
+    rows: list[list[int]] = [[] for _ in range(batch)]
+    active = torch.arange(batch, device=device)  # the output row of each batch row
+    eos_t = torch.tensor(sorted(eos), device=device)
+    sync = _sync(logits)
+    t0 = time.perf_counter()
+    forwards = peak = 0
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    for step in range(max_new_tokens):
+        next_tok = torch.where(
+            done, torch.full_like(done, pad_id, dtype=torch.long), logits.argmax(-1)
+        )
+        for r, t in zip(active.tolist(), next_tok.tolist(), strict=True):
+            rows[r].append(t)
+        done |= torch.isin(next_tok, eos_t)
+        if bool(done.all()) or step == max_new_tokens - 1:
+            break
+        if drop_finished and bool(done.any()):
+            keep = (~done).nonzero().flatten()
+            cache.batch_select_indices(keep)
+            active, next_tok, position, done = (
+                active[keep],
+                next_tok[keep],
+                position[keep],
+                done[keep],
+            )
+            kv_mask = kv_mask[keep] if kv_mask is not None else None
+        if kv_mask is not None:
+            ones = torch.ones((kv_mask.shape[0], 1), dtype=kv_mask.dtype, device=kv_mask.device)
+            kv_mask = torch.cat([kv_mask, ones], 1)
+        out = model(
+            input_ids=next_tok[:, None],
+            attention_mask=kv_mask.long() if kv_mask is not None else None,
+            position_ids=position[:, None],
+            use_cache=True,
+            **cache_kwargs(model, cache),
+        )
+        logits = out.logits[:, -1, :]
+        forwards += 1
+        position += 1
+        if measure is not None:
+            peak = max(peak, int(measure()))
+    sync()
+    width = max(len(r) for r in rows)
+    rows = [r + [pad_id] * (width - len(r)) for r in rows]
+    return Decoded(rows, eos, forwards, time.perf_counter() - t0, peak)

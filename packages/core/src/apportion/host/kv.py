@@ -10,21 +10,22 @@ The host then decodes greedily. Two rules every policy keeps:
   ``PrefillOutput.next_position`` onwards as ``position_ids``, so RoPE stays right.
 
 Memory must really be freed (tensors shrunk, not masked): the host measures the cache's
-bytes with :func:`cache_nbytes` after prefill and after every decode step.
+bytes (:meth:`KVPolicy.kv_bytes`) after every layer of the prefill, after the prefill, and
+after every decode step, and reports the peak. A policy that builds the whole cache and
+evicts afterwards is charged the whole cache.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from pydantic import Field
 
-from apportion.base import Component
-from apportion.config import ComponentConfig
+from apportion.base import Component, ComponentConfig
 
 
 class CompressionConfig(ComponentConfig):
@@ -89,6 +90,28 @@ def cache_nbytes(cache: Any) -> int:
     return total
 
 
+def kept_mask(real: torch.Tensor, n_keep: int) -> torch.Tensor | None:
+    """(B, n_keep) validity of kept entries when left padding scores lowest and kept indices
+    stay in position order: a row keeps ``max(0, n_keep - n_real)`` padding entries, first."""
+    if bool(real.all()):
+        return None
+    pad_kept = (n_keep - real.sum(-1)).clamp(min=0)
+    cols = torch.arange(n_keep, device=real.device)[None, :]
+    return cols >= pad_kept[:, None]
+
+
+def attention_modules(model: Any) -> list[Any]:
+    """The self-attention modules of a decoder, in layer order (anything with ``layer_idx``
+    and ``q_proj``: Llama, Mistral, Qwen and their kin)."""
+    mods = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "q_proj")]
+    if not mods:
+        raise TypeError(
+            f"{type(model).__name__} has no attention modules with q_proj/layer_idx; "
+            "per-layer KV work supports Llama-style decoders"
+        )
+    return sorted(mods, key=lambda m: int(m.layer_idx))
+
+
 def cache_seq_lengths(cache: Any) -> list[int]:
     """Cached sequence length of each layer."""
     return [
@@ -99,11 +122,76 @@ def cache_seq_lengths(cache: Any) -> list[int]:
     ]
 
 
-class KVPolicy(Component):
-    """The ``full`` policy: keep every entry. Subclasses override :meth:`prefill` (or
-    :meth:`compress`) to evict."""
+@dataclass
+class LayerInputs:
+    """What a layer-wise policy sees of one layer, right after that layer's prefill attended
+    over the whole prompt.
 
+    ``keys``/``values``: (B, H_kv, L, D) as cached (keys after RoPE). ``hidden``: (B, L,
+    hidden), the attention module's input; ``cos``/``sin``: the layer's RoPE table.
+    ``real``: (B, L) bool, False at left padding. ``question_len``: the protected tail.
+    ``n_keep``: the entries each KV head keeps (the policy's :meth:`KVPolicy.plan`).
+    ``memo``: shared by every policy that sees this layer in one prefill, so policies that
+    score alike (one scorer at several ratios) compute the scores once.
+    """
+
+    module: Any
+    hidden: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    keys: torch.Tensor
+    values: torch.Tensor
+    real: torch.Tensor
+    question_len: int
+    n_keep: int
+    memo: dict[Any, Any] = field(default_factory=dict)
+
+    def queries(self, last: int | None = None) -> torch.Tensor:
+        """Post-RoPE queries (B, H_q, n, D) of the last ``last`` prompt positions (all if None)."""
+        from apportion.host.rope import project_queries
+
+        return project_queries(self.module, self.hidden, self.cos, self.sin, last)
+
+
+class KVPolicy(Component):
+    """The ``full`` policy: keep every entry. Subclasses override :meth:`prefill` to evict, or
+    are *layer-wise*: they set ``layerwise = True`` and implement :meth:`plan` and
+    :meth:`evict_layer`.
+
+    A layer-wise policy evicts each layer's entries right after that layer attended over the
+    whole prompt, so the prefill's hidden states (and the first generated token) are a full
+    prefill's; only the cache differs. One full prefill can then serve every layer-wise
+    policy of a sweep (:func:`apportion.host.shared.generate_shared`), each scoring and
+    gathering its own smaller cache from the same per-layer tensors.
+    """
+
+    kind: ClassVar[str] = "kv-policy"
     name: ClassVar[str] = "full"
+    summary: ClassVar[str] = "keep every KV entry (no compression)"
+    #: evicts per layer inside the prefill through plan/evict_layer (see the class docstring).
+    #: A subclass that overrides :meth:`prefill` without setting it is not layer-wise.
+    layerwise: ClassVar[bool] = True
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__
+        if ("prefill" in own or "kv_bytes" in own) and "layerwise" not in own:
+            cls.layerwise = False
+
+    def plan(self, attention_mask: torch.Tensor, question_len: int) -> int | None:
+        """Entries each layer keeps for this prompt batch, or ``None`` to keep them all."""
+        return None
+
+    def evict_layer(self, inputs: LayerInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (keys, values) this policy keeps of one layer: new, smaller tensors of
+        ``inputs.n_keep`` entries per KV head, in position order."""
+        return inputs.keys, inputs.values
+
+    def kept_mask(self, attention_mask: torch.Tensor, n_keep: int) -> torch.Tensor | None:
+        """(B, n_keep) validity of the kept entries (``None``: all valid). The default says a
+        row keeps its left padding last, so it survives only at the front (see
+        :func:`kept_mask`)."""
+        return kept_mask(attention_mask.bool(), n_keep)
 
     def make_cache(self, model: Any) -> Any:
         from transformers import DynamicCache

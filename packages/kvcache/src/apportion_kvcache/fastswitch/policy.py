@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-from apportion.config import ComponentConfig
+from apportion.base import ComponentConfig
 from apportion.host.kv import KVPolicy, PrefillOutput, cache_kwargs
 from pydantic import Field
 
@@ -47,6 +47,9 @@ class FastSwitch(KVPolicy):
     """Keeps each prompt's KV on the host; reuses the longest kept prefix of a new prompt."""
 
     name: ClassVar[str] = "fastswitch"
+    summary: ClassVar[str] = (
+        "FastSwitch: multi-turn reuse of host-kept KV, swapped by block group on a thread"
+    )
     Config = FastSwitchConfig
 
     def __init__(self, config: FastSwitchConfig | None = None):

@@ -104,7 +104,8 @@ def measure_copy_costs(
         if gran == "group":  # one copy each way: t = per_copy + bytes/bw
             bw = (b2 - b1) / max(t2 - t1, 1e-9)
             per = max(t1 - b1 / bw, 0.0)
-        else:  # copies grow with bytes: attribute everything to per-copy cost + bandwidth of raw memcpy
+        else:
+            # copies grow with bytes: attribute everything to per-copy cost + raw memcpy bandwidth
             bw = b2 / max(raw_copy_seconds(b2), 1e-9)
             per = max((t2 - b2 / bw) / c2, 0.0)
         out[f"{gran}_bandwidth"] = bw

@@ -1,4 +1,5 @@
-"""CacheGen (Liu et al., SIGCOMM 2024): a KV cache as a compact, streamable bitstream.
+"""The CacheGen codec (Liu et al., "CacheGen: KV Cache Compression and Streaming for Fast
+Large Language Model Serving", SIGCOMM 2024): a KV cache as a compact, streamable bitstream.
 
 The pipeline, per chunk of ``chunk_tokens`` tokens (chunks decode independently):
 
@@ -26,8 +27,16 @@ The header names the format version, the model fingerprint, the KV shapes and dt
 and its per-layer bins, and for each chunk its token range, byte length and sha256. A chunk is
 a safetensors blob (scales, symbol counts and the coder's words), so nothing is unpickled and
 nothing is allocated from an unchecked size: the header is validated (types, ranges, sums,
-an element cap) before any tensor is made, and each chunk is checked against its digest
-before it is parsed. Every inconsistency raises :class:`CorruptKVError`.
+nesting, an element cap) before any tensor is made, and each chunk is checked against its
+digest before it is parsed. Every inconsistency raises :class:`CorruptKVError`.
+
+Work and memory are bounded by the stream's length, not only by what its header claims: a chunk
+may declare at most ``MAX_EXPANSION`` values per byte it occupies (a real KV costs about one
+byte per value; the encoder pads the rare chunk that codes below the bound, such as a constant
+layer, with a ``pad`` array every reader ignores), and the whole KV at most ``max_elements``
+values. A stream that claims more fails at once, before anything is allocated or decoded.
+A symbol table of a single symbol (a constant layer) is coded as two symbols, the second with
+a count of zero.
 """
 
 from __future__ import annotations
@@ -36,7 +45,6 @@ import hashlib
 import json
 import math
 import struct
-import time
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -44,10 +52,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from apportion.config import ComponentConfig
+from apportion.base import ComponentConfig
+from apportion.host.io import loads_json
 from pydantic import Field, field_validator
 
 from apportion_kvcache.errors import CorruptKVError, KVMismatchError
+from apportion_kvcache.kv import KV, cache_from_kv, check_kv_shape, kv_from_cache
 
 MAGIC = b"APKVCG\r\n"
 VERSION = 2
@@ -56,9 +66,8 @@ MAX_HEADER_BYTES = 1 << 24
 _PREAMBLE = struct.Struct("<8sHI")
 _SYM = 32767  # symbols are clamped to +-_SYM steps (beyond ~16000 RMS: never in a real KV)
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-KV = list[tuple[torch.Tensor, torch.Tensor]]
-"""Per layer ``(keys, values)``, each (batch, kv_heads, tokens, head_dim)."""
+#: the most decoded values a chunk may declare per byte of the stream it occupies
+MAX_EXPANSION = 64
 
 
 class CodecConfig(ComponentConfig):
@@ -66,7 +75,8 @@ class CodecConfig(ComponentConfig):
 
     levels: list[list[int]] = Field(
         [[160, 144, 128], [96, 84, 76], [40, 34, 28], [24, 20, 16]],
-        description="per level, delta bins of each layer group (earliest layers first); level 0 is the finest",
+        description="per level, delta bins of each layer group (earliest layers first); "
+        "level 0 is the finest",
     )
     group_size: int = Field(
         10, ge=1, le=1024, description="tokens per delta group (one anchor each)"
@@ -133,31 +143,6 @@ def layer_bins(levels: Sequence[int], n_layers: int) -> list[int]:
     return [int(levels[min(groups - 1, i * groups // max(n_layers, 1))]) for i in range(n_layers)]
 
 
-def kv_from_cache(cache: Any) -> KV:
-    """The (keys, values) of every layer of a transformers cache."""
-    out = []
-    for layer in cache.layers:
-        if getattr(layer, "keys", None) is None or layer.keys.dim() != 4:
-            raise ValueError("the cache has an empty layer; run a prefill first")
-        out.append((layer.keys, layer.values))
-    return out
-
-
-def cache_from_kv(kv: KV, model_config: Any = None) -> Any:
-    """A ``DynamicCache`` holding ``kv`` (the decode target of the codec)."""
-    from transformers import DynamicCache
-
-    cache = DynamicCache(config=model_config) if model_config is not None else DynamicCache()
-    for i, (k, v) in enumerate(kv):
-        cache.update(k, v, i)
-    return cache
-
-
-def _fp16_scale(amax: torch.Tensor, half: int) -> torch.Tensor:
-    scale = (amax / half).clamp(min=1e-8, max=60000.0).to(torch.float16)
-    return scale.float()
-
-
 def _check(cond: bool, what: str) -> None:
     if not cond:
         raise CorruptKVError(f"corrupt CacheGen bitstream: {what}")
@@ -180,9 +165,24 @@ class CacheGenCodec:
 
     #: decoded tensors may hold at most this many elements (guards allocations from headers)
     max_elements: int = 1 << 31
+    #: a chunk may declare at most this many values per byte it occupies in the stream
+    max_expansion: int = MAX_EXPANSION
 
-    def __init__(self, config: CodecConfig | None = None):
+    def __init__(
+        self,
+        config: CodecConfig | None = None,
+        *,
+        max_elements: int | None = None,
+        max_expansion: int | None = None,
+    ):
+        """``max_elements`` caps the values of a decoded KV (the output cap) and
+        ``max_expansion`` the values a chunk may declare per byte of the stream; both fail a
+        stream that claims more with :class:`CorruptKVError` before anything is decoded."""
         self.config = config or CodecConfig()
+        if max_elements is not None:
+            self.max_elements = int(max_elements)
+        if max_expansion is not None:
+            self.max_expansion = int(max_expansion)
 
     @property
     def n_levels(self) -> int:
@@ -303,21 +303,29 @@ class CacheGenCodec:
                         sym = q[li, s].reshape(-1).to(torch.int32).numpy()
                         lo = int(sym.min())
                         counts = np.bincount(sym - lo)
+                        if len(counts) == 1:  # one symbol: the coder needs a second (count 0)
+                            counts = np.append(counts, 0)
                         tables.append((lo, len(counts)))
                         counts_all.append(counts.astype(np.uint32))
                         encoder.encode((sym - lo).astype(np.int32), _model(counts))
-        return save(
-            {
-                "mean": mean.to(torch.float16).numpy(),
-                "step": step.to(torch.float16).numpy(),
-                "use_delta": use_delta.to(torch.uint8).numpy(),
-                "tables": np.array(tables, dtype=np.int32).reshape(-1, 2),
-                "counts": _compact(
-                    np.concatenate(counts_all) if counts_all else np.zeros(0, dtype=np.uint32)
-                ),
-                "words": np.ascontiguousarray(encoder.get_compressed(), dtype=np.uint32),
-            }
-        )
+        arrays = {
+            "mean": mean.to(torch.float16).numpy(),
+            "step": step.to(torch.float16).numpy(),
+            "use_delta": use_delta.to(torch.uint8).numpy(),
+            "tables": np.array(tables, dtype=np.int32).reshape(-1, 2),
+            "counts": _compact(
+                np.concatenate(counts_all) if counts_all else np.zeros(0, dtype=np.uint32)
+            ),
+            "words": np.ascontiguousarray(encoder.get_compressed(), dtype=np.uint32),
+        }
+        blob = save(arrays)
+        # a chunk coding below one byte per MAX_EXPANSION values (a constant layer) is padded
+        # up to the bound, so that every reader can refuse a stream that claims more
+        need = -(-x.numel() // MAX_EXPANSION)
+        while len(blob) < need:
+            arrays["pad"] = np.zeros(need - len(blob) + len(arrays.get("pad", ())), np.uint8)
+            blob = save(arrays)
+        return blob
 
     # ------------------------------------------------------------------ decode
     def read_header(self, data: bytes | memoryview) -> Header:
@@ -339,12 +347,12 @@ class CacheGenCodec:
         hbytes = bytes(data[_PREAMBLE.size : end])
         (crc,) = struct.unpack_from("<I", data, end)
         _check(zlib.crc32(hbytes) == crc, "header checksum mismatch")
-        try:
-            obj = json.loads(hbytes)
-        except ValueError as exc:
-            raise CorruptKVError(
-                f"corrupt CacheGen bitstream: header is not JSON ({exc})"
-            ) from None
+        obj = loads_json(
+            hbytes,
+            what="corrupt CacheGen bitstream: header",
+            error=CorruptKVError,
+            max_bytes=MAX_HEADER_BYTES,
+        )
         _check(
             isinstance(obj, dict) and obj.get("format") == "apportion-cachegen", "foreign header"
         )
@@ -354,9 +362,11 @@ class CacheGenCodec:
         heads = _int(obj, "kv_heads", 1, 4096)
         head_dim = _int(obj, "head_dim", 1, 1 << 16)
         tokens = _int(obj, "tokens", 1, 1 << 26)
+        per_token = layers * 2 * batch * heads * head_dim  # values of one token
         _check(
-            layers * 2 * batch * heads * tokens * head_dim <= self.max_elements,
-            "the declared KV is larger than the decoder's element cap",
+            per_token * tokens <= self.max_elements,
+            f"the declared KV of {per_token * tokens} values exceeds the decoder's cap of "
+            f"{self.max_elements}",
         )
         dtype = obj.get("dtype")
         _check(dtype in _DTYPES, f"unknown dtype {dtype!r}")
@@ -383,6 +393,11 @@ class CacheGenCodec:
             _check(isinstance(digest, str) and len(digest) == 64, "bad chunk digest")
             _check(start == pos, "chunks are not contiguous")
             _check(n % group == 0 or start + n == tokens, "chunk not aligned to token groups")
+            _check(
+                per_token * n <= self.max_expansion * nb,
+                f"chunk {len(chunks)} declares {per_token * n} values, more than its {nb} bytes "
+                f"can justify (at most {self.max_expansion} values per byte)",
+            )
             pos += n
             total += nb
             chunks.append(ChunkInfo(start, n, nb, digest))
@@ -441,7 +456,8 @@ class CacheGenCodec:
     def decode_chunk(
         self, data: bytes | memoryview, index: int, *, header: Header | None = None
     ) -> torch.Tensor:
-        """Decode chunk ``index`` alone: a float32 tensor (layers, 2, batch, heads, tokens, head_dim)."""
+        """Decode chunk ``index`` alone: a float32 tensor
+        (layers, 2, batch, heads, tokens, head_dim)."""
         import constriction
         from safetensors.numpy import load
 
@@ -563,57 +579,3 @@ def _check_model(header: Header, fingerprint: str | None) -> None:
             f"this KV was encoded for model {header.fingerprint[:16]}…, "
             f"not for the loaded model {fingerprint[:16]}…"
         )
-
-
-def check_kv_shape(layers: int, heads: int, head_dim: int, model_config: Any) -> None:
-    """Raise :class:`KVMismatchError` unless the KV fits ``model_config``'s attention layout."""
-    want_layers = getattr(model_config, "num_hidden_layers", layers)
-    want_heads = getattr(model_config, "num_key_value_heads", None) or getattr(
-        model_config, "num_attention_heads", heads
-    )
-    want_dim = getattr(model_config, "head_dim", None) or (
-        model_config.hidden_size // model_config.num_attention_heads
-    )
-    if (layers, heads, head_dim) != (want_layers, want_heads, want_dim):
-        raise KVMismatchError(
-            f"KV shape (layers={layers}, kv_heads={heads}, head_dim={head_dim}) does not fit the model "
-            f"(layers={want_layers}, kv_heads={want_heads}, head_dim={want_dim})"
-        )
-
-
-# --------------------------------------------------------------------------- baselines for benchmarks
-
-
-def uniform_per_token(kv: KV, bits: int = 8) -> tuple[KV, int]:
-    """Symmetric ``bits``-bit quantization with one fp16 scale per (layer, K/V, batch, head, token):
-    the baseline CacheGen is held against. Returns the reconstruction and its size in bytes."""
-    out, nbytes = [], 0
-    half = 2 ** (bits - 1) - 1
-    for k, v in kv:
-        pair = []
-        for x in (k, v):
-            xf = x.float()
-            scale = _fp16_scale(xf.abs().amax(dim=-1, keepdim=True), half)
-            pair.append((torch.round(xf / scale).clamp(-half, half) * scale).to(x.dtype))
-            nbytes += x.numel() * bits // 8 + scale.numel() * 2
-        out.append((pair[0], pair[1]))
-    return out, nbytes
-
-
-def kv_error(a: KV, b: KV) -> dict[str, float]:
-    """Relative RMSE and max abs error between two KVs (keys and values together)."""
-    num = den = 0.0
-    mx = 0.0
-    for (ka, va), (kb, vb) in zip(a, b, strict=True):
-        for x, y in ((ka, kb), (va, vb)):
-            diff = x.float() - y.float()
-            num += float((diff**2).sum())
-            den += float((x.float() ** 2).sum())
-            mx = max(mx, float(diff.abs().max()))
-    return {"rel_rmse": math.sqrt(num / max(den, 1e-30)), "max_abs": mx}
-
-
-def timed(fn: Any, *args: Any, **kwargs: Any) -> tuple[Any, float]:
-    t0 = time.perf_counter()
-    out = fn(*args, **kwargs)
-    return out, time.perf_counter() - t0

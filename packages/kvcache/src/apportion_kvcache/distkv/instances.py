@@ -1,5 +1,6 @@
 """DistKV's instances, torch-light (no transformers): the rManager that holds lent blocks and
-answers attention over them, and the gManager's directory. Lending ranks import only this."""
+answers attention over them, and the gManager's directory. Lending ranks import only this and
+:mod:`.ranks`."""
 
 from __future__ import annotations
 
@@ -7,16 +8,11 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
-from apportion.errors import ApportionError
 from apportion.host.lse import partial_attention
 
+from apportion_kvcache.errors import DistKVError, KVCapacityError
 
-class DistKVError(ApportionError):
-    """An instance failed or did not answer in time."""
-
-
-class KVCapacityError(ApportionError):
-    """Every instance is full: the request is refused (admission control), nothing crashes."""
+__all__ = ["DistKVError", "GManager", "Instance", "KVCapacityError", "RManager"]
 
 
 # ----------------------------------------------------------------------------- rManager
@@ -122,8 +118,8 @@ class GManager:
         if best is None:
             total = sum(i.free_blocks() for i in self.instances.values())
             raise KVCapacityError(
-                f"no instance has a free KV block ({len(self.instances)} lending instances, {total} free): "
-                "the request does not fit; shorten it or add instances"
+                f"no instance has a free KV block ({len(self.instances)} lending instances, "
+                f"{total} free): the request does not fit; shorten it or add instances"
             )
         return best
 

@@ -22,7 +22,8 @@ def check_scores(q: torch.Tensor, centroids: torch.Tensor, bias: torch.Tensor | 
         raise TypeError(f"q/centroids must be float32/16/bf16, got {q.dtype} and {centroids.dtype}")
     if q.shape[0] != centroids.shape[0] or q.shape[2] != centroids.shape[2]:
         raise ValueError(
-            f"q (rows, G, d) = {tuple(q.shape)} and centroids (rows, K, d) = {tuple(centroids.shape)} disagree"
+            f"q (rows, G, d) = {tuple(q.shape)} and centroids (rows, K, d) = "
+            f"{tuple(centroids.shape)} disagree"
         )
     if q.device != centroids.device:
         raise ValueError(f"q is on {q.device} but centroids on {centroids.device}")

@@ -13,7 +13,12 @@ import math
 
 import torch
 
-from apportion_attention.kernels.checks import check_decode, check_lists, check_mask, check_scores
+from apportion_attention.squeezed.kernels.checks import (
+    check_decode,
+    check_lists,
+    check_mask,
+    check_scores,
+)
 
 
 def centroid_scores(

@@ -1,64 +1,28 @@
-"""DistKV (Infinite-LLM): one request's KV blocks spread over several instances.
+"""DistKV's cache: a request's KV over the home's tail and the blocks lent to other instances,
+and how a decoder layer's attention reaches it.
 
-The *home* instance runs the model. Its KV budget is ``local_capacity_tokens``; when a
-request's context outgrows it, the oldest full blocks move to other instances, chosen by the
-**gManager** (the global directory: which instance holds which block of which request, and
-how much free memory each instance has; it lends from the instance with the most free
-blocks). Each instance's **rManager** holds its blocks and computes attention *where the
-blocks live*: the home sends the queries of a layer, every instance returns the normalised
-partial output and its log-sum-exp over its own blocks, and the home merges them exactly
-with :func:`apportion.host.lse.merge`. KV never travels back.
-
-Instances are either in-process objects (:class:`RManager`, the default: the contract and
-a single machine) or torch.distributed ranks (:mod:`apportion_kvcache.distkv_dist`: gloo on
-CPU, NCCL on GPU) behind the same interface.
-
-Blocks only ever move when they lie entirely before the current queries, so remote blocks
-need no causal mask (only the padding mask of batched prompts travels with them); the prompt
-is read in chunks of ``local_capacity_tokens - block_size`` tokens to keep that true.
-
-How it reaches the model: the attention of each decoder layer is wrapped once per model
-(:func:`install`); the wrapper takes the DistKV path only when the cache passed to the layer
-is a :class:`DistKVCache` and otherwise calls the original forward, so other policies and
-plain transformers are unaffected. The host's ``kv_tokens`` counts the home's entries;
-:meth:`DistKV.kv_bytes` counts every instance's.
+The attention of each decoder layer is wrapped once per model (:func:`install`); the wrapper
+takes the DistKV path only when the cache passed to the layer is a :class:`DistKVCache` and
+otherwise calls the original forward, so other policies and plain transformers are
+unaffected. On the DistKV path the layer's keys and values are appended to the home's tail,
+attention is computed over the tail here and over the lent blocks where they live, merged
+exactly by log-sum-exp (:func:`apportion.host.lse.merge`), and the oldest full blocks that lie
+before the current queries move off the home (remote blocks then need no causal mask).
 """
 
 from __future__ import annotations
 
 import itertools
-import math
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
 import torch
-from apportion.config import ComponentConfig
-from apportion.host.kv import KVPolicy, PrefillOutput
+from apportion.host import rope
 from apportion.host.lse import merge, partial_attention
-from pydantic import Field
 
-from apportion_kvcache.distkv_instances import (  # noqa: F401  (re-exported)
-    DistKVError,
-    GManager,
-    Instance,
-    KVCapacityError,
-    RManager,
-)
+from apportion_kvcache.errors import DistKVError
 
-
-class DistKVConfig(ComponentConfig):
-    instances: int = Field(
-        2, ge=1, description="in-process instances (home included) when no group is given"
-    )
-    block_size: int = Field(16, ge=1, description="tokens per KV block")
-    local_capacity_tokens: int = Field(
-        128, ge=2, description="KV tokens the home instance keeps per request"
-    )
-    instance_capacity_tokens: int = Field(
-        1 << 20, ge=1, description="KV tokens each other instance can lend"
-    )
-
-
-# ----------------------------------------------------------------------------- the cache
+if TYPE_CHECKING:
+    from apportion_kvcache.distkv.policy import DistKV
 
 _request_ids = itertools.count(1)
 
@@ -217,11 +181,6 @@ class DistKVCache(_cache_base()):  # type: ignore[misc]
 # ----------------------------------------------------------------------------- model wiring
 
 
-def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos.unsqueeze(1) + torch.cat((-x2, x1), dim=-1) * sin.unsqueeze(1)
-
-
 def _distkv_attention(
     module: Any, hidden_states: torch.Tensor, position_embeddings: Any, cache: DistKVCache
 ) -> tuple[torch.Tensor, None]:
@@ -230,7 +189,8 @@ def _distkv_attention(
     k = module.k_proj(hidden_states).view(shape).transpose(1, 2)
     v = module.v_proj(hidden_states).view(shape).transpose(1, 2)
     cos, sin = position_embeddings
-    q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    q, k = rope.apply(q, cos, sin), rope.apply(k, cos, sin)
     idx = module.layer_idx
     cache.append(idx, k, v)
     out = cache.attention(idx, q, module.scaling)
@@ -278,95 +238,3 @@ def uninstall(model: Any) -> None:
         if getattr(attn, "_apportion_distkv", False):
             del attn.forward
             attn._apportion_distkv = False
-
-
-# ----------------------------------------------------------------------------- the policy
-
-
-class DistKV(KVPolicy):
-    """kv-policy ``distkv``: exact attention over KV blocks lent by other instances.
-
-    With no ``instances`` given, ``config.instances - 1`` in-process :class:`RManager` lend
-    ``instance_capacity_tokens`` each. Pass remote instances (see
-    :mod:`apportion_kvcache.distkv_dist`) to spread across processes.
-    """
-
-    name: ClassVar[str] = "distkv"
-    Config = DistKVConfig
-
-    def __init__(self, config: DistKVConfig | None = None, instances: list[Instance] | None = None):
-        super().__init__(config)
-        cfg = self.config
-        if cfg.local_capacity_tokens < 2 * cfg.block_size:
-            raise ValueError(
-                f"local_capacity_tokens ({cfg.local_capacity_tokens}) must be at least two blocks "
-                f"(2 x block_size {cfg.block_size}): the home reads the prompt in chunks that fit it"
-            )
-        if instances is None:
-            blocks = math.ceil(cfg.instance_capacity_tokens / cfg.block_size)
-            instances = [RManager(i, blocks) for i in range(1, cfg.instances)]
-        self.gmanager = GManager({inst.id: inst for inst in instances})
-
-    def instance_of(self, request: int, block: int) -> Instance:
-        for b, i in self.gmanager.directory.get(request, []):
-            if b == block:
-                return self.gmanager.instances[i]
-        raise DistKVError(f"block {block} of request {request} is in no instance's directory")
-
-    def capacity_tokens(self) -> int:
-        """Tokens one request can hold: the home's budget plus every lendable block."""
-        return self.config.local_capacity_tokens + self.gmanager.capacity_tokens(
-            self.config.block_size
-        )
-
-    def make_cache(self, model: Any) -> DistKVCache:
-        install(model)
-        return DistKVCache(self, model.config.num_hidden_layers)
-
-    def prefill(
-        self,
-        model: Any,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        cache: Any,
-        *,
-        question_len: int = 0,
-    ) -> PrefillOutput:
-        if not isinstance(cache, DistKVCache):
-            raise TypeError(
-                f"distkv prefill needs the cache from its make_cache, got {type(cache).__name__}"
-            )
-        n = input_ids.shape[1]
-        if n > self.capacity_tokens():
-            raise KVCapacityError(
-                f"prompt of {n} tokens exceeds the {self.capacity_tokens()} KV tokens this home "
-                f"({self.config.local_capacity_tokens}) and its {len(self.gmanager.instances)} lending "
-                "instances can hold"
-            )
-        from apportion.host.kv import cache_kwargs, positions_from_mask
-
-        cache.padding = attention_mask.bool()
-        positions = positions_from_mask(attention_mask)
-        chunk = self.config.local_capacity_tokens - self.config.block_size
-        logits = None
-        for s in range(0, n, chunk):
-            e = min(n, s + chunk)
-            out = model(
-                input_ids=input_ids[:, s:e],
-                position_ids=positions[:, s:e],
-                use_cache=True,
-                logits_to_keep=1,
-                **cache_kwargs(model, cache),
-            )
-            logits = out.logits[:, -1, :]
-        assert logits is not None
-        kv_mask = None if bool(attention_mask.all()) else attention_mask.bool()
-        return PrefillOutput(
-            logits=logits,
-            kv_mask=kv_mask,
-            next_position=positions[:, -1] + 1,
-            info={"remote_blocks": cache.remote_blocks},
-        )
-
-    def kv_bytes(self, cache: Any) -> int:
-        return cache.nbytes() if isinstance(cache, DistKVCache) else super().kv_bytes(cache)

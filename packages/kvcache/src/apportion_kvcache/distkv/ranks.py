@@ -1,54 +1,36 @@
-"""DistKV across processes: rManagers as torch.distributed ranks (gloo on CPU, NCCL on GPU).
+"""DistKV across processes: rManagers as torch.distributed ranks (gloo on loopback).
 
-Rank 0 is the home (it runs the model and the gManager); ranks 1..N-1 run :func:`serve`,
-holding lent blocks and answering attention queries over them. The home talks to each rank
-through a :class:`RemoteInstance`, which has the same interface as the in-process
-:class:`~apportion_kvcache.distkv.RManager`, so :class:`~apportion_kvcache.distkv.DistKV`
-does not care where its instances are.
+Rank 0 is the home, this process: it runs the model and the gManager. :class:`Cluster` starts
+ranks 1..N-1 with torch's launcher (:class:`apportion.host.launch.RankGroup`); each runs
+:func:`serve`, holding lent blocks and answering attention queries over them. The home talks
+to each rank through a :class:`RemoteInstance`, which has the same interface as the in-process
+:class:`~apportion_kvcache.distkv.instances.RManager`, so
+:class:`~apportion_kvcache.distkv.policy.DistKV` does not care where its instances are.
 
 Every message is a fixed header (int64) followed by its tensors. Every wait is bounded: a
-rank that dies or stalls turns into :class:`~apportion_kvcache.distkv.DistKVError` naming
-it within ``timeout_s``; the home then stops the surviving ranks, which exit cleanly, as
-they also do when the home goes away.
-
-Run a worker: ``python -m apportion_kvcache.distkv_dist --rank R --world N --port P``.
+rank that dies or stalls turns into :class:`~apportion_kvcache.errors.DistKVError` naming it
+within ``timeout_s``; closing the cluster then stops the surviving ranks, which exit cleanly,
+as they also do when the home goes away. This module imports no transformers: lending ranks
+stay light.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
-import socket
-import subprocess
-import sys
 from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from apportion.errors import LaunchError
+from apportion.host.launch import RankGroup
 
-from apportion_kvcache.distkv_instances import DistKVError, RManager
+from apportion_kvcache.distkv.instances import RManager
+from apportion_kvcache.errors import DistKVError
 
 PUT, ATTEND, FREE, RELEASE, STOP = 1, 2, 3, 4, 5
 HEADER = 10  # op, request, block, layer, b, h, n, d, extra, reserved
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def init(
-    rank: int, world: int, port: int, *, timeout_s: float = 30.0, backend: str | None = None
-) -> None:
-    """Join the DistKV group on loopback (or ``MASTER_ADDR``)."""
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ["MASTER_PORT"] = str(port)
-    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
-    dist.init_process_group(
-        backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s)
-    )
+TARGET = "apportion_kvcache.distkv.ranks:serve"
 
 
 def _wait(start: Any, timeout_s: float, what: str) -> None:
@@ -154,12 +136,10 @@ class RemoteInstance:
             pass
 
 
-def serve(
-    capacity_blocks: int, *, idle_timeout_s: float = 300.0, die_after: int | None = None
-) -> int:
+def _lend(capacity_blocks: int, *, idle_timeout_s: float, die_after: int | None = None) -> int:
     """A lending instance's loop: hold blocks, answer attention queries, until STOP.
     Returns the number of messages served. ``die_after`` (fault injection for tests) exits
-    the process abruptly after that many messages."""
+    the process abruptly (exit code 3) after that many messages."""
     r = RManager(dist.get_rank(), capacity_blocks)
     served = 0
     while True:
@@ -192,46 +172,33 @@ def serve(
             raise DistKVError(f"rank {dist.get_rank()}: unknown op {op}")
 
 
-def spawn_workers(
-    world: int,
-    port: int,
-    capacity_blocks: int,
-    *,
-    timeout_s: float = 30.0,
-    join_timeout_s: float = 180.0,
-    die_after: dict[int, int] | None = None,
-) -> list[subprocess.Popen[bytes]]:
-    """Start ranks 1..world-1 as processes on loopback; the caller is rank 0."""
-    procs = []
-    for rank in range(1, world):
-        cmd = [
-            sys.executable,
-            "-m",
-            "apportion_kvcache.distkv_dist",
-            "--rank",
-            str(rank),
-            "--world",
-            str(world),
-            "--port",
-            str(port),
-            "--capacity-blocks",
-            str(capacity_blocks),
-            "--timeout",
-            str(timeout_s),
-            "--join-timeout",
-            str(join_timeout_s),
-        ]
-        if die_after and rank in die_after:
-            cmd += ["--die-after", str(die_after[rank])]
-        env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1")
-        procs.append(
-            subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        )
-    return procs
+def serve(rank: int, world_size: int, payload: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+    """A lending rank (the :class:`~apportion.host.launch.RankGroup` target): serve until the
+    home sends STOP. ``payload``: ``capacity_blocks``, ``timeout_s`` (the longest wait for the
+    home's next message) and ``die_after`` (``{rank: messages}``, fault injection for tests).
+    A home that goes away raises :class:`DistKVError`, so the rank exits."""
+    die_after = (payload.get("die_after") or {}).get(str(rank))
+    served = _lend(
+        int(payload["capacity_blocks"]),
+        idle_timeout_s=float(payload.get("timeout_s", timeout_s)),
+        die_after=None if die_after is None else int(die_after),
+    )
+    return {"rank": rank, "served": served}
 
 
 class Cluster:
-    """Rank 0 side of a DistKV group on this machine: ``with Cluster(4, 128) as c: DistKV(cfg, c.instances)``."""
+    """Rank 0 side of a DistKV group on this machine::
+
+        with Cluster(4, capacity_blocks=128) as cluster:
+            policy = DistKV(config, instances=cluster.instances)
+
+    ``world``: ranks, the home included; ``capacity_blocks``: blocks each other rank lends;
+    ``timeout_s``: the longest wait for any one message (a rank that dies or stalls is a
+    :class:`DistKVError` naming it within it); ``join_timeout_s``: the wait for the ranks to
+    start and join (imports are slow on a busy machine); ``die_after``: fault injection for
+    tests (``{rank: messages}`` after which that rank exits with code 3). :meth:`close` stops
+    the ranks and returns their exit codes.
+    """
 
     def __init__(
         self,
@@ -241,23 +208,33 @@ class Cluster:
         timeout_s: float = 60.0,
         join_timeout_s: float = 180.0,
         die_after: dict[int, int] | None = None,
+        backend: str = "gloo",
     ):
         self.world = world
-        self.port = free_port()
         self.timeout_s = timeout_s
-        self.procs = spawn_workers(
-            world,
-            self.port,
-            capacity_blocks,
-            timeout_s=timeout_s,
-            join_timeout_s=join_timeout_s,
-            die_after=die_after,
-        )
         self.instances: list[RemoteInstance] = []
+        self.codes: list[int | None] = []
+        #: what the launcher reported about the ranks when the cluster closed (a dead rank)
+        self.error: str | None = None
+        payload = {
+            "capacity_blocks": int(capacity_blocks),
+            "timeout_s": float(timeout_s),
+            "die_after": {str(r): int(n) for r, n in (die_after or {}).items()},
+        }
+        self._group = RankGroup(
+            TARGET,
+            payload,
+            world_size=world,
+            backend=backend,
+            timeout_s=join_timeout_s,
+            join_timeout_s=join_timeout_s,
+        )
         try:
-            # joining waits for the ranks to start (imports are slow on a busy machine); every
-            # later operation has its own ``timeout_s`` bound
-            init(0, world, self.port, timeout_s=join_timeout_s)
+            self._group.__enter__()
+        except LaunchError as exc:
+            raise DistKVError(f"the DistKV group of {world} ranks did not start: {exc}") from None
+        self._open = True
+        try:
             self.instances = [RemoteInstance(r, timeout_s=timeout_s) for r in range(1, world)]
         except BaseException:
             self.close()
@@ -271,43 +248,18 @@ class Cluster:
 
     def close(self) -> list[int | None]:
         """Stop every live rank, leave the group, reap the processes; their exit codes."""
+        if not self._open:
+            return self.codes
+        self._open = False
         for inst in self.instances:
             inst.stop()
-        codes: list[int | None] = []
-        for p in self.procs:
-            try:
-                codes.append(p.wait(timeout=self.timeout_s))
-            except subprocess.TimeoutExpired:
-                p.kill()
-                codes.append(p.wait())
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        self.codes = codes
-        return codes
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="a DistKV lending instance (rManager)")
-    ap.add_argument("--rank", type=int, required=True)
-    ap.add_argument("--world", type=int, required=True)
-    ap.add_argument("--port", type=int, required=True)
-    ap.add_argument("--capacity-blocks", type=int, default=1 << 16)
-    ap.add_argument("--timeout", type=float, default=60.0)
-    ap.add_argument("--join-timeout", type=float, default=180.0)
-    ap.add_argument("--die-after", type=int, default=None)
-    a = ap.parse_args(argv)
-    torch.set_num_threads(1)
-    init(a.rank, a.world, a.port, timeout_s=a.join_timeout)
-    try:
-        serve(a.capacity_blocks, idle_timeout_s=a.timeout, die_after=a.die_after)
-    except DistKVError as exc:
-        print(f"distkv rank {a.rank}: {exc}; exiting", file=sys.stderr)
-        return 2
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+        # stopped ranks leave on their own; wait for them before the launcher reaps the group
+        # (it stops every rank still running as soon as it sees one that failed)
+        stalled = not self._group.wait(self.timeout_s)
+        try:
+            # a rank that did not stop in time is stopped at once, not waited for
+            self._group.__exit__(*((DistKVError, None, None) if stalled else (None, None, None)))
+        except LaunchError as exc:
+            self.error = str(exc)
+        self.codes = self._group.exit_codes()
+        return self.codes

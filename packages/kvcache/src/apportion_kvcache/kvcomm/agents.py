@@ -1,4 +1,4 @@
-"""The KVCOMM workload: a small team of SmolLM2 agents over a shared retrieved document.
+"""The KVCOMM workload: a small team of agents (SmolLM2) over a shared retrieved document.
 
 Each task has one document (stdlib-docstring prose with a few planted facts) and one
 question. Round 1: every agent reads the document under its own role prompt and writes a
@@ -199,9 +199,8 @@ def run_team(
         messages: dict[str, str] = {}
         for rnd in (1, 2):
             if rnd == 2:
-                for (
-                    role
-                ) in roles:  # written after reading the document: that is their base KV's context
+                # written after reading the document: that is their base KV's context
+                for role in roles:
                     policy.share(messages[role], loaded.tokenizer, context=task.document)
             for role in roles:
                 prompt = (
@@ -261,8 +260,3 @@ def summarize(rows: list[Comparison]) -> dict[str, Any]:
         "prefill_s": sum(r.prefill_s for r in rows),
         "full_prefill_s": sum(r.full_prefill_s for r in rows),
     }
-
-
-def timed(fn: Any, *a: Any, **kw: Any) -> tuple[Any, float]:
-    t0 = time.perf_counter()
-    return fn(*a, **kw), time.perf_counter() - t0

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from apportion_attention.kernels.checks import check_decode, check_mask, check_scores
+from apportion_attention.squeezed.kernels.checks import check_decode, check_mask, check_scores
 
 
 def _pow2(n: int, at_least: int = 1) -> int:
@@ -79,7 +79,7 @@ def centroid_scores(
     *,
     scale: float | None = None,
 ) -> torch.Tensor:
-    """Triton version of :func:`apportion_attention.kernels.reference.centroid_scores`."""
+    """Triton version of :func:`.reference.centroid_scores`."""
     check_scores(q, centroids, bias)
     rows, G, D = q.shape
     K = centroids.shape[1]
@@ -132,8 +132,8 @@ def _compact_kernel(mask_ptr, idx_ptr, cnt_ptr, N, sm_r, si_r, BLOCK: tl.constex
 
 
 def compact(mask: torch.Tensor, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton version of :func:`apportion_attention.kernels.reference.compact`. The index
-    lists are ``n`` wide (a caller may slice them to ``counts.max()``)."""
+    """Triton version of :func:`.reference.compact`. The index lists are ``n`` wide (a caller
+    may slice them to ``counts.max()``)."""
     check_mask(mask)
     rows, n = mask.shape
     idx = torch.full((rows, max(n, 1)), -1, dtype=torch.int32, device=mask.device)
@@ -297,9 +297,9 @@ def sparse_decode(
     scale: float | None = None,
     num_splits: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton version of :func:`apportion_attention.kernels.reference.sparse_decode`: split-K
-    over the index list (``num_splits`` programs per row, default enough to fill the GPU),
-    then a log-sum-exp merge kernel. Indices outside ``[0, n)`` read key 0 rather than fault
+    """Triton version of :func:`.reference.sparse_decode`: split-K over the index list
+    (``num_splits`` programs per row, default enough to fill the GPU), then a log-sum-exp
+    merge kernel. Indices outside ``[0, n)`` read key 0 rather than fault
     (the torch reference raises on them)."""
     check_decode(q, k, v, idx, counts)
     rows, G, D = q.shape

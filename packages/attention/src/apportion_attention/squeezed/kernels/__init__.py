@@ -39,7 +39,7 @@ def dispatch(kernels: str, device_type: str) -> ModuleType:
     """The module implementing the kernels: ``"torch"``, ``"triton"`` or ``"auto"`` (Triton on
     CUDA, the torch path elsewhere). Asking for Triton where it cannot run is an error."""
     if kernels == "torch" or (kernels == "auto" and not triton_usable(device_type)):
-        from apportion_attention.kernels import reference
+        from apportion_attention.squeezed.kernels import reference
 
         return reference
     if kernels in ("triton", "auto"):
@@ -47,7 +47,7 @@ def dispatch(kernels: str, device_type: str) -> ModuleType:
             raise RuntimeError(
                 f"kernels='triton' needs CUDA tensors (got {device_type!r}) or TRITON_INTERPRET=1"
             )
-        from apportion_attention.kernels import triton_kernels
+        from apportion_attention.squeezed.kernels import triton_kernels
 
         return triton_kernels
     raise ValueError(f"kernels must be 'auto', 'torch' or 'triton', got {kernels!r}")

@@ -61,7 +61,8 @@ def head_dim(config: Any) -> int:
 
 
 class PluggedRotary(torch.nn.Module):
-    """cos/sin from ``plugin.frequencies(seq_len)``: (inv_freq, position scale, attention factor)."""
+    """cos/sin from ``plugin.frequencies(seq_len)``: (inv_freq, position scale, attention
+    factor)."""
 
     def __init__(self, plugin: RotaryPlugin, config: Any):
         super().__init__()
@@ -139,6 +140,7 @@ class DynamicNTK(RotaryPlugin):
     """``rope-ntk``: dynamic NTK-aware scaling (base * (len/window)^(d/(d-2)) past the window)."""
 
     name: ClassVar[str] = "rope-ntk"
+    summary: ClassVar[str] = "position plugin: dynamic NTK-aware RoPE scaling (HoPE's comparator)"
     Config = NTKConfig
 
     def frequencies(self, config: Any, seq_len: int) -> tuple[torch.Tensor, float, float]:
@@ -158,6 +160,9 @@ class YaRN(RotaryPlugin):
     """``rope-yarn``: YaRN with factor = max(min_factor, length / trained window)."""
 
     name: ClassVar[str] = "rope-yarn"
+    summary: ClassVar[str] = (
+        "position plugin: YaRN RoPE scaling with a length-chosen factor (HoPE's comparator)"
+    )
     Config = YaRNConfig
 
     def frequencies(self, config: Any, seq_len: int) -> tuple[torch.Tensor, float, float]:

@@ -3,23 +3,34 @@
 On a prefill the context KV (the prompt minus its question) is encoded at ``level`` and
 decoded back into the cache, so generation runs on exactly what a receiver of the bitstream
 would have. With ``store`` set (a directory or ``redis://`` URL) the bitstream is saved under
-the model fingerprint + context token hash, and a later prompt with the same context loads
-and decodes it instead of recomputing the context: only the question is prefilled.
+the model's fingerprint, the context's token ids and everything else that changes its bytes
+(the store key's variant, :meth:`CacheGenPolicy.store_variant`: the policy, the bitstream
+version, the level and its bins, the token grouping and chunking, the KV dtype), and a later
+prompt with the same context under the same settings loads and decodes it instead of
+recomputing the context: only the question is prefilled. A prompt without a question keeps its
+last token out of the context, so that a hit always has a token to compute the next one from.
+A damaged entry reads as a miss (the store sets it aside); a full store (disk or Redis) raises
+:class:`~apportion_kvcache.errors.StoreFullError`, which a run records as the sample's error.
 
 Each row of a batch is coded on its own real tokens (padding never enters the statistics),
 so a batched answer equals the answer alone. ``PrefillOutput.info`` reports the bitstream
 bytes, the fp16 bytes of the same KV and whether the store was hit.
+
+Options: the codec's (``levels``, ``group_size``, ``chunk_tokens``, see
+:class:`~apportion_kvcache.cachegen.codec.CodecConfig`), ``level`` and ``store``.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any, ClassVar
 
 import torch
 from apportion.host.kv import KVPolicy, PrefillOutput, cache_kwargs, positions_from_mask
 from pydantic import Field
 
-from apportion_kvcache.cachegen import CacheGenCodec, CodecConfig
+from apportion_kvcache.cachegen import codec as _codec
+from apportion_kvcache.cachegen.codec import CacheGenCodec, CodecConfig
 
 
 class CacheGenPolicyConfig(CodecConfig):
@@ -29,6 +40,10 @@ class CacheGenPolicyConfig(CodecConfig):
 
 class CacheGenPolicy(KVPolicy):
     name: ClassVar[str] = "cachegen"
+    summary: ClassVar[str] = (
+        "CacheGen: context KV through the quantize+delta+range-coded bitstream "
+        "(optional store reuse)"
+    )
     Config = CacheGenPolicyConfig
 
     def __init__(self, config: CacheGenPolicyConfig | None = None):
@@ -40,11 +55,45 @@ class CacheGenPolicy(KVPolicy):
             raise ConfigError(
                 f"cachegen level {cfg.level} out of range: {len(cfg.levels)} levels configured"
             )
-        self.codec = CacheGenCodec(
-            CodecConfig(**{k: getattr(cfg, k) for k in CodecConfig.model_fields})
-        )
+        codec_cfg = CodecConfig(**{k: getattr(cfg, k) for k in CodecConfig.model_fields})
+        self.codec = CacheGenCodec(codec_cfg)
+        #: the codec settings part of the store key's variant: everything besides the model,
+        #: the context and the KV dtype that changes the bitstream (see :meth:`store_variant`)
+        settings = {
+            "policy": self.name,
+            "version": _codec.VERSION,
+            "level": cfg.level,
+            "bins": cfg.levels[cfg.level],
+            "group_size": cfg.group_size,
+            "chunk_tokens": cfg.chunk_tokens,
+        }
+        self.variant = "cachegen:" + json.dumps(settings, sort_keys=True, separators=(",", ":"))
         self._store = None
+        self._loaded: Any = None
+        self._fp: tuple[Any, str] | None = None  # (model, fingerprint) of an unbound use
         self.last_info: dict[str, Any] = {}
+
+    def bind(self, loaded: Any) -> None:
+        """Keep the loaded model's fingerprint: bitstreams and store keys carry it."""
+        self._loaded = loaded
+
+    def fingerprint(self, model: Any) -> str:
+        """The fingerprint of ``model`` (architecture and weights): the bound model's, or
+        computed once for a model used without :meth:`bind`."""
+        if self._loaded is not None and model is self._loaded.model:
+            return str(self._loaded.fingerprint)
+        if self._fp is None or self._fp[0] is not model:
+            from apportion.host.model import fingerprint
+
+            self._fp = (model, fingerprint(model))
+        return self._fp[1]
+
+    def store_variant(self, model: Any) -> str:
+        """The store key's variant for ``model``'s KV: the codec settings and the KV dtype (a
+        bfloat16 and a float32 load of one checkpoint share a fingerprint, not their bytes);
+        the model itself is the key's fingerprint."""
+        dtype = str(getattr(model, "dtype", "")).removeprefix("torch.")
+        return f"{self.variant}|dtype={dtype}"
 
     @property
     def store(self) -> Any:
@@ -64,9 +113,12 @@ class CacheGenPolicy(KVPolicy):
         question_len: int = 0,
     ) -> PrefillOutput:
         length = input_ids.shape[1]
-        q = max(0, min(int(question_len), length - 1))
+        # at least one token (the last) stays out of the context: a store hit computes the
+        # next token's logits from it
+        q = max(1, min(int(question_len), length - 1))
         ctx_len = length - q
-        fingerprint = _fingerprint(model)
+        fingerprint = self.fingerprint(model)
+        variant = self.store_variant(model)
         hit = False
         if (
             self.store is not None
@@ -75,7 +127,9 @@ class CacheGenPolicy(KVPolicy):
             and ctx_len > 0
         ):
             ctx_ids = input_ids[0, :ctx_len].tolist()
-            kv = self.store.load_kv(fingerprint, ctx_ids, model=model, codec=self.codec)
+            kv = self.store.load_kv(
+                fingerprint, ctx_ids, model=model, variant=variant, codec=self.codec
+            )
             if kv is not None:
                 hit = True
                 for i, (k, v) in enumerate(kv):
@@ -114,7 +168,9 @@ class CacheGenPolicy(KVPolicy):
                 layer.keys[row : row + 1, :, start:ctx_len] = k.to(layer.keys.dtype)
                 layer.values[row : row + 1, :, start:ctx_len] = v.to(layer.values.dtype)
             if self.store is not None and input_ids.shape[0] == 1 and start == 0:
-                self.store.save_bitstream(fingerprint, input_ids[0, :ctx_len].tolist(), bs)
+                self.store.save_bitstream(
+                    fingerprint, input_ids[0, :ctx_len].tolist(), bs, variant=variant
+                )
         self.last_info = {
             "store_hit": hit,
             "bitstream_bytes": nbytes,
@@ -123,10 +179,3 @@ class CacheGenPolicy(KVPolicy):
         }
         pre.info = dict(self.last_info)
         return pre
-
-
-def _fingerprint(model: Any) -> str:
-    """The model's fingerprint as apportion computes it (architecture + where it came from)."""
-    from apportion.host.model import model_fingerprint
-
-    return model_fingerprint(model.config, str(getattr(model.config, "_name_or_path", "")))

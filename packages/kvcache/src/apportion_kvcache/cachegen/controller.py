@@ -1,10 +1,12 @@
-"""CacheGen's streaming controller: per chunk, send text (and recompute) or KV, and at which level.
+"""CacheGen's streaming controller: per chunk, send text (and recompute) or KV, and at which
+level.
 
-CacheGen (§5.3) streams a context chunk by chunk. For each chunk it picks, among the
-configurations ordered by quality — text (lossless; the receiver runs the prefill), then
-encoding levels 0, 1, ... — the best one whose expected delay, assumed for every chunk still
-to send, fits the time left before the SLO; if none fits it takes the fastest. The bandwidth
-estimate is refreshed from the throughput of the chunks already sent, so the choice adapts.
+CacheGen (Liu et al., SIGCOMM 2024, section 5.3) streams a context chunk by chunk. For each
+chunk it picks, among the configurations ordered by quality (text, which is lossless and has
+the receiver run the prefill, then encoding levels 0, 1, ...), the best one whose expected
+delay, assumed for every chunk still to send, fits the time left before the SLO; if none fits
+it takes the fastest. The bandwidth estimate is refreshed from the throughput of the chunks
+already sent, so the choice adapts.
 
 The costs are measured, not assumed: :meth:`CostModel.measure` times the model's prefill and
 the codec's encode/decode at every level on a real KV and records the bitstream sizes.
@@ -26,7 +28,8 @@ class CostModel:
     decode_s: list[float]  # decode seconds per token at each level
     encode_s: list[float] = field(default_factory=list)  # encode seconds per token (offline cost)
     text_bytes: float = 4.0  # bytes per token to send text (token ids)
-    quality: list[float] = field(default_factory=list)  # e.g. reconstruction error per level (info)
+    #: e.g. reconstruction error per level (information only)
+    quality: list[float] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -37,7 +40,8 @@ class CostModel:
         import torch
         from apportion.host.kv import KVPolicy
 
-        from apportion_kvcache.cachegen import kv_error, kv_from_cache
+        from apportion_kvcache.cachegen.baselines import kv_error
+        from apportion_kvcache.kv import kv_from_cache
 
         n = int(input_ids.shape[1])
         policy = KVPolicy()
@@ -102,8 +106,8 @@ class Controller:
     def choose(
         self, tokens: int, remaining_chunks: int, time_left: float | None, bandwidth: float
     ) -> Choice:
-        """Best-quality configuration whose delay, for all ``remaining_chunks``, fits ``time_left``
-        (None: no SLO, take the fastest)."""
+        """Best-quality configuration whose delay, for all ``remaining_chunks``, fits
+        ``time_left`` (None: no SLO, take the fastest)."""
         options = [(cfg, *self.chunk_cost(cfg, tokens, bandwidth)) for cfg in self.configs()]
         if time_left is not None:
             for cfg, secs, nbytes in options:

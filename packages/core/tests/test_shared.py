@@ -1,0 +1,112 @@
+"""One prefill for many layer-wise KV policies, decoded as one batch: every policy's answer,
+cache size and peak memory are the ones it gets alone."""
+
+import math
+
+import pytest
+import torch
+from apportion.base import Prompt
+from apportion.host import Host
+from apportion.host.kv import CompressionConfig, KVPolicy
+from apportion.host.shared import generate_shared, layerwise_prefill
+from apportion.testing.contracts import QUESTION, _long_context
+
+
+class KeyNorm(KVPolicy):
+    """Keeps the entries with the smallest key norm per KV head (and the question): a
+    layer-wise policy small enough to write in a test."""
+
+    name = "test-keynorm"
+    summary = "smallest key norms"
+    Config = CompressionConfig
+    layerwise = True
+
+    def plan(self, attention_mask, question_len):
+        length = attention_mask.shape[1]
+        n = math.ceil((length - question_len) * (1 - self.config.compression_ratio))
+        n_keep = n + question_len
+        return None if n_keep >= length else n_keep
+
+    def evict_layer(self, inputs):
+        scores = -inputs.keys.float().norm(dim=-1)
+        if inputs.question_len:
+            scores[..., -inputs.question_len :] = float("inf")
+        idx = scores.topk(inputs.n_keep, dim=-1).indices.sort(dim=-1).values
+        gather = idx[..., None].expand(-1, -1, -1, inputs.keys.shape[-1])
+        return inputs.keys.gather(2, gather), inputs.values.gather(2, gather)
+
+    def prefill(self, model, input_ids, attention_mask, cache, *, question_len=0):
+        out = layerwise_prefill(model, input_ids, attention_mask, [self], question_len, [cache])
+        return out[0].prefill
+
+
+def _prompt(n=30):
+    return Prompt(
+        [{"role": "user", "content": f"{_long_context(n)}\n\n{QUESTION}"}], question=QUESTION
+    )
+
+
+def test_a_subclass_that_overrides_prefill_is_not_layerwise():
+    class Custom(KVPolicy):
+        name = "custom"
+
+        def prefill(self, *args, **kwargs):
+            return super().prefill(*args, **kwargs)
+
+    assert KVPolicy.layerwise and KeyNorm.layerwise and not Custom.layerwise
+    with pytest.raises(TypeError, match="not layer-wise"):
+        layerwise_prefill(
+            None, torch.zeros((1, 4), dtype=torch.long), torch.ones((1, 4)), [Custom()], 0
+        )
+
+
+def test_shared_prefill_and_batched_decode_match_each_policy_alone(smollm2):
+    policies = [
+        KVPolicy(),
+        KeyNorm(KeyNorm.Config(compression_ratio=0.5)),
+        KeyNorm(KeyNorm.Config(compression_ratio=0.75)),
+    ]
+    prompt = _prompt()
+    alone = [Host(smollm2, kv_policy=p).generate(prompt, max_new_tokens=24)[0] for p in policies]
+    for batch_size in (None, 1):
+        shared = generate_shared(Host(smollm2), policies, prompt, 24, batch_size=batch_size)
+        for a, s in zip(alone, shared, strict=True):
+            assert s.text == a.text and s.new_tokens == a.new_tokens
+            assert s.kv_tokens == a.kv_tokens and s.finish_reason == a.finish_reason
+            assert s.peak_kv_bytes == a.peak_kv_bytes, (s.peak_kv_bytes, a.peak_kv_bytes)
+        assert {s.batch_size for s in shared} == ({3} if batch_size is None else {1})
+    # the compressed policies really hold less, and the peak counts one full layer in flight
+    assert alone[1].kv_tokens < 0.6 * alone[0].kv_tokens
+    assert alone[1].peak_kv_bytes < 0.62 * alone[0].peak_kv_bytes
+
+
+def test_the_run_loop_shares_the_prefill_and_records_what_each_config_gets_alone(tmp_path, smollm2):
+    from apportion.config import parse_config
+    from apportion.plugins import get_plugin_host, reset
+    from apportion.runner import RunOptions, execute
+
+    get_plugin_host().registry.register_function("kv-policy", "tests", "0")(KeyNorm)
+    try:
+        data = {
+            "benchmarks": [{"name": "niah", "lengths": [384], "depths": [0.3, 0.7], "samples": 1}],
+            "sweep": [
+                {"label": "full"},
+                {"label": "kn50", "kv_policy": {"name": "test-keynorm", "compression_ratio": 0.5}},
+                {"label": "kn75", "kv_policy": {"name": "test-keynorm", "compression_ratio": 0.75}},
+            ],
+            "generation": {"max_new_tokens": 12, "batch_size": 4},
+        }
+        opts = RunOptions(progress=False)
+        shared = execute(parse_config(data), tmp_path / "s", opts, loaded=smollm2).records
+        data["generation"] |= {"share_prefill": False, "batch_size": 1}
+        alone = execute(parse_config(data), tmp_path / "a", opts, loaded=smollm2).records
+    finally:
+        reset()
+    key = lambda r: (r["variant"], r["sample_id"])  # noqa: E731
+    shared, alone = sorted(shared, key=key), sorted(alone, key=key)
+    assert len(shared) == len(alone) == 6
+    for s, a in zip(shared, alone, strict=True):
+        assert key(s) == key(a)
+        for field in ("prediction", "score", "kv_tokens", "peak_kv_bytes", "new_tokens"):
+            assert s[field] == a[field], (key(s), field, s[field], a[field])
+        assert s["shared_prefill"] == 3 and s["batch_size"] == 3 and "shared_prefill" not in a
