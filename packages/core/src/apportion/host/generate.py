@@ -268,9 +268,7 @@ def _sync(t: torch.Tensor) -> Any:
     return torch.cuda.synchronize if t.is_cuda else (lambda: None)
 
 
-def feed_tokens(
-    model: Any, cache: Any, pre: Any, ids: torch.Tensor, mask: torch.Tensor
-) -> Any:
+def feed_tokens(model: Any, cache: Any, pre: Any, ids: torch.Tensor, mask: torch.Tensor) -> Any:
     """Append a chunk of tokens to a prefilled (possibly compressed) ``cache`` and return the
     :class:`~apportion.host.kv.PrefillOutput` to decode from.
 
