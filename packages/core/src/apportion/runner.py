@@ -923,11 +923,13 @@ def plan_units(
     open_batch: dict[tuple[str, str, int], Unit] = {}
     for key, variants in by_item.items():
         item = items[key]
-        groups: dict[str, list[ResolvedVariant]] = {}
+        groups: dict[tuple[str, str | None], list[ResolvedVariant]] = {}
         singles = []
         for v in variants:
-            if share and can_share(study.components[v.label]):
-                groups.setdefault(v.refs["prompt"].label(), []).append(v)
+            comps = study.components[v.label]
+            if share and can_share(comps):
+                key = (v.refs["prompt"].label(), comps["kv_policy"].probe())
+                groups.setdefault(key, []).append(v)
             else:
                 singles.append(v)
         for group in groups.values():

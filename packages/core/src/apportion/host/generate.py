@@ -13,7 +13,13 @@ import torch
 from apportion.base import Prompt
 from apportion.errors import ConfigError, PromptTooLongError
 from apportion.host.attention import AttentionBackend
-from apportion.host.kv import KVPolicy, attention_modules, cache_kwargs, cache_seq_lengths
+from apportion.host.kv import (
+    KVPolicy,
+    attention_modules,
+    cache_kwargs,
+    cache_seq_lengths,
+    drop_tail,
+)
 from apportion.host.model import LoadedModel
 
 
@@ -146,11 +152,17 @@ class Host:
         for e in encoded:
             self.check_fits(len(e.ids), max_new_tokens)
         if not self.question_in_prefill and all(0 < e.question_len < len(e.ids) for e in encoded):
-            contexts = [EncodedPrompt(e.ids[: -e.question_len], 0) for e in encoded]
+            probe = self.probe_ids()
+            contexts = [EncodedPrompt(e.ids[: -e.question_len] + probe, 0) for e in encoded]
             questions = [EncodedPrompt(e.ids[-e.question_len :], e.question_len) for e in encoded]
             input_ids, attention_mask = self._pad(contexts)
             results = self._run(
-                input_ids, attention_mask, 0, max_new_tokens, question=self._pad(questions)
+                input_ids,
+                attention_mask,
+                len(probe),
+                max_new_tokens,
+                question=self._pad(questions),
+                probe_len=len(probe),
             )
             for r, e in zip(results, encoded, strict=True):
                 r.prompt_tokens = len(e.ids)
@@ -159,6 +171,11 @@ class Host:
         question_len = min(e.question_len for e in encoded)
         input_ids, attention_mask = self._pad(encoded)
         return self._run(input_ids, attention_mask, question_len, max_new_tokens)
+
+    def probe_ids(self) -> list[int]:
+        """Token ids of the KV policy's probe (:meth:`KVPolicy.probe`), or ``[]``."""
+        text = self.kv_policy.probe()
+        return self.tokenizer.encode(text, add_special_tokens=False) if text else []
 
     def _pad(self, encoded: Sequence[EncodedPrompt]) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(len(e.ids) for e in encoded)
@@ -196,10 +213,12 @@ class Host:
         question_len: int,
         max_new_tokens: int,
         question: tuple[torch.Tensor, torch.Tensor] | None = None,
+        probe_len: int = 0,
     ) -> list[GenerationResult]:
         """Prefill ``input_ids`` and decode. ``question``: (ids, mask) of a left-padded chunk
         fed after the prefill compressed the context (query-agnostic mode, see
-        :func:`feed_tokens`); its entries are kept whole."""
+        :func:`feed_tokens`); its entries are kept whole. ``probe_len``: trailing prompt
+        tokens (the policy's probe) dropped from the cache before the question is fed."""
         model = self.loaded.model
         cache = self.kv_policy.make_cache(model)
         sync = _sync(input_ids)
@@ -215,9 +234,10 @@ class Host:
                     question_len=question_len,
                     inner=self.kv_policy.prefill,
                 )
-            kv_tokens = max(cache_seq_lengths(cache) or [0])
             reported = int((pre.info or {}).get("peak_kv_bytes", 0))
             peak = max(meter.peak, reported, self.kv_policy.kv_bytes(cache))
+            pre = drop_tail(cache, pre, probe_len)
+            kv_tokens = max(cache_seq_lengths(cache) or [0])
             if question is not None:
                 pre = feed_tokens(model, cache, pre, *question)
                 peak = max(peak, self.kv_policy.kv_bytes(cache))

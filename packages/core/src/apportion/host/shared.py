@@ -29,6 +29,8 @@ from apportion.host.kv import (
     LayerInputs,
     PrefillOutput,
     attention_modules,
+    cache_nbytes,
+    drop_tail,
 )
 
 
@@ -256,14 +258,26 @@ def generate_shared(
     host.check_fits(len(enc.ids), max_new_tokens)
     q = enc.question_len
     agnostic = not question_in_prefill and 0 < q < len(enc.ids)
-    ids = torch.tensor([enc.ids[:-q] if agnostic else enc.ids], device=loaded.device)
+    probes = {p.probe() for p in policies}
+    if agnostic and len(probes) > 1:
+        raise ValueError(f"policies with different probes cannot share a prefill: {probes}")
+    probe: list[int] = []
+    text = next(iter(probes)) if agnostic else None
+    if text:
+        probe = host.tokenizer.encode(text, add_special_tokens=False)
+    ids = torch.tensor([enc.ids[:-q] + probe if agnostic else enc.ids], device=loaded.device)
     mask = torch.ones_like(ids)
     question = torch.tensor([enc.ids[-q:]], device=loaded.device) if agnostic else None
     fed = q if agnostic else 0
     for p in policies:
         p.bind(loaded)
     t0 = time.perf_counter()
-    outputs = layerwise_prefill(model, ids, mask, policies, 0 if agnostic else q)
+    outputs = layerwise_prefill(model, ids, mask, policies, len(probe) if agnostic else q)
+    if probe:
+        for out in outputs:
+            out.prefill = drop_tail(out.cache, out.prefill, len(probe))
+            out.kept_bytes = cache_nbytes(out.cache)
+            out.kv_tokens -= len(probe)
     prefill_s = time.perf_counter() - t0
     step = per_token_bytes(outputs)
     eos, pad_id = host._eos_ids(), int(host.tokenizer.pad_token_id)
