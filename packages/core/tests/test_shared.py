@@ -110,3 +110,44 @@ def test_the_run_loop_shares_the_prefill_and_records_what_each_config_gets_alone
         for field in ("prediction", "score", "kv_tokens", "peak_kv_bytes", "new_tokens"):
             assert s[field] == a[field], (key(s), field, s[field], a[field])
         assert s["shared_prefill"] == 3 and s["batch_size"] == 3 and "shared_prefill" not in a
+
+
+def test_query_agnostic_mode_feeds_the_question_after_the_compressed_context(smollm2):
+    prompt = _prompt()
+    # the full cache: feeding the question after the context is the same computation
+    aware = Host(smollm2).generate(prompt, max_new_tokens=16)[0]
+    agnostic = Host(smollm2, question_in_prefill=False).generate(prompt, max_new_tokens=16)[0]
+    assert agnostic.text == aware.text and agnostic.prompt_tokens == aware.prompt_tokens
+    # a compressing policy now evicts without protecting the question: it keeps fewer of the
+    # prompt's entries before the question joins, and the question is kept whole after it
+    policy = KeyNorm(KeyNorm.Config(compression_ratio=0.5))
+    qa = Host(smollm2, kv_policy=policy).generate(prompt, max_new_tokens=16)[0]
+    qa_free = Host(smollm2, kv_policy=policy, question_in_prefill=False)
+    free = qa_free.generate(prompt, max_new_tokens=16)[0]
+    n_question = qa_free.encode(prompt).question_len
+    assert n_question > 0
+    assert free.kv_tokens < qa.kv_tokens
+    context = aware.prompt_tokens - n_question
+    assert free.kv_tokens == math.ceil(context * 0.5)
+    # batched rows with different question lengths (left-padded question chunk)
+    other = Prompt(
+        [{"role": "user", "content": f"{_long_context(24)}\n\nWhat is it? Say the number."}],
+        question="What is it? Say the number.",
+    )
+    host = Host(smollm2, question_in_prefill=False)
+    batch = host.generate([prompt, other], max_new_tokens=16)
+    single = host.generate(other, max_new_tokens=16)[0]
+    assert batch[0].text == agnostic.text and batch[1].text == single.text
+
+
+def test_query_agnostic_shared_prefill_matches_each_policy_alone(smollm2):
+    policies = [KVPolicy(), KeyNorm(KeyNorm.Config(compression_ratio=0.5))]
+    prompt = _prompt()
+    alone = [
+        Host(smollm2, kv_policy=p, question_in_prefill=False).generate(prompt, 20)[0]
+        for p in policies
+    ]
+    shared = generate_shared(Host(smollm2), policies, prompt, 20, question_in_prefill=False)
+    for a, s in zip(alone, shared, strict=True):
+        assert s.text == a.text and s.kv_tokens == a.kv_tokens
+        assert s.peak_kv_bytes == a.peak_kv_bytes, (s.peak_kv_bytes, a.peak_kv_bytes)

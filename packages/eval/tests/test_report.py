@@ -135,6 +135,9 @@ def test_config_rows_and_the_words_at_the_top():
         for line in words.errors
     )
     assert any("shared one prefill" in line for line in words.measured)
+    assert words.measured[0].startswith("Query-aware")
+    agnostic = [dict(r, question_in_prefill=False) for r in records]
+    assert headline(agnostic).measured[0].startswith("Query-agnostic")
 
 
 def test_a_config_inside_the_baselines_interval_is_no_winner():

@@ -26,6 +26,14 @@ class TestQSpanContract(KVPolicyContract):
     component = "qspan"
 
 
+class TestProbeContract(KVPolicyContract):
+    component = "probe"
+
+
+class TestSurpriseContract(KVPolicyContract):
+    component = "surprise"
+
+
 def _prompt(n: int = 30) -> Prompt:
     return Prompt(
         [{"role": "user", "content": f"{_long_context(n)}\n\n{QUESTION}"}], question=QUESTION
@@ -50,7 +58,7 @@ def _prefill(smollm2, policy, ids, question_len):
     return cache, out
 
 
-@pytest.mark.parametrize("name", ["streaming", "snapkv", "h2o", "qspan"])
+@pytest.mark.parametrize("name", ["streaming", "snapkv", "h2o", "qspan", "probe"])
 def test_budget_is_exact_and_question_kept(registry, smollm2, prefilled, name):
     """Every layer and head keeps exactly n_keep entries, and the question's keys are intact."""
     ids, qlen = prefilled

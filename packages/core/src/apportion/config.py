@@ -111,6 +111,12 @@ class GenerationSpec(BaseModel):
         description="configs that differ only in a layer-wise KV policy share one prefill per "
         "sample and decode together (answers as when run alone)",
     )
+    question_in_prefill: bool = Field(
+        True,
+        description="False: query-agnostic; the context is prefilled and compressed before "
+        "the question is fed (positions continue from the uncompressed length), as when a "
+        "stored context is asked later (kvpress's query_aware=False)",
+    )
     prompt_budget: int | None = Field(
         None,
         ge=1,

@@ -517,6 +517,7 @@ def record_base(
         "model": loaded.name,
         "model_fingerprint": loaded.fingerprint,
         "seed": config.seed,
+        "question_in_prefill": config.generation.question_in_prefill,
         "context_chars": len(sample.context),
         "time": time.time(),
     }
@@ -595,6 +596,7 @@ def measure_shared(
             built.prompt,
             built.new_tokens,
             batch_size=config.generation.batch_size,
+            question_in_prefill=config.generation.question_in_prefill,
         )
         wall = (time.perf_counter() - t0) / len(variants)
     except SAMPLE_ERRORS:
@@ -708,15 +710,17 @@ def _todo(
             r["sample_id"],
             r.get("sample_hash"),
             r.get("model_fingerprint"),
+            r.get("question_in_prefill", True),
         )
         for r in read_records(study.run_path / RECORDS)
         if "error" not in r or r.get("error_kind") == "prompt-too-long"
     }
+    mode = study.config.generation.question_in_prefill
     return [
         (v, w)
         for w in work
         for v in study.variants
-        if (v.label, w.label, w.sample.id, w.hash, fingerprint) not in done
+        if (v.label, w.label, w.sample.id, w.hash, fingerprint, mode) not in done
     ]
 
 
@@ -793,7 +797,10 @@ def _plan(
     todo = _todo(study, work, loaded.fingerprint)
     hosts = {
         v.label: Host(
-            loaded, study.components[v.label]["attention"], study.components[v.label]["kv_policy"]
+            loaded,
+            study.components[v.label]["attention"],
+            study.components[v.label]["kv_policy"],
+            question_in_prefill=config.generation.question_in_prefill,
         )
         for v in study.variants
     }
@@ -916,11 +923,13 @@ def plan_units(
     open_batch: dict[tuple[str, str, int], Unit] = {}
     for key, variants in by_item.items():
         item = items[key]
-        groups: dict[str, list[ResolvedVariant]] = {}
+        groups: dict[tuple[str, str | None], list[ResolvedVariant]] = {}
         singles = []
         for v in variants:
-            if share and can_share(study.components[v.label]):
-                groups.setdefault(v.refs["prompt"].label(), []).append(v)
+            comps = study.components[v.label]
+            if share and can_share(comps):
+                key = (v.refs["prompt"].label(), comps["kv_policy"].probe())
+                groups.setdefault(key, []).append(v)
             else:
                 singles.append(v)
         for group in groups.values():

@@ -156,7 +156,7 @@ def _sections(words: Headline, notes: list[str] | None) -> list[tuple[str, list[
         ("Errors", words.errors),
     ]
     if words.measured:
-        out.append(("How costs were measured", words.measured))
+        out.append(("How it was measured", words.measured))
     if notes:
         out.append(("Notes on this run", list(notes)))
     return out
@@ -363,7 +363,7 @@ def _short(words: Headline) -> str:
         ul(words.errors),
     ]
     if words.measured:
-        parts += ["<h3>How costs were measured</h3>", ul(words.measured)]
+        parts += ["<h3>How it was measured</h3>", ul(words.measured)]
     parts.append(
         "<p class='fine'>Accuracies are means over samples with 95% Wilson intervals in "
         "brackets. Two configs are told apart only when their intervals do not overlap; "

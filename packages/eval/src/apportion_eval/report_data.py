@@ -360,8 +360,24 @@ def measured_lines(rows: list[dict[str, Any]]) -> list[str]:
     return out
 
 
+def mode_lines(records: list[dict[str, Any]]) -> list[str]:
+    """Whether KV policies saw the question when they compressed the context."""
+    modes = {r.get("question_in_prefill", True) for r in records}
+    if modes == {False}:
+        return [
+            "Query-agnostic: each context was compressed before its question was fed "
+            "(as when a stored context is asked later); the question's own entries are kept."
+        ]
+    if modes == {True, False}:
+        return ["Records of both modes (question in the prefill, and query-agnostic) are mixed."]
+    return ["Query-aware: the question was part of the prefill the KV policies compressed."]
+
+
 def headline(records: list[dict[str, Any]], rows: list[dict[str, Any]] | None = None) -> Headline:
     rows = config_rows(records) if rows is None else rows
     return Headline(
-        budget_lines(rows), baseline_lines(rows), error_lines(rows), measured_lines(rows)
+        budget_lines(rows),
+        baseline_lines(rows),
+        error_lines(rows),
+        mode_lines(records) + measured_lines(rows),
     )

@@ -12,6 +12,8 @@ def apportion_register_kv_policies(register):
     register("apportion_kvcache.snapkv:SnapKV", name="snapkv")
     register("apportion_kvcache.h2o:H2O", name="h2o")
     register("apportion_kvcache.qspan:QSpan", name="qspan")
+    register("apportion_kvcache.probe:Probe", name="probe")
+    register("apportion_kvcache.surprise:Surprise", name="surprise")
     register("apportion_kvcache.cachegen.policy:CacheGenPolicy", name="cachegen")
     register("apportion_kvcache.kvcomm.policy:KVCOMM", name="kvcomm")
     register("apportion_kvcache.fastswitch.policy:FastSwitch", name="fastswitch")

@@ -13,7 +13,13 @@ import torch
 from apportion.base import Prompt
 from apportion.errors import ConfigError, PromptTooLongError
 from apportion.host.attention import AttentionBackend
-from apportion.host.kv import KVPolicy, attention_modules, cache_kwargs, cache_seq_lengths
+from apportion.host.kv import (
+    KVPolicy,
+    attention_modules,
+    cache_kwargs,
+    cache_seq_lengths,
+    drop_tail,
+)
 from apportion.host.model import LoadedModel
 
 
@@ -84,10 +90,13 @@ class Host:
         loaded: LoadedModel,
         attention: AttentionBackend | None = None,
         kv_policy: KVPolicy | None = None,
+        *,
+        question_in_prefill: bool = True,
     ):
         self.loaded = loaded
         self.attention = attention or AttentionBackend()
         self.kv_policy = kv_policy or KVPolicy()
+        self.question_in_prefill = question_in_prefill
         self.attention.bind(loaded)
         self.kv_policy.bind(loaded)
 
@@ -142,12 +151,33 @@ class Host:
         encoded = [self.encode(p) for p in prompts]
         for e in encoded:
             self.check_fits(len(e.ids), max_new_tokens)
+        if not self.question_in_prefill and all(0 < e.question_len < len(e.ids) for e in encoded):
+            probe = self.probe_ids()
+            contexts = [EncodedPrompt(e.ids[: -e.question_len] + probe, 0) for e in encoded]
+            questions = [EncodedPrompt(e.ids[-e.question_len :], e.question_len) for e in encoded]
+            input_ids, attention_mask = self._pad(contexts)
+            results = self._run(
+                input_ids,
+                attention_mask,
+                len(probe),
+                max_new_tokens,
+                question=self._pad(questions),
+                probe_len=len(probe),
+            )
+            for r, e in zip(results, encoded, strict=True):
+                r.prompt_tokens = len(e.ids)
+            return results
         # question_len is shared by the batch: keep the shortest so no row loses its question
         question_len = min(e.question_len for e in encoded)
         input_ids, attention_mask = self._pad(encoded)
         return self._run(input_ids, attention_mask, question_len, max_new_tokens)
 
-    def _pad(self, encoded: list[EncodedPrompt]) -> tuple[torch.Tensor, torch.Tensor]:
+    def probe_ids(self) -> list[int]:
+        """Token ids of the KV policy's probe (:meth:`KVPolicy.probe`), or ``[]``."""
+        text = self.kv_policy.probe()
+        return self.tokenizer.encode(text, add_special_tokens=False) if text else []
+
+    def _pad(self, encoded: Sequence[EncodedPrompt]) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(len(e.ids) for e in encoded)
         pad = self.tokenizer.pad_token_id
         ids = torch.full((len(encoded), width), pad, dtype=torch.long)
@@ -182,7 +212,13 @@ class Host:
         attention_mask: torch.Tensor,
         question_len: int,
         max_new_tokens: int,
+        question: tuple[torch.Tensor, torch.Tensor] | None = None,
+        probe_len: int = 0,
     ) -> list[GenerationResult]:
+        """Prefill ``input_ids`` and decode. ``question``: (ids, mask) of a left-padded chunk
+        fed after the prefill compressed the context (query-agnostic mode, see
+        :func:`feed_tokens`); its entries are kept whole. ``probe_len``: trailing prompt
+        tokens (the policy's probe) dropped from the cache before the question is fed."""
         model = self.loaded.model
         cache = self.kv_policy.make_cache(model)
         sync = _sync(input_ids)
@@ -198,11 +234,15 @@ class Host:
                     question_len=question_len,
                     inner=self.kv_policy.prefill,
                 )
-            sync()
-            prefill_s = time.perf_counter() - t0
-            kv_tokens = max(cache_seq_lengths(cache) or [0])
             reported = int((pre.info or {}).get("peak_kv_bytes", 0))
             peak = max(meter.peak, reported, self.kv_policy.kv_bytes(cache))
+            pre = drop_tail(cache, pre, probe_len)
+            kv_tokens = max(cache_seq_lengths(cache) or [0])
+            if question is not None:
+                pre = feed_tokens(model, cache, pre, *question)
+                peak = max(peak, self.kv_policy.kv_bytes(cache))
+            sync()
+            prefill_s = time.perf_counter() - t0
             decoded = greedy_decode(
                 model,
                 cache,
@@ -246,6 +286,40 @@ class Host:
 
 def _sync(t: torch.Tensor) -> Any:
     return torch.cuda.synchronize if t.is_cuda else (lambda: None)
+
+
+def feed_tokens(model: Any, cache: Any, pre: Any, ids: torch.Tensor, mask: torch.Tensor) -> Any:
+    """Append a chunk of tokens to a prefilled (possibly compressed) ``cache`` and return the
+    :class:`~apportion.host.kv.PrefillOutput` to decode from.
+
+    This is how a question reaches a context compressed without it (kvpress's
+    ``query_aware=False``): ``ids``/``mask`` are (B, n), left-padded (mask 0 at padding);
+    the chunk's positions continue from ``pre.next_position``, the uncompressed length, so
+    RoPE sees the question where it stood in the prompt. Its entries join the cache whole.
+    """
+    from apportion.host.kv import PrefillOutput
+
+    batch = ids.shape[0]
+    kv_mask = pre.kv_mask
+    if kv_mask is None:
+        past = max(cache_seq_lengths(cache) or [0])
+        kv_mask = torch.ones((batch, past), dtype=torch.bool, device=ids.device)
+    full = torch.cat([kv_mask.bool(), mask.bool()], 1)
+    offsets = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    out = model(
+        input_ids=ids,
+        attention_mask=full.long(),
+        position_ids=pre.next_position[:, None] + offsets,
+        use_cache=True,
+        logits_to_keep=1,
+        **cache_kwargs(model, cache),
+    )
+    return PrefillOutput(
+        logits=out.logits[:, -1, :],
+        kv_mask=None if bool(full.all()) else full,
+        next_position=pre.next_position + mask.long().sum(-1),
+        info=pre.info,
+    )
 
 
 @dataclass

@@ -100,6 +100,22 @@ def kept_mask(real: torch.Tensor, n_keep: int) -> torch.Tensor | None:
     return cols >= pad_kept[:, None]
 
 
+def drop_tail(cache: Any, pre: PrefillOutput, n: int) -> PrefillOutput:
+    """Remove the last ``n`` entries of every layer of ``cache`` (a probe's, see
+    :meth:`KVPolicy.probe`); returns the prefill output as if they had never been fed."""
+    if n <= 0:
+        return pre
+    for layer in getattr(cache, "layers", []):
+        keys = getattr(layer, "keys", None)
+        if isinstance(keys, torch.Tensor) and keys.dim() == 4:
+            layer.keys = keys[..., :-n, :].contiguous()
+            layer.values = layer.values[..., :-n, :].contiguous()
+    kv_mask = None if pre.kv_mask is None else pre.kv_mask[:, :-n]
+    if kv_mask is not None and bool(kv_mask.all()):
+        kv_mask = None
+    return PrefillOutput(pre.logits, kv_mask, pre.next_position - n, pre.info)
+
+
 def attention_modules(model: Any) -> list[Any]:
     """The self-attention modules of a decoder, in layer order (anything with ``layer_idx``
     and ``q_proj``: Llama, Mistral, Qwen and their kin)."""
@@ -180,6 +196,18 @@ class KVPolicy(Component):
 
     def plan(self, attention_mask: torch.Tensor, question_len: int) -> int | None:
         """Entries each layer keeps for this prompt batch, or ``None`` to keep them all."""
+        return None
+
+    def probe(self) -> str | None:
+        """Text whose queries stand in for the question when a context is compressed before
+        its question is known (query-agnostic mode), or ``None``.
+
+        The host appends it to the context, prefills with it as the protected tail
+        (``question_len``), and drops its entries from the cache afterwards, so the cache
+        holds only the context's kept entries. Causal attention leaves the context's keys
+        and values unchanged by the appended text. With the question in the prefill the
+        probe is not used.
+        """
         return None
 
     def evict_layer(self, inputs: LayerInputs) -> tuple[torch.Tensor, torch.Tensor]:

@@ -29,6 +29,8 @@ from apportion.host.kv import (
     LayerInputs,
     PrefillOutput,
     attention_modules,
+    cache_nbytes,
+    drop_tail,
 )
 
 
@@ -238,6 +240,7 @@ def generate_shared(
     max_new_tokens: int,
     *,
     batch_size: int | None = None,
+    question_in_prefill: bool = True,
 ) -> list[Any]:
     """Greedy answers of ``prompt`` under each of ``policies`` from one shared prefill,
     decoded ``batch_size`` policies at a time (default: all together).
@@ -246,18 +249,38 @@ def generate_shared(
     the prompt and checks it fits). Returns one ``GenerationResult`` per policy, in order:
     its tokens as if run alone, its own ``kv_tokens`` and ``peak_kv_bytes``; the prefill and
     decode times of the shared work, with ``batch_size`` the decode batch.
+
+    ``question_in_prefill=False``: the context is prefilled and compressed without the
+    question, which is then fed to every cache (:func:`~apportion.host.generate.feed_tokens`,
+    positions continuing from the uncompressed length), as when a stored context is asked.
     """
-    from apportion.host.generate import GenerationResult, greedy_decode
+    from apportion.host.generate import GenerationResult, feed_tokens, greedy_decode
 
     loaded, model = host.loaded, host.loaded.model
     enc = host.encode(prompt)
     host.check_fits(len(enc.ids), max_new_tokens)
-    ids = torch.tensor([enc.ids], device=loaded.device)
+    q = enc.question_len
+    agnostic = not question_in_prefill and 0 < q < len(enc.ids)
+    probes = {p.probe() for p in policies}
+    if agnostic and len(probes) > 1:
+        raise ValueError(f"policies with different probes cannot share a prefill: {probes}")
+    probe: list[int] = []
+    text = next(iter(probes)) if agnostic else None
+    if text:
+        probe = host.tokenizer.encode(text, add_special_tokens=False)
+    ids = torch.tensor([enc.ids[:-q] + probe if agnostic else enc.ids], device=loaded.device)
     mask = torch.ones_like(ids)
+    question = torch.tensor([enc.ids[-q:]], device=loaded.device) if agnostic else None
+    fed = q if agnostic else 0
     for p in policies:
         p.bind(loaded)
     t0 = time.perf_counter()
-    outputs = layerwise_prefill(model, ids, mask, policies, enc.question_len)
+    outputs = layerwise_prefill(model, ids, mask, policies, len(probe) if agnostic else q)
+    if probe:
+        for out in outputs:
+            out.prefill = drop_tail(out.cache, out.prefill, len(probe))
+            out.kept_bytes = cache_nbytes(out.cache)
+            out.kv_tokens -= len(probe)
     prefill_s = time.perf_counter() - t0
     step = per_token_bytes(outputs)
     eos, pad_id = host._eos_ids(), int(host.tokenizer.pad_token_id)
@@ -269,7 +292,10 @@ def generate_shared(
             cache, pre = stack_caches(chunk, model)
         else:
             cache, pre = chunk[0].cache, chunk[0].prefill
-        reserve(cache, max_new_tokens)
+        reserve(cache, max_new_tokens + fed)
+        if question is not None:
+            rows = question.expand(len(chunk), -1)
+            pre = feed_tokens(model, cache, pre, rows, torch.ones_like(rows))
         decoded = greedy_decode(
             model, cache, pre, max_new_tokens, eos=eos, pad_id=pad_id, drop_finished=True
         )
@@ -278,7 +304,7 @@ def generate_shared(
             alone_forwards = min(
                 len(tokens) if finish == "stop" else len(tokens) - 1, max_new_tokens - 1
             )
-            own_kv = out.kept_bytes + max(0, alone_forwards) * step
+            own_kv = out.kept_bytes + (fed + max(0, alone_forwards)) * step
             results.append(
                 GenerationResult(
                     text=host.tokenizer.decode(tokens, skip_special_tokens=True).strip(),

@@ -171,6 +171,37 @@ class KVPolicyContract(_Contract):
         out = self._gen(smollm2, self.make(registry, compression_ratio=0.5), [short, long], n=8)
         assert len(out) == 2 and all(o.new_tokens > 0 for o in out)
 
+    def test_query_agnostic(self, registry: Any, smollm2: Any) -> None:
+        """Compressed before the question is fed: equal to ``full`` at ratio 0; at 0.5 the
+        cache keeps at most half the context (plus the question, fed afterwards) and frees
+        the bytes; a left-padded batch of different lengths still answers."""
+        from apportion.base import Prompt
+        from apportion.host import Host
+        from apportion.host.kv import KVPolicy
+
+        if not self._has_ratio(registry):
+            pytest.skip("no compression_ratio option")
+
+        def prompt(n: int) -> Prompt:
+            text = f"{_long_context(n)}\n\n{QUESTION}"
+            return Prompt([{"role": "user", "content": text}], question=QUESTION)
+
+        def gen(policy: Any, prompts: Any, n: int = 12) -> Any:
+            host = Host(smollm2, kv_policy=policy, question_in_prefill=False)
+            return host.generate(prompts, max_new_tokens=n)
+
+        full = gen(KVPolicy(), prompt(24))[0]
+        assert gen(self.make(registry, compression_ratio=0.0), prompt(24))[0].text == full.text
+        got = gen(self.make(registry, compression_ratio=0.5), prompt(24), n=4)[0]
+        context_len = full.kv_tokens
+        assert got.kv_tokens <= math.ceil(context_len * 0.5) + self.slack_tokens, (
+            got.kv_tokens,
+            context_len,
+        )
+        assert got.peak_kv_bytes < 0.62 * full.peak_kv_bytes
+        out = gen(self.make(registry, compression_ratio=0.5), [prompt(6), prompt(18)], n=8)
+        assert len(out) == 2 and all(o.new_tokens > 0 for o in out)
+
     def test_budget_at_least_context(self, registry: Any, smollm2: Any) -> None:
         """A tiny prompt under a policy configured for long ones: nothing breaks."""
         opts = {"compression_ratio": 0.1} if self._has_ratio(registry) else {}

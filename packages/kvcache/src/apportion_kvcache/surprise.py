@@ -1,0 +1,134 @@
+"""``surprise``: query-agnostic span keeping by the model's own surprisal.
+
+What a later question can ask about is, mostly, what the model could not have guessed: a
+name, a number, a fact that does not follow from the text around it. ``surprise`` prefills
+the context once, reads each token's surprisal ``-log p(x_t | x_<t)`` from the model's own
+next-token distribution (computed from the final hidden states in chunks, never the whole
+logit matrix), lifts the ``before`` tokens ahead of a surprising token and the ``span``
+tokens after it (a fact's key, then its value), and keeps the same top positions in every
+layer and KV head, plus ``sink`` leading entries and
+the protected tail. It needs no question, so it serves contexts compressed before their
+question is known (``generation.question_in_prefill = false``) as well as with it.
+
+The scores need the final layer, so the policy holds the full cache until the prefill ends
+and then evicts every layer: its measured peak is the full context's, its stored and decoded
+cache the compressed one. It is therefore not layer-wise (it runs its own prefill).
+
+Surprisal as a keep signal follows selective-context compression of prompts (Li et al.,
+"Compressing Context to Enhance Inference Efficiency of Large Language Models", 2023); applied
+to KV entries with span pooling, it is this package's own.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from apportion.host.kv import (
+    CompressionConfig,
+    LayerInputs,
+    PrefillOutput,
+    cache_kwargs,
+    positions_from_mask,
+)
+from pydantic import Field
+
+from apportion_kvcache.eviction import ScoredEviction
+
+
+class SurpriseConfig(CompressionConfig):
+    span: int = Field(
+        24, ge=0, le=128, description="tokens kept after a surprising token (its fact's value)"
+    )
+    before: int = Field(4, ge=0, le=64, description="tokens kept before a surprising token")
+    sink: int = Field(4, ge=0, le=256, description="leading entries always kept")
+    chunk: int = Field(
+        512, ge=16, le=8192, description="positions per chunk of the surprisal computation"
+    )
+
+
+def surprisal(
+    model: Any, hidden: torch.Tensor, input_ids: torch.Tensor, chunk: int
+) -> torch.Tensor:
+    """(B, L) surprisal in nats of each token given the ones before it (0 for the first),
+    from the final hidden states (B, L, D), ``chunk`` positions at a time."""
+    head = model.get_output_embeddings()
+    b, length, _ = hidden.shape
+    out = torch.zeros((b, length), dtype=torch.float32, device=hidden.device)
+    for start in range(0, length - 1, chunk):
+        stop = min(length - 1, start + chunk)
+        logp = torch.log_softmax(head(hidden[:, start:stop]).float(), dim=-1)
+        nxt = input_ids[:, start + 1 : stop + 1, None]
+        out[:, start + 1 : stop + 1] = -logp.gather(-1, nxt)[..., 0]
+    return out
+
+
+def reach(scores: torch.Tensor, before: int, after: int) -> torch.Tensor:
+    """(B, L): each position's max of ``scores`` over the ``after`` positions before it and the
+    ``before`` positions after it, i.e. a surprising token lifts the ``before`` tokens ahead
+    of it and the ``after`` tokens that follow it (a fact's key and then its value)."""
+    padded = F.pad(scores[:, None, :], (after, before), value=float("-inf"))
+    return F.max_pool1d(padded, after + before + 1, stride=1)[:, 0]
+
+
+class Surprise(ScoredEviction):
+    name: ClassVar[str] = "surprise"
+    summary: ClassVar[str] = (
+        "query-agnostic span keeping: the model's own surprisal, max-pooled over spans"
+    )
+    Config = SurpriseConfig
+    layerwise: ClassVar[bool] = False
+
+    def score(self, inputs: LayerInputs) -> torch.Tensor:
+        raise RuntimeError("surprise scores once per prefill, in prefill()")
+
+    def prefill(
+        self,
+        model: Any,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        cache: Any,
+        *,
+        question_len: int = 0,
+    ) -> PrefillOutput:
+        n_keep = self.plan(attention_mask, question_len)
+        if n_keep is None:
+            return super().prefill(
+                model, input_ids, attention_mask, cache, question_len=question_len
+            )
+        c = self.config
+        base = model.get_decoder()
+        position_ids = positions_from_mask(attention_mask)
+        out = base(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=True,
+            **cache_kwargs(base, cache),
+        )
+        hidden = out.last_hidden_state
+        logits = model.get_output_embeddings()(hidden[:, -1]).float()
+        real = attention_mask.bool()
+        scores = surprisal(model, hidden, input_ids, c.chunk).masked_fill(~real, 0.0)
+        # a row's first real token has no prediction: count it as a sink
+        first = real.float().argmax(-1)
+        scores[torch.arange(scores.shape[0]), first] = scores.max() + 1.0
+        scores = reach(scores, c.before, c.span) + 1e-3 * scores
+        if c.sink:
+            offsets = positions_from_mask(attention_mask)
+            scores = scores.masked_fill(real & (offsets < c.sink), float(scores.max()) + 1.0)
+        key = (type(self), c.model_dump_json(exclude={"compression_ratio"}))
+        for layer in cache.layers:
+            per_head = scores[:, None, :].expand(-1, layer.keys.shape[1], -1)
+            inputs = LayerInputs(
+                None, hidden, None, None, layer.keys, layer.values, real, question_len, n_keep
+            )
+            inputs.memo[key] = per_head
+            layer.keys, layer.values = self.evict_layer(inputs)
+        return PrefillOutput(
+            logits=logits,
+            kv_mask=self.kept_mask(attention_mask, n_keep),
+            next_position=position_ids[:, -1] + 1,
+            info={"n_keep": n_keep, "evicted": attention_mask.shape[1] - n_keep},
+        )
