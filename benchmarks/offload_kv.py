@@ -94,7 +94,6 @@ def main() -> None:
     rows = []
     for p_i, prompt in enumerate(build_prompts(args.sentences)):
         ref = resident_host.generate(prompt, max_new_tokens=args.new)[0]  # warm, and the answer
-        ref_tokens = resident_host.encode(prompt)
         budget = int(ref.peak_kv_bytes * args.budget)
         layer = ref.peak_kv_bytes // layers
         configs = ["resident", *TIERS, "pinned-pool-no-prefetch"]
@@ -137,7 +136,6 @@ def main() -> None:
         peer = run_peer(loaded, resident_host, prompt, args.new)
         peer["prompt"] = p_i
         if "tokens" in peer:
-            ids = ref_tokens  # noqa: F841 (the host's encoding is the peer's input)
             peer["identical"] = (
                 loaded.tokenizer.decode(
                     [t for t in peer.pop("tokens") if t != loaded.tokenizer.pad_token_id],

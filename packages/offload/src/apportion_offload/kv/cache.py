@@ -258,7 +258,9 @@ class OffloadedKVCache(DynamicCache):
         return total
 
     def peak_resident_kv_bytes(self) -> int:
-        """The most :meth:`resident_kv_bytes` was at any update of the cache."""
+        """The most :meth:`resident_kv_bytes` was when the cache took memory between the
+        layers' attention (a slot filled, a prefill layer set off to the tier); the host
+        measures after every attention layer besides."""
         return max(self._peak, self.resident_kv_bytes())
 
     def placement(self) -> dict[str, Any]:
@@ -357,8 +359,7 @@ class OffloadedKVCache(DynamicCache):
                 self._pinned_bytes += _nbytes(layer._k, layer._v) - before
                 self._rebalance()
         self._check_one_layer(layer)
-        self._note()
-        return layer._k, layer._v
+        return layer._k, layer._v  # the host measures right after the layer's attention
 
     def _assigned(self, layer: OffloadedLayer) -> None:
         """A policy (or transformers) set the layer's keys and values from outside: they
@@ -483,6 +484,7 @@ class OffloadedKVCache(DynamicCache):
             with self._lock:
                 self._inflight += nbytes
             layer._k = layer._v = None
+            self._note()
         if start < layer._n:
             fut = self._submit(
                 self._store_job, layer, k[:, :, start:], v[:, :, start:], start, nbytes
@@ -589,6 +591,7 @@ class OffloadedKVCache(DynamicCache):
         slot.owner, layer._slot = layer, slot
         layer._fetch = self._submit(self._load_job, layer, slot.k, slot.v, layer._n)
         self.counters["fetches"] += 1
+        self._note()
 
     def _load_job(self, layer: OffloadedLayer, k: Any, v: Any, n: int) -> None:
         try:
