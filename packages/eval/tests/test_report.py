@@ -407,3 +407,18 @@ def test_odd_runs_render(tmp_path):
     page = render_html(plain + broken, "odd")
     assert "#2 broken: 3 of 3 records are errors (3 exception)" in page
     assert "No config has a measured peak KV" in render_html(broken)
+
+
+def test_resident_kv_is_shown_beside_peak_kv():
+    from apportion_eval.report_data import summary_rows
+
+    records = synthetic_records(samples=1)
+    offloaded = [
+        dict(r, peak_resident_kv_bytes=r["peak_kv_bytes"] // 4) if "peak_kv_bytes" in r else r
+        for r in records
+    ]
+    for rows, share in ((summary_rows(records), 1.0), (summary_rows(offloaded), 0.25)):
+        measured = [r for r in rows if r["peak_kv_mib"] == r["peak_kv_mib"]]  # not NaN
+        assert measured
+        for r in measured:
+            assert r["peak_resident_kv_mib"] == pytest.approx(share * r["peak_kv_mib"], rel=1e-3)

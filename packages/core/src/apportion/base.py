@@ -234,9 +234,32 @@ class AllocatorStats:
 
 
 class Allocator(Component):
-    """Base allocator: ordinary pageable host memory through torch, with byte accounting."""
+    """Base allocator: ordinary pageable host memory through torch, with byte accounting.
+
+    An allocator may also place the KV cache of generation (the offload family's tiers):
+
+    - :meth:`kv_budget`: the bytes of KV it keeps *resident* (on the model's device), or
+      ``None`` when every layer stays resident. The runner refuses a budget smaller than one
+      layer's KV at the run's longest prompt before the model loads.
+    - :meth:`kv_cache`: given the KV policy's cache (``KVPolicy.make_cache``), the cache
+      generation runs on instead, or ``None`` to keep the policy's. The host composes them:
+      the policy evicts first, the allocator's cache places what was kept. A cache that holds
+      KV outside the device may report ``kv_nbytes()`` (all of it) and
+      ``resident_kv_bytes()`` (what is on the device); the host measures both.
+
+    The defaults offload nothing.
+    """
 
     kind: ClassVar[str] = "allocator"
+
+    def kv_budget(self) -> int | None:
+        """Bytes of KV this allocator keeps resident during generation (``None``: all)."""
+        return None
+
+    def kv_cache(self, model: Any, cache: Any) -> Any | None:
+        """The cache to generate with in place of the KV policy's ``cache`` (``None``: keep
+        it, every layer resident). Called once per generation, before the prefill."""
+        return None
 
     def __init__(self, config: ComponentConfig | None = None):
         super().__init__(config)

@@ -453,6 +453,9 @@ def result_fields(
         "new_tokens": result.new_tokens,
         "kv_tokens": result.kv_tokens,
         "peak_kv_bytes": result.peak_kv_bytes,
+        "peak_resident_kv_bytes": int(
+            getattr(result, "peak_resident_kv_bytes", None) or result.peak_kv_bytes
+        ),
         "prefill_seconds": round(result.prefill_seconds, 5),
         "decode_tokens_per_s": round(result.decode_tokens_per_s, 3),
         "wall_seconds": round(wall, 4),
@@ -698,6 +701,60 @@ def _check_before_loading(study: _Study, registry: Any, loaded: Any) -> None:
     else:
         window = loaded.max_context
     check_lengths(study.config, registry, window, extends)
+    check_kv_budgets(study, registry, loaded)
+
+
+def longest_sequence(config: RunConfig, registry: Any) -> int:
+    """The most tokens one row of the run's cache holds: the longest benchmark length plus
+    its answer tokens (0 when no benchmark states its lengths)."""
+    most = 0
+    for j, ref in enumerate(config.benchmarks):
+        spec = registry.get("benchmark", ref.name)
+        cfg = spec.validate_options(ref.options, where=f"benchmarks[{j}]")
+        lengths = getattr(cfg, "lengths", None) or []
+        if lengths:
+            most = max(most, max(lengths) + benchmark_answer_tokens(config, spec, cfg))
+    return most
+
+
+def check_kv_budgets(study: _Study, registry: Any, loaded: Any = None) -> None:
+    """Refuse, before the model loads, an allocator whose resident KV budget
+    (:meth:`~apportion.base.Allocator.kv_budget`) is smaller than one layer's KV at the run's
+    longest sequence: the layer being computed is always resident. The error names the
+    minimum."""
+    budgets = {
+        label: c["allocator"].kv_budget()
+        for label, c in study.components.items()
+        if c["allocator"].kv_budget() is not None
+    }
+    if not budgets:
+        return
+    tokens = longest_sequence(study.config, registry)
+    if not tokens:
+        return
+    if loaded is not None:
+        cfg = loaded.model.config.get_text_config(decoder=True)
+        heads = int(cfg.num_attention_heads)
+        kv_heads = int(getattr(cfg, "num_key_value_heads", None) or heads)
+        head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
+        per_token = 2 * kv_heads * head_dim * loaded.model.dtype.itemsize
+    else:
+        from apportion.host.model import kv_bytes_per_token
+
+        per_token = kv_bytes_per_token(study.config.model)["layer_bytes_per_token"]
+    batch = max(1, int(study.config.generation.sample_batch_size))
+    minimum = per_token * tokens * batch
+    errors = [
+        (
+            f"{label}: allocator.resident_kv_bytes",
+            f"{budget} bytes is smaller than one layer's KV at the run's longest sequence "
+            f"({tokens} tokens x {batch} row(s) x {per_token} bytes a token = {minimum} "
+            f"bytes); the minimum is {minimum}",
+        )
+        for label, budget in budgets.items()
+        if budget < minimum
+    ]
+    _raise(study.config, errors)
 
 
 def _todo(
@@ -800,6 +857,7 @@ def _plan(
             loaded,
             study.components[v.label]["attention"],
             study.components[v.label]["kv_policy"],
+            study.components[v.label]["allocator"],
             question_in_prefill=config.generation.question_in_prefill,
         )
         for v in study.variants
@@ -895,12 +953,16 @@ class Unit:
 
 
 def can_share(components: dict[str, Any]) -> bool:
-    """Whether a variant's sample can join a shared prefill: dense attention and a
-    layer-wise KV policy (the prompt must also match; :func:`plan_units` checks that)."""
+    """Whether a variant's sample can join a shared prefill: dense attention, a layer-wise
+    KV policy and an allocator that keeps the KV resident (the prompt must also match;
+    :func:`plan_units` checks that)."""
     from apportion.host.attention import AttentionBackend
 
-    return type(components["attention"]) is AttentionBackend and bool(
-        getattr(components["kv_policy"], "layerwise", False)
+    allocator = components.get("allocator")
+    return (
+        type(components["attention"]) is AttentionBackend
+        and bool(getattr(components["kv_policy"], "layerwise", False))
+        and (allocator is None or allocator.kv_budget() is None)
     )
 
 
@@ -1123,6 +1185,9 @@ def summarize(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
                 "accuracy": sum(float(r.get("score", 0)) for r in rs) / len(rs),
                 "interval": wilson(sum(float(r.get("score", 0)) for r in rs), len(rs)),
                 "peak_kv_bytes": mean("peak_kv_bytes"),
+                "peak_resident_kv_bytes": mean("peak_resident_kv_bytes")
+                if any("peak_resident_kv_bytes" in r for r in ok)
+                else mean("peak_kv_bytes"),
                 "prefill_seconds": mean("prefill_seconds"),
                 "decode_tokens_per_s": mean("decode_tokens_per_s"),
                 "prompt_tokens": mean("prompt_tokens"),
@@ -1145,6 +1210,7 @@ def render_table(rows: list[dict[str, Any]], console: Any, title: str = "apporti
         "accuracy",
         "95% interval",
         "peak KV MiB",
+        "resident KV MiB",
         "prefill s",
         "decode tok/s",
     )
@@ -1160,6 +1226,7 @@ def render_table(rows: list[dict[str, Any]], console: Any, title: str = "apporti
             f"{100 * r['accuracy']:.1f}%",
             f"{100 * r['interval'][0]:.0f}-{100 * r['interval'][1]:.0f}%",
             f"{r['peak_kv_bytes'] / 2**20:.2f}",
+            f"{r.get('peak_resident_kv_bytes', r['peak_kv_bytes']) / 2**20:.2f}",
             f"{r['prefill_seconds']:.3f}",
             f"{r['decode_tokens_per_s']:.1f}",
         )

@@ -90,6 +90,7 @@ def render_terminal(
         "err",
         "accuracy (95%)",
         "peak KV MiB",
+        "resident KV MiB",
         "prefill s",
         "decode tok/s",
     ):
@@ -107,6 +108,7 @@ def render_terminal(
             f"[red]{r['errors']}[/red]" if r["errors"] else "0",
             r["acc"].text(),
             _fmt(r["peak_kv_mib"], 2),
+            _fmt(r["peak_resident_kv_mib"], 2),
             _fmt(r["prefill_seconds"], 3),
             _fmt(r["decode_tokens_per_s"], 1),
         )
@@ -549,6 +551,7 @@ def render_html(
                 ("errors", "errors", ""),
                 ("acc", "accuracy (95%)", "acc"),
                 ("peak_kv_mib", "peak KV MiB", "2"),
+                ("peak_resident_kv_mib", "resident KV MiB", "2"),
                 ("prefill_seconds", "prefill s", "3"),
                 ("decode_tokens_per_s", "decode tok/s", "1"),
                 ("prompt_tokens", "prompt tokens", "0"),

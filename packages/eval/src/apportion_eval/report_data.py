@@ -79,6 +79,16 @@ def _kv_mib(rs: list[dict[str, Any]]) -> float:
     return mean(r["peak_kv_bytes"] / 2**20 for r in rs if finite(r.get("peak_kv_bytes")))
 
 
+def _resident_mib(rs: list[dict[str, Any]]) -> float:
+    """Mean peak KV on the device: ``peak_resident_kv_bytes`` where an allocator offloaded,
+    else (every byte resident, or a record older than the field) ``peak_kv_bytes``."""
+    return mean(
+        (r.get("peak_resident_kv_bytes") or r["peak_kv_bytes"]) / 2**20
+        for r in rs
+        if finite(r.get("peak_kv_bytes"))
+    )
+
+
 def verdict(acc: Acc, base: Acc) -> str:
     """``better`` / ``worse`` when the intervals are apart, else ``not told apart``."""
     if acc.n == 0 or base.n == 0 or not separated(acc.interval, base.interval):
@@ -112,6 +122,7 @@ def summary_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "high": acc.high,
                 "acc": acc,
                 "peak_kv_mib": _kv_mib(ok),
+                "peak_resident_kv_mib": _resident_mib(ok),
                 "prefill_seconds": mean(r.get("prefill_seconds") for r in ok),
                 "decode_tokens_per_s": mean(r.get("decode_tokens_per_s") for r in ok),
                 "prompt_tokens": mean(r.get("prompt_tokens") for r in ok),

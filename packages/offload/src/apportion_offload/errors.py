@@ -26,3 +26,17 @@ class SwapFormatError(OffloadError, ValueError):
 
 class SwapChecksumError(OffloadError):
     """A swap file's header or data block does not match its stored checksum."""
+
+
+class KVOffloadError(OffloadError):
+    """The offloaded KV cache lost a layer's data during generation: a swap file missing or
+    corrupted, a full disk, a tier that stayed full. Names the layer and the file (or tier);
+    generation stops, so no answer is ever produced from partial KV.
+
+    ``layer``: the layer index; ``path``: the swap file, when there is one.
+    """
+
+    def __init__(self, message: str, *, layer: int | None = None, path: str | None = None):
+        super().__init__(message)
+        self.layer = layer
+        self.path = path

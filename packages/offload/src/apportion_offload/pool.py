@@ -37,14 +37,14 @@ from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
 from apportion.base import Allocator, AllocatorStats
-from apportion.config import ComponentConfig
 from pydantic import Field, field_validator
 
 from apportion_offload.errors import PoolCapacityError
 from apportion_offload.hostmem import PAGE, HostBuffer, pin, round_up
+from apportion_offload.kv.options import KVOffloadConfig, OffloadsKV
 
 
-class PinnedPoolConfig(ComponentConfig):
+class PinnedPoolConfig(KVOffloadConfig):
     cap_bytes: int = Field(
         1 << 30, ge=PAGE, description="hard cap on host memory held (live + cached)"
     )
@@ -114,7 +114,11 @@ def tensor_nbytes(shape: Sequence[int] | int, dtype: Any) -> int:
     return math.prod(as_shape(shape)) * torch.empty((), dtype=dtype).element_size()
 
 
-class PinnedPool(Allocator):
+class PinnedPool(OffloadsKV, Allocator):
+    """See the module docstring. With ``resident_kv_bytes`` it is also a KV tier: the KV
+    cache's layers beyond the budget live in its buffers during generation
+    (:mod:`apportion_offload.kv`)."""
+
     name = "pinned-pool"
     summary = "MemAscend pinned buffer pool: size-classed, aligned, reused, under a hard cap"
     Config = PinnedPoolConfig
@@ -350,6 +354,11 @@ class PinnedPool(Allocator):
                 "pin_fallback": self.pin_fallback,
             }
             return s
+
+    def kv_tier(self) -> Any:
+        from apportion_offload.kv.tiers import host_tier
+
+        return host_tier(self)
 
     def close(self) -> None:
         """Release every buffer. Tensors still live become invalid (like any allocator's)."""

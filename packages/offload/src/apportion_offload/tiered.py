@@ -28,11 +28,11 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from apportion.base import Allocator, AllocatorStats
-from apportion.config import ComponentConfig
 from pydantic import Field
 
 from apportion_offload.errors import PoolCapacityError
 from apportion_offload.hostmem import HostBuffer
+from apportion_offload.kv.options import KVOffloadConfig, OffloadsKV
 from apportion_offload.numa import MPOL_BIND, MPOL_INTERLEAVE, mbind, numa, topology
 from apportion_offload.pool import as_shape, tensor_nbytes
 
@@ -56,7 +56,7 @@ def access_class(access: str) -> str:
     )
 
 
-class TieredConfig(ComponentConfig):
+class TieredConfig(KVOffloadConfig):
     local_capacity_bytes: int | None = Field(
         None,
         ge=0,
@@ -135,7 +135,11 @@ class Decision:
     reason: str
 
 
-class TieredAllocator(Allocator):
+class TieredAllocator(OffloadsKV, Allocator):
+    """See the module docstring. With ``resident_kv_bytes`` it is also a KV tier: the KV
+    cache's layers beyond the budget are bandwidth-bound data (``access="kv"``), striped over
+    the far-memory nodes (:mod:`apportion_offload.kv`)."""
+
     name = "tiered"
     summary = (
         "tier-aware DRAM/CXL placement: optimizer states local, "
@@ -261,6 +265,11 @@ class TieredAllocator(Allocator):
                 self._node_bytes[n] -= nbytes // len(decision.nodes)
             super().free(tensor)
         buf.release()
+
+    def kv_tier(self) -> Any:
+        from apportion_offload.kv.tiers import host_tier
+
+        return host_tier(self, access="kv")
 
     def decision_of(self, tensor: Any) -> Decision:
         entry = self._held.get(id(tensor))

@@ -3,6 +3,7 @@ and the KV policy) -> greedy decode, with the stats every benchmark records."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -10,13 +11,14 @@ from typing import Any
 
 import torch
 
-from apportion.base import Prompt
+from apportion.base import Allocator, Prompt
 from apportion.errors import ConfigError, PromptTooLongError
 from apportion.host.attention import AttentionBackend
 from apportion.host.kv import (
     KVPolicy,
     attention_modules,
     cache_kwargs,
+    cache_resident_nbytes,
     cache_seq_lengths,
     drop_tail,
 )
@@ -38,6 +40,13 @@ class GenerationResult:
     decode_tokens_per_s: float
     batch_size: int = 1
     finish_reason: str = "length"
+    #: the most KV bytes on the model's device at once (``peak_kv_bytes`` unless an
+    #: allocator offloads part of the cache)
+    peak_resident_kv_bytes: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.peak_resident_kv_bytes is None:
+            self.peak_resident_kv_bytes = self.peak_kv_bytes
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -46,15 +55,20 @@ class GenerationResult:
 class PeakMeter:
     """Records the most bytes ``policy``'s cache holds after each attention layer of ``model``
     runs, inside the ``with`` block (forward hooks registered first, so they see a layer's
-    full KV before any eviction hook of the policy shrinks it)."""
+    full KV before any eviction hook of the policy shrinks it). ``peak_resident``: the most
+    of it on the device (:func:`cache_resident_nbytes`); ``total=False`` measures only that
+    (the decode of an offloaded cache, whose total grows by one entry a step)."""
 
-    def __init__(self, model: Any, policy: KVPolicy, cache: Any):
+    def __init__(self, model: Any, policy: KVPolicy, cache: Any, *, total: bool = True):
         self.model, self.policy, self.cache = model, policy, cache
-        self.peak = 0
+        self.total = total
+        self.peak = self.peak_resident = 0
         self._handles: list[Any] = []
 
     def _hook(self, module: Any, args: Any, output: Any) -> None:
-        self.peak = max(self.peak, self.policy.kv_bytes(self.cache))
+        if self.total:
+            self.peak = max(self.peak, self.policy.kv_bytes(self.cache))
+        self.peak_resident = max(self.peak_resident, cache_resident_nbytes(self.cache))
 
     def __enter__(self) -> PeakMeter:
         try:
@@ -77,12 +91,18 @@ class EncodedPrompt:
 
 
 class Host:
-    """Runs prompts through one model with one attention backend and one KV policy, and
-    measures them.
+    """Runs prompts through one model with one attention backend, one KV policy and one
+    allocator, and measures them.
 
     ``peak_kv_bytes`` is the most the KV policy's cache held at any point: after every
     layer's attention during the prefill (so a cache built whole and evicted afterwards
     counts whole), after the prefill, and after every decode step.
+
+    The allocator places the cache (:meth:`apportion.base.Allocator.kv_cache`): the KV
+    policy builds its cache and evicts, the allocator's cache keeps what was kept resident
+    up to its budget and the rest in its tiers. ``peak_resident_kv_bytes`` is the most of
+    the KV on the device, measured after every attention layer of the prefill *and* of
+    every decode step (and the cache's own count of what it held between them).
     """
 
     def __init__(
@@ -90,15 +110,19 @@ class Host:
         loaded: LoadedModel,
         attention: AttentionBackend | None = None,
         kv_policy: KVPolicy | None = None,
+        allocator: Allocator | None = None,
         *,
         question_in_prefill: bool = True,
     ):
         self.loaded = loaded
         self.attention = attention or AttentionBackend()
         self.kv_policy = kv_policy or KVPolicy()
+        self.allocator = allocator
         self.question_in_prefill = question_in_prefill
         self.attention.bind(loaded)
         self.kv_policy.bind(loaded)
+        if allocator is not None:
+            allocator.bind(loaded)
 
     @property
     def tokenizer(self) -> Any:
@@ -221,6 +245,38 @@ class Host:
         tokens (the policy's probe) dropped from the cache before the question is fed."""
         model = self.loaded.model
         cache = self.kv_policy.make_cache(model)
+        placed = self.allocator.kv_cache(model, cache) if self.allocator is not None else None
+        offloaded = placed is not None
+        cache = placed if offloaded else cache
+        try:
+            return self._generate(
+                model,
+                cache,
+                offloaded,
+                input_ids,
+                attention_mask,
+                question_len,
+                max_new_tokens,
+                question,
+                probe_len,
+            )
+        finally:
+            close = getattr(cache, "close", None) if offloaded else None
+            if callable(close):
+                close()  # the allocator's tiers give back what this generation held
+
+    def _generate(
+        self,
+        model: Any,
+        cache: Any,
+        offloaded: bool,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        question_len: int,
+        max_new_tokens: int,
+        question: tuple[torch.Tensor, torch.Tensor] | None,
+        probe_len: int,
+    ) -> list[GenerationResult]:
         sync = _sync(input_ids)
         with self.attention.installed(model):
             sync()
@@ -238,22 +294,34 @@ class Host:
             peak = max(meter.peak, reported, self.kv_policy.kv_bytes(cache))
             pre = drop_tail(cache, pre, probe_len)
             kv_tokens = max(cache_seq_lengths(cache) or [0])
+            resident = max(meter.peak_resident, cache_resident_nbytes(cache))
             if question is not None:
                 pre = feed_tokens(model, cache, pre, *question)
                 peak = max(peak, self.kv_policy.kv_bytes(cache))
+                resident = max(resident, cache_resident_nbytes(cache))
             sync()
             prefill_s = time.perf_counter() - t0
-            decoded = greedy_decode(
-                model,
-                cache,
-                pre,
-                max_new_tokens,
-                eos=self._eos_ids(),
-                pad_id=int(self.tokenizer.pad_token_id),
-                measure=lambda: self.kv_policy.kv_bytes(cache),
-            )
+            # an offloaded cache: the resident KV is measured after every layer of every
+            # decode step too (it moves within a step); otherwise the step's end says it all
+            steps = PeakMeter(model, self.kv_policy, cache, total=False)
+            with steps if offloaded else contextlib.nullcontext():
+                decoded = greedy_decode(
+                    model,
+                    cache,
+                    pre,
+                    max_new_tokens,
+                    eos=self._eos_ids(),
+                    pad_id=int(self.tokenizer.pad_token_id),
+                    measure=lambda: self.kv_policy.kv_bytes(cache),
+                )
+            if offloaded:
+                own = int(getattr(cache, "peak_resident_kv_bytes", lambda: 0)())
+                resident = max(resident, steps.peak_resident, own)
+        peak = max(peak, decoded.peak_bytes)
+        if not offloaded:  # every byte of the KV is on the device
+            resident = peak
         return [
-            self._result(row, decoded, int(n), kv_tokens, max(peak, decoded.peak_bytes), prefill_s)
+            self._result(row, decoded, int(n), kv_tokens, peak, prefill_s, resident)
             for row, n in zip(decoded.rows, attention_mask.sum(-1).tolist(), strict=True)
         ]
 
@@ -265,6 +333,7 @@ class Host:
         kv_tokens: int,
         peak: int,
         prefill_s: float,
+        resident: int | None = None,
     ) -> GenerationResult:
         tokens, finish = decoded.trim(row)
         batch = len(decoded.rows)
@@ -281,6 +350,7 @@ class Host:
             else 0.0,
             batch_size=batch,
             finish_reason=finish,
+            peak_resident_kv_bytes=int(peak if resident is None else resident),
         )
 
 

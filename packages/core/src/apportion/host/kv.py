@@ -71,7 +71,11 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 def cache_nbytes(cache: Any) -> int:
     """Bytes held by the key/value tensors of a transformers ``Cache`` (or any object with
-    ``layers`` holding ``keys``/``values``, or a legacy tuple)."""
+    ``layers`` holding ``keys``/``values``, or a legacy tuple). A cache that keeps KV off the
+    device (an allocator's offloaded cache) reports all of it through ``kv_nbytes()``."""
+    own = getattr(cache, "kv_nbytes", None)
+    if callable(own):
+        return int(own())
     total = 0
     layers = getattr(cache, "layers", None)
     if layers is not None:
@@ -88,6 +92,15 @@ def cache_nbytes(cache: Any) -> int:
             else:
                 total += cache_nbytes(item)
     return total
+
+
+def cache_resident_nbytes(cache: Any) -> int:
+    """Bytes of ``cache``'s KV on the model's device: ``resident_kv_bytes()`` where the cache
+    offloads (see :meth:`apportion.base.Allocator.kv_cache`), else all of it."""
+    own = getattr(cache, "resident_kv_bytes", None)
+    if callable(own):
+        return int(own())
+    return cache_nbytes(cache)
 
 
 def kept_mask(real: torch.Tensor, n_keep: int) -> torch.Tensor | None:
@@ -130,12 +143,16 @@ def attention_modules(model: Any) -> list[Any]:
 
 def cache_seq_lengths(cache: Any) -> list[int]:
     """Cached sequence length of each layer."""
-    return [
-        int(layer.keys.shape[-2])
-        if getattr(layer, "keys", None) is not None and layer.keys.dim() == 4
-        else 0
-        for layer in getattr(cache, "layers", [])
-    ]
+    out = []
+    for layer in getattr(cache, "layers", []):
+        length = getattr(layer, "get_seq_length", None)
+        if getattr(layer, "offloaded", False) and callable(length):  # without reading it back
+            out.append(int(length()))
+        elif getattr(layer, "keys", None) is not None and layer.keys.dim() == 4:
+            out.append(int(layer.keys.shape[-2]))
+        else:
+            out.append(0)
+    return out
 
 
 @dataclass

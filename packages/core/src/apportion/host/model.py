@@ -296,6 +296,30 @@ def model_window(spec: ModelSpec) -> int:
         ) from None
 
 
+def kv_bytes_per_token(spec: ModelSpec) -> dict[str, int]:
+    """One layer's KV bytes per token of the model ``spec`` names (keys and values, every KV
+    head, in the dtype it will load in), and its layer count, read from its ``config.json``
+    without loading weights, so an allocator's KV budget can be checked before a load."""
+    import torch
+
+    path, _ = resolve_model_path(spec.name)
+    config_file = Path(path) / "config.json"
+    try:
+        data = json.loads(config_file.read_text())
+        data = data.get("text_config", data)
+        heads = int(data["num_attention_heads"])
+        kv_heads = int(data.get("num_key_value_heads") or heads)
+        head_dim = int(data.get("head_dim") or int(data["hidden_size"]) // heads)
+        layers = int(data["num_hidden_layers"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ModelLoadError(
+            f"cannot read the KV shape of {spec.name!r} from {config_file}: {exc}"
+        ) from None
+    dtype = pick_dtype(spec, pick_device(spec))
+    size = torch.empty((), dtype=dtype).element_size()
+    return {"layer_bytes_per_token": 2 * kv_heads * head_dim * size, "layers": layers}
+
+
 def load_model(
     spec: ModelSpec | str | None = None, *, attn_implementation: str = "sdpa"
 ) -> LoadedModel:

@@ -49,12 +49,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
 
-from apportion.base import Allocator, AllocatorStats, ComponentConfig
+from apportion.base import Allocator, AllocatorStats
 from apportion.host.io import TEMP_MARK, fsync_dir, is_disk_full, reclaim_temps, temp_path
 from pydantic import Field, field_validator
 
 from apportion_offload.errors import SwapChecksumError, SwapFormatError, SwapSpaceError
 from apportion_offload.hostmem import round_up
+from apportion_offload.kv.options import KVOffloadConfig, OffloadsKV
 from apportion_offload.nvme.fileformat import (
     BLOCK_ENTRY,
     CHECKSUM,
@@ -104,7 +105,7 @@ class _DirLock:
             self.fd = None
 
 
-class NvmeSwapConfig(ComponentConfig):
+class NvmeSwapConfig(KVOffloadConfig):
     directory: str | None = Field(
         None, description="where swap files go (default: a fresh temp dir)"
     )
@@ -138,7 +139,11 @@ class NvmeSwapConfig(ComponentConfig):
         return v
 
 
-class NvmeSwapper(Allocator):
+class NvmeSwapper(OffloadsKV, Allocator):
+    """See the module docstring. With ``resident_kv_bytes`` it is also a KV tier: the KV
+    cache's layers beyond the budget live in its swap files during generation
+    (:mod:`apportion_offload.kv`)."""
+
     name = "nvme"
     summary = "direct-I/O (O_DIRECT) async NVMe swapper: preallocated, checksummed, atomic files"
     Config = NvmeSwapConfig
@@ -278,6 +283,17 @@ class NvmeSwapper(Allocator):
             "pool": pool.extra,
         }
         return s
+
+    def kv_tier(self) -> Any:
+        from apportion_offload.kv.tiers import NvmeTier
+
+        cfg = self.config
+        return NvmeTier(
+            self,
+            segment_tokens=cfg.kv_segment_tokens,
+            on_full=cfg.kv_on_full,
+            wait_seconds=cfg.kv_wait_seconds,
+        )
 
     # ------------------------------------------------------------------ swap out
     def swap_out(self, key: str, tensor: Any) -> Future:
