@@ -990,8 +990,8 @@ def plan_units(
         for v in variants:
             comps = study.components[v.label]
             if share and can_share(comps):
-                key = (v.refs["prompt"].label(), comps["kv_policy"].probe())
-                groups.setdefault(key, []).append(v)
+                group_key = (v.refs["prompt"].label(), comps["kv_policy"].probe())
+                groups.setdefault(group_key, []).append(v)
             else:
                 singles.append(v)
         for group in groups.values():
