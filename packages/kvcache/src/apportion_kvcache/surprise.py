@@ -10,9 +10,13 @@ layer and KV head, plus ``sink`` leading entries and
 the protected tail. It needs no question, so it serves contexts compressed before their
 question is known (``generation.question_in_prefill = false``) as well as with it.
 
-The scores need the final layer, so the policy holds the full cache until the prefill ends
-and then evicts every layer: its measured peak is the full context's, its stored and decoded
-cache the compressed one. It is therefore not layer-wise (it runs its own prefill).
+The scores need the final layer, which a layer-wise prefill has not reached when it must
+evict the first. The policy therefore runs the context twice: a scoring pass without any
+cache (each layer's keys and values live only inside that layer's attention), then the
+layer-wise prefill of :class:`~apportion_kvcache.eviction.ScoredEviction`, each layer evicted
+by those scores as soon as it attended. Its peak is the compressed cache plus one full layer
+in flight, as for every layer-wise policy; the price is a second forward pass over the
+context. It runs its own prefill, so it does not join a shared prefill.
 
 Surprisal as a keep signal follows selective-context compression of prompts (Li et al.,
 "Compressing Context to Enhance Inference Efficiency of Large Language Models", 2023); applied
@@ -29,9 +33,9 @@ from apportion.host.kv import (
     CompressionConfig,
     LayerInputs,
     PrefillOutput,
-    cache_kwargs,
     positions_from_mask,
 )
+from apportion.host.shared import layerwise_prefill
 from pydantic import Field
 
 from apportion_kvcache.eviction import ScoredEviction
@@ -80,8 +84,40 @@ class Surprise(ScoredEviction):
     Config = SurpriseConfig
     layerwise: ClassVar[bool] = False
 
+    def __init__(self, config: SurpriseConfig | None = None) -> None:
+        super().__init__(config)
+        self._scores: torch.Tensor | None = None
+
     def score(self, inputs: LayerInputs) -> torch.Tensor:
-        raise RuntimeError("surprise scores once per prefill, in prefill()")
+        """The scores of the current prefill's scoring pass, the same for every layer and
+        KV head."""
+        if self._scores is None or self._scores.shape[-1] != inputs.keys.shape[-2]:
+            raise RuntimeError("surprise scores once per prefill, in prefill()")
+        return self._scores[:, None, :].expand(-1, inputs.keys.shape[1], -1)
+
+    def token_scores(
+        self, model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """(B, L) keep scores of one prompt batch, from a forward pass that caches nothing."""
+        c = self.config
+        base = model.get_decoder()
+        out = base(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=positions_from_mask(attention_mask),
+            use_cache=False,
+        )
+        real = attention_mask.bool()
+        scores = surprisal(model, out.last_hidden_state, input_ids, c.chunk)
+        scores = scores.masked_fill(~real, 0.0)
+        # a row's first real token has no prediction: count it as a sink
+        first = real.float().argmax(-1)
+        scores[torch.arange(scores.shape[0]), first] = scores.max() + 1.0
+        scores = reach(scores, c.before, c.span) + 1e-3 * scores
+        if c.sink:
+            offsets = positions_from_mask(attention_mask)
+            scores = scores.masked_fill(real & (offsets < c.sink), float(scores.max()) + 1.0)
+        return scores
 
     def prefill(
         self,
@@ -92,43 +128,21 @@ class Surprise(ScoredEviction):
         *,
         question_len: int = 0,
     ) -> PrefillOutput:
-        n_keep = self.plan(attention_mask, question_len)
-        if n_keep is None:
+        if self.plan(attention_mask, question_len) is None:
             return super().prefill(
                 model, input_ids, attention_mask, cache, question_len=question_len
             )
-        c = self.config
-        base = model.get_decoder()
-        position_ids = positions_from_mask(attention_mask)
-        out = base(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            use_cache=True,
-            **cache_kwargs(base, cache),
-        )
-        hidden = out.last_hidden_state
-        logits = model.get_output_embeddings()(hidden[:, -1]).float()
-        real = attention_mask.bool()
-        scores = surprisal(model, hidden, input_ids, c.chunk).masked_fill(~real, 0.0)
-        # a row's first real token has no prediction: count it as a sink
-        first = real.float().argmax(-1)
-        scores[torch.arange(scores.shape[0]), first] = scores.max() + 1.0
-        scores = reach(scores, c.before, c.span) + 1e-3 * scores
-        if c.sink:
-            offsets = positions_from_mask(attention_mask)
-            scores = scores.masked_fill(real & (offsets < c.sink), float(scores.max()) + 1.0)
-        key = (type(self), c.model_dump_json(exclude={"compression_ratio"}))
-        for layer in cache.layers:
-            per_head = scores[:, None, :].expand(-1, layer.keys.shape[1], -1)
-            inputs = LayerInputs(
-                None, hidden, None, None, layer.keys, layer.values, real, question_len, n_keep
+        self._scores = self.token_scores(model, input_ids, attention_mask)
+        try:
+            out = layerwise_prefill(
+                model,
+                input_ids,
+                attention_mask,
+                [self],
+                question_len,
+                [cache],
+                require_layerwise=False,
             )
-            inputs.memo[key] = per_head
-            layer.keys, layer.values = self.evict_layer(inputs)
-        return PrefillOutput(
-            logits=logits,
-            kv_mask=self.kept_mask(attention_mask, n_keep),
-            next_position=position_ids[:, -1] + 1,
-            info={"n_keep": n_keep, "evicted": attention_mask.shape[1] - n_keep},
-        )
+        finally:
+            self._scores = None
+        return out[0].prefill

@@ -63,16 +63,20 @@ def layerwise_prefill(
     policies: Sequence[KVPolicy],
     question_len: int,
     caches: Sequence[Any] | None = None,
+    *,
+    require_layerwise: bool = True,
 ) -> list[LayerwiseOutput]:
     """Prefill once for every layer-wise policy of ``policies`` (see the module docstring).
 
     ``caches``: each policy's cache (default: ``policy.make_cache(model)``). Returns one
-    :class:`LayerwiseOutput` per policy, in order.
+    :class:`LayerwiseOutput` per policy, in order. ``require_layerwise=False`` lets a policy
+    that is not layer-wise in general (it must prepare its scores first, in its own
+    :meth:`~KVPolicy.prefill`) use this prefill for itself once it has.
     """
     from transformers import DynamicCache
 
     not_layerwise = [type(p).__name__ for p in policies if not p.layerwise]
-    if not_layerwise:
+    if require_layerwise and not_layerwise:
         raise TypeError(f"{not_layerwise} are not layer-wise KV policies")
     length = input_ids.shape[1]
     q = max(0, min(int(question_len), length))
