@@ -151,3 +151,77 @@ def test_query_agnostic_shared_prefill_matches_each_policy_alone(smollm2):
     for a, s in zip(alone, shared, strict=True):
         assert s.text == a.text and s.kv_tokens == a.kv_tokens
         assert s.peak_kv_bytes == a.peak_kv_bytes, (s.peak_kv_bytes, a.peak_kv_bytes)
+
+
+class HiddenNorm(KeyNorm):
+    """Keeps the tokens whose final hidden state has the largest norm: a policy whose scores
+    need the whole prompt's last layer (``needs_prompt_hidden``)."""
+
+    name = "test-hiddennorm"
+    layerwise = True
+    needs_prompt_hidden = True
+    prepared = 0
+
+    def prepare(self, model, input_ids, attention_mask, hidden, memo):
+        type(self).prepared += 1
+        self._scores = hidden.float().norm(dim=-1)  # (B, L)
+
+    def release(self):
+        self._scores = None
+
+    def evict_layer(self, inputs):
+        scores = self._scores[:, None, :].expand(-1, inputs.keys.shape[1], -1).clone()
+        if inputs.question_len:
+            scores[..., -inputs.question_len :] = float("inf")
+        idx = scores.topk(inputs.n_keep, dim=-1).indices.sort(dim=-1).values
+        gather = idx[..., None].expand(-1, -1, -1, inputs.keys.shape[-1])
+        return inputs.keys.gather(2, gather), inputs.values.gather(2, gather)
+
+    def prefill(self, model, input_ids, attention_mask, cache, *, question_len=0):
+        from apportion.host.shared import prompt_hidden
+
+        hidden = prompt_hidden(model, input_ids, attention_mask)
+        out = layerwise_prefill(
+            model, input_ids, attention_mask, [self], question_len, [cache], hidden=hidden
+        )
+        return out[0].prefill
+
+
+def test_a_policy_that_needs_the_final_hidden_states_shares_the_prefill(smollm2):
+    """Alone it runs a scoring pass first and holds the compressed cache plus one layer;
+    shared, the one forward prepares it and it gets the same cache, answer and peak."""
+    policies = [
+        KVPolicy(),
+        HiddenNorm(HiddenNorm.Config(compression_ratio=0.5)),
+        KeyNorm(KeyNorm.Config(compression_ratio=0.5)),
+    ]
+    prompt = _prompt()
+    HiddenNorm.prepared = 0
+    alone = [Host(smollm2, kv_policy=p).generate(prompt, max_new_tokens=16)[0] for p in policies]
+    assert HiddenNorm.prepared == 1
+    shared = generate_shared(Host(smollm2), policies, prompt, 16)
+    assert HiddenNorm.prepared == 2
+    for a, s in zip(alone, shared, strict=True):
+        assert (s.text, s.kv_tokens, s.peak_kv_bytes) == (a.text, a.kv_tokens, a.peak_kv_bytes)
+    assert alone[1].peak_kv_bytes < 0.62 * alone[0].peak_kv_bytes
+    assert policies[1]._scores is None  # released after the prefill
+
+
+def test_decode_batches_read_the_fewest_bytes():
+    from apportion.host.shared import decode_batches
+
+    def cost(lengths, batches, w):
+        return sum(w + len(b) * max(lengths[i] for i in b) for b in batches)
+
+    w = 11_700.0  # SmolLM2's fp32 weights over one cache entry's bytes
+    short = [1024] + [512] * 6 + [256] * 6
+    assert decode_batches(short, 16, w) == [list(range(13))]  # padding is cheaper
+    long = [4096] + [2048] * 6 + [1024] * 6
+    batches = decode_batches(long, 16, w)
+    assert sorted(sorted(b) for b in batches) == [[0], list(range(1, 13))]
+    by_length = [[0], list(range(1, 7)), list(range(7, 13))]
+    assert cost(long, batches, w) < min(cost(long, [list(range(13))], w), cost(long, by_length, w))
+    capped = decode_batches(short, 4, w)
+    assert max(len(b) for b in capped) <= 4
+    assert sorted(i for b in capped for i in b) == list(range(13))
+    assert decode_batches([], 4, w) == []

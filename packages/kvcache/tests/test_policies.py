@@ -136,8 +136,9 @@ def test_patch_plain_transformers_generate_matches_host(registry, smollm2):
 
 
 def test_one_shared_prefill_serves_every_eviction_policy(smollm2, registry):
-    """full + the four eviction policies from one prefill, decoded as one batch: every answer,
-    cache size and peak is the one the policy gets alone."""
+    """full + the eviction policies from one prefill, decoded as one batch: every answer,
+    cache size and peak is the one the policy gets alone (``surprise`` alone runs a scoring
+    pass first; shared, the one forward serves it)."""
     from apportion.base import Prompt
     from apportion.host import Host
     from apportion.host.shared import generate_shared
@@ -148,7 +149,7 @@ def test_one_shared_prefill_serves_every_eviction_policy(smollm2, registry):
     )
     policies = [registry.create("kv-policy", "full")] + [
         registry.create("kv-policy", name, {"compression_ratio": ratio})
-        for name in ("streaming", "snapkv", "h2o", "qspan")
+        for name in ("streaming", "snapkv", "h2o", "qspan", "probe", "surprise")
         for ratio in (0.5, 0.75)
     ]
     assert all(p.layerwise for p in policies)

@@ -954,14 +954,17 @@ class Unit:
 
 def can_share(components: dict[str, Any]) -> bool:
     """Whether a variant's sample can join a shared prefill: dense attention, a layer-wise
-    KV policy and an allocator that keeps the KV resident (the prompt must also match;
-    :func:`plan_units` checks that)."""
+    KV policy that does not compress while decoding (its decode must run alone) and an
+    allocator that keeps the KV resident (the prompt must also match; :func:`plan_units`
+    checks that)."""
     from apportion.host.attention import AttentionBackend
 
     allocator = components.get("allocator")
+    policy = components["kv_policy"]
     return (
         type(components["attention"]) is AttentionBackend
-        and bool(getattr(components["kv_policy"], "layerwise", False))
+        and bool(getattr(policy, "layerwise", False))
+        and not bool(getattr(policy, "compresses_decode", False))
         and (allocator is None or allocator.kv_budget() is None)
     )
 
@@ -976,6 +979,7 @@ def plan_units(
     a layer-wise KV policy share one prefill; each other variant runs alone, or, with
     ``sample_batch > 1``, with the next samples of the same benchmark and length (a unit
     stands where its first sample stood)."""
+    agnostic = not study.config.generation.question_in_prefill
     by_item: dict[int, list[ResolvedVariant]] = {}
     items: dict[int, WorkItem] = {}
     for v, w in todo:
@@ -990,7 +994,9 @@ def plan_units(
         for v in variants:
             comps = study.components[v.label]
             if share and can_share(comps):
-                group_key = (v.refs["prompt"].label(), comps["kv_policy"].probe())
+                # a probe stands in for the question only when the question is not prefilled
+                probe = comps["kv_policy"].probe() if agnostic else None
+                group_key = (v.refs["prompt"].label(), probe)
                 groups.setdefault(group_key, []).append(v)
             else:
                 singles.append(v)

@@ -13,14 +13,13 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
-from apportion.host.kv import CompressionConfig
 from apportion.host.rope import project_queries
 from pydantic import Field
 
-from apportion_kvcache.eviction import LayerInputs, ScoredEviction
+from apportion_kvcache.eviction import EvictionConfig, LayerInputs, ScoredEviction
 
 
-class H2OConfig(CompressionConfig):
+class H2OConfig(EvictionConfig):
     recent_fraction: float = Field(
         0.5, ge=0.0, le=1.0, description="share of the budget for recent tokens"
     )
@@ -38,9 +37,10 @@ class H2O(ScoredEviction):
         return max(question_len, int(n_keep * self.config.recent_fraction))
 
     def score(self, inputs: LayerInputs) -> torch.Tensor:
-        """The attention each entry received, summed over every prompt query and over the
-        query heads of its KV head. A block of queries reads only the keys up to its last
-        position (the rest are causally masked anyway)."""
+        """The attention each entry received, summed over every query of ``inputs.hidden``
+        (each prompt query in a prefill, the decode window's while generating: the last
+        cached entries' tokens) and over the query heads of its KV head. A block of queries
+        reads only the keys up to its last position (the rest are causally masked anyway)."""
         keys = inputs.keys
         b, h_kv, length, d = keys.shape
         k = keys.float()
@@ -48,24 +48,27 @@ class H2O(ScoredEviction):
         acc = k.new_zeros((b, h_kv, length))
         block = self.config.block_size
         padded = not bool(real.all())
-        for start in range(0, length, block):
-            stop = min(length, start + block)
+        n_q = inputs.hidden.shape[1]
+        offset = length - n_q  # cache position of the first query
+        for start in range(0, n_q, block):
+            stop = min(n_q, start + block)
+            lo, hi = offset + start, offset + stop
             hid = inputs.hidden[:, start:stop]
             q = project_queries(
                 inputs.module, hid, inputs.cos[..., start:stop, :], inputs.sin[..., start:stop, :]
             ).float()
             n = stop - start
             q = q.view(b, h_kv, q.shape[1] // h_kv, n, d)  # GQA: a KV head's query heads
-            logits = torch.matmul(q, k[:, :, None, :stop].transpose(-1, -2))
+            logits = torch.matmul(q, k[:, :, None, :hi].transpose(-1, -2))
             logits.mul_(d**-0.5)
             # causal: only the block's own keys can lie in a query's future (in place)
             future = torch.ones((n, n), dtype=torch.bool, device=k.device).triu_(1)
-            logits[..., start:stop].masked_fill_(future, float("-inf"))
+            logits[..., lo:hi].masked_fill_(future, float("-inf"))
             if padded:
-                blind = ~real[:, None, None, None, :stop] | ~real[:, None, None, start:stop, None]
+                blind = ~real[:, None, None, None, :hi] | ~real[:, None, None, lo:hi, None]
                 logits.masked_fill_(blind, float("-inf"))
             probs = torch.softmax(logits, -1)
             if padded:
                 probs = probs.nan_to_num_(0.0)
-            acc[..., :stop] += probs.sum(dim=(2, 3))
+            acc[..., :hi] += probs.sum(dim=(2, 3))
         return acc

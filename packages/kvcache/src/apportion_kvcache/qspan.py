@@ -24,14 +24,19 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
-from apportion.host.kv import CompressionConfig
 from pydantic import Field
 
-from apportion_kvcache.eviction import LayerInputs, ScoredEviction, group_heads, window_attention
+from apportion_kvcache.eviction import (
+    EvictionConfig,
+    LayerInputs,
+    ScoredEviction,
+    group_heads,
+    window_attention,
+)
 from apportion_kvcache.snapkv import pool
 
 
-class QSpanConfig(CompressionConfig):
+class QSpanConfig(EvictionConfig):
     span: int = Field(
         25, ge=1, le=63, description="neighbourhood kept around a selected token (max-pool width)"
     )

@@ -12,13 +12,18 @@ from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
-from apportion.host.kv import CompressionConfig
 from pydantic import Field
 
-from apportion_kvcache.eviction import LayerInputs, ScoredEviction, group_heads, window_attention
+from apportion_kvcache.eviction import (
+    EvictionConfig,
+    LayerInputs,
+    ScoredEviction,
+    group_heads,
+    window_attention,
+)
 
 
-class SnapKVConfig(CompressionConfig):
+class SnapKVConfig(EvictionConfig):
     window_size: int = Field(
         32, ge=1, le=4096, description="observation window (last prompt tokens)"
     )

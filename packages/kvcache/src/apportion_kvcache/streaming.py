@@ -11,13 +11,12 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
-from apportion.host.kv import CompressionConfig
 from pydantic import Field
 
-from apportion_kvcache.eviction import LayerInputs, ScoredEviction
+from apportion_kvcache.eviction import EvictionConfig, LayerInputs, ScoredEviction
 
 
-class StreamingConfig(CompressionConfig):
+class StreamingConfig(EvictionConfig):
     n_sink: int = Field(
         4, ge=0, le=1024, description="initial tokens always kept (attention sinks)"
     )

@@ -10,13 +10,12 @@ layer and KV head, plus ``sink`` leading entries and
 the protected tail. It needs no question, so it serves contexts compressed before their
 question is known (``generation.question_in_prefill = false``) as well as with it.
 
-The scores need the final layer, which a layer-wise prefill has not reached when it must
-evict the first. The policy therefore runs the context twice: a scoring pass without any
-cache (each layer's keys and values live only inside that layer's attention), then the
-layer-wise prefill of :class:`~apportion_kvcache.eviction.ScoredEviction`, each layer evicted
-by those scores as soon as it attended. Its peak is the compressed cache plus one full layer
-in flight, as for every layer-wise policy; the price is a second forward pass over the
-context. It runs its own prefill, so it does not join a shared prefill.
+The scores need the final layer, which a layer-wise prefill has not reached when it evicts
+the first (:attr:`~apportion.host.kv.KVPolicy.needs_prompt_hidden`). Alone, the policy runs
+the context twice: a scoring pass that holds one layer's keys and values at a time, then the
+layer-wise prefill, each layer evicted by those scores as soon as it attended; its peak is the
+compressed cache plus one full layer in flight, and the price is a second forward pass. In a
+shared prefill (:mod:`apportion.host.shared`) the one forward serves it too.
 
 Surprisal as a keep signal follows selective-context compression of prompts (Li et al.,
 "Compressing Context to Enhance Inference Efficiency of Large Language Models", 2023); applied
@@ -29,19 +28,13 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from apportion.host.kv import (
-    CompressionConfig,
-    LayerInputs,
-    PrefillOutput,
-    positions_from_mask,
-)
-from apportion.host.shared import layerwise_prefill
+from apportion.host.kv import LayerInputs, positions_from_mask
 from pydantic import Field
 
-from apportion_kvcache.eviction import ScoredEviction
+from apportion_kvcache.eviction import EvictionConfig, ScoredEviction
 
 
-class SurpriseConfig(CompressionConfig):
+class SurpriseConfig(EvictionConfig):
     span: int = Field(
         24, ge=0, le=128, description="tokens kept after a surprising token (its fact's value)"
     )
@@ -82,34 +75,45 @@ class Surprise(ScoredEviction):
         "query-agnostic span keeping: the model's own surprisal, max-pooled over spans"
     )
     Config = SurpriseConfig
-    layerwise: ClassVar[bool] = False
+    needs_prompt_hidden: ClassVar[bool] = True
 
     def __init__(self, config: SurpriseConfig | None = None) -> None:
         super().__init__(config)
         self._scores: torch.Tensor | None = None
 
     def score(self, inputs: LayerInputs) -> torch.Tensor:
-        """The scores of the current prefill's scoring pass, the same for every layer and
-        KV head."""
+        """The prompt's token scores (:meth:`prepare`), the same for every layer and KV head."""
         if self._scores is None or self._scores.shape[-1] != inputs.keys.shape[-2]:
-            raise RuntimeError("surprise scores once per prefill, in prefill()")
+            raise RuntimeError("surprise scores the prompt it was prepared for, in a prefill")
         return self._scores[:, None, :].expand(-1, inputs.keys.shape[1], -1)
 
+    def prepare(
+        self,
+        model: Any,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        hidden: torch.Tensor,
+        memo: dict[Any, Any],
+    ) -> None:
+        key = ("surprise", self.config.model_dump_json(exclude={"compression_ratio"}))
+        if key not in memo:
+            memo[key] = self.token_scores(model, input_ids, attention_mask, hidden)
+        self._scores = memo[key]
+
+    def release(self) -> None:
+        self._scores = None
+
     def token_scores(
-        self, model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor
+        self,
+        model: Any,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        hidden: torch.Tensor,
     ) -> torch.Tensor:
-        """(B, L) keep scores of one prompt batch, from a forward pass that caches nothing."""
+        """(B, L) keep scores of one prompt batch from its final hidden states (B, L, D)."""
         c = self.config
-        base = model.get_decoder()
-        out = base(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=positions_from_mask(attention_mask),
-            use_cache=False,
-        )
         real = attention_mask.bool()
-        scores = surprisal(model, out.last_hidden_state, input_ids, c.chunk)
-        scores = scores.masked_fill(~real, 0.0)
+        scores = surprisal(model, hidden, input_ids, c.chunk).masked_fill(~real, 0.0)
         # a row's first real token has no prediction: count it as a sink
         first = real.float().argmax(-1)
         scores[torch.arange(scores.shape[0]), first] = scores.max() + 1.0
@@ -118,31 +122,3 @@ class Surprise(ScoredEviction):
             offsets = positions_from_mask(attention_mask)
             scores = scores.masked_fill(real & (offsets < c.sink), float(scores.max()) + 1.0)
         return scores
-
-    def prefill(
-        self,
-        model: Any,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        cache: Any,
-        *,
-        question_len: int = 0,
-    ) -> PrefillOutput:
-        if self.plan(attention_mask, question_len) is None:
-            return super().prefill(
-                model, input_ids, attention_mask, cache, question_len=question_len
-            )
-        self._scores = self.token_scores(model, input_ids, attention_mask)
-        try:
-            out = layerwise_prefill(
-                model,
-                input_ids,
-                attention_mask,
-                [self],
-                question_len,
-                [cache],
-                require_layerwise=False,
-            )
-        finally:
-            self._scores = None
-        return out[0].prefill

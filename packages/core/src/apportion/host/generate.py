@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -15,7 +15,9 @@ from apportion.base import Allocator, Prompt
 from apportion.errors import ConfigError, PromptTooLongError
 from apportion.host.attention import AttentionBackend
 from apportion.host.kv import (
+    DecodeState,
     KVPolicy,
+    PrefillOutput,
     attention_modules,
     cache_kwargs,
     cache_resident_nbytes,
@@ -43,13 +45,18 @@ class GenerationResult:
     #: the most KV bytes on the model's device at once (``peak_kv_bytes`` unless an
     #: allocator offloads part of the cache)
     peak_resident_kv_bytes: int | None = None
+    #: the generated token ids, up to the eos that ended the row (``text`` is their decoding,
+    #: stripped); not part of :meth:`as_dict`
+    token_ids: list[int] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.peak_resident_kv_bytes is None:
             self.peak_resident_kv_bytes = self.peak_kv_bytes
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        out.pop("token_ids", None)
+        return out
 
 
 class PeakMeter:
@@ -135,12 +142,7 @@ class Host:
         if isinstance(prompt, str):
             prompt = Prompt([{"role": "user", "content": prompt}], question=None)
         tok = self.tokenizer
-        if getattr(tok, "chat_template", None):
-            text = tok.apply_chat_template(
-                prompt.messages, add_generation_prompt=True, tokenize=False
-            )
-        else:
-            text = "\n\n".join(m["content"] for m in prompt.messages) + "\n"
+        text = self.render(prompt.messages)
         split = text.rfind(prompt.question) if prompt.question else -1
         if split < 0:
             ids = tok.encode(text, add_special_tokens=False)
@@ -148,6 +150,16 @@ class Host:
         head = tok.encode(text[:split], add_special_tokens=False)
         tail = tok.encode(text[split:], add_special_tokens=False)
         return EncodedPrompt(head + tail, len(tail))
+
+    def render(self, messages: Sequence[dict[str, str]]) -> str:
+        """The text the model reads for ``messages``: the tokenizer's chat template with the
+        assistant's generation prompt, or the contents joined when it has no template."""
+        tok = self.tokenizer
+        if getattr(tok, "chat_template", None):
+            return str(
+                tok.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+            )
+        return "\n\n".join(m["content"] for m in messages) + "\n"
 
     def check_fits(self, n_prompt: int, max_new_tokens: int) -> None:
         limit = self.loaded.max_context
@@ -172,7 +184,38 @@ class Host:
             text = p if isinstance(p, str) else " ".join(m.get("content", "") for m in p.messages)
             if not text.strip():
                 raise ConfigError("the prompt is empty: give the model something to answer")
-        encoded = [self.encode(p) for p in prompts]
+        return self._generate_encoded([self.encode(p) for p in prompts], max_new_tokens)
+
+    def generate_ids(
+        self,
+        rows: Sequence[Sequence[int]],
+        question_len: int | Sequence[int] = 0,
+        max_new_tokens: int = 48,
+    ) -> list[GenerationResult]:
+        """Greedy-generate for prompts given as token ids, read as they are: no chat template
+        is applied (a host app that renders its own prompts, as lm-eval does, has done so).
+
+        ``question_len``: the trailing tokens of each row that are its question (one count for
+        every row, or one per row): the KV policy keeps them whole, and with
+        ``question_in_prefill=False`` they are fed after the compressed context. Otherwise as
+        :meth:`generate`: left-padded batch, :class:`PromptTooLongError` before any compute
+        if a row does not fit."""
+        if not rows:
+            return []
+        counts = [question_len] * len(rows) if isinstance(question_len, int) else question_len
+        if len(counts) != len(rows):
+            raise ConfigError(f"{len(counts)} question lengths for {len(rows)} prompts")
+        if any(len(r) == 0 for r in rows):
+            raise ConfigError("a prompt is empty: give the model something to answer")
+        encoded = [
+            EncodedPrompt([int(t) for t in r], max(0, min(int(q), len(r))))
+            for r, q in zip(rows, counts, strict=True)
+        ]
+        return self._generate_encoded(encoded, max_new_tokens)
+
+    def _generate_encoded(
+        self, encoded: Sequence[EncodedPrompt], max_new_tokens: int
+    ) -> list[GenerationResult]:
         for e in encoded:
             self.check_fits(len(e.ids), max_new_tokens)
         if not self.question_in_prefill and all(0 < e.question_len < len(e.ids) for e in encoded):
@@ -277,53 +320,177 @@ class Host:
         question: tuple[torch.Tensor, torch.Tensor] | None,
         probe_len: int,
     ) -> list[GenerationResult]:
-        sync = _sync(input_ids)
-        with self.attention.installed(model):
-            sync()
+        with self.attention.installed(model), self.kv_policy.installed(model):
+            _sync(input_ids)()
             t0 = time.perf_counter()
-            with PeakMeter(model, self.kv_policy, cache) as meter:
-                pre = self.attention.prefill(
-                    model,
-                    input_ids,
-                    attention_mask,
-                    cache,
-                    question_len=question_len,
-                    inner=self.kv_policy.prefill,
-                )
-            reported = int((pre.info or {}).get("peak_kv_bytes", 0))
-            peak = max(meter.peak, reported, self.kv_policy.kv_bytes(cache))
-            pre = drop_tail(cache, pre, probe_len)
-            kv_tokens = max(cache_seq_lengths(cache) or [0])
-            resident = max(meter.peak_resident, cache_resident_nbytes(cache))
-            if question is not None:
-                pre = feed_tokens(model, cache, pre, *question)
-                peak = max(peak, self.kv_policy.kv_bytes(cache))
-                resident = max(resident, cache_resident_nbytes(cache))
-            sync()
-            prefill_s = time.perf_counter() - t0
-            # an offloaded cache: the resident KV is measured after every layer of every
-            # decode step too (it moves within a step); otherwise the step's end says it all
-            steps = PeakMeter(model, self.kv_policy, cache, total=False)
-            with steps if offloaded else contextlib.nullcontext():
-                decoded = greedy_decode(
-                    model,
-                    cache,
-                    pre,
-                    max_new_tokens,
-                    eos=self._eos_ids(),
-                    pad_id=int(self.tokenizer.pad_token_id),
-                    measure=lambda: self.kv_policy.kv_bytes(cache),
-                )
-            if offloaded:
-                own = int(getattr(cache, "peak_resident_kv_bytes", lambda: 0)())
-                resident = max(resident, steps.peak_resident, own)
+            pre, peak, resident = self._prefill(
+                model, cache, input_ids, attention_mask, question_len, probe_len
+            )
+            return self._answer(
+                model,
+                cache,
+                offloaded,
+                pre,
+                question,
+                max_new_tokens,
+                t0=t0,
+                peak=peak,
+                resident=resident,
+                prompt_tokens=attention_mask.sum(-1).tolist(),
+            )
+
+    def _prefill(
+        self,
+        model: Any,
+        cache: Any,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        question_len: int,
+        probe_len: int,
+    ) -> tuple[PrefillOutput, int, int]:
+        """Prefill through the attention backend and the KV policy (inside
+        ``attention.installed``), then drop the probe's ``probe_len`` entries; returns the
+        prefill output and the most KV bytes held in all and on the device."""
+        with PeakMeter(model, self.kv_policy, cache) as meter:
+            pre = self.attention.prefill(
+                model,
+                input_ids,
+                attention_mask,
+                cache,
+                question_len=question_len,
+                inner=self.kv_policy.prefill,
+            )
+        reported = int((pre.info or {}).get("peak_kv_bytes", 0))
+        peak = max(meter.peak, reported, self.kv_policy.kv_bytes(cache))
+        pre = drop_tail(cache, pre, probe_len)
+        resident = max(meter.peak_resident, cache_resident_nbytes(cache))
+        return pre, peak, resident
+
+    def _answer(
+        self,
+        model: Any,
+        cache: Any,
+        offloaded: bool,
+        pre: PrefillOutput,
+        question: tuple[torch.Tensor, torch.Tensor] | None,
+        max_new_tokens: int,
+        *,
+        t0: float,
+        peak: int,
+        resident: int,
+        prompt_tokens: Sequence[int],
+    ) -> list[GenerationResult]:
+        """Feed ``question`` (if any) after the prefilled ``cache`` and decode greedily (inside
+        ``attention.installed``); the prefill's time runs from ``t0`` to the first decode."""
+        sync = _sync(pre.next_position)
+        kv_tokens = max(cache_seq_lengths(cache) or [0])
+        if question is not None:
+            pre = feed_tokens(model, cache, pre, *question)
+            peak = max(peak, self.kv_policy.kv_bytes(cache))
+            resident = max(resident, cache_resident_nbytes(cache))
+        sync()
+        prefill_s = time.perf_counter() - t0
+        # an offloaded cache: the resident KV is measured after every layer of every
+        # decode step too (it moves within a step); otherwise the step's end says it all
+        steps = PeakMeter(model, self.kv_policy, cache, total=False)
+        with steps if offloaded else contextlib.nullcontext():
+            decoded = greedy_decode(
+                model,
+                cache,
+                pre,
+                max_new_tokens,
+                eos=self._eos_ids(),
+                pad_id=int(self.tokenizer.pad_token_id),
+                measure=lambda: self.kv_policy.kv_bytes(cache),
+                policy=self.kv_policy,
+            )
+        if offloaded:
+            own = int(getattr(cache, "peak_resident_kv_bytes", lambda: 0)())
+            resident = max(resident, steps.peak_resident, own)
         peak = max(peak, decoded.peak_bytes)
         if not offloaded:  # every byte of the KV is on the device
             resident = peak
         return [
             self._result(row, decoded, int(n), kv_tokens, peak, prefill_s, resident)
-            for row, n in zip(decoded.rows, attention_mask.sum(-1).tolist(), strict=True)
+            for row, n in zip(decoded.rows, prompt_tokens, strict=True)
         ]
+
+    # ---------------------------------------------------------------- a context, then questions
+    @torch.inference_mode()
+    def prefill_context(self, contexts: Sequence[Sequence[int]]) -> tuple[Any, PrefillOutput]:
+        """Prefill contexts before their questions are known (query-agnostic mode).
+
+        ``contexts`` holds the token ids of each row (left-padded into one batch). The KV
+        policy's probe (:meth:`probe_ids`) is appended as the protected tail and its entries
+        are dropped afterwards: the cache is what :meth:`generate` with
+        ``question_in_prefill=False`` holds before it feeds the question. Returns the policy's
+        cache and the :class:`~apportion.host.kv.PrefillOutput` to continue from with
+        :meth:`generate_after`: ``next_position`` is each row's uncompressed length,
+        ``info["peak_kv_bytes"]`` the most the cache held. The allocator is not used; the
+        cache stays where the policy built it."""
+        if not contexts or any(len(c) == 0 for c in contexts):
+            raise ConfigError("the context is empty: give the model something to read")
+        probe = self.probe_ids()
+        encoded = [EncodedPrompt([int(t) for t in c] + probe, 0) for c in contexts]
+        for e in encoded:
+            self.check_fits(len(e.ids), 0)
+        input_ids, attention_mask = self._pad(encoded)
+        model = self.loaded.model
+        cache = self.kv_policy.make_cache(model)
+        with self.attention.installed(model), self.kv_policy.installed(model):
+            pre, peak, _ = self._prefill(
+                model, cache, input_ids, attention_mask, len(probe), len(probe)
+            )
+        pre.info = {**(pre.info or {}), "peak_kv_bytes": peak}
+        return cache, pre
+
+    @torch.inference_mode()
+    def generate_after(
+        self,
+        cache: Any,
+        pre: PrefillOutput,
+        questions: Sequence[Sequence[int]],
+        max_new_tokens: int = 48,
+    ) -> list[GenerationResult]:
+        """Feed token ids after a prefilled cache and greedy-decode.
+
+        ``questions`` holds one row of token ids per row of ``cache`` (left-padded into one
+        chunk); their positions continue from ``pre.next_position`` and they join the cache
+        whole (:func:`feed_tokens`). On the cache of :meth:`prefill_context` with the same
+        KV policy this is :meth:`generate` with ``question_in_prefill=False``; the cache may
+        as well come from a store (a context compressed once, asked many times). The cache
+        grows by the question and the answer: give each call its own. A result's
+        ``prompt_tokens`` counts the uncompressed context and the question. Raises
+        :class:`PromptTooLongError` before any compute if a row does not fit."""
+        rows = int(pre.next_position.shape[0])
+        if len(questions) != rows:
+            raise ConfigError(f"{len(questions)} questions for a cache of {rows} rows")
+        if any(len(q) == 0 for q in questions):
+            raise ConfigError("a question is empty: give the model something to answer")
+        lengths = [
+            int(n) + len(q) for n, q in zip(pre.next_position.tolist(), questions, strict=True)
+        ]
+        for n in lengths:
+            self.check_fits(n, max_new_tokens)
+        question = self._pad([EncodedPrompt([int(t) for t in q], len(q)) for q in questions])
+        model = self.loaded.model
+        peak = self.kv_policy.kv_bytes(cache)
+        resident = cache_resident_nbytes(cache)
+        with self.attention.installed(model), self.kv_policy.installed(model):
+            _sync(question[0])()
+            t0 = time.perf_counter()
+            return self._answer(
+                model,
+                cache,
+                False,
+                pre,
+                question,
+                max_new_tokens,
+                t0=t0,
+                peak=peak,
+                resident=resident,
+                prompt_tokens=lengths,
+            )
 
     def _result(
         self,
@@ -340,6 +507,7 @@ class Host:
         return GenerationResult(
             text=self.tokenizer.decode(tokens, skip_special_tokens=True).strip(),
             prompt_tokens=prompt_tokens,
+            token_ids=[int(t) for t in tokens],
             new_tokens=len(tokens),
             kv_tokens=kv_tokens,
             peak_kv_bytes=int(peak),
@@ -367,8 +535,6 @@ def feed_tokens(model: Any, cache: Any, pre: Any, ids: torch.Tensor, mask: torch
     the chunk's positions continue from ``pre.next_position``, the uncompressed length, so
     RoPE sees the question where it stood in the prompt. Its entries join the cache whole.
     """
-    from apportion.host.kv import PrefillOutput
-
     batch = ids.shape[0]
     kv_mask = pre.kv_mask
     if kv_mask is None:
@@ -421,13 +587,50 @@ def greedy_decode(
     pad_id: int,
     measure: Any = None,
     drop_finished: bool = False,
+    policy: KVPolicy | None = None,
 ) -> Decoded:
     """Greedy tokens from a prefilled ``cache``: ``pre`` is the :class:`PrefillOutput` (last
     logits, the cache's valid-entry mask, each row's next position). Rows that hit an eos
     token are padded; the eos that ended a row is never fed back. ``measure()`` returns the
     cache's bytes after a step (its peak is reported). ``drop_finished``: rows that ended
-    leave the batch (``cache.batch_select_indices``), so the rest decode cheaper."""
+    leave the batch (``cache.batch_select_indices``), so the rest decode cheaper.
+
+    ``policy``: the KV policy that may compress between steps
+    (:meth:`KVPolicy.after_decode_step`: called before the first forward and after each,
+    once the step's bytes are measured); a mask it returns replaces the cache's validity
+    mask. Its time counts as decode time. It cannot be combined with ``drop_finished``."""
+    if policy is not None and policy.compresses_decode and drop_finished:
+        raise ValueError("a policy that compresses while decoding keeps every row of the batch")
+    with contextlib.ExitStack() as stack:
+        return _greedy(
+            model, cache, pre, max_new_tokens, eos, pad_id, measure, drop_finished, policy, stack
+        )
+
+
+def _greedy(
+    model: Any,
+    cache: Any,
+    pre: Any,
+    max_new_tokens: int,
+    eos: set[int],
+    pad_id: int,
+    measure: Any,
+    drop_finished: bool,
+    policy: KVPolicy | None,
+    stack: contextlib.ExitStack,
+) -> Decoded:
     logits, kv_mask, position = pre.logits, pre.kv_mask, pre.next_position.clone()
+    state = DecodeState(kv_mask, position, stack=stack) if policy is not None else None
+
+    def after(step: int) -> None:
+        nonlocal kv_mask
+        if policy is None or state is None:
+            return
+        state.kv_mask, state.position = kv_mask, position
+        new = policy.after_decode_step(model, cache, step, state)
+        if new is not None:
+            kv_mask = None if bool(new.all()) else new.bool()
+
     batch, device = logits.shape[0], logits.device
     rows: list[list[int]] = [[] for _ in range(batch)]
     active = torch.arange(batch, device=device)  # the output row of each batch row
@@ -436,6 +639,8 @@ def greedy_decode(
     t0 = time.perf_counter()
     forwards = peak = 0
     done = torch.zeros(batch, dtype=torch.bool, device=device)
+    if max_new_tokens > 1:
+        after(0)
     for step in range(max_new_tokens):
         next_tok = torch.where(
             done, torch.full_like(done, pad_id, dtype=torch.long), logits.argmax(-1)
@@ -470,6 +675,7 @@ def greedy_decode(
         position += 1
         if measure is not None:
             peak = max(peak, int(measure()))
+        after(forwards)
     sync()
     width = max(len(r) for r in rows)
     rows = [r + [pad_id] * (width - len(r)) for r in rows]

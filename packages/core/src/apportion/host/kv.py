@@ -2,7 +2,9 @@
 
 A policy owns the prefill: it builds the cache, runs the prompt through the model and may
 evict context entries while doing so (kvpress-style forward hooks, or after the fact).
-The host then decodes greedily. Two rules every policy keeps:
+The host then decodes greedily, and between two decode steps lets the policy evict again
+(:meth:`KVPolicy.after_decode_step`, compression while generating). Two rules every policy
+keeps:
 
 - ``compression_ratio`` is the fraction of the *context's* KV entries removed; the last
   ``question_len`` prompt tokens (the question and chat suffix) are never evicted.
@@ -17,8 +19,10 @@ evicts afterwards is charged the whole cache.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -115,7 +119,9 @@ def kept_mask(real: torch.Tensor, n_keep: int) -> torch.Tensor | None:
 
 def drop_tail(cache: Any, pre: PrefillOutput, n: int) -> PrefillOutput:
     """Remove the last ``n`` entries of every layer of ``cache`` (a probe's, see
-    :meth:`KVPolicy.probe`); returns the prefill output as if they had never been fed."""
+    :meth:`KVPolicy.probe`); returns the prefill output as if they had never been fed.
+    A layer that keeps its KV in its own layout (``ragged = True``: per-head storage, no
+    4-D ``keys``) drops them itself through transformers' ``crop(-n)``."""
     if n <= 0:
         return pre
     for layer in getattr(cache, "layers", []):
@@ -123,6 +129,8 @@ def drop_tail(cache: Any, pre: PrefillOutput, n: int) -> PrefillOutput:
         if isinstance(keys, torch.Tensor) and keys.dim() == 4:
             layer.keys = keys[..., :-n, :].contiguous()
             layer.values = layer.values[..., :-n, :].contiguous()
+        elif getattr(layer, "ragged", False):
+            layer.crop(-n)
     kv_mask = None if pre.kv_mask is None else pre.kv_mask[:, :-n]
     if kv_mask is not None and bool(kv_mask.all()):
         kv_mask = None
@@ -142,11 +150,13 @@ def attention_modules(model: Any) -> list[Any]:
 
 
 def cache_seq_lengths(cache: Any) -> list[int]:
-    """Cached sequence length of each layer."""
+    """Cached sequence length of each layer (a layer offloaded or in its own layout, see
+    :func:`drop_tail`, says its own through ``get_seq_length()``)."""
     out = []
     for layer in getattr(cache, "layers", []):
         length = getattr(layer, "get_seq_length", None)
-        if getattr(layer, "offloaded", False) and callable(length):  # without reading it back
+        own = getattr(layer, "offloaded", False) or getattr(layer, "ragged", False)
+        if own and callable(length):  # without reading it back
             out.append(int(length()))
         elif getattr(layer, "keys", None) is not None and layer.keys.dim() == 4:
             out.append(int(layer.keys.shape[-2]))
@@ -186,6 +196,25 @@ class LayerInputs:
         return project_queries(self.module, self.hidden, self.cos, self.sin, last)
 
 
+@dataclass
+class DecodeState:
+    """What the host's decode loop shows a KV policy between two steps
+    (:meth:`KVPolicy.after_decode_step`), fresh for each generation.
+
+    ``kv_mask``: (B, kv_len) bool validity of the cached entries, False where an entry is
+    left padding (``None``: every entry is valid); it covers the entry of the token just
+    fed. ``position``: (B,) position id the next token will be fed at: it counts every token
+    of the row, whatever was evicted, so RoPE stays true. ``memo``: the policy's own, kept
+    from one step to the next. ``stack``: closed by the host when the decode ends (a policy
+    registers the removal of its forward hooks there).
+    """
+
+    kv_mask: torch.Tensor | None
+    position: torch.Tensor
+    memo: dict[Any, Any] = field(default_factory=dict)
+    stack: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
+
+
 class KVPolicy(Component):
     """The ``full`` policy: keep every entry. Subclasses override :meth:`prefill` to evict, or
     are *layer-wise*: they set ``layerwise = True`` and implement :meth:`plan` and
@@ -211,9 +240,31 @@ class KVPolicy(Component):
         if ("prefill" in own or "kv_bytes" in own) and "layerwise" not in own:
             cls.layerwise = False
 
+    #: the scores need the prompt's final hidden states (for instance the model's own
+    #: surprisal of each token), which a layer-wise prefill does not have when it evicts the
+    #: first layer. :func:`apportion.host.shared.layerwise_prefill` then calls
+    #: :meth:`prepare` with them before this policy's :meth:`evict_layer` sees any layer.
+    needs_prompt_hidden: ClassVar[bool] = False
+
     def plan(self, attention_mask: torch.Tensor, question_len: int) -> int | None:
         """Entries each layer keeps for this prompt batch, or ``None`` to keep them all."""
         return None
+
+    def prepare(
+        self,
+        model: Any,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        hidden: torch.Tensor,
+        memo: dict[Any, Any],
+    ) -> None:
+        """Receive the prompt's final hidden states ``hidden`` (B, L, D) before any layer of
+        this prompt is evicted; only called when :attr:`needs_prompt_hidden` is set.
+        ``memo`` is shared by every policy of one prefill (one scorer at several ratios
+        computes once). :meth:`release` follows once the prefill is done."""
+
+    def release(self) -> None:
+        """Drop whatever :meth:`prepare` kept for the prompt that was just prefilled."""
 
     def probe(self) -> str | None:
         """Text whose queries stand in for the question when a context is compressed before
@@ -242,6 +293,22 @@ class KVPolicy(Component):
         from transformers import DynamicCache
 
         return DynamicCache(config=model.config)
+
+    @contextlib.contextmanager
+    def installed(self, model: Any) -> Iterator[None]:
+        """Install on ``model`` what this policy's cache needs to be read, for the ``with``
+        block; the default installs nothing.
+
+        The host enters it inside the attention backend's
+        :meth:`~apportion.host.attention.AttentionBackend.installed` (so
+        ``model.config._attn_implementation`` names the backend's function), around the
+        prefill, the question fed after it and the decode. A policy whose cache is not a
+        plain ``(B, H, L, D)`` tensor per layer (ragged per-head storage) registers here the
+        attention function that reads it, falling back to the backend's for other layers; it
+        raises :class:`~apportion.errors.ConfigError` naming the backend's function when it
+        cannot stand in for it. On exit the model is as it was.
+        """
+        yield
 
     def forward_prompt(
         self, model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: Any
@@ -274,3 +341,30 @@ class KVPolicy(Component):
     def kv_bytes(self, cache: Any) -> int:
         """Bytes this policy's cache holds (override if it keeps KV outside ``cache.layers``)."""
         return cache_nbytes(cache)
+
+    @property
+    def compresses_decode(self) -> bool:
+        """Whether :meth:`after_decode_step` may evict while generating. Such a cache cannot
+        join other policies' caches in one decode batch (:mod:`apportion.host.shared`): the
+        run loop decodes it alone."""
+        return False
+
+    def after_decode_step(
+        self, model: Any, cache: Any, step: int, state: DecodeState
+    ) -> torch.Tensor | None:
+        """Compress ``cache`` between two decode steps; the default does nothing.
+
+        The host calls it with ``step = 0`` once the prompt is in the cache, before the first
+        generated token is fed (a policy sets up here: forward hooks that watch the decode,
+        whose removal goes on ``state.stack``), then after every decode forward with ``step``
+        the number of generated tokens fed so far (its KV entry is the cache's last), and the
+        cache's bytes already measured for that step.
+
+        A policy that evicts replaces every layer's keys and values with new, smaller tensors
+        (memory really freed), the same number of entries per layer, kept entries in their
+        original order and with their RoPE untouched; it returns the new ``kv_mask`` (B,
+        new_len) bool for ``state.kv_mask``'s rows (surviving left padding False). Returns
+        ``None`` when it changed nothing. Positions are the host's: later tokens keep
+        counting from ``state.position`` whatever was evicted.
+        """
+        return None

@@ -8,6 +8,14 @@ policy's :meth:`~KVPolicy.evict_layer`; each policy's own cache receives the ent
 and the driver's full layer is dropped. Each policy is charged the peak it would have held
 alone: its kept layers so far plus one full layer in flight.
 
+A policy whose scores need the prompt's final hidden states
+(:attr:`KVPolicy.needs_prompt_hidden`) cannot evict a layer before the last one has run.
+Alone, it runs the prompt twice: :func:`prompt_hidden` first (one layer's KV in flight at a
+time), then the layer-wise prefill with its scores ready. In a shared prefill the driver keeps
+such a policy's full layers until the forward ends, then evicts them; the policy is still
+charged what it would hold alone (the two passes' peak), and its cache and answers are the
+same, since both passes run the very same forward.
+
 :func:`generate_shared` then decodes the policies' caches together, as one batch: caches of
 different lengths are left-padded with masked entries, positions continue from the
 uncompressed length for every row. Every row's tokens are the ones the policy would generate
@@ -17,6 +25,7 @@ figures are the batch's.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -56,6 +65,21 @@ def _set_layer(cache: Any, idx: int, keys: torch.Tensor, values: torch.Tensor) -
     layer.keys, layer.values = keys, values
 
 
+def _decoder(model: Any) -> Any:
+    get = getattr(model, "get_decoder", None)
+    return get() if callable(get) else model
+
+
+def prompt_hidden(
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
+    """The prompt's final hidden states (B, L, D), from the forward a layer-wise prefill runs,
+    holding one layer's KV at a time (for :attr:`KVPolicy.needs_prompt_hidden` policies)."""
+    out = layerwise_prefill(model, input_ids, attention_mask, [], 0, [], keep_hidden=True)
+    assert isinstance(out, torch.Tensor)
+    return out
+
+
 def layerwise_prefill(
     model: Any,
     input_ids: torch.Tensor,
@@ -64,19 +88,21 @@ def layerwise_prefill(
     question_len: int,
     caches: Sequence[Any] | None = None,
     *,
-    require_layerwise: bool = True,
-) -> list[LayerwiseOutput]:
+    hidden: torch.Tensor | None = None,
+    keep_hidden: bool = False,
+) -> Any:
     """Prefill once for every layer-wise policy of ``policies`` (see the module docstring).
 
     ``caches``: each policy's cache (default: ``policy.make_cache(model)``). Returns one
-    :class:`LayerwiseOutput` per policy, in order. ``require_layerwise=False`` lets a policy
-    that is not layer-wise in general (it must prepare its scores first, in its own
-    :meth:`~KVPolicy.prefill`) use this prefill for itself once it has.
+    :class:`LayerwiseOutput` per policy, in order. ``hidden``: the prompt's final hidden
+    states when already known (:func:`prompt_hidden`): policies that need them evict each
+    layer at once instead of after the forward. ``keep_hidden``: return the final hidden
+    states instead (what :func:`prompt_hidden` uses).
     """
     from transformers import DynamicCache
 
     not_layerwise = [type(p).__name__ for p in policies if not p.layerwise]
-    if require_layerwise and not_layerwise:
+    if not_layerwise:
         raise TypeError(f"{not_layerwise} are not layer-wise KV policies")
     length = input_ids.shape[1]
     q = max(0, min(int(question_len), length))
@@ -86,6 +112,20 @@ def layerwise_prefill(
     real = attention_mask.bool()
     peaks = [0] * len(policies)
     kept = [0] * len(policies)
+    memo: dict[Any, Any] = {}  # what policies share for the whole prompt
+    needy = [i for i, p in enumerate(policies) if p.needs_prompt_hidden and plans[i] is not None]
+    if hidden is not None:
+        for i in needy:
+            policies[i].prepare(model, input_ids, attention_mask, hidden, memo)
+        needy = []
+    held: list[tuple[int, LayerInputs]] = []  # full layers kept for the needy policies
+    captured: dict[str, torch.Tensor] = {}
+
+    def evict(i: int, idx: int, inputs: LayerInputs, in_flight: int) -> None:
+        k, v = policies[i].evict_layer(inputs)
+        peaks[i] = max(peaks[i], kept[i] + in_flight)
+        kept[i] += _nbytes(k, v)
+        _set_layer(caches[i], idx, k, v)
 
     def hook(module: Any, args: tuple, kwargs: dict, output: Any) -> None:
         hidden = kwargs.get("hidden_states", args[0] if args else None)
@@ -96,28 +136,49 @@ def layerwise_prefill(
         full_k, full_v = layer.keys, layer.values
         in_flight = _nbytes(full_k, full_v)
         cos, sin = kwargs["position_embeddings"]
-        memo: dict[Any, Any] = {}
-        for i, policy in enumerate(policies):
-            n_keep = plans[i]
+        layer_memo: dict[Any, Any] = {}
+        for i, n_keep in enumerate(plans):
             if n_keep is None:
-                k, v = full_k, full_v
-            else:
+                peaks[i] = max(peaks[i], kept[i] + in_flight)
+                kept[i] += in_flight
+                _set_layer(caches[i], idx, full_k, full_v)
+            elif i not in needy:
                 inputs = LayerInputs(
-                    module, hidden, cos, sin, full_k, full_v, real, q, n_keep, memo
+                    module, hidden, cos, sin, full_k, full_v, real, q, n_keep, layer_memo
                 )
-                k, v = policy.evict_layer(inputs)
-            peaks[i] = max(peaks[i], kept[i] + in_flight)
-            kept[i] += _nbytes(k, v)
-            _set_layer(caches[i], idx, k, v)
+                evict(i, idx, inputs, in_flight)
+        if needy:
+            inputs = LayerInputs(module, hidden, cos, sin, full_k, full_v, real, q, 0, layer_memo)
+            held.append((idx, inputs))
         empty = full_k.new_empty((*full_k.shape[:2], 0, full_k.shape[-1]))
         layer.keys, layer.values = empty, empty.clone()  # the driver keeps nothing
 
+    def grab(module: Any, args: tuple, kwargs: dict, output: Any) -> None:
+        last = getattr(output, "last_hidden_state", None)
+        if last is None and isinstance(output, (tuple, list)):
+            last = output[0]
+        if isinstance(last, torch.Tensor) and last.shape[1] == length:
+            captured["hidden"] = last
+
     handles = [m.register_forward_hook(hook, with_kwargs=True) for m in attention_modules(model)]
+    if needy or keep_hidden:
+        handles.append(_decoder(model).register_forward_hook(grab, with_kwargs=True))
     try:
         logits, position_ids = KVPolicy().forward_prompt(model, input_ids, attention_mask, driver)
+        if keep_hidden:
+            return captured["hidden"]
+        for i in needy:
+            policies[i].prepare(model, input_ids, attention_mask, captured["hidden"], memo)
+        for idx, inputs in held:
+            for i in needy:
+                inputs.n_keep = int(plans[i] or 0)
+                evict(i, idx, inputs, _nbytes(inputs.keys, inputs.values))
+        held.clear()
     finally:
         for h in handles:
             h.remove()
+        for p in policies:
+            p.release()
     out = []
     next_position = position_ids[:, -1] + 1
     for i, policy in enumerate(policies):
@@ -247,12 +308,16 @@ def generate_shared(
     question_in_prefill: bool = True,
 ) -> list[Any]:
     """Greedy answers of ``prompt`` under each of ``policies`` from one shared prefill,
-    decoded ``batch_size`` policies at a time (default: all together).
+    decoded at most ``batch_size`` policies at a time (default: no limit), in the batches that
+    read the fewest bytes per step (:func:`decode_batches`).
 
     ``host`` is an :class:`apportion.host.Host` with the dense attention backend (it encodes
     the prompt and checks it fits). Returns one ``GenerationResult`` per policy, in order:
     its tokens as if run alone, its own ``kv_tokens`` and ``peak_kv_bytes``; the prefill and
     decode times of the shared work, with ``batch_size`` the decode batch.
+
+    Policies that compress while decoding (:attr:`KVPolicy.compresses_decode`) are refused:
+    their evictions would reach into the other rows of the batch, which must stay exact.
 
     ``question_in_prefill=False``: the context is prefilled and compressed without the
     question, which is then fed to every cache (:func:`~apportion.host.generate.feed_tokens`,
@@ -261,6 +326,12 @@ def generate_shared(
     from apportion.host.generate import GenerationResult, feed_tokens, greedy_decode
 
     loaded, model = host.loaded, host.loaded.model
+    compressing = [type(p).__name__ for p in policies if p.compresses_decode]
+    if compressing:
+        raise TypeError(
+            f"{compressing} compress while decoding: their caches cannot share a decode batch "
+            "(run each through Host.generate)"
+        )
     enc = host.encode(prompt)
     host.check_fits(len(enc.ids), max_new_tokens)
     q = enc.question_len
@@ -278,39 +349,43 @@ def generate_shared(
     fed = q if agnostic else 0
     for p in policies:
         p.bind(loaded)
-    t0 = time.perf_counter()
-    outputs = layerwise_prefill(model, ids, mask, policies, len(probe) if agnostic else q)
-    if probe:
-        for out in outputs:
-            out.prefill = drop_tail(out.cache, out.prefill, len(probe))
-            out.kept_bytes = cache_nbytes(out.cache)
-            out.kv_tokens -= len(probe)
-    prefill_s = time.perf_counter() - t0
-    step = per_token_bytes(outputs)
-    eos, pad_id = host._eos_ids(), int(host.tokenizer.pad_token_id)
-    results: list[Any] = []
-    size = max(1, batch_size or len(outputs))
-    for start in range(0, len(outputs), size):
-        chunk = outputs[start : start + size]
-        if len(chunk) > 1:
-            cache, pre = stack_caches(chunk, model)
-        else:
-            cache, pre = chunk[0].cache, chunk[0].prefill
-        reserve(cache, max_new_tokens + fed)
-        if question is not None:
-            rows = question.expand(len(chunk), -1)
-            pre = feed_tokens(model, cache, pre, rows, torch.ones_like(rows))
-        decoded = greedy_decode(
-            model, cache, pre, max_new_tokens, eos=eos, pad_id=pad_id, drop_finished=True
-        )
-        for row, out in zip(decoded.rows, chunk, strict=True):
-            tokens, finish = decoded.trim(row)
-            alone_forwards = min(
-                len(tokens) if finish == "stop" else len(tokens) - 1, max_new_tokens - 1
+    with contextlib.ExitStack() as installed:
+        for p in policies:  # what each policy's cache needs to be read
+            installed.enter_context(p.installed(model))
+        t0 = time.perf_counter()
+        outputs = layerwise_prefill(model, ids, mask, policies, len(probe) if agnostic else q)
+        if probe:
+            for out in outputs:
+                out.prefill = drop_tail(out.cache, out.prefill, len(probe))
+                out.kept_bytes = cache_nbytes(out.cache)
+                out.kv_tokens -= len(probe)
+        prefill_s = time.perf_counter() - t0
+        step = per_token_bytes(outputs)
+        eos, pad_id = host._eos_ids(), int(host.tokenizer.pad_token_id)
+        results: list[Any] = [None] * len(outputs)
+        size = max(1, batch_size or len(outputs))
+        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        lengths = [o.kv_tokens for o in outputs]
+        for chunk_idx in decode_batches(lengths, size, weights / max(1, step)):
+            chunk = [outputs[i] for i in chunk_idx]
+            if len(chunk) > 1:
+                cache, pre = stack_caches(chunk, model)
+            else:
+                cache, pre = chunk[0].cache, chunk[0].prefill
+            reserve(cache, max_new_tokens + fed)
+            if question is not None:
+                rows = question.expand(len(chunk), -1)
+                pre = feed_tokens(model, cache, pre, rows, torch.ones_like(rows))
+            decoded = greedy_decode(
+                model, cache, pre, max_new_tokens, eos=eos, pad_id=pad_id, drop_finished=True
             )
-            own_kv = out.kept_bytes + (fed + max(0, alone_forwards)) * step
-            results.append(
-                GenerationResult(
+            for row, out, i in zip(decoded.rows, chunk, chunk_idx, strict=True):
+                tokens, finish = decoded.trim(row)
+                alone_forwards = min(
+                    len(tokens) if finish == "stop" else len(tokens) - 1, max_new_tokens - 1
+                )
+                own_kv = out.kept_bytes + (fed + max(0, alone_forwards)) * step
+                results[i] = GenerationResult(
                     text=host.tokenizer.decode(tokens, skip_special_tokens=True).strip(),
                     prompt_tokens=len(enc.ids),
                     new_tokens=len(tokens),
@@ -324,13 +399,40 @@ def generate_shared(
                     batch_size=len(chunk),
                     finish_reason=finish,
                 )
-            )
-    return results
+        return results
+
+
+def decode_batches(lengths: Sequence[int], size: int, weight_tokens: float) -> list[list[int]]:
+    """Which caches to decode together: indices into ``lengths`` (each cache's entries), in
+    batches of at most ``size``, chosen to read the fewest bytes per decode step.
+
+    A step reads the weights once per batch and every row's cache padded to its batch's
+    longest. With ``weight_tokens`` the weights' bytes over one cache entry's bytes, a batch
+    costs ``weight_tokens + rows * longest``; the rows, sorted by length, are cut into the
+    contiguous batches of least total cost (short caches beside long ones only while the
+    padding costs less than another pass over the weights)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    n = len(order)
+    best = [0.0] + [float("inf")] * n
+    cut = [0] * (n + 1)
+    for end in range(1, n + 1):
+        for start in range(max(0, end - size), end):
+            cost = best[start] + weight_tokens + (end - start) * lengths[order[start]]
+            if cost < best[end]:
+                best[end], cut[end] = cost, start
+    batches: list[list[int]] = []
+    end = n
+    while end > 0:
+        batches.append(order[cut[end] : end])
+        end = cut[end]
+    return batches[::-1]
 
 
 __all__ = [
     "LayerwiseOutput",
+    "decode_batches",
     "generate_shared",
     "layerwise_prefill",
+    "prompt_hidden",
     "stack_caches",
 ]

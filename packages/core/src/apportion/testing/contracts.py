@@ -102,11 +102,16 @@ class KVPolicyContract(_Contract):
 
     Policies with a ``compression_ratio`` option must: equal ``full`` at 0; shrink the cache
     (really: fewer bytes) at 0.5; keep the question; work for batch > 1 with left padding.
+    Policies with ``decode_budget`` and ``decode_interval`` options keep the cache within
+    their sum while generating.
     """
 
     kind = "kv-policy"
     #: compressed entries may exceed the exact budget by this many per layer (rounding, windows)
     slack_tokens: ClassVar[int] = 8
+    #: ``decode_budget`` the compression-while-generating check runs at (policies with that
+    #: option); raise it for a policy whose recent window is larger
+    decode_budget: ClassVar[int] = 48
 
     def _has_ratio(self, registry: Any) -> bool:
         return (
@@ -207,6 +212,46 @@ class KVPolicyContract(_Contract):
         opts = {"compression_ratio": 0.1} if self._has_ratio(registry) else {}
         out = self._gen(smollm2, self.make(registry, **opts), "Say hello.", n=6)[0]
         assert out.new_tokens > 0
+
+    def test_decode_budget_bounds_the_cache(self, registry: Any, smollm2: Any) -> None:
+        """Policies with ``decode_budget`` / ``decode_interval`` options (compression while
+        generating): no layer ever holds more than budget + interval entries, watched after
+        every attention of the decode; an eviction did happen; the bytes go."""
+        from apportion.host import Host
+        from apportion.host.kv import KVPolicy, attention_modules
+
+        fields = registry.get(self.kind, self.component).config_model().model_fields
+        if not {"decode_budget", "decode_interval"} <= set(fields):
+            pytest.skip("no decode_budget option")
+        limit, interval = self.decode_budget, 8
+        policy = self.make(registry, decode_budget=limit, decode_interval=interval)
+        assert policy.compresses_decode
+        caches: list[Any] = []
+        lengths: list[int] = []
+        make = policy.make_cache
+
+        def recording(model: Any) -> Any:
+            caches.append(make(model))
+            return caches[-1]
+
+        def watch(module: Any, args: Any, output: Any) -> None:
+            keys = caches[-1].layers[module.layer_idx].keys
+            if keys is not None:
+                lengths.append(int(keys.shape[-2]))
+
+        policy.make_cache = recording
+        prompt = f"{_long_context(8)}\n\nRetell the text above in detail, sentence by sentence."
+        handles = [m.register_forward_hook(watch) for m in attention_modules(smollm2.model)]
+        try:
+            got = Host(smollm2, kv_policy=policy).generate(prompt, max_new_tokens=40)[0]
+        finally:
+            for h in handles:
+                h.remove()
+        full = Host(smollm2, kv_policy=KVPolicy()).generate(prompt, max_new_tokens=40)[0]
+        assert got.prompt_tokens > limit + interval and got.new_tokens > 2 * interval
+        assert max(lengths) <= limit + interval, max(lengths)
+        assert limit + interval in lengths  # it grew to the cut, at least once
+        assert got.peak_kv_bytes < 0.5 * full.peak_kv_bytes
 
 
 class AllocatorContract(_Contract):
