@@ -218,14 +218,40 @@ def test_cli_reports_broken_plugin(plugin_dir):
 
 
 def test_unknown_name_points_at_the_plugin_that_failed_to_load(plugin_dir):
+    """The error names the broken provider, and still says which package provides the kind
+    when that family is not installed."""
     plugin_dir.add("brokenplug", "raise ImportError('nope')\n")
     rc, out, err = plugin_dir.run(
         "from apportion import get_registry\n"
         "try:\n    get_registry().get('kv-policy', 'snapkv')\n"
-        "except Exception as e:\n    print(type(e).__name__, e)"
+        "except Exception as e:\n    print(type(e).__name__, e)",
+        APPORTION_PLUGINS="brokenplug",  # apportion-kvcache not loaded: as if not installed
     )
     assert rc == 0, err
-    assert "UnknownComponentError" in out and "brokenplug" in out and "nope" in out
+    assert out.startswith("UnknownComponentError unknown kv-policy 'snapkv'")
+    assert "brokenplug (brokenplug 0.1.0): ImportError: nope" in out
+    assert "pip install apportion-kvcache" in out
+
+
+def test_an_installed_family_that_failed_is_named_not_offered_for_install(plugin_dir):
+    """When the family that provides a kind is the plugin that failed, the error names it and
+    its failure; telling the user to install it would be wrong."""
+    (plugin_dir.path / "fakekv.py").write_text("raise ImportError('broken install')\n")
+    info = plugin_dir.path / "apportion_kvcache-9.9.9.dist-info"  # shadows the real one
+    info.mkdir()
+    (info / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: apportion-kvcache\nVersion: 9.9.9\n"
+    )
+    (info / "entry_points.txt").write_text("[apportion]\nfakekv = fakekv\n")
+    rc, out, err = plugin_dir.run(
+        "from apportion import get_registry\n"
+        "try:\n    get_registry().get('kv-policy', 'snapkv')\n"
+        "except Exception as e:\n    print(type(e).__name__, e)",
+        APPORTION_PLUGINS="fakekv",
+    )
+    assert rc == 0, err
+    assert "fakekv (apportion-kvcache 9.9.9): ImportError: broken install" in out
+    assert "pip install" not in out
 
 
 def test_unknown_name_of_an_uninstalled_family_says_what_to_install(plugin_dir):

@@ -79,6 +79,16 @@ def test_cli_errors_are_clear(cli, cli_env, tmp_path):
     assert out.returncode == 2 and "does not exist" in out.stderr
 
 
+@pytest.mark.parametrize(
+    "value", ["[" * 50_000, "[" * 100 + "]" * 100], ids=["deeper-than-the-parser", "deep"]
+)
+def test_cli_refuses_a_deeply_nested_option_value_in_one_line(cli, cli_env, value):
+    out = cli("generate", "hi", "--kv-option", f"compression_ratio={value}", env=cli_env)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert "option 'compression_ratio'" in out.stderr and "nested" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
 def test_cli_run_end_to_end(cli, cli_env, tmp_path):
     cfg = tmp_path / "c.toml"
     cfg.write_text(
@@ -248,6 +258,8 @@ def test_bad_record_lines_are_skipped_reported_and_set_aside(tmp_path, smollm2):
     first = execute(_cfg(), run_dir, RunOptions(limit=2, progress=False), loaded=smollm2)
     path = run_dir / "records.jsonl"
     with open(path, "ab") as f:
+        # a later line for a measured sample, whose score the summary cannot read
+        f.write(json.dumps({**first.records[0], "score": "x"}).encode() + b"\n")
         f.write(b"\xff\xfe not utf-8\n")
         f.write(b'{"valid": "json", "but": "not a record"}\n')
         f.write(b"[1, 2, 3]\n")
@@ -255,9 +267,13 @@ def test_bad_record_lines_are_skipped_reported_and_set_aside(tmp_path, smollm2):
     again = execute(_cfg(), run_dir, RunOptions(progress=False), loaded=smollm2)
     assert len(again.records) == 3  # the two measured before are kept, one new
     assert [r["sample_id"] for r in again.records][:2] == [r["sample_id"] for r in first]
-    assert any("4 line(s)" in n and "not UTF-8" in n for n in again.notes)
+    assert again.records[0]["score"] == first.records[0]["score"]
+    assert any(
+        "5 line(s)" in n and 'score "x" is not a number in [0, 1]' in n and "not UTF-8" in n
+        for n in again.notes
+    )
     rejected = (run_dir / "records.rejected.jsonl").read_bytes()
-    assert rejected.count(b"\n") == 4 and b"not a record" in rejected
+    assert rejected.count(b"\n") == 5 and b"not a record" in rejected
     lines = path.read_bytes().splitlines()
     assert len(lines) == 3 and all(json.loads(line)["variant"] == "baseline" for line in lines)
 
@@ -277,17 +293,86 @@ def test_lengths_past_the_window_are_refused_before_the_model_loads(tmp_path, mo
         execute(cfg, tmp_path / "r", RunOptions(progress=False))
 
 
-def test_core_alone_runs_harness_options(tmp_path, smollm2):
-    """[harness] is the core's: sweep_installed and time_budget_s work without apportion-eval."""
-    cfg = _cfg(
-        harness={
-            "sweep_installed": {"kinds": ["kv-policy"], "options": {"compression_ratio": 0.5}},
-            "time_budget_s": 600,
-        }
+#: a second kv-policy from a plugin, so that sweep_installed has something to sweep
+SECOND_POLICY = """
+from apportion.host.kv import KVPolicy
+
+class Second(KVPolicy):
+    name = "test-second"
+    summary = "the full cache under a second name"
+"""
+
+SWEEP_PLUGIN = """
+from apportion import hookimpl
+
+@hookimpl
+def apportion_register_kv_policies(register):
+    register("secondpolicy:Second", name="test-second")
+"""
+
+
+def test_core_alone_runs_harness_options(plugin_dir, tmp_path):
+    """[harness] is the core's: with no family installed but a plugin that adds a second
+    kv-policy, sweep_installed sweeps it, time_budget_s stops the run and a rerun finishes it,
+    and the core prints its plain table with the hint to install apportion-eval."""
+    plugin_dir.module("secondpolicy", SECOND_POLICY)
+    plugin_dir.add("sweepplug", SWEEP_PLUGIN)
+    run_dir = str(tmp_path / "r")
+    rc, out, err = plugin_dir.run(
+        "import json\n"
+        "from apportion.config import ModelSpec, parse_config\n"
+        "from apportion.host import load_model\n"
+        "from apportion.plugins import get_registry\n"
+        "from apportion.runner import RunOptions, execute\n"
+        "print('POLICIES', json.dumps(get_registry().names('kv-policy')))\n"
+        "loaded = load_model(ModelSpec(name='smollm2', device='cpu', dtype='float32'))\n"
+        "base = {'name': 'core-alone', 'benchmarks': [{'name': 'niah', 'lengths': [256],\n"
+        "        'depths': [0.5], 'samples': 2}], 'generation': {'max_new_tokens': 2}}\n"
+        "sweep = {'kinds': ['kv-policy']}\n"
+        "for budget in (0.001, 600):\n"
+        "    cfg = parse_config({**base, 'harness': {'sweep_installed': sweep,\n"
+        "                                            'time_budget_s': budget}})\n"
+        f"    run = execute(cfg, {run_dir!r}, RunOptions(progress=False), loaded=loaded)\n"
+        "    print('RESULT', json.dumps({'variants': sorted({r['variant'] for r in run}),\n"
+        "          'records': len(run.records), 'pending': run.pending, 'notes': run.notes}))\n",
+        APPORTION_PLUGINS="sweepplug",  # no family: apportion-eval (and the rest) absent
+        COLUMNS="200",
     )
-    run = execute(cfg, tmp_path / "r", RunOptions(limit=1, progress=False), loaded=smollm2)
-    variants = {r["variant"] for r in run.records}
-    assert "baseline" in variants and len(variants) == len(get_registry().names("kv-policy"))
+    assert rc == 0, err
+    head, first_line_and_rerun, second_line = out.split("RESULT ")
+    first_json, _, rerun = first_line_and_rerun.partition("\n")
+    first, second = json.loads(first_json), json.loads(second_line)
+    assert json.loads(head.split("POLICIES ", 1)[1].splitlines()[0]) == ["full", "test-second"]
+    # the budget was spent before the first sample: both swept configs' samples wait
+    assert "2 configs x 2 samples: 4 to run, 0 already recorded" in head
+    assert "time budget of 0.001 s spent: 4 samples left" in head
+    assert first["records"] == 0 and first["pending"] == 4
+    assert "4 samples not run (time budget)" in first["notes"]
+    # the rerun, within its budget, measures both configs; nothing is left
+    assert "2 configs x 2 samples: 4 to run, 0 already recorded" in rerun
+    assert second == {
+        "variants": ["baseline", "test-second"],
+        "records": 4,
+        "pending": 0,
+        "notes": [],
+    }
+    # without apportion-eval the core prints its plain table, and says what would do more
+    assert "core-alone: 0 records" in head and "core-alone: 4 records" in rerun
+    table = rerun.split("core-alone: 4 records", 1)[1]
+    assert "baseline" in table and "test-second" in table
+    hint = "no report renderer installed (pip install apportion-eval)"
+    assert head.count(hint) == 1 and rerun.count(hint) == 1
+    assert not (tmp_path / "r" / "report.html").exists()
+
+
+def test_cli_refuses_an_unknown_device_in_one_line(cli, cli_env):
+    """``tpu0`` is no device on any machine: refused by the config, before any model loads."""
+    t0 = time.monotonic()
+    out = cli("generate", "hi", "--device", "tpu0", env=cli_env)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert "device" in out.stderr and "tpu0" in out.stderr
+    assert len(out.stderr.strip().splitlines()) <= 3
+    assert time.monotonic() - t0 < 30  # refused before any model loads
 
 
 def test_cli_refuses_a_device_this_machine_lacks_in_one_line(cli, cli_env, tmp_path):
@@ -295,12 +380,11 @@ def test_cli_refuses_a_device_this_machine_lacks_in_one_line(cli, cli_env, tmp_p
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    for args in (["generate", "hi", "--device", "cuda"], ["generate", "hi", "--device", "tpu0"]):
-        t0 = time.monotonic()
-        out = cli(*args, env=cli_env)
-        assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
-        assert "device" in out.stderr and len(out.stderr.strip().splitlines()) <= 3
-        assert time.monotonic() - t0 < 30  # refused before any model loads
+    t0 = time.monotonic()
+    out = cli("generate", "hi", "--device", "cuda", env=cli_env)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert "device" in out.stderr and len(out.stderr.strip().splitlines()) <= 3
+    assert time.monotonic() - t0 < 30  # refused before any model loads
     cfg = tmp_path / "c.toml"
     cfg.write_text('[model]\ndevice = "cuda"\n')
     out = cli("run", str(cfg), "--out", str(tmp_path / "r"), env=cli_env)
@@ -316,16 +400,30 @@ def test_cli_refuses_an_empty_prompt(cli, cli_env):
 
 
 def test_a_broken_plugin_is_noted_in_the_run(plugin_dir, tmp_path):
+    """A non-strict run with a broken plugin warns once, before the model loads (not once per
+    sample or per plugin lookup); the note stays with the run (``run.notes``, which a report
+    lists once more under the run's notes)."""
     plugin_dir.add("brokenplug", "raise ImportError('nope')\n")
     rc, out, err = plugin_dir.run(
+        "import json\n"
         "from apportion.config import parse_config\n"
         "from apportion.runner import RunOptions, execute\n"
-        "from apportion.testing.fixtures import *\n"
-        "from apportion.host import load_model\n"
         "cfg = parse_config({'benchmarks': [{'name': 'niah', 'lengths': [256], "
-        "'depths': [0.5], 'samples': 1}], 'generation': {'max_new_tokens': 2}})\n"
+        "'depths': [0.5], 'samples': 2}], 'generation': {'max_new_tokens': 2}})\n"
         f"run = execute(cfg, {str(tmp_path / 'r')!r}, RunOptions(progress=False))\n"
-        "print('NOTES', run.notes)\n"
+        "print('NOTES', json.dumps(run.notes))\n",
+        COLUMNS="300",
     )
     assert rc == 0, err
-    assert "brokenplug" in out and "nope" in out and out.count("brokenplug (brokenplug") >= 1
+    problem = "brokenplug (brokenplug 0.1.0): ImportError: nope"
+    console, _, notes = out.rpartition("NOTES ")
+    assert [n for n in json.loads(notes) if "brokenplug" in n] == [f"plugin problem: {problem}"]
+    lines = console.splitlines()
+    warnings = [i for i, line in enumerate(lines) if line.startswith("note ") and problem in line]
+    assert len(warnings) == 1, console
+    loaded = [i for i, line in enumerate(lines) if " samples: " in line and " to run" in line]
+    assert loaded and warnings[0] < loaded[0]  # said before the model loaded
+    listed = [i for i, line in enumerate(lines) if "brokenplug" in line and i not in warnings]
+    heading = [i for i, line in enumerate(lines) if line.startswith("Notes on this run")]
+    assert all(heading and i > heading[0] for i in listed) and len(listed) <= 1, console
+    assert "brokenplug" not in err

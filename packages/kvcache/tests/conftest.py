@@ -69,9 +69,10 @@ class SmallFS:
 
     capacity = 2 << 20
 
-    def __init__(self, path: Path, mounted: bool):
+    def __init__(self, path: Path, mounted: bool, monkeypatch: pytest.MonkeyPatch):
         self.path = path
         self.mounted = mounted
+        self._monkeypatch = monkeypatch
 
     def used(self) -> int:
         return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
@@ -87,6 +88,37 @@ class SmallFS:
         size = max(0, (self.free() - leave) // 4096 * 4096)
         with open(self.path / "filler", "ab") as f:
             f.write(b"\0" * size)
+
+    def use_up_inodes(self) -> None:
+        """Leave no room for one more file or folder (a full inode table: ``ENOSPC`` on
+        create): the tmpfs is remounted with as many inodes as it uses; without a mount,
+        ``ENOSPC`` is injected at ``os.open``/``os.mkdir`` creating anything under ``path``."""
+        if self.mounted:
+            st = os.statvfs(self.path)
+            subprocess.run(
+                ["mount", "-o", f"remount,nr_inodes={st.f_files - st.f_ffree}", str(self.path)],
+                check=True,
+                capture_output=True,
+            )
+            return
+        root = str(self.path.resolve())
+        real_open, real_mkdir = os.open, os.mkdir
+
+        def new(path) -> bool:
+            return str(Path(path).resolve()).startswith(root) and not os.path.exists(path)
+
+        def open_(path, flags, *args, **kwargs):
+            if flags & os.O_CREAT and new(path):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+            return real_open(path, flags, *args, **kwargs)
+
+        def mkdir(path, *args, **kwargs):
+            if new(path):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+            return real_mkdir(path, *args, **kwargs)
+
+        self._monkeypatch.setattr(os, "open", open_)
+        self._monkeypatch.setattr(os, "mkdir", mkdir)
 
     def files(self) -> list[Path]:
         """What the store left there (the filler aside)."""
@@ -105,7 +137,7 @@ def small_fs(tmp_path, monkeypatch):
         ).returncode
         == 0
     )
-    fs = SmallFS(mnt, mounted)
+    fs = SmallFS(mnt, mounted, monkeypatch)
     if not mounted:
         real_write = os.write
         root = str(mnt.resolve())

@@ -349,3 +349,39 @@ def test_version_2_pools_still_load(tmp_path):
     path = tmp_path / "v2.safetensors"
     path.write_bytes(save(tensors, metadata=header))
     assert _same_pool(AnchorPool.load(path), pool)
+
+
+@pytest.mark.parametrize("version", ["3", "2"])
+def test_a_zero_dim_tensor_in_a_pool_is_a_typed_error(tmp_path, version):
+    """A 0-dim float tensor (a crafted file) is checksummed like any other, then refused by the
+    value checks; a wrong digest over it is a checksum mismatch. Never a raw RuntimeError."""
+    import json
+
+    from apportion_kvcache.kvcomm.pool import _digest, _digest_v3
+    from safetensors.torch import save
+
+    pool = _pool()
+    tensors, meta = {}, []
+    for i, a in enumerate(a for v in pool.slots.values() for a in v):
+        tensors.update({f"{i}.dk": a.delta_k, f"{i}.dv": a.delta_v, f"{i}.emb": a.embedding})
+        meta.append({"slot": a.slot, "length": a.length, "fingerprint": a.fingerprint})
+    tensors["1.emb"] = torch.tensor(0.5)  # 0-dim float32
+    header = {
+        "format": "apportion-kvcomm-anchors",
+        "version": version,
+        "fingerprint": pool.fingerprint,
+        "anchors": json.dumps(meta),
+        "max_per_slot": str(pool.max_per_slot),
+    }
+    header["sha256"] = _digest_v3(header, tensors) if version == "3" else _digest(tensors)
+    path = tmp_path / "zero-dim.safetensors"
+    path.write_bytes(save(tensors, metadata=header))
+    with pytest.raises(AnchorPoolFileError, match="anchor 1: tensor shapes"):
+        AnchorPool.load(path)
+    path.write_bytes(save(tensors, metadata={**header, "sha256": "0" * 64}))
+    with pytest.raises(AnchorPoolFileError, match="checksum mismatch"):
+        AnchorPool.load(path)
+    # a pool holding one saves (the digest takes any shape) and is refused the same way
+    pool.slots["doc"][1].embedding = torch.tensor(0.5)
+    with pytest.raises(AnchorPoolFileError, match="anchor 1: tensor shapes"):
+        AnchorPool.load(pool.save(tmp_path / "saved.safetensors"))

@@ -108,20 +108,33 @@ def test_a_consistent_entry_that_does_not_decode_is_a_counted_miss(tmp_path):
     assert store.stats["corrupt"] == 1 and key not in store.keys()
 
 
-def test_torn_overwrite_bytes_is_a_miss_never_an_error(tmp_path):
+def test_torn_overwrite_bytes_is_a_miss_never_an_error(tmp_path, caplog):
     """The state a kill -9 left between the payload rename and the manifest rename of an
-    overwrite under the old layout: version 2's payload under version 1's manifest."""
+    overwrite under the old layout (one payload name per key): the new version's payload under
+    the old version's manifest. The manifest's digest no longer matches, so the entry is a
+    miss, set aside, counted and logged, and the context works again."""
     store = LocalStore(tmp_path / "a")
     key = store.save_kv("fp", TOKENS, _kv(seed=1))
     other = LocalStore(tmp_path / "b")
     other.save_kv("fp", TOKENS, _kv(seed=2))
     (mine,) = _payloads(tmp_path / "a", key)
     (theirs,) = _payloads(tmp_path / "b", key)
-    mine.write_bytes(theirs.read_bytes())
-    got = store.load_kv("fp", TOKENS)
-    assert got is None or _same(got, _kv(seed=1))
+    torn = theirs.read_bytes()
+    assert len(torn) == mine.stat().st_size and torn != mine.read_bytes()  # only the digest tells
+    mine.write_bytes(torn)
+    with caplog.at_level(logging.WARNING, logger="apportion_kvcache.store"):
+        assert store.load_kv("fp", TOKENS) is None
+    assert store.stats["corrupt"] == 1
+    (warning,) = [r for r in caplog.records if r.name == "apportion_kvcache.store"]
+    assert warning.levelno == logging.WARNING
+    assert key[:12] in warning.getMessage() and "checksum mismatch" in warning.getMessage()
+    assert "reads as a miss" in warning.getMessage()
+    assert key not in store.keys() and not _payloads(tmp_path / "a", key)
+    aside = {p.name.split("-", 1)[1] for p in (tmp_path / "a" / "quarantine").iterdir()}
+    assert aside == {f"{key}.json", mine.name}
     store.save_kv("fp", TOKENS, _kv(seed=2))
     assert _same(store.load_kv("fp", TOKENS), _kv(seed=2))
+    assert store.stats["corrupt"] == 1
 
 
 def _die_after_payload(root: str, seed: int) -> None:
@@ -230,6 +243,28 @@ def test_a_full_disk_at_the_manifest_keeps_the_old_entry(small_fs):
     assert not [p for p in small_fs.files() if ".tmp-" in p.name]
     assert len(_payloads(small_fs.path, key)) == 1
     assert _same(store.load_kv("fp", TOKENS), _kv(seed=1))
+
+
+def test_no_room_for_the_lock_file_is_store_full_error(small_fs):
+    """Opening a store needs its lock file: a filesystem with no room for one more file is a
+    StoreFullError naming that file, like any other full disk; a store opened before keeps
+    reading, and its writes fail the same typed way."""
+    kept = LocalStore(small_fs.path / "kept")
+    kept.save_kv("fp", TOKENS, _kv(seed=1))
+    root = small_fs.path / "new"
+    root.mkdir()
+    small_fs.use_up_inodes()
+    with pytest.raises(StoreFullError) as err:
+        LocalStore(root)
+    lock = root / ".lock"
+    assert isinstance(err.value, ApportionError)
+    assert err.value.path == str(lock) and str(lock) in str(err.value)
+    assert not lock.exists()
+    assert _same(kept.load_kv("fp", TOKENS), _kv(seed=1))
+    with pytest.raises(StoreFullError):
+        kept.save_kv("fp", TOKENS, _kv(seed=2))
+    assert not [p for p in small_fs.files() if ".tmp-" in p.name]
+    assert _same(kept.load_kv("fp", TOKENS), _kv(seed=1))
 
 
 def test_a_run_on_a_full_disk_records_store_full_per_sample(small_fs, smollm2, tmp_path):

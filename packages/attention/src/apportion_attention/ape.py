@@ -206,7 +206,6 @@ class APE(AttentionBackend):
         self._loaded: Any = None  # the LoadedModel from bind()
         self._tokenizer: Any = None
         self._patterns: list[list[int]] | None = None
-        self._fingerprint: tuple[Any, str] | None = None  # (model, fingerprint), unbound use
 
     def bind(self, loaded: Any) -> None:
         """Keep the loaded model's tokenizer (to find the separators) and fingerprint (to key
@@ -273,15 +272,10 @@ class APE(AttentionBackend):
 
     # ------------------------------------------------------------------ encoding API
     def model_fingerprint(self, model: Any) -> str:
-        """The bound model's fingerprint, or (unbound) :func:`apportion.host.model.fingerprint`
-        of ``model``, computed once per model."""
-        if self._loaded is not None and model is self._loaded.model:
-            return str(self._loaded.fingerprint)
-        if self._fingerprint is None or self._fingerprint[0] is not model:
-            from apportion.host.model import fingerprint
+        """The bound model's fingerprint, or (unbound) that of ``model``."""
+        from apportion.host.model import fingerprint_for
 
-            self._fingerprint = (model, fingerprint(model))
-        return self._fingerprint[1]
+        return fingerprint_for(model, self._loaded)
 
     @staticmethod
     def context_variant(prefix_ids: Sequence[int]) -> str:

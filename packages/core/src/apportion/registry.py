@@ -311,14 +311,20 @@ class Registry:
             ) from None
 
     def _unknown_tail(self, kind: str) -> str:
-        """Why a name may be missing: a plugin that failed to load, or a family not installed."""
+        """Why a name may be missing: plugins that failed to load, and the family of ``kind``
+        when it is not installed (a family that is installed but failed is among the former)."""
+        tail = ""
         if self.broken:
             failed = "; ".join(f"{p} ({d} {v}): {e}" for p, d, v, e in self.broken)
-            return f". Plugins that failed to load (it may be theirs): {failed}"
+            tail += f". Plugins that failed to load (it may be theirs): {failed}"
         family = FAMILY_OF_KIND.get(kind)
-        if family and not any(s.provider == family for s in self._specs[kind].values()):
-            return f". More {kind} components come with {family} (pip install {family})"
-        return ""
+        if (
+            family
+            and not any(s.provider == family for s in self._specs[kind].values())
+            and not any(d == family for _, d, _, _ in self.broken)
+        ):
+            tail += f". More {kind} components come with {family} (pip install {family})"
+        return tail
 
     def create(self, kind: str, name: str, options: Any = None) -> Any:
         return self.get(kind, name).create(options)

@@ -23,6 +23,7 @@ from typing import Any
 
 from apportion.config import ModelSpec
 from apportion.errors import ConfigError, ModelLoadError, ModelNotFoundError
+from apportion.host.io import loads_json
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +120,12 @@ def _check_converted(target: Path) -> str | None:
     The manifest records the sha256 of the weights and the config; the manifest itself
     carries the sha256 of its other fields."""
     try:
-        manifest = json.loads((target / "apportion.json").read_text())
+        manifest = loads_json(
+            (target / "apportion.json").read_bytes(),
+            what="manifest",
+            max_bytes=1 << 16,
+            max_depth=4,
+        )
         if not isinstance(manifest, dict) or manifest.get("format") != CONVERTED_FORMAT:
             return "is from another layout"
         files = manifest.get("files")
@@ -153,14 +159,19 @@ def _convert_gguf(gguf: Path, target: Path, digest: str) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("converting %s to safetensors (once)", gguf.name)
-    _progress_line(f"converting the embedded model to safetensors, once ({gguf.name})")
-    _progress_line("  reading and dequantizing the GGUF file (20-40 s on 2 cores)")
     t0 = time.perf_counter()
+
+    def step(n: int, text: str) -> None:
+        _progress_line(f"  [{n}/3] {text} ({time.perf_counter() - t0:.0f} s so far)")
+
+    _progress_line(f"converting the embedded model to safetensors, once ({gguf.name})")
+    step(1, "reading the tokenizer from the GGUF file")
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    step(2, "reading and dequantizing the weights")
     model = AutoModelForCausalLM.from_pretrained(
         gguf.parent, gguf_file=gguf.name, dtype=torch.float32
     )
-    _progress_line(f"  read in {time.perf_counter() - t0:.0f} s; writing {target}")
+    step(3, f"writing {target}")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
     try:
@@ -199,6 +210,7 @@ def _convert_gguf(gguf: Path, target: Path, digest: str) -> None:
                 os.rename(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    _progress_line(f"converted in {time.perf_counter() - t0:.0f} s; later loads read {target}")
 
 
 def resolve_model_path(name: str) -> tuple[str, bool]:
@@ -286,14 +298,23 @@ def model_window(spec: ModelSpec) -> int:
         except Exception:
             pass
     try:
-        data = json.loads(config_file.read_text())
+        data = _read_config(config_file)
         return int(
             data.get("max_position_embeddings") or data["text_config"]["max_position_embeddings"]
         )
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, ArithmeticError) as exc:
         raise ModelLoadError(
             f"cannot read the context window of {spec.name!r} from {config_file}: {exc}"
         ) from None
+
+
+def _read_config(config_file: Path) -> dict[str, Any]:
+    """A model's ``config.json``, parsed with bounds (a ValueError for anything but a JSON
+    object of sane size and nesting)."""
+    data = loads_json(config_file.read_bytes(), what="config.json", max_bytes=1 << 22)
+    if not isinstance(data, dict):
+        raise ValueError("config.json is not a JSON object")
+    return data
 
 
 def kv_bytes_per_token(spec: ModelSpec) -> dict[str, int]:
@@ -305,13 +326,15 @@ def kv_bytes_per_token(spec: ModelSpec) -> dict[str, int]:
     path, _ = resolve_model_path(spec.name)
     config_file = Path(path) / "config.json"
     try:
-        data = json.loads(config_file.read_text())
+        data = _read_config(config_file)
         data = data.get("text_config", data)
+        if not isinstance(data, dict):
+            raise TypeError("text_config is not a JSON object")
         heads = int(data["num_attention_heads"])
         kv_heads = int(data.get("num_key_value_heads") or heads)
         head_dim = int(data.get("head_dim") or int(data["hidden_size"]) // heads)
         layers = int(data["num_hidden_layers"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, ArithmeticError) as exc:
         raise ModelLoadError(
             f"cannot read the KV shape of {spec.name!r} from {config_file}: {exc}"
         ) from None
@@ -404,3 +427,12 @@ def fingerprint(model: Any) -> str:
             h.update(name.encode())
             h.update(param.detach().reshape(-1)[:64].float().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def fingerprint_for(model: Any, loaded: Any = None) -> str:
+    """The fingerprint a component keys ``model``'s data by: the bound
+    :class:`~apportion.host.LoadedModel`'s when ``model`` is its model, else
+    :func:`fingerprint` of ``model`` (a component used without ``bind``)."""
+    if loaded is not None and model is getattr(loaded, "model", None):
+        return str(loaded.fingerprint)
+    return fingerprint(model)

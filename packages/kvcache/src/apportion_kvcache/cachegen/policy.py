@@ -70,7 +70,6 @@ class CacheGenPolicy(KVPolicy):
         self.variant = "cachegen:" + json.dumps(settings, sort_keys=True, separators=(",", ":"))
         self._store = None
         self._loaded: Any = None
-        self._fp: tuple[Any, str] | None = None  # (model, fingerprint) of an unbound use
         self.last_info: dict[str, Any] = {}
 
     def bind(self, loaded: Any) -> None:
@@ -79,14 +78,10 @@ class CacheGenPolicy(KVPolicy):
 
     def fingerprint(self, model: Any) -> str:
         """The fingerprint of ``model`` (architecture and weights): the bound model's, or
-        computed once for a model used without :meth:`bind`."""
-        if self._loaded is not None and model is self._loaded.model:
-            return str(self._loaded.fingerprint)
-        if self._fp is None or self._fp[0] is not model:
-            from apportion.host.model import fingerprint
+        that of a model used without :meth:`bind`."""
+        from apportion.host.model import fingerprint_for
 
-            self._fp = (model, fingerprint(model))
-        return self._fp[1]
+        return fingerprint_for(model, self._loaded)
 
     def store_variant(self, model: Any) -> str:
         """The store key's variant for ``model``'s KV: the codec settings and the KV dtype (a

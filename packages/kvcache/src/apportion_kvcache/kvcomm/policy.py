@@ -178,7 +178,6 @@ class KVCOMM(KVPolicy):
         self._embedder: SentenceEmbedder | None = None
         self._loaded: Any = None
         self._tokenizer: Any = None
-        self._fp: tuple[Any, str] | None = None  # (model, fingerprint) of an unbound use
         self.last_info: dict[str, Any] = {}
 
     # -- setup
@@ -228,12 +227,8 @@ class KVCOMM(KVPolicy):
 
     def fingerprint(self, model: Any) -> str:
         """The fingerprint (architecture and weights) anchors of ``model`` are recorded under:
-        the bound model's, or computed once for a model used without :meth:`bind`."""
-        if self._loaded is not None and model is self._loaded.model:
-            return str(self._loaded.fingerprint)
-        if self._fp is None or self._fp[0] is not model:
-            self._fp = (model, host_model.fingerprint(model))
-        return self._fp[1]
+        the bound model's, or that of a model used without :meth:`bind`."""
+        return host_model.fingerprint_for(model, self._loaded)
 
     # -- base KV of a segment: after ``base_prefix``, de-rotated
     def _base(self, model: Any, seg: SharedSegment, tokenizer_ids: list[int]) -> None:

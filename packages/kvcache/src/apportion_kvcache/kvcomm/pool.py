@@ -269,7 +269,7 @@ def _digest_v3(header: dict[str, Any], tensors: dict[str, torch.Tensor]) -> str:
         t = tensors[k].contiguous()
         head = json.dumps([k, str(t.dtype), list(t.shape)]).encode()
         h.update(len(head).to_bytes(8, "little") + head)
-        data = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        data = _raw_bytes(t)
         h.update(len(data).to_bytes(8, "little") + data)
     return h.hexdigest()
 
@@ -278,5 +278,13 @@ def _digest(tensors: dict[str, torch.Tensor]) -> str:
     h = hashlib.sha256()
     for k in sorted(tensors):
         h.update(k.encode())
-        h.update(tensors[k].contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(_raw_bytes(tensors[k]))
     return h.hexdigest()
+
+
+def _raw_bytes(t: torch.Tensor) -> bytes:
+    """A tensor's bytes in memory order, whatever its shape (a 0-dim tensor of a wider dtype
+    cannot be viewed as bytes directly) or dtype."""
+    if not t.numel():
+        return b""
+    return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
