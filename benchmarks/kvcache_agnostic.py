@@ -7,7 +7,11 @@ compresses the context, then the question is fed (positions continuing from the 
 length). Beside ``full`` it measures ``streaming``, ``snapkv``, ``h2o``, ``qspan`` (which falls
 back to its recent window without a question) and the candidates of this package's
 query-agnostic ``probe`` policy (one per probe text), at every ``--ratios``. With
-``--aware`` the same sweep also runs query-aware, for reference.
+``--aware`` the same sweep also runs query-aware, for reference. With ``--adaptive`` it also
+runs ``adakv`` (adaptive budgets, per KV head and/or per layer, the same total) over
+``--adaptive-over`` (default ``probe``) beside that policy with uniform budgets, at every
+ratio, and the summary compares the two: accuracy in points and peak KV bytes (target: at
+least +5 points at 0.75, query-agnostic, with peak KV bytes no higher).
 
 It prints one JSON line per (mode, config, length) cell, then a summary: each config's
 accuracy with its 95% Wilson interval, its ratio to ``full`` in the same run, and the targets
@@ -26,6 +30,7 @@ import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 from apportion.config import ModelSpec, parse_config
 from apportion.host import load_model
@@ -42,9 +47,26 @@ OURS = {
     "probe-summary": {"name": "probe", "probe": "Summarize the text above."},
 }
 TARGETS = {0.5: 0.80, 0.75: 0.65}
+#: adaptive budgets vs the same policy with uniform budgets: points ahead, at this ratio
+ADAPTIVE_TARGET = {"ratio": 0.75, "points": 5.0}
+ALLOCATIONS = ("heads", "layers", "both")
 
 
-def sweep(ratios: list[float], ours: list[str], peers: list[str]) -> list[dict]:
+def uniform_label(inner: str, ratio: float) -> str:
+    return f"{inner}-{ratio}"
+
+
+def adaptive_label(inner: str, allocation: str, ratio: float) -> str:
+    return f"adakv-{inner}-{allocation}-{ratio}"
+
+
+def sweep(
+    ratios: list[float],
+    ours: list[str],
+    peers: list[str],
+    adaptive: list[str] | None = None,
+    inner: str = "probe",
+) -> list[dict]:
     out = [{"label": "full"}]
     for ratio in ratios:
         for name in peers:
@@ -57,6 +79,27 @@ def sweep(ratios: list[float], ours: list[str], peers: list[str]) -> list[dict]:
         for label in ours:
             opts = OURS[label] | {"compression_ratio": ratio}
             out.append({"label": f"{label}-{ratio}", "kv_policy": opts})
+        if not adaptive:
+            continue
+        labels = {v["label"] for v in out}
+        if uniform_label(inner, ratio) not in labels:  # the uniform baseline, same run
+            opts = OURS.get(inner, {"name": inner}) | {"compression_ratio": ratio}
+            out.append({"label": uniform_label(inner, ratio), "kv_policy": opts})
+        base = OURS.get(inner, {"name": inner})
+        options = {k: v for k, v in base.items() if k != "name"}
+        for allocation in adaptive:
+            out.append(
+                {
+                    "label": adaptive_label(inner, allocation, ratio),
+                    "kv_policy": {
+                        "name": "adakv",
+                        "policy": base["name"],
+                        "policy_options": options,
+                        "allocation": allocation,
+                        "compression_ratio": ratio,
+                    },
+                }
+            )
     return out
 
 
@@ -71,7 +114,7 @@ def config(args: argparse.Namespace, aware: bool) -> dict:
                 "samples": args.samples,
             }
         ],
-        "sweep": sweep(args.ratios, args.ours, args.peers),
+        "sweep": sweep(args.ratios, args.ours, args.peers, args.adaptive, args.adaptive_over),
         "generation": {"question_in_prefill": aware, "batch_size": 8},
         "harness": {"report": False},
     }
@@ -84,6 +127,87 @@ def cells(records: list[dict]) -> dict[tuple[str, int], list[float]]:
     return out
 
 
+def alone_peaks(
+    args: argparse.Namespace, loaded: Any, question_in_prefill: bool
+) -> dict[tuple[str, int], dict[str, int]]:
+    """Peak KV bytes of the adaptive and uniform configs on the first sample of every length,
+    each generating alone (batch 1): the run's records hold a batch's peak for configs that
+    batch samples and a policy's own for those that share a prefill, which do not compare.
+
+    ``compressed``: the peak of the prefill and the question, with no answer (one new token,
+    no decode step), the bytes the policy itself decides; ``answering``: with the answer
+    generated, which adds one entry per layer and step, so it also depends on how long the
+    answer is."""
+    from apportion import get_registry
+    from apportion.host import Host
+
+    registry = get_registry()
+    strategy = registry.create("prompt-strategy", "zero-shot")
+    out: dict[tuple[str, int], dict[str, int]] = {}
+    for length in args.lengths:
+        bench = registry.create(
+            "benchmark", "niah", {"lengths": [length], "depths": args.depths[:1], "samples": 1}
+        )
+        sample = next(iter(bench.samples(loaded.tokenizer)))
+        prompt = strategy.build(sample.question, context=sample.context)
+        new = sample.max_new_tokens or bench.max_new_tokens
+        for variant in sweep(args.ratios, [], [], args.adaptive, args.adaptive_over)[1:]:
+            opts = dict(variant["kv_policy"])
+            policy = registry.create("kv-policy", opts.pop("name"), opts)
+            host = Host(loaded, kv_policy=policy, question_in_prefill=question_in_prefill)
+            out[(variant["label"], length)] = {
+                "compressed": host.generate(prompt, max_new_tokens=1)[0].peak_kv_bytes,
+                "answering": host.generate(prompt, max_new_tokens=new)[0].peak_kv_bytes,
+            }
+    return out
+
+
+def compare_adaptive(
+    args: argparse.Namespace,
+    by_cell: dict[tuple[str, int], list[float]],
+    peaks: dict[tuple[str, int], dict[str, int]],
+) -> dict:
+    """Adaptive vs uniform budgets over the same policy at every ratio: accuracy in points,
+    and the peak KV bytes per length (:func:`alone_peaks`)."""
+    out: dict = {}
+    inner = args.adaptive_over
+    for ratio in args.ratios:
+        uniform = uniform_label(inner, ratio)
+        u_scores = [x for n in args.lengths for x in by_cell.get((uniform, n), [])]
+        for allocation in args.adaptive:
+            label = adaptive_label(inner, allocation, ratio)
+            a_scores = [x for n in args.lengths for x in by_cell.get((label, n), [])]
+            if not a_scores or not u_scores:
+                continue
+            acc_a, acc_u = sum(a_scores) / len(a_scores), sum(u_scores) / len(u_scores)
+            per_length = {}
+            for n in args.lengths:
+                pa, pu = peaks.get((label, n)), peaks.get((uniform, n))
+                if pa is not None and pu is not None:
+                    per_length[str(n)] = {
+                        "adaptive": pa["compressed"],
+                        "uniform": pu["compressed"],
+                        "adaptive_answering": pa["answering"],
+                        "uniform_answering": pu["answering"],
+                    }
+            no_higher = all(v["adaptive"] <= v["uniform"] for v in per_length.values())
+            points = round(100 * (acc_a - acc_u), 1)
+            entry = {
+                "adaptive": label,
+                "uniform": uniform,
+                "accuracy_adaptive": round(acc_a, 3),
+                "accuracy_uniform": round(acc_u, 3),
+                "points_ahead": points,
+                "peak_kv_bytes": per_length,
+                "peak_kv_no_higher": no_higher,
+            }
+            if ratio == ADAPTIVE_TARGET["ratio"]:
+                entry["target_points"] = ADAPTIVE_TARGET["points"]
+                entry["meets_target"] = bool(points >= ADAPTIVE_TARGET["points"] and no_higher)
+            out[f"{allocation}-{ratio}"] = entry
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096])
@@ -93,7 +217,22 @@ def main() -> None:
     ap.add_argument("--ours", nargs="+", default=list(OURS), choices=list(OURS))
     ap.add_argument("--peers", nargs="+", default=list(PEERS), choices=list(PEERS))
     ap.add_argument("--aware", action="store_true", help="also run the query-aware sweep")
+    ap.add_argument(
+        "--adaptive",
+        nargs="*",
+        choices=ALLOCATIONS,
+        default=None,
+        help="also run adakv over --adaptive-over with these allocations (none given: heads), "
+        "beside the same policy with uniform budgets",
+    )
+    ap.add_argument(
+        "--adaptive-over",
+        default="probe",
+        help="the policy adakv wraps: a key of OURS or a scored kv-policy name",
+    )
     args = ap.parse_args()
+    if args.adaptive is not None and not args.adaptive:
+        args.adaptive = ["heads"]
     loaded = load_model(ModelSpec(name="smollm2", device="cpu", dtype="float32"))
     root = Path(tempfile.mkdtemp(prefix="apportion-agnostic-"))
     summary: dict = {"lengths": args.lengths, "samples_per_cell": args.samples * len(args.depths)}
@@ -153,6 +292,10 @@ def main() -> None:
                 "ahead_of_streaming_snapkv_h2o_in_every_cell": ahead,
             }
         summary[mode] = {"wall_seconds": round(wall, 1), "configs": table, "checks": checks}
+        if args.adaptive:
+            summary[mode]["adaptive_vs_uniform"] = compare_adaptive(
+                args, by_cell, alone_peaks(args, loaded, aware)
+            )
     print(json.dumps({"summary": summary}, indent=1))
 
 

@@ -5,6 +5,10 @@ the headline figures and the targets they are held against (best policy at 0.5 w
 5 points of full; ``qspan`` at least as good as streaming/snapkv/h2o at 0.5 and 0.75).
 
     uv run --no-sync python benchmarks/kvcache_policies.py --lengths 1024 2048 4096 --samples 3
+
+``--kvpress snapkv expected-attention`` adds kvpress presses (``kvpress:<press>`` policies, in an
+environment with kvpress: ``uv run nox -s kvpress`` builds one) on the same samples, at the
+same ratios, in the same JSON lines.
 """
 
 from __future__ import annotations
@@ -28,9 +32,19 @@ def main() -> None:
     ap.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.5, 0.9])
     ap.add_argument("--policies", nargs="+", default=POLICIES)
     ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument(
+        "--kvpress",
+        nargs="*",
+        default=[],
+        metavar="PRESS",
+        help="kvpress presses to run beside the policies (snapkv, expected-attention, ...)",
+    )
     args = ap.parse_args()
 
     reg = get_registry()
+    presses = [p if p.startswith("kvpress:") else f"kvpress:{p}" for p in args.kvpress]
+    for name in presses:  # unknown or unrunnable presses fail here, before the model loads
+        reg.create("kv-policy", name, {"compression_ratio": args.ratios[0]})
     loaded = load_model(ModelSpec(name="smollm2", device="cpu", dtype="float32"))
     strategy = reg.create("prompt-strategy", "zero-shot")
     acc: dict[tuple[str, float], list[float]] = {}
@@ -41,7 +55,8 @@ def main() -> None:
             {"lengths": [length], "samples": args.samples, "depths": args.depths},
         )
         samples = list(bench.samples(loaded.tokenizer))
-        runs = [("full", 0.0)] + [(p, r) for r in args.ratios for p in args.policies]
+        compared = args.policies + presses
+        runs = [("full", 0.0)] + [(p, r) for r in args.ratios for p in compared]
         for name, ratio in runs:
             opts = {"compression_ratio": ratio} if name != "full" else {}
             host = Host(loaded, kv_policy=reg.create("kv-policy", name, opts))
@@ -74,6 +89,13 @@ def main() -> None:
             "accuracy": mean[f"{best}@{r}"],
             "gap_points": round(100 * (full - mean[f"{best}@{r}"]), 1),
         }
+        if presses:
+            best_press = max(presses, key=lambda p: mean[f"{p}@{r}"])
+            summary[f"kvpress_best@{r}"] = {
+                "policy": best_press,
+                "accuracy": mean[f"{best_press}@{r}"],
+                "gap_points": round(100 * (full - mean[f"{best_press}@{r}"]), 1),
+            }
         if "qspan" in args.policies:
             others = max(mean[f"{p}@{r}"] for p in args.policies if p != "qspan")
             summary[f"qspan_minus_best_baseline@{r}"] = round(

@@ -11,7 +11,16 @@ class CorruptKVError(ApportionError, ValueError):
 
 class KVMismatchError(ApportionError, ValueError):
     """A stored KV belongs to another model, or its shape does not fit the model it is loaded
-    into."""
+    into; a stored compressed context was made with another model, tokenizer, policy or
+    ratio than the one it is loaded for (the message names both sides)."""
+
+
+class KVNotFoundError(ApportionError, LookupError):
+    """A stored KV (a compressed context's handle) is not in the store: never stored there,
+    evicted, or damaged and set aside."""
+
+    def __str__(self) -> str:  # LookupError's KeyError kin would quote the message
+        return str(self.args[0]) if self.args else ""
 
 
 class StoreUnavailableError(ApportionError, ConnectionError):

@@ -58,7 +58,7 @@ from apportion_kvcache.errors import (
 
 __all__ = [
     "Entry",
-    "KVStore",
+    "Store",
     "LocalStore",
     "RedisStore",
     "StoreFullError",
@@ -185,7 +185,7 @@ def verify_payload(payload: bytes, manifest: dict[str, Any], where: str) -> None
         raise CorruptKVError(f"{where}: payload checksum mismatch")
 
 
-class KVStore:
+class Store:
     """The store interface: raw entries by key (:meth:`put`, :meth:`get`), and the core's
     :class:`apportion.host.store.KVStore` protocol on top (:meth:`save_kv`, :meth:`load_kv`),
     plus CacheGen bitstreams (:meth:`save_bitstream`).
@@ -362,9 +362,10 @@ class KVStore:
         return None if kv is None else cache_from_kv(kv, model.config)
 
 
-def _kv_from_safetensors(payload: bytes, where: str) -> list[tuple[Any, Any]]:
-    from safetensors.torch import load
-
+def kv_payload_metadata(payload: bytes, where: str) -> Any:
+    """The ``__metadata__`` value of a ``kv`` payload's safetensors header (None if it has
+    none), read with bounded parsing; a header that is not JSON raises
+    :class:`CorruptKVError`."""
     if len(payload) < 8:
         raise CorruptKVError(f"{where}: KV payload of {len(payload)} bytes is truncated")
     (hlen,) = struct.unpack_from("<Q", payload, 0)
@@ -373,7 +374,13 @@ def _kv_from_safetensors(payload: bytes, where: str) -> list[tuple[Any, Any]]:
     header = loads_json(
         payload[8 : 8 + hlen], what=f"{where}: KV payload header", error=CorruptKVError
     )
-    fmt = header.get("__metadata__") if isinstance(header, dict) else None
+    return header.get("__metadata__") if isinstance(header, dict) else None
+
+
+def _kv_from_safetensors(payload: bytes, where: str) -> list[tuple[Any, Any]]:
+    from safetensors.torch import load
+
+    fmt = kv_payload_metadata(payload, where)
     if fmt is not None and (
         not isinstance(fmt, dict)
         or fmt.get("format") != KV_FORMAT
@@ -404,7 +411,7 @@ def _kv_from_safetensors(payload: bytes, where: str) -> list[tuple[Any, Any]]:
 # --------------------------------------------------------------------------- local directory
 
 
-class LocalStore(KVStore):
+class LocalStore(Store):
     """A directory of entries: ``<root>/<key[:2]>/<key>.json`` (the manifest) naming its
     payload ``<key>.<unique>.bin`` beside it.
 
@@ -433,7 +440,7 @@ class LocalStore(KVStore):
         self.max_bytes = max_bytes
         self._new_stats()
         self._lock = FileLock(str(self.root / ".lock"), timeout=120)
-        with self._lock:
+        with self._locked():
             self._reclaim()
 
     def _where(self) -> str:
@@ -456,6 +463,27 @@ class LocalStore(KVStore):
             )
 
         return error
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Hold the store's inter-process lock; no room to create its file (the first time) is
+        a :class:`StoreFullError`."""
+        try:
+            self._lock.acquire()
+        except OSError as exc:
+            if not is_disk_full(exc):
+                raise
+            lock = self.root / ".lock"
+            raise StoreFullError(
+                f"no room to create the lock file {lock} of the KV store {self.root}: "
+                f"{exc.strerror or exc}",
+                path=str(lock),
+                needed=0,
+            ) from exc
+        try:
+            yield
+        finally:
+            self._lock.release()
 
     def _mkdir(self, folder: Path) -> None:
         try:
@@ -494,7 +522,7 @@ class LocalStore(KVStore):
                 path=str(self.root),
                 needed=size,
             )
-        with self._lock:
+        with self._locked():
             self._mkdir(d)
             if self.max_bytes is not None:
                 self._evict_for(size, keep=key)
@@ -568,7 +596,7 @@ class LocalStore(KVStore):
         entry, problem = self._read(key)
         if problem is not None:
             # a concurrent overwrite may have moved the files under us: judge under the lock
-            with self._lock:
+            with self._locked():
                 entry, problem = self._read(key)
                 if problem is not None:
                     self._quarantine(key, problem)
@@ -579,7 +607,7 @@ class LocalStore(KVStore):
         return entry
 
     def discard(self, entry: Entry, reason: str) -> None:
-        with self._lock:
+        with self._locked():
             current, problem = self._read(entry.key)
             if problem is not None or (
                 current is not None and current.manifest["sha256"] == entry.manifest["sha256"]
@@ -670,7 +698,7 @@ class LocalStore(KVStore):
 
     def delete(self, key: str) -> bool:
         d, man_path = self._paths(key)
-        with self._lock:
+        with self._locked():
             found = man_path.exists()
             for p in (man_path, *d.glob(f"{key}*.bin")):
                 with contextlib.suppress(FileNotFoundError):
@@ -703,7 +731,7 @@ def _size(p: Path) -> int:
 # --------------------------------------------------------------------------- redis
 
 
-class RedisStore(KVStore):
+class RedisStore(Store):
     """Entries in a Redis server: ``<ns>:m:<key>`` (manifest) and ``<ns>:p:<key>`` (payload),
     written in one MULTI/EXEC transaction; a sorted set ``<ns>:lru`` orders them by last use
     for the optional ``max_bytes`` cap (the entry being written is never evicted). A damaged
@@ -879,7 +907,7 @@ def _out_of_memory(exc: Exception) -> bool:
     )
 
 
-def open_store(url: str, max_bytes: int | None = None) -> KVStore:
+def open_store(url: str, max_bytes: int | None = None) -> Store:
     """``redis://...`` (or ``rediss://``, ``unix://``) -> :class:`RedisStore`; anything else is
     a directory for :class:`LocalStore`. ``max_bytes`` caps what the store holds (None: no
     cap). What the ``apportion_kv_store`` hook answers for

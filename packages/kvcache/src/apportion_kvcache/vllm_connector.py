@@ -50,7 +50,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 from apportion_kvcache.errors import CorruptKVError
-from apportion_kvcache.store import KVStore, open_store, prefix_key
+from apportion_kvcache.store import Store, open_store, prefix_key
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -106,13 +106,13 @@ class _PendingSave:
 
 class ApportionStoreConnector(KVConnectorBase_V1):
     """KV connector whose external cache is an apportion KV store
-    (:class:`~apportion_kvcache.store.KVStore`)."""
+    (:class:`~apportion_kvcache.store.Store`)."""
 
     def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: Any = None):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         self._block_size = int(vllm_config.cache_config.block_size)
         extra = self._kv_transfer_config.kv_connector_extra_config or {}
-        self._store: KVStore = open_store(
+        self._store: Store = open_store(
             str(extra.get("store", "/tmp/apportion-kv")), extra.get("max_bytes")
         )
         #: longest prefix probed, in blocks (bounds the store look-ups per new request)
