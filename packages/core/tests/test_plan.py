@@ -44,6 +44,22 @@ def test_bad_inputs(tmp_path):
         resolve_model(str(tmp_path))
 
 
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"hidden_size": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",  # RecursionError in json
+        b'{"a": ' + b"[" * 200 + b"]" * 200 + b"}",  # parses, deeper than any HF config
+        b"[1, 2, 3]",
+        b"\xff\xfe not utf-8",
+    ],
+    ids=["deeper-than-the-parser", "deep", "not-an-object", "not-utf-8"],
+)
+def test_a_hostile_config_json_is_a_config_error(tmp_path, raw):
+    (tmp_path / "config.json").write_bytes(raw)
+    with pytest.raises(ConfigError, match="config"):
+        resolve_model(str(tmp_path))
+
+
 def test_cli_plan_json(cli, cli_env):
     out = cli("plan", "--json", "--paper", "--context", "50000", env=cli_env)
     assert out.returncode == 0, out.stderr

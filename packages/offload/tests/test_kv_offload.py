@@ -4,8 +4,10 @@ plus one layer, eviction composes with it, and faults are typed errors."""
 
 from __future__ import annotations
 
+import errno
 import math
 import os
+import subprocess
 
 import pytest
 import torch
@@ -13,6 +15,7 @@ from apportion.base import Prompt
 from apportion.config import parse_config
 from apportion.errors import ConfigError
 from apportion.host import Host
+from apportion.host.attention import AttentionBackend
 from apportion.host.kv import CompressionConfig, KVPolicy
 from apportion.host.shared import layerwise_prefill
 from apportion.runner import RunOptions, execute
@@ -291,3 +294,152 @@ def test_a_full_pool_told_to_wait_fails_with_a_typed_error(smollm2, registry, re
     with pytest.raises(KVOffloadError, match=r"layer \d+: the pinned-pool tier stayed full"):
         Host(smollm2, allocator=allocator).generate(_prompt(), max_new_tokens=NEW)
     assert allocator.stats().extra["live_bytes"] == 0  # the cache gave its buffers back
+
+
+# ---------------------------------------------------------------- a full disk
+
+
+def _small_fs(where, size: str) -> bool:
+    """A real ``size`` tmpfs at ``where`` (root only); False where it cannot be mounted."""
+    where.mkdir()
+    if os.geteuid() != 0:
+        return False
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True
+    )
+    return done.returncode == 0
+
+
+def _fill(where) -> None:
+    """Take every byte left on ``where``'s file system."""
+    fd = os.open(where / "filler", os.O_CREAT | os.O_WRONLY, 0o600)
+    try:
+        for chunk in (1 << 20, 4096):
+            try:
+                while True:
+                    os.write(fd, b"\0" * chunk)
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+    finally:
+        os.close(fd)
+
+
+def test_a_full_disk_during_generation_is_a_typed_error_naming_layer_and_file(
+    smollm2, registry, tmp_path, monkeypatch
+):
+    mnt = tmp_path / "small"
+    mounted = _small_fs(mnt, "64m")
+    full = {"now": False}
+    if not mounted:  # no tmpfs here: the disk says ENOSPC once it is "filled"
+        real = os.posix_fallocate
+        root = str(mnt.resolve())
+
+        def fallocate(fd, offset, length):
+            if full["now"] and os.readlink(f"/proc/self/fd/{fd}").startswith(root):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return real(fd, offset, length)
+
+        monkeypatch.setattr(os, "posix_fallocate", fallocate)
+    try:
+        opts = {"resident_kv_bytes": 10 << 20, "directory": str(mnt), "kv_segment_tokens": 4}
+        allocator = registry.create("allocator", "nvme", opts)
+        made = _capture(allocator)
+        forwards = {"n": 0}
+
+        def after_forward(module, args, output):
+            forwards["n"] += 1
+            if forwards["n"] == 3:  # two decode steps in: the prompt's files are all written
+                if mounted:
+                    _fill(mnt)
+                full["now"] = True
+
+        handle = smollm2.model.register_forward_hook(after_forward)
+        answers = None
+        try:
+            with pytest.raises(KVOffloadError) as err:
+                answers = Host(smollm2, allocator=allocator).generate(_prompt(), max_new_tokens=NEW)
+        finally:
+            handle.remove()
+        assert answers is None  # no answer from partial KV
+        exc = err.value
+        assert exc.layer in made[0].placement()["offloaded_layers"]
+        assert exc.path.startswith(str(mnt)) and exc.path.endswith(".apswap")
+        assert f"layer {exc.layer}" in str(exc) and exc.path in str(exc)
+        assert "no space left on the device" in str(exc)
+        assert forwards["n"] < NEW  # it stopped the generation
+        left = [p.name for p in mnt.iterdir() if p.name != "filler"]
+        assert not [n for n in left if n.startswith("kv")], left  # the cache's files are gone
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(mnt)], check=False)
+
+
+# ---------------------------------------------------------------- non-dense attention
+
+
+class TopKChunked(AttentionBackend):
+    """A sparse attention backend for the test: each query attends to its ``TOP`` highest
+    scoring keys only (plain torch), and the prompt is read in chunks of ``CHUNK`` tokens
+    (its own prefill), so every layer's KV arrives in several pieces."""
+
+    name = "test-topk-chunked"
+    TOP, CHUNK = 48, 160
+
+    def attention_function(self):
+        def topk_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+            groups = query.shape[1] // key.shape[1]
+            k = key.repeat_interleave(groups, 1)
+            v = value.repeat_interleave(groups, 1)
+            scores = (query @ k.transpose(-1, -2)) * (scaling or query.shape[-1] ** -0.5)
+            q_len, k_len = scores.shape[-2:]
+            if attention_mask is None:  # causal: the queries are the last q_len positions
+                rows = torch.arange(q_len)[:, None] + (k_len - q_len)
+                attention_mask = torch.arange(k_len)[None, :] <= rows
+            if attention_mask.dtype == torch.bool:
+                scores = scores.masked_fill(~attention_mask, float("-inf"))
+            else:
+                scores = scores + attention_mask
+            top = scores.topk(min(self.TOP, k_len), dim=-1).values[..., -1:]
+            scores = scores.masked_fill(scores < top, float("-inf"))
+            out = scores.softmax(-1) @ v
+            return out.transpose(1, 2).contiguous(), None
+
+        return topk_attention
+
+    def prefill(self, model, input_ids, attention_mask, cache, *, question_len, inner):
+        from apportion.host.kv import PrefillOutput, cache_kwargs, positions_from_mask
+
+        positions = positions_from_mask(attention_mask)
+        for start in range(0, input_ids.shape[1], self.CHUNK):
+            end = start + self.CHUNK
+            out = model(
+                input_ids=input_ids[:, start:end],
+                attention_mask=attention_mask[:, :end],
+                position_ids=positions[:, start:end],
+                use_cache=True,
+                logits_to_keep=1,
+                **cache_kwargs(model, cache),
+            )
+        return PrefillOutput(out.logits[:, -1, :], None, positions[:, -1] + 1)
+
+
+@pytest.mark.parametrize("name", ["pinned-pool", "nvme"])
+def test_offload_under_a_sparse_attention_backend_that_reads_in_chunks(
+    name, smollm2, registry, tmp_path
+):
+    backend = TopKChunked()
+    alone = Host(smollm2, attention=backend).generate(_prompt(), max_new_tokens=NEW)[0]
+    budget = alone.peak_kv_bytes // 4
+    allocator = registry.create("allocator", name, _options(name, budget, tmp_path))
+    made = _capture(allocator)
+    got = Host(smollm2, attention=backend, allocator=allocator).generate(
+        _prompt(), max_new_tokens=NEW
+    )[0]
+    assert got.text == alone.text and got.kv_tokens == alone.kv_tokens
+    assert got.peak_kv_bytes == alone.peak_kv_bytes
+    assert got.peak_resident_kv_bytes <= budget + _layer_bytes(alone, smollm2)
+    placed = made[0].placement()
+    assert placed["offloaded_layers"] and placed["pinned_layers"]
+    # the chunks placed the layers small, then the prompt's growth moved pinned ones out
+    assert placed["demoted"] > 0

@@ -175,16 +175,33 @@ def run(
     )
 
 
+#: how deeply a ``key=value`` option's JSON value may nest
+OPTION_DEPTH = 16
+
+
 def _parse_options(items: list[str] | None) -> dict[str, Any]:
+    """``key=value`` pairs; a value is JSON where it parses as JSON, else the plain string. A
+    value nested more than :data:`OPTION_DEPTH` levels is a :class:`ConfigError`."""
+    from apportion.host.io import depth
+
     out: dict[str, Any] = {}
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise typer.BadParameter(f"option {item!r} must look like key=value")
         try:
-            out[key] = json.loads(value)
+            parsed = json.loads(value)
+            too_deep = depth(parsed) > OPTION_DEPTH
+        except RecursionError:
+            parsed, too_deep = None, True
         except ValueError:
-            out[key] = value
+            parsed, too_deep = value, False
+        if too_deep:
+            raise ConfigError(
+                f"option {key!r}: its value is nested more than {OPTION_DEPTH} levels deep",
+                [(key, "nested too deeply")],
+            )
+        out[key] = parsed
     return out
 
 
@@ -268,7 +285,49 @@ def plan(
     ] = None,
     new_tokens: Annotated[int, typer.Option(min=1, help="tokens decoded per request")] = 250,
     offload: Annotated[
-        Optional[str], typer.Option(help="placement for the offload plugin's step-time model")
+        Optional[str],
+        typer.Option(
+            help="placement for the offload plugin's step-time model; with a resident KV "
+            "budget, the tier of the KV cache (pinned-pool, tiered, nvme)"
+        ),
+    ] = None,
+    dtype: Annotated[
+        Optional[str],
+        typer.Option(help="dtype of the weights and the KV cache (default: the preset's bf16)"),
+    ] = None,
+    resident_kv_fraction: Annotated[
+        Optional[float],
+        typer.Option(
+            "--resident-kv-fraction",
+            min=0.0,
+            max=1.0,
+            help="share of the full KV (context + new tokens) kept resident; with --offload "
+            "TIER, predict the decode speed of that placement",
+        ),
+    ] = None,
+    resident_kv_bytes: Annotated[
+        Optional[int],
+        typer.Option("--resident-kv-bytes", min=1, help="the same, as bytes"),
+    ] = None,
+    step_ms: Annotated[
+        Optional[float],
+        typer.Option(
+            "--step-ms",
+            min=0.0,
+            help="the all-resident decode step measured at this context, in ms (default: "
+            "the compute model)",
+        ),
+    ] = None,
+    calibrate: Annotated[
+        bool,
+        typer.Option(
+            help="measure this machine's copy and disk figures for the KV decode model "
+            "(instead of the hardware preset's)"
+        ),
+    ] = False,
+    swap_dir: Annotated[
+        Optional[Path],
+        typer.Option("--swap-dir", help="where --calibrate measures the disk (default: temp)"),
     ] = None,
     paper: Annotated[
         bool, typer.Option(help="print the paper's running example beside ours")
@@ -276,11 +335,42 @@ def plan(
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ) -> None:
     """The long-context cost model (Fu 2024): KV bytes, concurrency, prefill, decode and
-    context-switch time."""
-    from apportion.plan import Plan, compare_with_paper, resolve_hardware, resolve_model
+    context-switch time. With --offload TIER and a resident KV budget: the decode speed of
+    the KV cache kept partly in TIER, one line per context."""
+    from apportion.plan import (
+        KVOffloadQuery,
+        Plan,
+        compare_with_paper,
+        resolve_hardware,
+        resolve_model,
+    )
 
     shape, hw = resolve_model(model), resolve_hardware(hardware)
+    if dtype is not None:
+        shape = shape.with_dtype(dtype)
+    kv_mode = resident_kv_fraction is not None or resident_kv_bytes is not None
+    for flag, value in (("--resident-kv-fraction", resident_kv_fraction), ("--step-ms", step_ms)):
+        if value is not None and not value > 0:
+            raise ConfigError(f"{flag} must be positive, got {value:g}")
+    if resident_kv_fraction is not None and resident_kv_bytes is not None:
+        raise ConfigError("give --resident-kv-fraction or --resident-kv-bytes, not both")
+    if kv_mode and not offload:
+        raise ConfigError("a resident KV budget needs --offload TIER (pinned-pool, tiered, nvme)")
+    if not kv_mode and (step_ms is not None or calibrate or swap_dir is not None):
+        raise ConfigError(
+            "--step-ms, --calibrate and --swap-dir belong to the KV decode model: give "
+            "--resident-kv-fraction or --resident-kv-bytes"
+        )
     plans = [Plan(shape, hw, c, new_tokens) for c in (context or [4_000, 50_000])]
+    for p in plans if kv_mode else []:
+        p.kv_offload = KVOffloadQuery(
+            resident_bytes=float(resident_kv_bytes)
+            if resident_kv_bytes is not None
+            else float(resident_kv_fraction or 0.0) * p.full_kv_bytes,
+            step_seconds=None if step_ms is None else step_ms / 1e3,
+            calibrate=calibrate,
+            directory=None if swap_dir is None else str(swap_dir),
+        )
     rows = [p.figures() for p in plans]
     if offload:
         for p, row in zip(plans, rows, strict=True):
@@ -294,6 +384,11 @@ def plan(
     if as_json:
         print(json.dumps({"plans": rows, "paper": comparison}, indent=2))
         return
+    if kv_mode:
+        for r in rows:
+            print(_kv_decode_line(shape.name, r))
+        if not comparison:
+            return
     from rich.table import Table
 
     table = Table(title=f"{shape.name} on {hw.name} (theoretical peak)")
@@ -319,8 +414,9 @@ def plan(
             f"{r['decode_ms_per_token']:.1f}",
             f"{r['context_switch_seconds']:.3f}",
         )
-    console.print(table)
-    for r in rows:
+    if not kv_mode:
+        console.print(table)
+    for r in rows if not kv_mode else []:
         for key, value in (r.get("offload") or {}).items():
             console.print(f"  [{r['context']:,}] {key}: {value}")
     if comparison:
@@ -336,6 +432,27 @@ def plan(
                 f"{100 * c['rel_error']:+.1f}%",
             )
         console.print(cmp)
+
+
+def _kv_decode_line(model: str, row: dict[str, Any]) -> str:
+    """One line: the predicted decode of a KV placement (``plan --offload TIER`` with a
+    resident KV budget)."""
+    kv = row.get("offload") or {}
+    try:
+        return (
+            f"{model}, context {row['context']:,} + {row['new_tokens']:,} new, KV on "
+            f"{kv['tier']}: {kv['resident_kv_bytes'] / kv['full_kv_bytes']:.0%} resident "
+            f"({kv['pinned_layers']} of {kv['pinned_layers'] + kv['offloaded_layers']} layers "
+            f"pinned): decode {kv['decode_tokens_per_s']:.2f} tokens/s, "
+            f"{kv['decode_ms_per_step']:.2f} ms/step (all resident "
+            f"{kv['resident_ms_per_step']:.2f} ms/step: {kv['vs_resident']:.2f}x), "
+            f"{kv['fetch_hidden_share']:.0%} of the fetch hidden "
+            f"[{kv['figures']['hardware']}; step: {kv['step_from']}]"
+        )
+    except (KeyError, TypeError, ZeroDivisionError) as exc:
+        raise ApportionError(
+            f"the offload plugin's KV decode figures lack {exc}; update apportion-offload"
+        ) from None
 
 
 @app.command()
@@ -375,6 +492,13 @@ def doctor() -> None:
         console.print(f"    [red]{p.name} ({p.distribution} {p.version}): {p.error}[/red]")
 
 
+def _given(value: Any) -> str:
+    """`` (got 'tpu0')`` for a short scalar a config model refused, else nothing."""
+    if isinstance(value, (str, int, float)) and len(repr(value)) <= 60:
+        return f" (got {value!r})"
+    return ""
+
+
 def main() -> None:
     """Entry point: load plugins (letting them add commands), then dispatch."""
     argv = sys.argv[1:]
@@ -387,7 +511,8 @@ def main() -> None:
         _host().hook.apportion_register_commands(app=app)
         app(standalone_mode=True)
     except ApportionError as exc:
-        err_console.print(f"[bold red]error:[/bold red] {exc}", highlight=False)
+        # soft_wrap: the message stays on its lines, never folded at the terminal's width
+        err_console.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except Exception as exc:
         if type(exc).__name__ != "ValidationError" or "pydantic" not in type(exc).__module__:
@@ -395,9 +520,10 @@ def main() -> None:
         # an option that a config model refuses (e.g. --device tpu0): one line per field
         refused: Any = exc
         lines = "; ".join(
-            f"{'.'.join(map(str, e['loc'])) or '(value)'}: {e['msg']}" for e in refused.errors()
+            f"{'.'.join(map(str, e['loc'])) or '(value)'}: {e['msg']}{_given(e.get('input'))}"
+            for e in refused.errors()
         )
-        err_console.print(f"[bold red]error:[/bold red] {lines}", highlight=False)
+        err_console.print(f"[bold red]error:[/bold red] {lines}", highlight=False, soft_wrap=True)
         sys.exit(2)
 
 

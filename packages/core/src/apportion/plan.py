@@ -13,17 +13,22 @@ to the size of the KV cache:
 Theoretical peak figures: no kernel overheads, 100% utilisation. The paper's running example
 (a 34B model, Yi-34B-200K shaped, at 50K context on an A100 80GB) is the ``yi-34b`` preset on
 ``a100-80gb``.
+
+A plan may also carry a :class:`KVOffloadQuery`: the KV cache of generation kept partly on
+the device and partly in an offload tier (``plan --offload TIER --resident-kv-fraction F``).
+The core only states the question; an offload plugin answers it through the
+``apportion_plan_offload`` hook.
 """
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from apportion.errors import ConfigError
+from apportion.host.io import loads_json
 
 GiB = 1 << 30
 
@@ -40,6 +45,8 @@ class ModelShape:
     head_dim: int
     bytes_per_param: float = 2.0  # bf16 weights
     kv_bytes: float = 2.0  # bf16 KV cache
+    vocab: int = 0  # 0: unknown (the LM head's share of the weights is then not split out)
+    tied_embeddings: bool = False
 
     @property
     def weight_bytes(self) -> float:
@@ -49,6 +56,21 @@ class ModelShape:
     def kv_bytes_per_token(self) -> float:
         """K and V, every layer, every KV head."""
         return 2 * self.layers * self.kv_heads * self.head_dim * self.kv_bytes
+
+    @property
+    def head_weight_bytes(self) -> float:
+        """Weights the LM head reads per generated token (``vocab x hidden``)."""
+        return self.vocab * self.hidden * self.bytes_per_param
+
+    @property
+    def layer_weight_bytes(self) -> float:
+        """Weights one decoder layer reads per generated token (embeddings excluded)."""
+        embed = self.vocab * self.hidden * (1 if self.tied_embeddings else 2)
+        return max(self.params - embed, 0.0) * self.bytes_per_param / self.layers
+
+    def with_dtype(self, dtype: str) -> ModelShape:
+        """The same shape with weights and KV cache in ``dtype`` (float32, bfloat16, ...)."""
+        return replace(self, bytes_per_param=dtype_bytes(dtype), kv_bytes=dtype_bytes(dtype))
 
     @classmethod
     def from_hf_config(cls, config: dict[str, Any], name: str = "model") -> ModelShape:
@@ -65,8 +87,40 @@ class ModelShape:
             raise ConfigError(f"model config {name!r} lacks a usable field: {exc}") from None
         attn = hidden * heads * head_dim * 2 + hidden * kv_heads * head_dim * 2
         mlp = 3 * hidden * inter
-        embed = vocab * hidden * (1 if config.get("tie_word_embeddings") else 2)
-        return cls(name, float(layers * (attn + mlp) + embed), layers, hidden, kv_heads, head_dim)
+        tied = bool(config.get("tie_word_embeddings"))
+        embed = vocab * hidden * (1 if tied else 2)
+        return cls(
+            name,
+            float(layers * (attn + mlp) + embed),
+            layers,
+            hidden,
+            kv_heads,
+            head_dim,
+            vocab=vocab,
+            tied_embeddings=tied,
+        )
+
+
+#: Bytes per element of the dtypes ``plan --dtype`` takes.
+DTYPES = {
+    "float32": 4.0,
+    "fp32": 4.0,
+    "bfloat16": 2.0,
+    "bf16": 2.0,
+    "float16": 2.0,
+    "fp16": 2.0,
+    "float8": 1.0,
+    "fp8": 1.0,
+}
+
+
+def dtype_bytes(dtype: str) -> float:
+    try:
+        return DTYPES[dtype.strip().lower()]
+    except KeyError:
+        raise ConfigError(
+            f"unknown dtype {dtype!r}; use one of: {', '.join(DTYPES)}", [("dtype", dtype)]
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -81,10 +135,12 @@ class Hardware:
 
 MODELS: dict[str, ModelShape] = {
     # Yi-34B-200K: the paper's running example (60 layers, d=7168, 8 KV heads of 128)
-    "yi-34b": ModelShape("yi-34b", 34e9, 60, 7168, 8, 128),
-    "llama-3-8b": ModelShape("llama-3-8b", 8.03e9, 32, 4096, 8, 128),
-    "llama-3-70b": ModelShape("llama-3-70b", 70.6e9, 80, 8192, 8, 128),
-    "smollm2-135m": ModelShape("smollm2-135m", 134.5e6, 30, 576, 3, 64),
+    "yi-34b": ModelShape("yi-34b", 34e9, 60, 7168, 8, 128, vocab=64000),
+    "llama-3-8b": ModelShape("llama-3-8b", 8.03e9, 32, 4096, 8, 128, vocab=128256),
+    "llama-3-70b": ModelShape("llama-3-70b", 70.6e9, 80, 8192, 8, 128, vocab=128256),
+    "smollm2-135m": ModelShape(
+        "smollm2-135m", 134.5e6, 30, 576, 3, 64, vocab=49152, tied_embeddings=True
+    ),
 }
 
 HARDWARE: dict[str, Hardware] = {
@@ -106,16 +162,40 @@ PAPER_FIGURES = {
 }
 
 
+@dataclass(frozen=True)
+class KVOffloadQuery:
+    """The question ``plan --offload TIER --resident-kv-...`` asks: how fast does the decode
+    run when the KV cache of generation keeps ``resident_bytes`` on the device and the rest
+    of its layers in TIER (an offload allocator's tier), fetched ahead of use?
+
+    ``step_seconds``: the all-resident decode step measured at this context (``None``: the
+    answering plugin's compute model from the hardware figures); ``calibrate``: measure this
+    machine's copy and disk figures instead of taking the hardware preset's; ``directory``:
+    where the disk is measured (``None``: a temporary directory).
+    """
+
+    resident_bytes: float
+    step_seconds: float | None = None
+    calibrate: bool = False
+    directory: str | None = None
+
+
 @dataclass
 class Plan:
     model: ModelShape
     hardware: Hardware
     context: int
     new_tokens: int = 250
+    kv_offload: KVOffloadQuery | None = None
 
     @property
     def kv_bytes_per_user(self) -> float:
         return self.model.kv_bytes_per_token * self.context
+
+    @property
+    def full_kv_bytes(self) -> float:
+        """The KV cache at the end of the generation: the context and the new tokens."""
+        return self.model.kv_bytes_per_token * (self.context + self.new_tokens)
 
     def concurrency(self) -> int:
         """Users whose KV caches fit in the HBM left beside the weights."""
@@ -165,9 +245,10 @@ def resolve_model(name: str) -> ModelShape:
         path = path / "config.json"
     if path.is_file():
         try:
-            data = json.loads(path.read_text())
-        except ValueError as exc:
-            raise ConfigError(f"{path} is not valid JSON: {exc}") from None
+            raw = path.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from None
+        data = loads_json(raw, what=f"model config {path}", error=ConfigError)
         return ModelShape.from_hf_config(data, name=str(path.parent.name))
     raise ConfigError(
         f"unknown model {name!r}: use a preset ({', '.join(MODELS)}) or a folder/config.json path"

@@ -15,7 +15,9 @@ def apportion_register_allocators(register):
 
 @hookimpl
 def apportion_plan_offload(plan, placement, hardware):
-    """Step time of a training step under PLACEMENT (see apportion_offload.stepmodel)."""
+    """Step time of a training step under PLACEMENT (see apportion_offload.stepmodel), or,
+    for a plan with a resident KV budget, the decode speed of the KV cache in that tier
+    (apportion_offload.kv.decodemodel)."""
     from apportion_offload.stepmodel import plan_offload
 
     return plan_offload(plan, placement, hardware)

@@ -277,9 +277,15 @@ def workload_from_plan(plan: Any) -> Workload:
 
 def plan_offload(plan: Any, placement: str, hardware: Any = None) -> dict[str, Any] | None:
     """The ``apportion_plan_offload`` hook: ``None`` for a placement that is not ours, a clear
-    :class:`~apportion.errors.ConfigError` for a malformed one of ours."""
+    :class:`~apportion.errors.ConfigError` for a malformed one of ours. A plan that carries a
+    resident KV budget (``plan.kv_offload``) asks for the decode speed of the KV cache in a
+    tier: :func:`apportion_offload.kv.decodemodel.plan_kv_decode` answers it."""
     from apportion.errors import ConfigError
 
+    if getattr(plan, "kv_offload", None) is not None:
+        from apportion_offload.kv.decodemodel import plan_kv_decode
+
+        return plan_kv_decode(plan, placement, hardware)
     text = (placement or "").strip().lower()
     if text not in PRESETS and "=" not in text:
         return None

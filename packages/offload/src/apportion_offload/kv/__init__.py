@@ -5,7 +5,9 @@
   :meth:`apportion.base.Allocator.kv_cache`;
 - :mod:`~apportion_offload.kv.tiers`: host memory (``pinned-pool``, ``tiered``) and NVMe
   swap files (``nvme``, and the spill tier of the others);
-- :mod:`~apportion_offload.kv.cache`: :class:`OffloadedKVCache`, the transformers ``Cache``.
+- :mod:`~apportion_offload.kv.cache`: :class:`OffloadedKVCache`, the transformers ``Cache``;
+- :mod:`~apportion_offload.kv.decodemodel`: the decode speed of a placement, behind
+  ``apportion plan --offload TIER --resident-kv-fraction F``.
 
 Importing this package imports neither torch nor transformers; ``OffloadedKVCache`` is
 imported from :mod:`apportion_offload.kv.cache`.

@@ -10,11 +10,12 @@ allocator that has ``resident_kv_bytes``) and under plain ``model.generate``::
         model.generate(**inputs, past_key_values=cache)
 
 **Placement.** A layer is *pinned* (stays resident, grows as a ``DynamicLayer`` does) while
-the pinned layers, plus the room the offloaded layers stream through, fit
-``resident_kv_bytes``; it is decided once the layer's entries are final for the first time
-(after the KV policy evicted: eviction first, then offload of what was kept), in layer
-order, so the first layers are pinned and the rest offloaded. A pinned layer that outgrows
-the budget during the decode is moved to the tier, the last one first.
+the pinned layers, plus the room the offloaded layers stream through (the largest layer and
+both slots' headroom), fit ``resident_kv_bytes``; it is decided once the layer's entries are
+final for the first time (after the KV policy evicted: eviction first, then offload of what
+was kept), in layer order, so the first layers are pinned and the rest offloaded. When the
+layers grow (the decode, a prompt read in chunks), pinned layers that no longer fit beside
+that room are moved to the tier, the last one first.
 
 **Streaming.** Offloaded layers pass through two resident *slots*: while layer ``i``
 computes in one, a copy thread (on CUDA: the same thread on a side stream) writes back the
@@ -358,6 +359,11 @@ class OffloadedKVCache(DynamicCache):
             if layer.pinned:
                 self._pinned_bytes += _nbytes(layer._k, layer._v) - before
                 self._rebalance()
+        if layer.pinned is not None and layer._n * layer._tok > self._max_layer:
+            # a placed layer outgrew the room the slots were given (a later prefill chunk,
+            # the decode): the slots now stream layers this large, so pinned layers make room
+            self._max_layer = layer._n * layer._tok
+            self._rebalance()
         self._check_one_layer(layer)
         return layer._k, layer._v  # the host measures right after the layer's attention
 
