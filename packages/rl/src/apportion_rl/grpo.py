@@ -8,11 +8,24 @@ This is the base of the whole family. It keeps the contract of
 - a group with fewer than two valid rewards carries no signal: every advantage is 0 and it is
   counted as ``singleton_groups``;
 - a group whose valid rewards are all equal is counted as ``zero_std_groups``;
-- an optional KL penalty (``beta``) against reference log-probs (the k3 estimator, as TRL).
+- an optional KL penalty (``beta``) against reference log-probs: the k3 estimator, weighted
+  by the importance ratio unless ``kl_bias_correction`` is off (both as TRL).
 
 Advantages are computed in plain Python (groups may differ in size); the loss takes padded
 ``(batch, tokens)`` tensors: ``logps``/``old_logps``/``ref_logps`` per completion token,
 ``advantages`` of shape ``(batch,)`` or ``(batch, tokens)``, and a 0/1 ``mask``.
+
+Relation to TRL. Each of ``grpo``, ``dr-grpo``, ``dapo`` and ``gspo`` is a preset of TRL's
+``GRPOTrainer``: :meth:`GRPO.trl_args` gives the ``trl.GRPOConfig`` options (``loss_type``,
+``importance_sampling_level``, ``epsilon``/``epsilon_high``, ``beta``, ``scale_rewards``) under
+which TRL's own loss computes exactly :meth:`GRPO.loss`, and
+:class:`apportion_rl.trainer.StrategyGRPOTrainer` trains with TRL's loss under those options.
+:meth:`GRPO.loss` is the standalone form of the same maths (no trainer needed); the tests hold
+the two equal, losses and gradients, on the same batch. The advantages are this package's
+own, because TRL's assume every prompt has ``num_generations`` rollouts; on equal groups they
+equal TRL's for each ``scale_rewards`` mode. What TRL does not do: groups of different sizes,
+counting (not just zeroing) the rewards it cannot use, and a configurable ``std_eps`` (TRL
+fixes 1e-4, the default here).
 """
 
 from __future__ import annotations
@@ -20,11 +33,11 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 from apportion.base import TrainerStrategy
 from apportion.config import ComponentConfig
-from pydantic import Field
+from pydantic import Field, field_validator
 
 
 class GRPOConfig(ComponentConfig):
@@ -33,11 +46,23 @@ class GRPOConfig(ComponentConfig):
         None, gt=0, description="upper clip; None = clip_eps (symmetric)"
     )
     beta: float = Field(0.0, ge=0, description="KL penalty weight against the reference policy")
-    scale_rewards: bool = Field(
-        True, description="divide by the group's std (GRPO); False = Dr.GRPO"
+    kl_bias_correction: bool = Field(
+        True,
+        description="weight the KL term by the importance ratio (DeepSeek-V3.2's unbiased "
+        "estimator, TRL's use_bias_correction_kl default); False: DeepSeekMath's plain k3",
+    )
+    scale_rewards: Literal["group", "batch", "none"] = Field(
+        "group",
+        description="divide by the std of the group (GRPO), of the whole batch, or not at all "
+        "(Dr.GRPO); True/False mean 'group'/'none', as in TRL",
     )
     std_eps: float = Field(1e-4, gt=0, description="added to the std before dividing")
     rollouts_per_prompt: int = Field(8, ge=1, description="group size when no budget is given")
+
+    @field_validator("scale_rewards", mode="before")
+    @classmethod
+    def _scale_from_bool(cls, v: Any) -> Any:
+        return {True: "group", False: "none"}.get(v, v) if isinstance(v, bool) else v
 
 
 @dataclass
@@ -50,6 +75,9 @@ class RewardStats:
     singleton_groups: int = 0  # fewer than two valid rewards: no signal
     zero_std_groups: int = 0  # all valid rewards equal: no signal
     dropped_groups: int = 0  # removed by dynamic sampling (DAPO)
+    refilled_groups: int = 0  # informative groups sampled to replace dropped ones (DAPO)
+    refill_rounds: int = 0  # sampling rounds spent refilling (DAPO)
+    refill_exhausted: int = 0  # steps that ran out of refill rounds short of the target (DAPO)
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -86,6 +114,10 @@ class GRPO(TrainerStrategy):
 
     #: True for allocators that hand out a budget over several phases (see ``xrpo``).
     phased = False
+    #: TRL ``GRPOConfig.loss_type`` whose loss equals :meth:`loss` (None: no TRL counterpart).
+    trl_loss_type: ClassVar[str | None] = "grpo"
+    #: TRL ``GRPOConfig.importance_sampling_level`` matching :meth:`log_ratio`.
+    trl_importance_sampling_level: ClassVar[str] = "token"
 
     def __init__(self, config: ComponentConfig | None = None):
         super().__init__(config)
@@ -93,6 +125,23 @@ class GRPO(TrainerStrategy):
 
     def reset_stats(self) -> None:
         self.stats = RewardStats()
+
+    def trl_args(self) -> dict[str, Any] | None:
+        """``trl.GRPOConfig`` options under which TRL's ``GRPOTrainer`` computes this
+        strategy's loss (and, on groups of equal size, its advantages); ``None`` when TRL has
+        no counterpart. ``StrategyGRPOTrainer`` applies them to its ``args``."""
+        if self.trl_loss_type is None:
+            return None
+        lo, hi = self._clip()
+        return {
+            "loss_type": self.trl_loss_type,
+            "importance_sampling_level": self.trl_importance_sampling_level,
+            "epsilon": lo,
+            "epsilon_high": hi,
+            "beta": self.config.beta,
+            "use_bias_correction_kl": self.config.kl_bias_correction,
+            "scale_rewards": self.config.scale_rewards,
+        }
 
     # ------------------------------------------------------------------ allocation
 
@@ -127,15 +176,30 @@ class GRPO(TrainerStrategy):
 
     # ------------------------------------------------------------------ advantages
 
-    def _center(self, valid: list[float]) -> tuple[float, float]:
+    @staticmethod
+    def _std(values: list[float]) -> float:
+        """Sample standard deviation (``n - 1``, as TRL's ``nanstd``); 0 for fewer than two."""
+        if len(values) < 2:
+            return 0.0
+        mean = sum(values) / len(values)
+        return math.sqrt(sum((r - mean) ** 2 for r in values) / (len(values) - 1))
+
+    def _center(self, valid: list[float], batch_std: float = 0.0) -> tuple[float, float]:
         """(baseline, scale) of one group's valid rewards."""
         mean = sum(valid) / len(valid)
-        if not self.config.scale_rewards:
+        mode = self.config.scale_rewards
+        if mode == "none":
             return mean, 1.0
-        std = math.sqrt(sum((r - mean) ** 2 for r in valid) / (len(valid) - 1))
+        std = batch_std if mode == "batch" else self._std(valid)
         return mean, std + self.config.std_eps
 
     def advantages(self, rewards: Sequence[Sequence[float | None]]) -> list[list[float]]:
+        """``(r - group mean) / (std + std_eps)`` per group, the std being the group's, the
+        batch's or 1 (``scale_rewards``). ``None``/NaN rewards are excluded from every
+        statistic and get 0; a group with fewer than two valid rewards gets 0 throughout."""
+        batch_std = 0.0
+        if self.config.scale_rewards == "batch":
+            batch_std = self._std([float(r) for g in rewards for r in g if is_valid_reward(r)])
         out: list[list[float]] = []
         for group in rewards:
             ok = [is_valid_reward(r) for r in group]
@@ -149,7 +213,7 @@ class GRPO(TrainerStrategy):
                 continue
             if max(valid) == min(valid):
                 self.stats.zero_std_groups += 1
-            base, scale = self._center(valid)
+            base, scale = self._center(valid, batch_std)
             out.append(
                 [
                     (float(r) - base) / scale if good else 0.0
@@ -180,7 +244,10 @@ class GRPO(TrainerStrategy):
         loss = -torch.minimum(ratio * adv, torch.clamp(ratio, 1 - lo, 1 + hi) * adv)
         if self.config.beta and ref_logps is not None:
             d = ref_logps - logps
-            loss = loss + self.config.beta * (torch.exp(d) - d - 1)
+            kl = torch.exp(d) - d - 1
+            if self.config.kl_bias_correction:
+                kl = kl * ratio
+            loss = loss + self.config.beta * kl
         return loss.expand_as(logps) if loss.shape != logps.shape else loss
 
     def aggregate(self, per_token: Any, mask: Any) -> Any:

@@ -71,6 +71,8 @@ class SUPO(GRPO):
     name = "supo"
     summary = "SUPO: summarise near the context limit, split trajectories, mask overlong"
     Config = SUPOConfig
+    # token-level aggregation over one batch: TRL's "bnpo"
+    trl_loss_type = "bnpo"
 
     def segment_batch(
         self, groups: Sequence[Sequence[Trajectory]]

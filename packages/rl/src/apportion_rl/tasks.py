@@ -2,6 +2,12 @@
 
 :func:`arithmetic_problems` draws integer arithmetic problems at a few difficulty levels
 (the level sets the operand sizes and operations), deterministically from a seed.
+:func:`extremum_problems` draws "which number is the largest / smallest" puzzles over short
+lists of two-digit numbers (the level is the list's length). The embedded SmolLM2-135M
+answers few of them at first (it tends to talk around the question, and picks the wrong
+number when it does answer), and both failures are ones a policy can unlearn: the answer
+format, then the comparison itself, which carries over to unseen lists. :data:`TASKS` names
+the generators.
 :func:`exact_match_reward` scores a completion 1.0 when the *last* integer it contains equals
 the gold answer (small models restate the question, "12 + 7 = 19", before answering), and 0.0
 otherwise (another number, or none at all). Its signature is
@@ -76,6 +82,51 @@ def arithmetic_problems(
             Problem(f"s{seed}-{i}", f"What is {a} {op} {b}? {INSTRUCTION}", str(value), level)
         )
     return out
+
+
+EXTREMUM_LENGTHS = (3, 4, 5, 6, 7, 8)
+
+
+def extremum_problems(
+    n: int,
+    *,
+    seed: int = 0,
+    levels: Sequence[int] = EXTREMUM_LENGTHS,
+    lo: int = 10,
+    hi: int = 99,
+) -> list[Problem]:
+    """``n`` puzzles "Which number is the largest|smallest: a, b, ...?"; the level is the
+    list's length, cycled in order; distinct numbers in ``[lo, hi]``, the word and the
+    numbers drawn from ``random.Random(seed)``."""
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    unknown = [lv for lv in levels if lv not in EXTREMUM_LENGTHS]
+    if unknown or not levels:
+        raise ValueError(
+            f"unknown list lengths {unknown or list(levels)}; known: {list(EXTREMUM_LENGTHS)}"
+        )
+    if hi - lo + 1 < max(levels):
+        raise ValueError(f"[{lo}, {hi}] holds fewer than {max(levels)} distinct numbers")
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        k = levels[i % len(levels)]
+        xs = rng.sample(range(lo, hi + 1), k)
+        word, value = rng.choice((("largest", max(xs)), ("smallest", min(xs))))
+        listed = ", ".join(map(str, xs))
+        out.append(
+            Problem(
+                f"x{seed}-{i}",
+                f"Which number is the {word}: {listed}? {INSTRUCTION}",
+                str(value),
+                k,
+            )
+        )
+    return out
+
+
+#: task name -> problem generator ``f(n, *, seed, levels)``
+TASKS = {"arithmetic": arithmetic_problems, "extremum": extremum_problems}
 
 
 def extract_answer(text: str) -> str | None:

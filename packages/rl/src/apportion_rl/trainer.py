@@ -23,10 +23,26 @@ Per generation round, with ``P`` distinct prompts and a budget of ``P * num_gene
    all-failed prompts are re-asked with solved exemplars in front, when seeding is on);
 2. TRL's own pipeline then runs on the collected rollouts (tokenisation, reference and old
    log-probs, metrics) with generation and scoring replaced by the cached results;
-3. the advantages are recomputed per actual group by the strategy (``xrpo`` also sharpens
-   them with each completion's likelihood; ``dapo`` masks its dropped groups out of the loss);
-4. the loss is the strategy's :meth:`loss` (the KL term weighs ``strategy.config.beta``; TRL
-   computes the reference log-probs when ``args.beta`` is non-zero).
+3. ``dapo`` (dynamic sampling) then drops the groups whose rewards are all equal and samples
+   new prompts of the training set in their place until the batch holds as many informative
+   groups as it has prompts, within ``max_refill_rounds`` rounds
+   (:meth:`~apportion_rl.dapo.DAPO.fill_batch`; one :class:`~apportion_rl.dapo.RefillReport`
+   per step in ``self.refill_reports``); groups it could not replace stay in the batch masked
+   out of the loss;
+4. the advantages are recomputed per actual group by the strategy (``xrpo`` also sharpens
+   them with each completion's likelihood);
+5. the loss: for a strategy with a TRL counterpart (:meth:`~apportion_rl.grpo.GRPO.trl_args`:
+   ``grpo``, ``dr-grpo``, ``dapo``, ``gspo``, and ``xrpo``, whose loss is GRPO's), TRL's own
+   loss, the strategy's options (``loss_type``, ``epsilon``, ``epsilon_high``,
+   ``importance_sampling_level``, ``beta``, ``scale_rewards``) replacing those of ``args``;
+   otherwise the strategy's :meth:`loss`.
+
+Reward functions are guarded (:mod:`apportion_rl.rewards`): one that raises, returns NaN or
+returns the wrong number of rewards stops the run with a
+:class:`~apportion_rl.errors.RewardFunctionError` naming it (``on_reward_error="raise"``, the
+default), or has the affected rewards treated as unscorable, the incident recorded in
+``self.reward_issues`` and counted in the ``apportion/reward_issues`` metric
+(``on_reward_error="skip"``).
 
 Limits: one process (no multi-GPU gathering of variable groups), the transformers or vLLM
 generation backends (not ``rollout_func``/tools/environments), text-only prompts.
@@ -34,6 +50,10 @@ generation backends (not ``rollout_func``/tools/environments), text-only prompts
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import logging
+import random
 from collections import deque
 from typing import Any
 
@@ -42,7 +62,11 @@ from apportion.base import TrainerStrategy
 from apportion.errors import ApportionError, ConfigError
 from trl import GRPOTrainer
 
+from apportion_rl.dapo import RefillReport
 from apportion_rl.grpo import GRPO, is_valid_reward
+from apportion_rl.rewards import OnRewardError, RewardIssue, guard_reward_function
+
+logger = logging.getLogger(__name__)
 
 
 class MissingRewardFunctionError(ConfigError):
@@ -62,13 +86,35 @@ def _with_messages(prompt: Any, messages: list[dict[str, str]]) -> Any:
     return [*prompt[:-1], *messages]
 
 
+def _with_trl_preset(args: Any, model: Any, preset: dict[str, Any], strategy: str) -> Any:
+    """A copy of ``args`` (a ``trl.GRPOConfig``; TRL's default one when None) with the
+    strategy's TRL options. A value the user set away from TRL's default and that the
+    strategy replaces is logged."""
+    from trl import GRPOConfig
+
+    if args is None:
+        name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "")
+        args = GRPOConfig(f"{str(name).rstrip('/').split('/')[-1] or 'model'}-GRPO")
+    args = copy.copy(args)
+    defaults = {f.name: f.default for f in dataclasses.fields(GRPOConfig)}
+    for key, value in preset.items():
+        have = getattr(args, key)
+        if have != value and have != defaults.get(key):
+            logger.warning("strategy %r sets %s=%r (args had %r)", strategy, key, value, have)
+        setattr(args, key, value)
+    return args
+
+
 class StrategyGRPOTrainer(GRPOTrainer):
     """``GRPOTrainer`` driven by an apportion trainer strategy (see the module doc).
 
     ``strategy``: a registered ``trainer-strategy`` name or an instance;
-    ``strategy_options``: its options when given by name. ``self.allocations`` records, per
-    generation round, the group size of each prompt; ``self.strategy.stats`` counts excluded
-    rewards, groups of one and dropped groups.
+    ``strategy_options``: its options when given by name; ``on_reward_error``: ``"raise"`` or
+    ``"skip"`` (see the module doc). ``self.allocations`` records, per generation round, the
+    group size of each prompt; ``self.refill_reports`` dynamic sampling's counts per round;
+    ``self.rollouts_drawn`` every rollout generated for training, refills included;
+    ``self.reward_issues`` the reward functions' incidents; ``self.strategy.stats`` counts
+    excluded rewards, groups of one, dropped and refilled groups.
     """
 
     def __init__(
@@ -78,6 +124,7 @@ class StrategyGRPOTrainer(GRPOTrainer):
         *args: Any,
         strategy: str | TrainerStrategy = "grpo",
         strategy_options: dict[str, Any] | None = None,
+        on_reward_error: OnRewardError = "raise",
         **kwargs: Any,
     ):
         if reward_funcs is None or (isinstance(reward_funcs, list) and not reward_funcs):
@@ -94,11 +141,34 @@ class StrategyGRPOTrainer(GRPOTrainer):
             raise ConfigError("strategy_options are only used when the strategy is given by name")
         if not isinstance(strategy, TrainerStrategy):
             raise ConfigError(f"strategy must be a TrainerStrategy, got {type(strategy).__name__}")
+        if on_reward_error not in ("raise", "skip"):
+            raise ConfigError(f"on_reward_error must be 'raise' or 'skip', got {on_reward_error!r}")
         self.strategy = strategy
         self.allocations: list[list[int]] = []
+        self.refill_reports: list[RefillReport] = []
+        self.rollouts_drawn = 0
+        self.reward_issues: list[RewardIssue] = []
         self.exemplars: deque[Any] = deque(maxlen=256)
         self._cached: dict[str, Any] | None = None
+        self._refill_order: list[int] = []
+        self._refill_epoch = 0
         self.last_round: dict[str, Any] = {}  # rewards, advantages, kept groups of the last round
+        funcs = reward_funcs if isinstance(reward_funcs, list) else [reward_funcs]
+        funcs = [
+            guard_reward_function(f, on_reward_error, self.reward_issues)
+            if callable(f) and not isinstance(f, (str, torch.nn.Module))
+            else f
+            for f in funcs
+        ]
+        reward_funcs = funcs if isinstance(reward_funcs, list) else funcs[0]
+        trl_args = getattr(strategy, "trl_args", None)
+        self._trl_preset = trl_args() if callable(trl_args) else None
+        if self._trl_preset:  # GRPOConfig comes third positionally, as in GRPOTrainer, or by name
+            name = getattr(strategy, "name", "?")
+            if "args" in kwargs or not args:
+                kwargs["args"] = _with_trl_preset(kwargs.get("args"), model, self._trl_preset, name)
+            else:
+                args = (_with_trl_preset(args[0], model, self._trl_preset, name), *args[1:])
         super().__init__(model, reward_funcs, *args, **kwargs)
         if self.accelerator.num_processes != 1:
             raise ApportionError(
@@ -110,11 +180,38 @@ class StrategyGRPOTrainer(GRPOTrainer):
                 "StrategyGRPOTrainer does not combine with rollout_func, tools or environments"
             )
         beta = getattr(strategy.config, "beta", 0.0)
-        if beta and not self.beta:
+        if beta and not self.beta:  # only for a strategy without TRL options
             raise ConfigError(
                 f"the strategy's KL weight beta={beta} needs reference log-probs: "
                 "set GRPOConfig(beta=...) non-zero as well"
             )
+        if self._refills() and not hasattr(self.train_dataset, "__getitem__"):
+            raise ConfigError(
+                "dapo's refill draws prompts by index from train_dataset, which cannot be "
+                f"indexed ({type(self.train_dataset).__name__}); use a datasets.Dataset or "
+                "set max_refill_rounds=0"
+            )
+
+    def _refills(self) -> bool:
+        cfg = self.strategy.config
+        return (
+            hasattr(self.strategy, "fill_batch")
+            and bool(getattr(cfg, "dynamic_sampling", False))
+            and getattr(cfg, "max_refill_rounds", 0) > 0
+        )
+
+    def _refill_rows(self, n: int) -> list[dict[str, Any]]:
+        """``n`` training rows for refilling, in a seeded shuffled order of the training set
+        that starts over (reshuffled) when it runs out."""
+        rows = []
+        for _ in range(n):
+            if not self._refill_order:
+                order = list(range(len(self.train_dataset)))
+                random.Random(self.args.seed * 1_000_003 + self._refill_epoch).shuffle(order)
+                self._refill_order = order
+                self._refill_epoch += 1
+            rows.append(dict(self.train_dataset[self._refill_order.pop()]))
+        return rows
 
     # ------------------------------------------------------------------ generation
 
@@ -156,23 +253,24 @@ class StrategyGRPOTrainer(GRPOTrainer):
                 f"a generation batch of {len(inputs)} rows is not a whole number "
                 f"of groups of num_generations={g}"
             )
-        unique = inputs[::g]  # TRL's RepeatSampler repeats each prompt g times in a row
+        unique = list(inputs[::g])  # TRL's RepeatSampler repeats each prompt g times in a row
         n_prompts, budget = len(unique), len(inputs)
         strategy = self.strategy
         parts: list[tuple[list[dict], tuple, torch.Tensor]] = []
         threshold = getattr(strategy.config, "success_threshold", 0.5)
+        issues_before = len(self.reward_issues)
 
-        def sample(counts: list[int]) -> list[list[tuple[float | None, int]]]:
-            history = [[r for r, _ in h] for h in groups_so_far]
+        def generate(prompt_ids: list[int], counts: list[int]) -> list[list[tuple[Any, int]]]:
+            """Draw ``counts[k]`` rollouts of ``unique[prompt_ids[k]]``; per prompt, a list of
+            (reward, index of the rollout among all generated this round)."""
+            all_failed = getattr(strategy, "all_failed", lambda _: False)
             rows, owner = [], []
-            for i, c in enumerate(counts):
-                failed = bool(history[i]) and getattr(strategy, "all_failed", lambda _: False)(
-                    history[i]
-                )
-                row = self._seed(dict(unique[i])) if failed else dict(unique[i])
-                rows.extend([row] * c)
-                owner.extend([i] * c)
-            out: list[list[tuple[float | None, int]]] = [[] for _ in counts]
+            for k, (i, c) in enumerate(zip(prompt_ids, counts, strict=True)):
+                history = [r for r, _ in groups_so_far[i]]
+                row = self._seed(dict(unique[i])) if history and all_failed(history) else unique[i]
+                rows.extend([dict(row)] * c)
+                owner.extend([k] * c)
+            out: list[list[tuple[float | None, int]]] = [[] for _ in prompt_ids]
             if not rows:
                 return out
             prompts = [r["prompt"] for r in rows]
@@ -184,26 +282,44 @@ class StrategyGRPOTrainer(GRPOTrainer):
             rewards = self._total_reward(rpf)
             base = sum(len(p[0]) for p in parts)
             parts.append((rows, generated, rpf))
-            for k, (i, r) in enumerate(zip(owner, rewards, strict=True)):
-                out[i].append((r, base + k))
+            for j, (k, r) in enumerate(zip(owner, rewards, strict=True)):
+                out[k].append((r, base + j))
                 if is_valid_reward(r) and r > threshold:
                     from apportion_rl.xrpo import Exemplar
 
                     self.exemplars.append(
                         Exemplar(
-                            _question(unique[i]["prompt"]),
-                            self.processing_class.decode(generated[1][k], skip_special_tokens=True),
+                            _question(unique[prompt_ids[k]]["prompt"]),
+                            self.processing_class.decode(generated[1][j], skip_special_tokens=True),
                         )
                     )
-            for i, got in enumerate(out):
-                groups_so_far[i].extend(got)
+            for k, got in enumerate(out):
+                groups_so_far[prompt_ids[k]].extend(got)
             return out
+
+        def sample(counts: list[int]) -> list[list[tuple[Any, int]]]:
+            return generate(list(range(n_prompts)), counts)
 
         groups_so_far: list[list[tuple[float | None, int]]] = [[] for _ in range(n_prompts)]
         if isinstance(strategy, GRPO):
             groups = strategy.collect(n_prompts, budget, sample)
         else:  # a plain TrainerStrategy: one uniform round
             groups = sample(strategy.allocate_rollouts(n_prompts, budget))
+        keep: list[bool] | None = None
+        if mode == "train" and self._refills():
+            sizes = {len(gr) for gr in groups}
+
+            def draw(n: int) -> list[list[tuple[Any, int]]]:
+                start = len(unique)
+                unique.extend(self._refill_rows(n))
+                groups_so_far.extend([] for _ in range(n))
+                return generate(list(range(start, start + n)), [max(sizes)] * n)
+
+            groups, keep, report = strategy.fill_batch(groups, draw)
+            self.refill_reports.append(report)
+            for key in ("drawn", "dropped", "refilled", "retries", "informative"):
+                self._metrics[mode][f"apportion/refill_{key}"].append(float(getattr(report, key)))
+            self._metrics[mode]["apportion/refill_reached"].append(float(report.reached))
         order = [idx for g in groups for _, idx in g]
         if len(order) != budget:
             raise ApportionError(
@@ -211,6 +327,11 @@ class StrategyGRPOTrainer(GRPOTrainer):
                 "TRL needs the whole generation batch (raise max_rollouts_per_prompt)"
             )
         self.allocations.append([len(gr) for gr in groups])
+        if mode == "train":
+            self.rollouts_drawn += sum(len(p[0]) for p in parts)
+        self._metrics[mode]["apportion/reward_issues"].append(
+            float(len(self.reward_issues) - issues_before)
+        )
 
         rows = [r for p in parts for r in p[0]]
         generated = [self._concat([p[1][j] for p in parts]) for j in range(8)]
@@ -231,9 +352,10 @@ class StrategyGRPOTrainer(GRPOTrainer):
             [a for gr in adv for a in gr], dtype=torch.float32, device=output["advantages"].device
         )
         output["advantages"] = flat
-        self.last_round = {"rewards": rewards, "advantages": adv, "kept": [True] * len(groups)}
-        if hasattr(strategy, "keep_groups"):
+        if keep is None and hasattr(strategy, "keep_groups"):
             keep = strategy.keep_groups(rewards)
+        self.last_round = {"rewards": rewards, "advantages": adv, "kept": [True] * len(groups)}
+        if keep is not None:
             self.last_round["kept"] = keep
             rows_keep = torch.tensor(
                 [k for k, gr in zip(keep, groups, strict=True) for _ in gr], device=flat.device
@@ -303,6 +425,8 @@ class StrategyGRPOTrainer(GRPOTrainer):
     # ------------------------------------------------------------------------ loss
 
     def _compute_loss(self, model: Any, inputs: dict[str, Any]) -> torch.Tensor:
+        if self._trl_preset:  # the strategy is a preset of TRL's loss: TRL computes it
+            return super()._compute_loss(model, inputs)
         completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
         input_ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
         attention_mask = torch.cat([inputs["prompt_mask"], completion_mask], dim=1)
