@@ -364,9 +364,10 @@ def measured_lines(rows: list[dict[str, Any]]) -> list[str]:
     batched = [r for r in rows if r["batch_size"] > 1]
     if batched:
         out.append(
-            f"{len(batched)} config(s) decoded batches of up to "
-            f"{max(r['batch_size'] for r in batched)} samples: their prefill seconds and "
-            "decode tok/s are the whole batch's, not one sample's."
+            f"{len(batched)} config(s) decoded in batches of up to "
+            f"{max(r['batch_size'] for r in batched)} rows (the configs of one sample, or "
+            "the samples of one config): their decode tok/s are the whole batch's, not one "
+            "row's."
         )
     return out
 
