@@ -157,3 +157,16 @@ def test_one_shared_prefill_serves_every_eviction_policy(smollm2, registry):
     shared = generate_shared(Host(smollm2), policies, prompt, 20)
     for p, a, s in zip(policies, alone, shared, strict=True):
         assert (s.text, s.kv_tokens, s.peak_kv_bytes) == (a.text, a.kv_tokens, a.peak_kv_bytes), p
+
+
+def test_a_misspelt_policy_option_suggests_the_option_and_lists_them(registry):
+    """The misspelling users make most, ``compresion_ratio``, is a one-line config error
+    that names the nearest option and the valid ones, before anything loads."""
+    from apportion.config import parse_config, resolve_config
+    from apportion.errors import ConfigError
+
+    cfg = parse_config({"kv_policy": {"name": "snapkv", "compresion_ratio": 0.5}})
+    with pytest.raises(ConfigError) as exc:
+        resolve_config(cfg, registry)
+    msg = " ".join(m for _, m in exc.value.errors)
+    assert "Did you mean 'compression_ratio'?" in msg and "window" in msg

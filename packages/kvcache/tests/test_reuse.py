@@ -200,3 +200,26 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path):
         timeout=60,
     )
     assert probe.stdout.strip() == "False", probe.stderr
+
+
+def test_every_policy_and_option_gets_its_own_store_entry(smollm2, tmp_path):
+    """Compressed contexts of one text under different policies, ratios or options never
+    share a store key: each loads back its own kept tokens and its own policy."""
+    context = _context(12)
+    store = LocalStore(tmp_path)
+    variants = [
+        ("probe", {"compression_ratio": 0.5}),
+        ("probe", {"compression_ratio": 0.75}),
+        ("streaming", {"compression_ratio": 0.5}),
+        ("streaming", {"compression_ratio": 0.5, "n_sink": 8}),
+    ]
+    handles = [compress_context(smollm2, context, p, store, options=o) for p, o in variants]
+    assert len({h.key for h in handles}) == len(variants)
+    assert len(list(store.keys())) == len(variants)
+    for (policy, options), h in zip(variants, handles, strict=True):
+        loaded = load_context(smollm2, h.handle, store=tmp_path.as_posix())
+        assert loaded.meta["policy"]["name"] == policy
+        for k, v in options.items():
+            assert loaded.meta["policy"]["options"][k] == v
+        assert loaded.meta["kept_tokens"] == h.meta["kept_tokens"]
+    assert handles[1].meta["kept_tokens"] < handles[0].meta["kept_tokens"]

@@ -106,19 +106,15 @@ def list_components(
 
 
 def default_config_path() -> Path | None:
-    """``examples/default.toml`` in the working directory, else the eval package's copy."""
+    """``examples/default.toml`` in the working directory, else the config a plugin ships
+    (hook ``apportion_default_config``)."""
     local = Path("examples/default.toml")
     if local.is_file():
         return local
-    try:
-        from importlib.resources import files
+    from apportion.plugins import get_plugin_host
 
-        packaged = files("apportion_eval").joinpath("default.toml")
-        if packaged.is_file():
-            return Path(str(packaged))
-    except (ModuleNotFoundError, OSError):
-        pass
-    return None
+    shipped = get_plugin_host().hook.apportion_default_config()
+    return Path(shipped) if shipped is not None else None
 
 
 @app.command()

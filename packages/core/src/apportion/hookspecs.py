@@ -128,6 +128,14 @@ def apportion_plan_offload(plan: Any, placement: str, hardware: Any) -> Any:
     """
 
 
+@hookspec(firstresult=True)
+def apportion_default_config() -> Path | None:
+    """The run config ``apportion run`` uses when it is given none and the working directory
+    has no ``examples/default.toml``: return the path of a TOML file your plugin ships, or
+    ``None``. The benchmark family provides the default study this way.
+    """
+
+
 @hookspec
 def apportion_model_loaded(loaded: Any) -> None:
     """Called once after the host loads a model (an :class:`apportion.host.LoadedModel`).

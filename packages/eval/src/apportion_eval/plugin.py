@@ -23,6 +23,13 @@ def apportion_report(run, console):
 
 
 @hookimpl
+def apportion_default_config():
+    from importlib.resources import files
+
+    return str(files("apportion_eval").joinpath("default.toml"))
+
+
+@hookimpl
 def apportion_register_commands(app):
     from apportion_eval.cli import register_commands
 
