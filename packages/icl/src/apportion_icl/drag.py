@@ -10,6 +10,12 @@ once, the chain of sub-questions and answers, and the question.
 
 The best (k, m, n) for a token budget is predicted by :mod:`apportion_icl.allocation`
 (``allocation = "PATH"``: the fitted model picks the configuration at build time).
+
+Documents are the context's paragraphs, or its sentences (``chunk = "sentence"``). With the
+embedding retriever, ``embed_window`` > 0 (or ``sitemb_weights``) embeds each document in its
+window of neighbours (SitEmb, Wu et al. 2025; sentence windows stay within their paragraph;
+:mod:`apportion_icl.situated`), for the query and every sub-query; the document alone is
+what the prompt gets.
 """
 
 from __future__ import annotations
@@ -17,21 +23,34 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from apportion_icl import sentences as sent
 from apportion_icl.demos import Demo
 from apportion_icl.knn import KNN, KNNConfig
 from apportion_icl.retrieve import Retriever
+from apportion_icl.situated import SituatedOptions
 
 
-class DRAGConfig(KNNConfig):
+class DRAGConfig(KNNConfig, SituatedOptions):
     k: int = Field(4, ge=0, le=64, description="documents retrieved (per round for iterdrag)")
     m: int = Field(2, ge=0, le=32, description="demonstrations")
     retriever: Literal["bm25", "embedding"] = "bm25"
+    chunk: Literal["paragraph", "sentence"] = Field(
+        "paragraph", description="the retrieval unit: the context's paragraphs or sentences"
+    )
     allocation: str | None = Field(
         None, description="fitted allocation model (JSON): choose (k, m, n) from the budget"
     )
+
+    @model_validator(mode="after")
+    def _situated_needs_embeddings(self) -> DRAGConfig:
+        if self.retriever != "embedding" and (self.embed_window or self.sitemb_weights):
+            raise ValueError(
+                "embed_window and sitemb_weights shape embedding retrieval: set "
+                "retriever = 'embedding'"
+            )
+        return self
 
 
 class IterDRAGConfig(DRAGConfig):
@@ -63,8 +82,14 @@ class DRAG(KNN):
 
     def plan(self, query, context, pool, budget, tokens):
         k, m, n = self._choose(budget)
-        docs = sent.paragraphs(context) if context else []
-        retriever = Retriever(docs, self.config.retriever)
+        groups = None
+        if self.config.chunk == "sentence":
+            units = sent.split(context) if context else []
+            docs, groups = [u.text for u in units], [u.paragraph for u in units]
+        else:
+            docs = sent.paragraphs(context) if context else []
+        situated = self.config.situated()
+        retriever = Retriever(docs, self.config.retriever, situated, groups)
         hits = retriever.search(query, k)
         demos = [d for d, _, _ in self.rank(query, pool, m)]
         chain, used, sub_tokens = self.iterate(query, docs, retriever, hits, n, demos)
@@ -83,6 +108,10 @@ class DRAG(KNN):
             "iteration_prompt_tokens": sub_tokens,
             "reason": "top-k retrieval per (sub-)query",
         }
+        if self.config.chunk != "paragraph":
+            acc["chunk"] = self.config.chunk
+        if situated.active:
+            acc.update(situated.settings())
         return (block or None), demos, acc
 
     def iterate(

@@ -11,6 +11,11 @@ often named one sentence earlier), and a second, lexical round follows the bridg
 the best sentence (multi-hop questions). A budget tightens the cut. The result is the pruned
 context, the kept-sentence map and a rerank score (the best sentence's relevance: a
 passage-level score a reranker can sort by).
+
+Situated scoring (SitEmb, Wu et al. 2025; :mod:`apportion_icl.situated`): with
+``embed_window`` > 0 (or ``sitemb_weights``) the embedding scorer embeds each sentence with up
+to that many same-paragraph neighbours either side and adds that similarity to the
+sentence-alone one; what is kept is still the sentence. The default scores sentences alone.
 """
 
 from __future__ import annotations
@@ -18,13 +23,14 @@ from __future__ import annotations
 import time
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from apportion_icl import sentences as sent
+from apportion_icl.situated import SituatedOptions
 from apportion_icl.strategy import ICLStrategy, StrategyConfig
 
 
-class PruneConfig(StrategyConfig):
+class PruneConfig(StrategyConfig, SituatedOptions):
     scorer: Literal["embedding", "attention", "both"] = "embedding"
     threshold: float | None = Field(
         None,
@@ -56,6 +62,15 @@ class PruneConfig(StrategyConfig):
         description="layers read by the attention scorer (the default: "
         "SmolLM2-135M's layers whose question-to-context attention finds a needle; pick per model)",
     )
+
+    @model_validator(mode="after")
+    def _situated_needs_embeddings(self) -> PruneConfig:
+        if self.scorer == "attention" and (self.embed_window or self.sitemb_weights):
+            raise ValueError(
+                "embed_window and sitemb_weights shape the embedding scorer: use "
+                "scorer 'embedding' or 'both'"
+            )
+        return self
 
 
 def otsu(scores: list[float]) -> float:
@@ -96,10 +111,15 @@ class Prune(ICLStrategy):
         out: dict[str, list[float]] = {}
         texts = [s.text for s in sentences]
         if self.config.scorer in ("embedding", "both"):
-            from apportion.host.embed import SentenceEmbedder
+            situated = self.config.situated()
+            if situated.active:
+                groups = [s.paragraph for s in sentences]
+                out["embedding"] = situated.scores(query, texts, groups)
+            else:
+                from apportion.host.embed import SentenceEmbedder
 
-            vecs = SentenceEmbedder.shared().encode([query] + texts)
-            out["embedding"] = [float(x) for x in vecs[1:] @ vecs[0]]
+                vecs = SentenceEmbedder.shared().encode([query] + texts)
+                out["embedding"] = [float(x) for x in vecs[1:] @ vecs[0]]
         if self.config.scorer in ("attention", "both"):
             from apportion_icl.probe import question_attention
 
@@ -210,6 +230,9 @@ class Prune(ICLStrategy):
             "rerank_score": round(rerank, 4),
             "prune_seconds": round(time.perf_counter() - t0, 4),
         }
+        situated = self.config.situated()
+        if situated.active and self.config.scorer != "attention":
+            acc.update(situated.settings())
         if tokenizer is not None:
             before = len(tokenizer.encode(context, add_special_tokens=False))
             after = len(tokenizer.encode(pruned, add_special_tokens=False)) if pruned else 0
