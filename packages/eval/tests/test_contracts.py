@@ -52,3 +52,29 @@ class TestHoloBenchBimodal(BenchmarkContract):
 
 class TestLongGen(BenchmarkContract):
     component = "longgen"
+
+
+class TestCwe(BenchmarkContract):
+    component = "cwe"
+
+
+class TestFwe(BenchmarkContract):
+    component = "fwe"
+
+
+class TestMultiHopQA(BenchmarkContract):
+    component = "multihop-qa"
+
+
+class TestMultiHopQAThreeHopsShuffled(BenchmarkContract):
+    component = "multihop-qa"
+    options = {"hops": 3, "distractors": 4, "order": "shuffled"}
+
+
+class TestGraphTracing(BenchmarkContract):
+    component = "graph-tracing"
+
+
+class TestGraphTracingGrid(BenchmarkContract):
+    component = "graph-tracing"
+    options = {"graph": "grid", "num_nodes": 9, "separator": " "}
