@@ -129,15 +129,43 @@ class Benchmark(Component):
 @dataclass
 class Prompt:
     """Chat messages for the model. ``question`` is the trailing text of the last message that
-    must never be compressed (the host keeps it apart from the context)."""
+    must never be compressed (the host keeps it apart from the context).
+
+    ``embeds``: input embeddings the host reads in place of text, for learned context
+    compression (soft prompts, ICAE, ARC-Encoder). Each key is a *placeholder*: a string
+    that occurs exactly once in the chat-templated prompt, before the question; its value is
+    a float tensor of shape ``(n, hidden)`` in the model's input-embedding space (what
+    ``model.get_input_embeddings()`` outputs). The host tokenizes the text around each
+    placeholder on its own (a placeholder is a token boundary), gives the placeholder ``n``
+    token slots (they count in ``prompt_tokens`` and in the context window; their token id is
+    the pad token's), and during the prefill the model reads the tensor's rows at those
+    slots instead of token embeddings; decoding then continues from the KV cache as usual.
+    The values are typed loosely so that ``import apportion`` stays torch-free: any
+    ``torch.Tensor`` (the host casts it to the model's dtype and device).
+
+    The splice composes with every KV policy and attention backend that runs the prompt
+    through the model in one forward (``full``, the layer-wise eviction policies, the
+    query-agnostic probe); one that reads the prompt in pieces is refused with a
+    :class:`~apportion.errors.PromptEmbedsError`, as is a malformed entry (a placeholder
+    missing, repeated or inside the question; a tensor of the wrong shape). A host that
+    cannot read embeddings (one that only takes text) must refuse a prompt with ``embeds``.
+    """
 
     messages: list[dict[str, str]]
     question: str | None = None
     accounting: dict[str, Any] = field(default_factory=dict)
+    embeds: dict[str, Any] = field(default_factory=dict)
 
 
 class PromptStrategy(Component):
-    """``zero-shot``: the context, then the question; no demonstrations."""
+    """``zero-shot``: the context, then the question; no demonstrations.
+
+    The contract: ``build`` returns a :class:`Prompt` whose last message is the user's and
+    ends with the query (``Prompt.question``), with ``accounting`` saying what was kept; a
+    ``budget`` smaller than the query alone is an error. A strategy may hand the host part of
+    the prompt as input embeddings instead of text (``Prompt.embeds``, see :class:`Prompt`):
+    learned compressors put a placeholder where the context would stand and the compressed
+    vectors under it, and count the placeholder's ``n`` slots as the context's tokens."""
 
     kind: ClassVar[str] = "prompt-strategy"
     name: ClassVar[str] = "zero-shot"

@@ -123,6 +123,12 @@ class GenerationSpec(BaseModel):
         description="tokens the prompt strategy may fill (demonstrations included); None: when a "
         "benchmark offers demonstrations, the model's context less max_new_tokens",
     )
+    chat_template: bool = Field(
+        True,
+        description="render prompts with the tokenizer's chat template (a model without one "
+        "reads the plain text anyway); False: the messages' contents as plain text, as a base "
+        "model reads them (context-awareness studies compare both)",
+    )
 
 
 class SweepInstalled(BaseModel):

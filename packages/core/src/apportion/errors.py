@@ -45,3 +45,9 @@ class LaunchError(ApportionError):
 
 class PromptTooLongError(ApportionError, ValueError):
     """A prompt (plus the tokens to generate) does not fit the model's context window."""
+
+
+class PromptEmbedsError(ApportionError, ValueError):
+    """A prompt's input embeddings (``Prompt.embeds``) are malformed (a placeholder missing,
+    repeated or inside the question; a tensor of the wrong shape), or the components of the
+    run cannot read them (an attention backend or KV policy that runs the prompt in pieces)."""

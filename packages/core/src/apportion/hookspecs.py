@@ -71,7 +71,12 @@ def apportion_register_trainer_strategies(register: Register) -> None:
 @hookspec
 def apportion_register_prompt_strategies(register: Register) -> None:
     """Register prompt strategies (kind ``prompt-strategy``): subclasses of
-    :class:`apportion.base.PromptStrategy`."""
+    :class:`apportion.base.PromptStrategy`.
+
+    A strategy returns chat messages (:class:`apportion.base.Prompt`); it may hand the host
+    part of the prompt as input embeddings instead of text (``Prompt.embeds``: a placeholder
+    in the messages and an ``(n, hidden)`` tensor the host reads in its place during the
+    prefill), as learned context compressors do. The question always stays text."""
 
 
 @hookspec

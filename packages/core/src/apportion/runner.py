@@ -521,6 +521,7 @@ def record_base(
         "model_fingerprint": loaded.fingerprint,
         "seed": config.seed,
         "question_in_prefill": config.generation.question_in_prefill,
+        "chat_template": config.generation.chat_template,
         "context_chars": len(sample.context),
         "time": time.time(),
     }
@@ -768,16 +769,18 @@ def _todo(
             r.get("sample_hash"),
             r.get("model_fingerprint"),
             r.get("question_in_prefill", True),
+            r.get("chat_template", True),
         )
         for r in read_records(study.run_path / RECORDS)
         if "error" not in r or r.get("error_kind") == "prompt-too-long"
     }
-    mode = study.config.generation.question_in_prefill
+    gen = study.config.generation
+    mode = (gen.question_in_prefill, gen.chat_template)
     return [
         (v, w)
         for w in work
         for v in study.variants
-        if (v.label, w.label, w.sample.id, w.hash, fingerprint, mode) not in done
+        if (v.label, w.label, w.sample.id, w.hash, fingerprint, *mode) not in done
     ]
 
 
@@ -859,6 +862,7 @@ def _plan(
             study.components[v.label]["kv_policy"],
             study.components[v.label]["allocator"],
             question_in_prefill=config.generation.question_in_prefill,
+            chat_template=config.generation.chat_template,
         )
         for v in study.variants
     }

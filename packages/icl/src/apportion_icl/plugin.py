@@ -19,6 +19,7 @@ def apportion_register_prompt_strategies(register):
     register("apportion_icl.drag:IterDRAG", name="iterdrag")
     register("apportion_icl.verify:VerifyLoop", name="verify-loop")
     register("apportion_icl.structurize:Structurize", name="structurize")
+    register("apportion_icl.compressor.strategy:ArcCompress", name="arc-compress")
 
 
 @hookimpl

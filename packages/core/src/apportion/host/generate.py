@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
 from apportion.base import Allocator, Prompt
-from apportion.errors import ConfigError, PromptTooLongError
+from apportion.errors import ConfigError, PromptEmbedsError, PromptTooLongError
 from apportion.host.attention import AttentionBackend
 from apportion.host.kv import (
     DecodeState,
@@ -93,8 +93,13 @@ class PeakMeter:
 
 @dataclass
 class EncodedPrompt:
+    """A prompt's token ids; its last ``question_len`` are the question. ``embeds``: (offset
+    in ``ids``, (n, hidden) tensor) of each placeholder of ``Prompt.embeds``, whose ``n``
+    slots in ``ids`` hold the pad token and are read from the tensor in the prefill."""
+
     ids: list[int]
     question_len: int
+    embeds: list[tuple[int, Any]] = field(default_factory=list)
 
 
 class Host:
@@ -120,12 +125,16 @@ class Host:
         allocator: Allocator | None = None,
         *,
         question_in_prefill: bool = True,
+        chat_template: bool = True,
     ):
         self.loaded = loaded
         self.attention = attention or AttentionBackend()
         self.kv_policy = kv_policy or KVPolicy()
         self.allocator = allocator
         self.question_in_prefill = question_in_prefill
+        #: False: :meth:`render` joins the messages' contents as plain text even when the
+        #: tokenizer has a chat template (``generation.chat_template``)
+        self.chat_template = chat_template
         self.attention.bind(loaded)
         self.kv_policy.bind(loaded)
         if allocator is not None:
@@ -144,6 +153,8 @@ class Host:
         tok = self.tokenizer
         text = self.render(prompt.messages)
         split = text.rfind(prompt.question) if prompt.question else -1
+        if prompt.embeds:
+            return self._encode_spliced(prompt, text, split)
         if split < 0:
             ids = tok.encode(text, add_special_tokens=False)
             return EncodedPrompt(ids, 0)
@@ -151,11 +162,63 @@ class Host:
         tail = tok.encode(text[split:], add_special_tokens=False)
         return EncodedPrompt(head + tail, len(tail))
 
+    def _encode_spliced(self, prompt: Prompt, text: str, split: int) -> EncodedPrompt:
+        """:meth:`encode` of a prompt with ``embeds`` (see :class:`~apportion.base.Prompt`):
+        the text between placeholders is tokenized piece by piece, and each placeholder
+        becomes as many pad-token slots as its tensor has rows."""
+        tok = self.tokenizer
+        hidden = int(self.loaded.model.get_input_embeddings().weight.shape[-1])
+        head_end = split if split >= 0 else len(text)
+        found = []
+        for ph, vectors in prompt.embeds.items():
+            if not isinstance(ph, str) or not ph:
+                raise PromptEmbedsError(f"placeholder {ph!r}: placeholders are non-empty strings")
+            at = text.find(ph)
+            if at < 0 or text.find(ph, at + 1) >= 0:
+                where = "is not in" if at < 0 else "occurs more than once in"
+                raise PromptEmbedsError(f"placeholder {ph!r} {where} the rendered prompt")
+            if at + len(ph) > head_end:
+                raise PromptEmbedsError(
+                    f"placeholder {ph!r} is inside the question; the question stays text"
+                )
+            shape = tuple(getattr(vectors, "shape", ()))
+            if (
+                not isinstance(vectors, torch.Tensor)
+                or not vectors.is_floating_point()
+                or len(shape) != 2
+                or shape[0] < 1
+                or shape[1] != hidden
+            ):
+                raise PromptEmbedsError(
+                    f"placeholder {ph!r}: expected a float tensor of shape (n >= 1, {hidden}) "
+                    f"(the model's embedding size), got {type(vectors).__name__} {shape}"
+                )
+            if not bool(torch.isfinite(vectors).all()):
+                raise PromptEmbedsError(f"placeholder {ph!r}: the embeddings are not all finite")
+            found.append((at, ph, vectors))
+        found.sort(key=lambda f: f[0])
+        ids: list[int] = []
+        embeds: list[tuple[int, Any]] = []
+        pos, pad = 0, int(tok.pad_token_id)
+        for at, ph, vectors in found:
+            if at < pos:
+                raise PromptEmbedsError(f"placeholder {ph!r} overlaps another placeholder")
+            if at > pos:
+                ids += tok.encode(text[pos:at], add_special_tokens=False)
+            embeds.append((len(ids), vectors.detach()))
+            ids += [pad] * int(vectors.shape[0])
+            pos = at + len(ph)
+        if head_end > pos:
+            ids += tok.encode(text[pos:head_end], add_special_tokens=False)
+        tail = tok.encode(text[head_end:], add_special_tokens=False) if split >= 0 else []
+        return EncodedPrompt(ids + tail, len(tail), embeds)
+
     def render(self, messages: Sequence[dict[str, str]]) -> str:
         """The text the model reads for ``messages``: the tokenizer's chat template with the
-        assistant's generation prompt, or the contents joined when it has no template."""
+        assistant's generation prompt, or the contents joined by blank lines (and a final
+        newline) when it has no template or the host was made with ``chat_template=False``."""
         tok = self.tokenizer
-        if getattr(tok, "chat_template", None):
+        if self.chat_template and getattr(tok, "chat_template", None):
             return str(
                 tok.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
             )
@@ -220,7 +283,9 @@ class Host:
             self.check_fits(len(e.ids), max_new_tokens)
         if not self.question_in_prefill and all(0 < e.question_len < len(e.ids) for e in encoded):
             probe = self.probe_ids()
-            contexts = [EncodedPrompt(e.ids[: -e.question_len] + probe, 0) for e in encoded]
+            contexts = [
+                EncodedPrompt(e.ids[: -e.question_len] + probe, 0, e.embeds) for e in encoded
+            ]
             questions = [EncodedPrompt(e.ids[-e.question_len :], e.question_len) for e in encoded]
             input_ids, attention_mask = self._pad(contexts)
             results = self._run(
@@ -230,6 +295,7 @@ class Host:
                 max_new_tokens,
                 question=self._pad(questions),
                 probe_len=len(probe),
+                splice=_splice(contexts),
             )
             for r, e in zip(results, encoded, strict=True):
                 r.prompt_tokens = len(e.ids)
@@ -237,7 +303,9 @@ class Host:
         # question_len is shared by the batch: keep the shortest so no row loses its question
         question_len = min(e.question_len for e in encoded)
         input_ids, attention_mask = self._pad(encoded)
-        return self._run(input_ids, attention_mask, question_len, max_new_tokens)
+        return self._run(
+            input_ids, attention_mask, question_len, max_new_tokens, splice=_splice(encoded)
+        )
 
     def probe_ids(self) -> list[int]:
         """Token ids of the KV policy's probe (:meth:`KVPolicy.probe`), or ``[]``."""
@@ -281,11 +349,13 @@ class Host:
         max_new_tokens: int,
         question: tuple[torch.Tensor, torch.Tensor] | None = None,
         probe_len: int = 0,
+        splice: Sequence[tuple[int, int, Any]] = (),
     ) -> list[GenerationResult]:
         """Prefill ``input_ids`` and decode. ``question``: (ids, mask) of a left-padded chunk
         fed after the prefill compressed the context (query-agnostic mode, see
         :func:`feed_tokens`); its entries are kept whole. ``probe_len``: trailing prompt
-        tokens (the policy's probe) dropped from the cache before the question is fed."""
+        tokens (the policy's probe) dropped from the cache before the question is fed.
+        ``splice``: input embeddings read in the prefill (:func:`splice_embeds`)."""
         model = self.loaded.model
         cache = self.kv_policy.make_cache(model)
         placed = self.allocator.kv_cache(model, cache) if self.allocator is not None else None
@@ -302,6 +372,7 @@ class Host:
                 max_new_tokens,
                 question,
                 probe_len,
+                splice,
             )
         finally:
             close = getattr(cache, "close", None) if offloaded else None
@@ -319,12 +390,13 @@ class Host:
         max_new_tokens: int,
         question: tuple[torch.Tensor, torch.Tensor] | None,
         probe_len: int,
+        splice: Sequence[tuple[int, int, Any]] = (),
     ) -> list[GenerationResult]:
         with self.attention.installed(model), self.kv_policy.installed(model):
             _sync(input_ids)()
             t0 = time.perf_counter()
             pre, peak, resident = self._prefill(
-                model, cache, input_ids, attention_mask, question_len, probe_len
+                model, cache, input_ids, attention_mask, question_len, probe_len, splice
             )
             return self._answer(
                 model,
@@ -347,11 +419,16 @@ class Host:
         attention_mask: torch.Tensor,
         question_len: int,
         probe_len: int,
+        splice: Sequence[tuple[int, int, Any]] = (),
     ) -> tuple[PrefillOutput, int, int]:
         """Prefill through the attention backend and the KV policy (inside
         ``attention.installed``), then drop the probe's ``probe_len`` entries; returns the
-        prefill output and the most KV bytes held in all and on the device."""
-        with PeakMeter(model, self.kv_policy, cache) as meter:
+        prefill output and the most KV bytes held in all and on the device. ``splice``: the
+        prompt's input embeddings (:func:`splice_embeds`)."""
+        with (
+            PeakMeter(model, self.kv_policy, cache) as meter,
+            splice_embeds(model, input_ids, splice),
+        ):
             pre = self.attention.prefill(
                 model,
                 input_ids,
@@ -524,6 +601,73 @@ class Host:
 
 def _sync(t: torch.Tensor) -> Any:
     return torch.cuda.synchronize if t.is_cuda else (lambda: None)
+
+
+def _splice(encoded: Sequence[EncodedPrompt]) -> list[tuple[int, int, Any]]:
+    """(row, column, vectors) of every placeholder of ``encoded`` once left-padded together
+    (as :meth:`Host._pad` pads them)."""
+    width = max(len(e.ids) for e in encoded)
+    return [
+        (row, width - len(e.ids) + start, vectors)
+        for row, e in enumerate(encoded)
+        for start, vectors in e.embeds
+    ]
+
+
+@contextlib.contextmanager
+def splice_embeds(
+    model: Any, input_ids: torch.Tensor, splice: Sequence[tuple[int, int, Any]]
+) -> Iterator[None]:
+    """Inside the ``with`` block, the model reads ``splice``'s vectors in place of the token
+    embeddings of ``input_ids`` at their slots: a forward hook on the input embedding
+    replaces rows ``[column, column + n)`` of batch row ``row`` by the (n, hidden) tensor,
+    cast to the model's dtype and device (this is how ``Prompt.embeds`` reaches the model,
+    with every KV policy's and attention backend's own prefill unchanged).
+
+    The model may run any number of forwards over exactly ``input_ids`` (a policy that
+    needs the prompt's hidden states runs it twice). A forward over other tokens (a
+    component that reads the prompt in pieces, or prefills it again with something
+    appended) raises :class:`~apportion.errors.PromptEmbedsError`, as does a block that
+    never read the prompt's token embeddings. Nothing is installed when ``splice`` is
+    empty."""
+    if not splice:
+        yield
+        return
+    module = model.get_input_embeddings()
+    calls = 0
+
+    def hook(mod: Any, args: Any, output: torch.Tensor) -> torch.Tensor:
+        nonlocal calls
+        ids = args[0] if args else None
+        if (
+            not isinstance(ids, torch.Tensor)
+            or ids.shape != input_ids.shape
+            or not torch.equal(ids, input_ids.to(ids.device))
+        ):
+            raise PromptEmbedsError(
+                "the prompt carries input embeddings (Prompt.embeds), but the prefill ran the "
+                "model on other tokens than the whole prompt (a KV policy or attention backend "
+                "that reads it in pieces); use one that prefills the prompt in one forward, "
+                "such as the 'full' KV policy with 'dense' attention"
+            )
+        out = output.clone()
+        for row, start, vectors in splice:
+            n = int(vectors.shape[0])
+            out[row, start : start + n] = vectors.to(device=out.device, dtype=out.dtype)
+        calls += 1
+        return out
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+    if calls == 0:
+        raise PromptEmbedsError(
+            "the prompt carries input embeddings (Prompt.embeds), but the prefill never read "
+            "its token embeddings (the KV policy or attention backend passed inputs_embeds of "
+            "its own), so they could not be spliced in"
+        )
 
 
 def feed_tokens(model: Any, cache: Any, pre: Any, ids: torch.Tensor, mask: torch.Tensor) -> Any:

@@ -323,7 +323,12 @@ def generate_shared(
     question, which is then fed to every cache (:func:`~apportion.host.generate.feed_tokens`,
     positions continuing from the uncompressed length), as when a stored context is asked.
     """
-    from apportion.host.generate import GenerationResult, feed_tokens, greedy_decode
+    from apportion.host.generate import (
+        GenerationResult,
+        feed_tokens,
+        greedy_decode,
+        splice_embeds,
+    )
 
     loaded, model = host.loaded, host.loaded.model
     compressing = [type(p).__name__ for p in policies if p.compresses_decode]
@@ -353,7 +358,9 @@ def generate_shared(
         for p in policies:  # what each policy's cache needs to be read
             installed.enter_context(p.installed(model))
         t0 = time.perf_counter()
-        outputs = layerwise_prefill(model, ids, mask, policies, len(probe) if agnostic else q)
+        splice = [(0, start, vectors) for start, vectors in enc.embeds]  # Prompt.embeds
+        with splice_embeds(model, ids, splice):
+            outputs = layerwise_prefill(model, ids, mask, policies, len(probe) if agnostic else q)
         if probe:
             for out in outputs:
                 out.prefill = drop_tail(out.cache, out.prefill, len(probe))

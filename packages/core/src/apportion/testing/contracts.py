@@ -332,6 +332,72 @@ class PromptStrategyContract(_Contract):
         with pytest.raises((ApportionError, ValueError), match="budget"):
             s.build("word " * 200, tokenizer=smollm2.tokenizer, budget=10)
 
+    def test_embeds_are_spliced(self, registry: Any, smollm2: Any) -> None:
+        """The host reads ``Prompt.embeds`` in place of their placeholders.
+
+        - Embeddings the strategy hands over are well-formed: each placeholder once in the
+          rendered prompt, before the question, an (n, hidden) float tensor; the host
+          generates from them and counts their ``n`` slots as prompt tokens.
+        - This strategy's prompt, with its text before the question handed over as the
+          model's own token embeddings of that text, generates exactly what those tokens
+          generate (the splice is exact, and the prompt's shape admits it).
+        """
+        import torch
+
+        from apportion.base import Prompt
+        from apportion.host import Host
+
+        s = self.make(registry)
+        s.bind(smollm2)
+        context = f"{FACT} The code was written on a card by the door."
+        p = s.build(QUESTION, context=context, tokenizer=smollm2.tokenizer)
+        host = Host(smollm2)
+        hidden = smollm2.model.get_input_embeddings().weight.shape[-1]
+        if p.embeds:
+            rendered = host.render(p.messages)
+            for placeholder, vectors in p.embeds.items():
+                assert rendered.count(placeholder) == 1, placeholder
+                assert rendered.index(placeholder) < rendered.rindex(p.question or placeholder)
+                assert vectors.dim() == 2 and vectors.shape[1] == hidden
+                assert vectors.shape[0] >= 1
+            enc = host.encode(p)
+            slots = sum(v.shape[0] for v in p.embeds.values())
+            assert sum(v.shape[0] for _, v in enc.embeds) == slots
+            result = host.generate(p, max_new_tokens=4)[0]
+            assert result.prompt_tokens == len(enc.ids) and result.new_tokens >= 1
+
+        last = p.messages[-1]["content"]
+        cut = last.rfind(p.question) if p.question else -1
+        head = last[:cut] if cut > 0 else ""
+        for placeholder in p.embeds:  # only the text after the strategy's own embeddings
+            head = head.split(placeholder)[-1]
+        span = head.strip()
+        if not span:
+            return  # no text before the question to hand over
+        placeholder = "<<apportion-contract-splice>>"
+        twin = Prompt(
+            [*p.messages[:-1], {**p.messages[-1], "content": last.replace(span, placeholder, 1)}],
+            question=p.question,
+            embeds=dict(p.embeds),
+        )
+        span_ids = smollm2.tokenizer.encode(span, add_special_tokens=False)
+        with torch.no_grad():
+            vectors = smollm2.model.get_input_embeddings().weight[span_ids].clone()
+        twin.embeds[placeholder] = vectors
+        enc = host.encode(twin)
+        start = next(s for s, v in enc.embeds if v.data_ptr() == vectors.data_ptr())
+        ids = list(enc.ids)
+        ids[start : start + len(span_ids)] = span_ids
+        spliced = host.generate(twin, max_new_tokens=4)[0]
+        assert spliced.prompt_tokens == len(ids)
+        if not p.embeds:
+            plain = host.generate_ids([ids], enc.question_len, max_new_tokens=4)[0]
+        elif host.encode(p).ids == ids:  # the strategy's own embeddings stay in both
+            plain = host.generate(p, max_new_tokens=4)[0]
+        else:
+            return  # the text around the strategy's placeholders tokenizes differently
+        assert spliced.token_ids == plain.token_ids
+
 
 class BenchmarkContract(_Contract):
     """Deterministic samples, lengths near target in model tokens, scores in [0, 1]."""
