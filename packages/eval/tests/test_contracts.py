@@ -54,6 +54,16 @@ class TestLongGen(BenchmarkContract):
     component = "longgen"
 
 
+class TestContextAwareness(BenchmarkContract):
+    component = "context-awareness"
+
+
+class TestContextAwarenessTestSplitShort(BenchmarkContract):
+    component = "context-awareness"
+    options = {"split": "test", "instruction": "Answer in one word."}
+    small_options = {"lengths": [256, 512], "samples": 1}
+
+
 class TestCwe(BenchmarkContract):
     component = "cwe"
 

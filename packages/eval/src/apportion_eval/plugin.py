@@ -13,6 +13,7 @@ def apportion_register_benchmarks(register):
     register("apportion_eval.needle_threading:NeedleThreading", name="needle-threading")
     register("apportion_eval.holobench:HoloBench", name="holobench")
     register("apportion_eval.longgen:LongGen", name="longgen")
+    register("apportion_eval.context_awareness:ContextAwareness", name="context-awareness")
     register("apportion_eval.cwe:Cwe", name="cwe")
     register("apportion_eval.fwe:Fwe", name="fwe")
     register("apportion_eval.multihop_qa:MultiHopQA", name="multihop-qa")
