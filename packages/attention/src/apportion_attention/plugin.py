@@ -18,3 +18,4 @@ def apportion_register_attention(register):
     register("apportion_attention.rope_scaling:DynamicNTK", name="rope-ntk")
     register("apportion_attention.rope_scaling:YaRN", name="rope-yarn")
     register("apportion_attention.ssa:SSAAttention", name="ssa")
+    register("apportion_attention.context_steer:ContextSteer", name="context-attention")
