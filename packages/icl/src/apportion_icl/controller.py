@@ -65,6 +65,29 @@ def _paths(path: str | Path) -> tuple[Path, Path]:
     return p.with_suffix(".json"), p.with_suffix(".safetensors")
 
 
+def checked_meta(
+    raw: bytes, meta_path: Path, bad: Any, *, what: str, kind: str, fmt: int
+) -> dict[str, Any]:
+    """An artifact's JSON metadata, parsed with bounded depth and size, of the expected
+    ``kind`` and ``format`` and matching its own checksum; else ``bad(meta_path, reason)``
+    is raised."""
+    meta = loads_json(
+        raw, what=what, error=lambda msg: bad(meta_path, msg), max_bytes=MAX_META_BYTES
+    )
+    if not isinstance(meta, dict):
+        raise bad(meta_path, "the metadata is not a JSON object")
+    if meta.get("kind") != kind or meta.get("format") != fmt:
+        raise bad(
+            meta_path,
+            f"a {meta.get('kind')!r} artifact of format {meta.get('format')!r}; this "
+            f"version reads {kind} format {fmt}",
+        )
+    digest = meta.get("sha256")
+    if not isinstance(digest, str) or meta_checksum(meta) != digest:
+        raise bad(meta_path, "the metadata does not match its checksum (it is corrupt)")
+    return meta
+
+
 def meta_checksum(meta: dict[str, Any]) -> str:
     """sha256 of the canonical JSON (sorted keys, no spaces) of every field but ``sha256``."""
     rest = {k: v for k, v in meta.items() if k != "sha256"}
@@ -164,23 +187,9 @@ class Controller:
             return ArtifactError(f"{where}: {msg}; retrain with `{TRAIN_HINT}`")
 
         raw_meta = _read(meta_path, weights_path, meta_path, MAX_META_BYTES, bad)
-        meta = loads_json(
-            raw_meta,
-            what="the controller metadata",
-            error=lambda msg: bad(meta_path, msg),
-            max_bytes=MAX_META_BYTES,
+        meta = checked_meta(
+            raw_meta, meta_path, bad, what="the controller metadata", kind=KIND, fmt=FORMAT
         )
-        if not isinstance(meta, dict):
-            raise bad(meta_path, "the metadata is not a JSON object")
-        if meta.get("kind") != KIND or meta.get("format") != FORMAT:
-            raise bad(
-                meta_path,
-                f"a {meta.get('kind')!r} artifact of format {meta.get('format')!r}; this "
-                f"version reads {KIND} format {FORMAT}",
-            )
-        digest = meta.get("sha256")
-        if not isinstance(digest, str) or meta_checksum(meta) != digest:
-            raise bad(meta_path, "the metadata does not match its checksum (it is corrupt)")
         blob = _read(meta_path, weights_path, weights_path, MAX_WEIGHTS_BYTES, bad)
         if hashlib.sha256(blob).hexdigest() != meta.get("weights_sha256"):
             raise bad(

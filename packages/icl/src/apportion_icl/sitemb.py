@@ -44,9 +44,9 @@ from pathlib import Path
 from typing import Any
 
 from apportion.host.embed import SentenceEmbedder
-from apportion.host.io import atomic_write, loads_json
+from apportion.host.io import atomic_write
 
-from apportion_icl.controller import meta_checksum
+from apportion_icl.controller import checked_meta, meta_checksum
 from apportion_icl.errors import ArtifactError
 
 FORMAT = 1
@@ -204,23 +204,14 @@ def load(path: str | Path) -> SitEmb:
             raise bad(p, f"larger than the limit of {limit} bytes")
         return raw
 
-    meta = loads_json(
+    meta = checked_meta(
         read(meta_path, MAX_META_BYTES),
+        meta_path,
+        bad,
         what="the SitEmb metadata",
-        error=lambda msg: bad(meta_path, msg),
-        max_bytes=MAX_META_BYTES,
+        kind=KIND,
+        fmt=FORMAT,
     )
-    if not isinstance(meta, dict):
-        raise bad(meta_path, "the metadata is not a JSON object")
-    if meta.get("kind") != KIND or meta.get("format") != FORMAT:
-        raise bad(
-            meta_path,
-            f"a {meta.get('kind')!r} artifact of format {meta.get('format')!r}; this version "
-            f"reads {KIND} format {FORMAT}",
-        )
-    digest = meta.get("sha256")
-    if not isinstance(digest, str) or meta_checksum(meta) != digest:
-        raise bad(meta_path, "the metadata does not match its checksum (it is corrupt)")
     blob = read(weights_path, MAX_WEIGHTS_BYTES)
     if hashlib.sha256(blob).hexdigest() != meta.get("weights_sha256"):
         raise bad(

@@ -63,6 +63,23 @@ class Tokens:
         )
 
 
+def query_tokens(query: str, budget: int | None, tokens: Tokens) -> int:
+    """The tokens the query alone takes with the chat template; a query that is not a
+    non-empty string is a ``ValueError``, a budget that is not positive or that the query alone
+    exceeds a :class:`~apportion_icl.errors.BudgetError`."""
+    if not isinstance(query, str) or not query.strip():
+        raise ValueError("the query must be a non-empty string")
+    if budget is not None and budget <= 0:
+        raise BudgetError(f"the budget must be a positive number of tokens, got {budget}")
+    need = tokens.messages(chat(query))
+    if budget is not None and need > budget:
+        raise BudgetError(
+            f"the budget of {budget} tokens is smaller than the query alone "
+            f"({need} tokens with the chat template); raise the budget or shorten the query"
+        )
+    return need
+
+
 class ICLStrategy(PromptStrategy):
     """Base of the package's strategies. Subclasses implement :meth:`plan`, returning the
     (possibly rewritten) context, the demonstrations in order of preference, and accounting.
@@ -105,17 +122,8 @@ class ICLStrategy(PromptStrategy):
         budget: int | None = None,
         tokenizer: Any = None,
     ) -> Prompt:
-        if not isinstance(query, str) or not query.strip():
-            raise ValueError("the query must be a non-empty string")
-        if budget is not None and budget <= 0:
-            raise BudgetError(f"the budget must be a positive number of tokens, got {budget}")
         tokens = Tokens(tokenizer)
-        need = tokens.messages(chat(query))
-        if budget is not None and need > budget:
-            raise BudgetError(
-                f"the budget of {budget} tokens is smaller than the query alone "
-                f"({need} tokens with the chat template); raise the budget or shorten the query"
-            )
+        query_tokens(query, budget, tokens)
         pool = as_demos(demos)
         if not pool and self.uses_demos:
             warnings.warn(

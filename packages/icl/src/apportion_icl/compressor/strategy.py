@@ -50,8 +50,8 @@ from pydantic import Field
 
 from apportion_icl.compressor.artifact import ARTIFACT_NAME
 from apportion_icl.demos import chat
-from apportion_icl.errors import ArtifactError, BudgetError
-from apportion_icl.strategy import ICLStrategy, StrategyConfig, Tokens
+from apportion_icl.errors import ArtifactError
+from apportion_icl.strategy import ICLStrategy, StrategyConfig, Tokens, query_tokens
 
 #: where the compressed context stands in the user turn (never tokenized: the host reads the
 #: vectors there)
@@ -224,17 +224,8 @@ class ArcCompress(ICLStrategy):
         compression time. A budget smaller than the query alone is a
         :class:`~apportion_icl.errors.BudgetError`; a compressed prompt that still exceeds
         it, a ``PromptTooLongError``."""
-        if not isinstance(query, str) or not query.strip():
-            raise ValueError("the query must be a non-empty string")
-        if budget is not None and budget <= 0:
-            raise BudgetError(f"the budget must be a positive number of tokens, got {budget}")
         tokens = Tokens(tokenizer)
-        need = tokens.messages(chat(query))
-        if budget is not None and need > budget:
-            raise BudgetError(
-                f"the budget of {budget} tokens is smaller than the query alone "
-                f"({need} tokens with the chat template); raise the budget or shorten the query"
-            )
+        query_tokens(query, budget, tokens)
         if not context or not context.strip():
             return self.finish(query, None, [], [], budget, tokens, {"compressed": False})
         t0 = time.perf_counter()
