@@ -72,6 +72,13 @@ def main() -> None:
     ap.add_argument("--codec-level", type=int, default=None, help="CacheGen level (default off)")
     ap.add_argument("--batch-size", type=int, default=8, help="questions asked as rows at once")
     ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument(
+        "--one-pass",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="surprise: score and evict in one forward (peak: the full cache) instead of a "
+        "scoring pass first",
+    )
     args = ap.parse_args()
     if args.needles < 1 or args.contexts < 1:
         ap.error("--needles and --contexts must be at least 1")
@@ -85,7 +92,9 @@ def main() -> None:
     aware_host = Host(
         loaded, kv_policy=reg.create("kv-policy", "qspan", {"compression_ratio": args.ratio})
     )
-    options = {"compression_ratio": args.ratio}
+    options: dict = {"compression_ratio": args.ratio}
+    if args.policy == "surprise":
+        options["one_pass"] = args.one_pass
     scores: dict[str, list[float]] = {"full": [], "qspan": [], args.policy: []}
     wall: dict[str, float] = {"full": 0.0, "qspan": 0.0, args.policy: 0.0}
     n = args.max_new_tokens
@@ -153,6 +162,7 @@ def main() -> None:
         "contexts": args.contexts,
         "ratio": args.ratio,
         "policy": args.policy,
+        "policy_options": options,
         "codec_level": args.codec_level,
         "store": "redis" if str(store).startswith(("redis://", "rediss://", "unix://")) else "dir",
         "batch_size": args.batch_size,

@@ -170,3 +170,31 @@ def test_a_misspelt_policy_option_suggests_the_option_and_lists_them(registry):
         resolve_config(cfg, registry)
     msg = " ".join(m for _, m in exc.value.errors)
     assert "Did you mean 'compression_ratio'?" in msg and "window" in msg
+
+
+def test_surprise_one_pass_keeps_the_same_entries_in_one_forward(registry, smollm2, prefilled):
+    """``one_pass`` trades the peak for time: the same kept keys and values as the two-pass
+    default, from one forward of the model instead of two, and a peak at the full cache
+    instead of the compressed cache plus one layer."""
+    ids, qlen = prefilled
+    forwards = []
+    handle = smollm2.model.get_decoder().register_forward_hook(lambda *a: forwards.append(1))
+    try:
+        runs = {}
+        for one_pass in (False, True):
+            forwards.clear()
+            policy = registry.create(
+                "kv-policy", "surprise", {"compression_ratio": 0.75, "one_pass": one_pass}
+            )
+            cache, out = _prefill(smollm2, policy, ids, qlen)
+            runs[one_pass] = (cache, out, len(forwards))
+    finally:
+        handle.remove()
+    (two_cache, two_out, two_fw), (one_cache, one_out, one_fw) = runs[False], runs[True]
+    assert (two_fw, one_fw) == (2, 1)
+    for a, b in zip(two_cache.layers, one_cache.layers, strict=True):
+        torch.testing.assert_close(a.keys, b.keys)
+        torch.testing.assert_close(a.values, b.values)
+    full_cache, _ = _prefill(smollm2, KVPolicy(), ids, qlen)
+    full = sum(layer.keys.nbytes + layer.values.nbytes for layer in full_cache.layers)
+    assert one_out.info["peak_kv_bytes"] >= full > two_out.info["peak_kv_bytes"]

@@ -14,8 +14,10 @@ The scores need the final layer, which a layer-wise prefill has not reached when
 the first (:attr:`~apportion.host.kv.KVPolicy.needs_prompt_hidden`). Alone, the policy runs
 the context twice: a scoring pass that holds one layer's keys and values at a time, then the
 layer-wise prefill, each layer evicted by those scores as soon as it attended; its peak is the
-compressed cache plus one full layer in flight, and the price is a second forward pass. In a
-shared prefill (:mod:`apportion.host.shared`) the one forward serves it too.
+compressed cache plus one full layer in flight, and the price is a second forward pass. With
+``one_pass`` it runs the context once and evicts every layer after the last one ran: the peak
+is the full cache, the time one forward (what a context compressed once for many questions
+wants). In a shared prefill (:mod:`apportion.host.shared`) the one forward serves it too.
 
 Surprisal as a keep signal follows selective-context compression of prompts (Li et al.,
 "Compressing Context to Enhance Inference Efficiency of Large Language Models", 2023); applied
@@ -42,6 +44,14 @@ class SurpriseConfig(EvictionConfig):
     sink: int = Field(4, ge=0, le=256, description="leading entries always kept")
     chunk: int = Field(
         512, ge=16, le=8192, description="positions per chunk of the surprisal computation"
+    )
+    one_pass: bool = Field(
+        False,
+        description="score and evict in one forward, holding every layer's full KV until the "
+        "last layer has run (peak: the full cache) instead of a scoring pass first (peak: the "
+        "compressed cache plus one layer; the price, a second forward). For contexts "
+        "compressed once and asked many times, where the compression's time counts and its "
+        "peak passes",
     )
 
 

@@ -14,7 +14,8 @@ Alone, it runs the prompt twice: :func:`prompt_hidden` first (one layer's KV in 
 time), then the layer-wise prefill with its scores ready. In a shared prefill the driver keeps
 such a policy's full layers until the forward ends, then evicts them; the policy is still
 charged what it would hold alone (the two passes' peak), and its cache and answers are the
-same, since both passes run the very same forward.
+same, since both passes run the very same forward. A policy configured with ``one_pass``
+runs alone this way too, and is charged every full layer held.
 
 :func:`generate_shared` then decodes the policies' caches together, as one batch: caches of
 different lengths are left-padded with masked entries, positions continue from the
@@ -169,10 +170,16 @@ def layerwise_prefill(
             return captured["hidden"]
         for i in needy:
             policies[i].prepare(model, input_ids, attention_mask, captured["hidden"], memo)
+        remaining = sum(_nbytes(inputs.keys, inputs.values) for _, inputs in held)
         for idx, inputs in held:
+            full = _nbytes(inputs.keys, inputs.values)
             for i in needy:
                 inputs.n_keep = int(plans[i] or 0)
-                evict(i, idx, inputs, _nbytes(inputs.keys, inputs.values))
+                # one pass alone holds every full layer still to evict; two passes, one
+                alone = getattr(getattr(policies[i], "config", None), "one_pass", False)
+                in_flight = remaining if alone else full
+                evict(i, idx, inputs, in_flight)
+            remaining -= full
         held.clear()
     finally:
         for h in handles:
