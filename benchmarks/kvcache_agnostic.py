@@ -42,6 +42,7 @@ PEERS = ("streaming", "snapkv", "h2o", "qspan")
 #: question about the context's content and two alternative probes
 OURS = {
     "surprise": {"name": "surprise"},
+    "surprise-b8s16": {"name": "surprise", "before": 8, "span": 16},
     "probe": {"name": "probe"},
     "probe-repeat": {"name": "probe", "probe": "Repeat the text above, word for word."},
     "probe-summary": {"name": "probe", "probe": "Summarize the text above."},

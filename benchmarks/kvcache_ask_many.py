@@ -73,6 +73,14 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8, help="questions asked as rows at once")
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument(
+        "--option",
+        "-o",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an option of --policy (JSON value), e.g. -o before=8",
+    )
+    ap.add_argument(
         "--one-pass",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -95,6 +103,11 @@ def main() -> None:
     options: dict = {"compression_ratio": args.ratio}
     if args.policy == "surprise":
         options["one_pass"] = args.one_pass
+    for item in args.option:
+        key, sep, value = item.partition("=")
+        if not sep:
+            ap.error(f"--option {item!r} must look like key=value")
+        options[key] = json.loads(value)
     scores: dict[str, list[float]] = {"full": [], "qspan": [], args.policy: []}
     wall: dict[str, float] = {"full": 0.0, "qspan": 0.0, args.policy: 0.0}
     n = args.max_new_tokens

@@ -55,6 +55,7 @@ def tasks(args: argparse.Namespace) -> dict[str, dict]:
             "name": "needle-threading",
             "lengths": [args.length],
             "hops": args.hops,
+            "key_format": args.key_format,
             "samples": n,
         },
         "holobench": {
@@ -95,6 +96,9 @@ def main() -> None:
     ap.add_argument("--keys", type=int, default=4, help="multi-key: needles")
     ap.add_argument("--values", type=int, default=4, help="multi-value: values under the key")
     ap.add_argument("--hops", type=int, default=3, help="needle-threading: links per thread")
+    ap.add_argument(
+        "--key-format", choices=["uuid", "word"], default="uuid", help="needle-threading keys"
+    )
     ap.add_argument(
         "--span-variants",
         type=int,
