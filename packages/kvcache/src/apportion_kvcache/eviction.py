@@ -277,8 +277,7 @@ class ScoredEviction(KVPolicy):
                 model, input_ids, attention_mask, cache, question_len=question_len
             )
         hidden = None
-        one_pass = bool(getattr(self.config, "one_pass", False))
-        if self.needs_prompt_hidden and not one_pass:
+        if self.needs_prompt_hidden and not self.one_pass:
             # a first pass for the scores, one layer's KV at a time; with one_pass the
             # layer-wise prefill holds every full layer and evicts after its forward
             hidden = prompt_hidden(model, input_ids, attention_mask)

@@ -91,6 +91,10 @@ class Surprise(ScoredEviction):
         super().__init__(config)
         self._scores: torch.Tensor | None = None
 
+    @property
+    def one_pass(self) -> bool:
+        return bool(self.config.one_pass)
+
     def score(self, inputs: LayerInputs) -> torch.Tensor:
         """The prompt's token scores (:meth:`prepare`), the same for every layer and KV head."""
         if self._scores is None or self._scores.shape[-1] != inputs.keys.shape[-2]:

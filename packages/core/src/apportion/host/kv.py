@@ -246,6 +246,13 @@ class KVPolicy(Component):
     #: :meth:`prepare` with them before this policy's :meth:`evict_layer` sees any layer.
     needs_prompt_hidden: ClassVar[bool] = False
 
+    @property
+    def one_pass(self) -> bool:
+        """For :attr:`needs_prompt_hidden` policies: run alone, the prompt goes through the
+        model once and every full layer is held until the forward ends (peak: the full
+        cache), instead of a scoring pass first."""
+        return False
+
     def plan(self, attention_mask: torch.Tensor, question_len: int) -> int | None:
         """Entries each layer keeps for this prompt batch, or ``None`` to keep them all."""
         return None

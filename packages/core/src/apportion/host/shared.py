@@ -176,8 +176,7 @@ def layerwise_prefill(
             for i in needy:
                 inputs.n_keep = int(plans[i] or 0)
                 # one pass alone holds every full layer still to evict; two passes, one
-                alone = getattr(getattr(policies[i], "config", None), "one_pass", False)
-                in_flight = remaining if alone else full
+                in_flight = remaining if policies[i].one_pass else full
                 evict(i, idx, inputs, in_flight)
             remaining -= full
         held.clear()
