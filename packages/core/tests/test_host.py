@@ -250,3 +250,25 @@ def test_prefill_context_then_generate_after_is_query_agnostic_generate(smollm2)
         host.prefill_context([[]])
     with pytest.raises(PromptTooLongError):
         host.generate_after(cache, pre, [q_ids], max_new_tokens=9000)
+
+
+def test_fingerprint_of_folder_matches_the_loaded_model(smollm2, tmp_path):
+    """Read from the saved folder without loading it, the fingerprint equals the loaded
+    model's (float32); a folder missing a parameter's weights is a ModelLoadError."""
+    import shutil
+
+    from apportion.errors import ModelLoadError
+    from apportion.host.model import fingerprint_of_folder
+    from safetensors.torch import load_file, save_file
+
+    assert fingerprint_of_folder(smollm2.path) == smollm2.fingerprint
+    broken = tmp_path / "broken"
+    shutil.copytree(smollm2.path, broken)
+    weights = next(broken.glob("*.safetensors"))
+    tensors = load_file(weights)
+    tensors.pop("model.norm.weight")
+    save_file(tensors, weights)
+    with pytest.raises(ModelLoadError, match="model.norm.weight"):
+        fingerprint_of_folder(broken)
+    with pytest.raises(ModelLoadError, match="no transformers model"):
+        fingerprint_of_folder(tmp_path / "nothing")

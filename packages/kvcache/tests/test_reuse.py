@@ -223,3 +223,66 @@ def test_every_policy_and_option_gets_its_own_store_entry(smollm2, tmp_path):
             assert loaded.meta["policy"]["options"][k] == v
         assert loaded.meta["kept_tokens"] == h.meta["kept_tokens"]
     assert handles[1].meta["kept_tokens"] < handles[0].meta["kept_tokens"]
+
+
+# ------------------------------------------------------------------------------- vLLM
+
+
+def test_rope_shift_moves_keys_as_transformers_rotates_them(smollm2):
+    """Keys rotated at positions p, moved by ``rope_shift``, equal the same keys rotated at
+    p + shift by the model's own rotary embedding (both directions)."""
+    import torch
+    from apportion_kvcache.kv import rope_shift
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    model = smollm2.model
+    rotary = model.model.rotary_emb
+    cfg = model.config
+    dim = cfg.hidden_size // cfg.num_attention_heads
+    g = torch.Generator().manual_seed(0)
+    raw = torch.randn(1, cfg.num_key_value_heads, 40, dim, generator=g, dtype=torch.float64)
+    at = torch.arange(100, 140)[None]
+
+    def rotated(pos):
+        cos, sin = rotary(raw.float(), pos)
+        return apply_rotary_pos_emb(raw, raw, cos.double(), sin.double())[1]
+
+    for shift in (-77, 513):
+        got = rope_shift(rotated(at), shift, cfg)
+        # transformers takes its angles in float32: about 1e-4 off at these positions
+        assert torch.allclose(got, rotated(at + shift), atol=1e-3), shift
+        assert not torch.allclose(got, rotated(at + shift + 1), atol=1e-2)
+    # a scaled RoPE is refused, not silently moved wrong
+    import types
+
+    scaled = types.SimpleNamespace(rope_theta=1e5, rope_scaling={"rope_type": "llama3"})
+    with pytest.raises(ValueError, match="llama3"):
+        rope_shift(rotated(at), 5, scaled)
+
+
+def test_vllm_request_begins_with_one_slot_per_kept_entry(smollm2, tmp_path):
+    from apportion_kvcache.reuse import vllm_request
+    from apportion_kvcache.vllm_names import CONTEXT_PARAM, CONTEXT_SLOTS_PARAM
+
+    handle = compress_context(
+        smollm2,
+        "The vault code is 4417.",
+        "streaming",
+        str(tmp_path),
+        options={"compression_ratio": 0.5},
+    )
+    prompt, params = vllm_request(
+        str(tmp_path), handle, "What is the vault code?", smollm2.tokenizer
+    )
+    kept = handle.meta["kept_tokens"]
+    ids = prompt["prompt_token_ids"]
+    assert params == {CONTEXT_PARAM: handle.handle, CONTEXT_SLOTS_PARAM: kept}
+    assert prompt["cache_salt"] == handle.key
+    tail = smollm2.tokenizer.encode(
+        "What is the vault code?" + handle.meta["question_suffix"], add_special_tokens=False
+    )
+    assert ids[kept:] == tail and len(set(ids[:kept])) == 1
+    with pytest.raises(KVNotFoundError):
+        vllm_request(str(tmp_path), "nothing-here", "What?", smollm2.tokenizer)
+    with pytest.raises(ConfigError, match="empty"):
+        vllm_request(str(tmp_path), handle, "  ", smollm2.tokenizer)

@@ -12,6 +12,14 @@ Steps, all in one ``LLM`` (its start-up is the slow part on CPU):
    reports the blocks to vLLM, which recomputes (``kv_load_failure_policy="recompute"``) and
    answers as in step 1.
 
+With a third argument, a CacheGen level, the connector codes its entries
+(``codec_level``), the model runs in float32, and the steps are ``first``, ``second``, then
+the compressed-context steps, then ``zeroed`` (entries re-coded from zero KV) and
+``corrupt``. Compressed context: the facts (without a question) are compressed once by
+transformers with ``surprise`` at ratio 0.5 into the same store and asked two questions there
+(``hf``); vLLM asks the same two from the stored entry (``context``), then from a handle that
+is not in the store (``missing``).
+
 The worker-side connector's counters are read after each step with ``LLM.collective_rpc``.
 """
 
@@ -27,23 +35,74 @@ def _connector_stats(worker) -> dict:
     return dict(get_kv_transfer_group().stats)
 
 
-def main(store: str, model_dir: str) -> None:
+def _zeroed(entry) -> bytes:
+    """The entry's payload with every KV value zero (same shapes, a valid checksum)."""
+    import torch
+    from safetensors.torch import load, save
+
+    if entry.kind == "kv":
+        return save({"blocks": torch.zeros_like(load(entry.payload)["blocks"])})
+    from apportion_kvcache.cachegen.codec import CacheGenCodec, CodecConfig
+
+    codec = CacheGenCodec()
+    header = codec.read_header(entry.payload)
+    k, v = codec.decode(entry.payload)[0]
+    coder = CacheGenCodec(CodecConfig(levels=[header.bins], group_size=header.group_size))
+    return coder.encode(
+        [(torch.zeros_like(k), torch.zeros_like(v))],
+        fingerprint=header.fingerprint,
+        meta=header.meta,
+    )
+
+
+FACTS = " ".join(
+    f"Item {i}: the locker code for room {100 + i} is {4417 + 37 * i}." for i in range(24)
+)
+QUESTIONS = ["What is the locker code for room 105?", "What is the locker code for room 117?"]
+
+
+def _hf_context(store: str, model_dir: str) -> dict:
+    """Compress FACTS once with transformers (float32), ask QUESTIONS from the stored entry."""
+    from apportion.config import ModelSpec
+    from apportion.host import load_model
+    from apportion_kvcache.reuse import ask, compress_context
+
+    loaded = load_model(ModelSpec(name="smollm2", device="cpu", dtype="float32"))
+    handle = compress_context(
+        loaded,
+        FACTS,
+        "surprise",
+        store,
+        options={"compression_ratio": 0.5, "one_pass": True},
+        name="facts",
+    )
+    got = ask(loaded, handle, QUESTIONS, max_new_tokens=24, batch_size=1)
+    return {
+        "handle": handle.handle,
+        "answers": [r.text for r in got],
+        "context_tokens": handle.meta["context_tokens"],
+        "kept_tokens": handle.meta["kept_tokens"],
+        "fingerprint": loaded.fingerprint,
+    }
+
+
+def main(store: str, model_dir: str, codec_level: int | None = None) -> None:
     import os
 
     # collective_rpc sends a function to the worker: vLLM pickles it only when allowed
     os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
-    import torch
     from apportion_kvcache.store import open_store
-    from safetensors.torch import load, save
     from vllm import LLM, SamplingParams
     from vllm.config import KVTransferConfig
 
     cfg = KVTransferConfig(
         kv_connector="ApportionStoreConnector",
         kv_role="kv_both",
-        kv_connector_extra_config={"store": store},
+        kv_connector_extra_config={"store": store, "codec_level": codec_level},
         kv_load_failure_policy="recompute",
     )
+    coded = codec_level is not None
+    hf = _hf_context(store, model_dir) if coded else None
     llm = LLM(
         model=model_dir,
         kv_transfer_config=cfg,
@@ -53,6 +112,7 @@ def main(store: str, model_dir: str) -> None:
         seed=0,
         kv_cache_memory_bytes=256 << 20,
         max_num_batched_tokens=256,
+        dtype="float32" if coded else "auto",
     )  # chunked prefill: a prompt takes several steps
     tok = llm.get_tokenizer()
 
@@ -87,7 +147,33 @@ def main(store: str, model_dir: str) -> None:
     run("first", prompt)
     result["entries_after_first"] = len(open_store(store).keys())
     run("second", prompt)
-    run("longer", longer)
+    if not coded:
+        run("longer", longer)
+    else:
+        assert hf is not None
+        from apportion_kvcache.reuse import vllm_request
+
+        result["hf"] = hf
+        answers = []
+        for q in QUESTIONS:
+            ids, kv_params = vllm_request(store, hf["handle"], q, tok)
+            sampling = SamplingParams(
+                temperature=0.0, max_tokens=24, extra_args={"kv_transfer_params": kv_params}
+            )
+            out = llm.generate([ids], sampling, use_tqdm=False)[0]
+            answers.append(out.outputs[0].text)
+        result["context"] = {
+            "answers": answers,
+            "prompt_tokens": len(ids["prompt_token_ids"]),
+            "stats": llm.collective_rpc(_connector_stats)[0],
+        }
+        ids["cache_salt"] = "another"
+        kv_params = dict(kv_params, apportion_context="no-such-context")
+        sampling = SamplingParams(
+            temperature=0.0, max_tokens=8, extra_args={"kv_transfer_params": kv_params}
+        )
+        llm.generate([ids], sampling, use_tqdm=False)
+        result["missing"] = {"stats": llm.collective_rpc(_connector_stats)[0]}
 
     st = open_store(store)
     zeroed = 0
@@ -95,11 +181,10 @@ def main(store: str, model_dir: str) -> None:
         entry = st.get(key)
         if entry is None or "layer" not in entry.manifest.get("meta", {}):
             continue
-        blocks = load(entry.payload)["blocks"]
         st.put(
             key,
-            "kv",
-            save({"blocks": torch.zeros_like(blocks)}),
+            entry.kind,
+            _zeroed(entry),
             fingerprint=entry.manifest["model"],
             tokens=entry.manifest["tokens"],
             meta=entry.manifest["meta"],
@@ -123,4 +208,4 @@ def main(store: str, model_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else None)

@@ -56,12 +56,10 @@ def test_vllm_loads_the_plugin_itself():
     assert out.stdout.strip().splitlines()[-1] == "True"
 
 
-@pytest.fixture(scope="module")
-def served(vllm_model_dir, tmp_path_factory):
-    store = tmp_path_factory.mktemp("kvstore") / "store"
+def _serve(store: Path, model_dir: Path, *extra: str) -> dict:
     script = Path(__file__).with_name("serve_twice.py")
     proc = subprocess.run(
-        [sys.executable, str(script), str(store), str(vllm_model_dir)],
+        [sys.executable, str(script), str(store), str(model_dir), *extra],
         capture_output=True,
         text=True,
         timeout=900,
@@ -70,6 +68,16 @@ def served(vllm_model_dir, tmp_path_factory):
     assert proc.returncode == 0, proc.stderr[-4000:]
     line = [x for x in proc.stdout.splitlines() if x.startswith("{")][-1]
     return json.loads(line)
+
+
+@pytest.fixture(scope="module")
+def served(vllm_model_dir, tmp_path_factory):
+    return _serve(tmp_path_factory.mktemp("kvstore") / "store", vllm_model_dir)
+
+
+@pytest.fixture(scope="module")
+def served_coded(vllm_model_dir, tmp_path_factory):
+    return _serve(tmp_path_factory.mktemp("kvstore-coded") / "store", vllm_model_dir, "0")
 
 
 def test_first_request_saves_its_prefix(served):
@@ -116,3 +124,134 @@ def test_a_corrupt_entry_is_reported_and_recomputed(served):
     corrupt = served["corrupt"]
     assert corrupt["stats"]["load_errors"] == 1
     assert corrupt["text"] == served["first"]["text"]  # kv_load_failure_policy="recompute"
+
+
+# ---------------------------------------------------------------- CacheGen-coded entries
+
+
+def _cpu_layer(isa: str, heads: int, dim: int, kv_cache_dtype: str = "auto"):
+    """A stand-in for a vLLM attention layer on the CPU backend: vLLM's own implementation
+    (its cache write is the code under test), with the attributes the backend reads."""
+    import types
+
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl
+
+    impl = CPUAttentionBackendImpl.__new__(CPUAttentionBackendImpl)  # no engine config here
+    impl.attn_type, impl.kv_cache_dtype = "decoder", kv_cache_dtype
+    return types.SimpleNamespace(
+        impl=impl,
+        num_kv_heads=heads,
+        head_size=dim,
+        isa=isa,
+        _k_scale_float=1.0,
+        _v_scale_float=1.0,
+    )
+
+
+@pytest.mark.parametrize("isa,block_size", [("vec16", 16), ("vec", 32)])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_token_layout_reads_and_writes_what_the_backend_wrote(isa, block_size, dtype):
+    import torch
+    from apportion_kvcache.vllm_connector import TokenLayout
+
+    heads, dim = 3, 64
+    layer = _cpu_layer(isa, heads, dim)
+    paged = torch.zeros((5, heads, block_size, 2 * dim), dtype=getattr(torch, dtype))
+    layout = TokenLayout.probe(layer, paged, block_size)
+    assert layout is not None
+    g = torch.Generator().manual_seed(0)
+    k = torch.randn(2 * block_size, heads, dim, generator=g).to(paged.dtype)
+    v = torch.randn(2 * block_size, heads, dim, generator=g).to(paged.dtype)
+    # tokens 0..bs-1 into block 3, the next bs into block 1 (vLLM's slot = block * bs + offset)
+    slots = torch.cat(
+        [torch.arange(block_size) + 3 * block_size, torch.arange(block_size) + block_size]
+    )
+    layer.impl.do_kv_cache_update(layer, k, v, paged, slots)
+    got = layout.read(paged, [3, 1])
+    assert torch.equal(got[0], k.permute(1, 0, 2))
+    assert torch.equal(got[1], v.permute(1, 0, 2))
+    fresh = torch.zeros_like(paged)
+    layout.write(fresh, [3, 1], got)
+    assert torch.equal(fresh, paged)  # byte for byte what the backend's own write produced
+
+
+def test_token_layout_refuses_a_cache_that_is_not_a_permutation():
+    """A cache that quantizes what it stores (fp8) or a write that changes values has no
+    token layout: such layers are saved raw."""
+    import types
+
+    import torch
+    from apportion_kvcache.vllm_connector import TokenLayout
+
+    layer = _cpu_layer("vec16", 2, 64, kv_cache_dtype="fp8")
+    assert TokenLayout.probe(layer, torch.zeros((2, 2, 16, 128), dtype=torch.uint8), 16) is None
+
+    def lossy(layer, key, value, kv_cache, slots):  # stores keys halved
+        kv_cache[0, :, :, :64] = key.permute(1, 0, 2) / 2
+        kv_cache[0, :, :, 64:] = value.permute(1, 0, 2)
+
+    def plain(layer, key, value, kv_cache, slots):
+        kv_cache[0, :, :, :64] = key.permute(1, 0, 2)
+        kv_cache[0, :, :, 64:] = value.permute(1, 0, 2)
+
+    for write, found in ((lossy, False), (plain, True)):
+        fake = types.SimpleNamespace(
+            impl=types.SimpleNamespace(do_kv_cache_update=write), num_kv_heads=2, head_size=64
+        )
+        got = TokenLayout.probe(fake, torch.zeros((2, 2, 16, 128)), 16)
+        assert (got is not None) == found
+
+
+def test_codec_level_is_checked():
+    from apportion_kvcache.vllm_connector import _codec_level
+
+    assert _codec_level(None) is None and _codec_level(2) == 2
+    for bad in (-1, 4, "0", True, 1.0):
+        with pytest.raises(ValueError, match="codec_level"):
+            _codec_level(bad)
+
+
+def test_coded_entries_are_smaller_and_load_back(served, served_coded):
+    first, second = served_coded["first"], served_coded["second"]
+    assert first["stats"]["coded_entries"] == 30  # every layer had a token layout
+    assert first["stats"]["saved_tokens"] == served["first"]["stats"]["saved_tokens"]
+    ratio = first["stats"]["saved_bytes"] / first["stats"]["raw_bytes"]
+    assert ratio < 0.25, ratio  # float32 blocks against CacheGen level 0
+    assert second["num_cached_tokens"] == first["stats"]["saved_tokens"]
+    assert second["stats"]["loaded_tokens"] == first["stats"]["saved_tokens"]
+    assert second["stats"]["load_errors"] == 0
+    assert second["text"] == first["text"]  # loaded through a lossy code, same greedy answer
+
+
+def test_coded_entries_are_what_the_model_reads(served_coded):
+    errors = served_coded["missing"]["stats"]["load_errors"]  # the counters add up
+    assert served_coded["zeroed_entries"] == 30
+    assert served_coded["zeroed"]["stats"]["load_errors"] == errors
+    assert served_coded["zeroed"]["text"] != served_coded["first"]["text"]
+    corrupt = served_coded["corrupt"]
+    assert served_coded["damaged_files"] > 0
+    assert corrupt["stats"]["load_errors"] == errors + 1
+    assert corrupt["text"] == served_coded["first"]["text"]
+
+
+# ---------------------------------------------------------------- compressed contexts
+
+
+def test_vllm_answers_from_a_context_compressed_by_transformers(served_coded):
+    """One context compressed once (surprise, ratio 0.5) by the transformers host; vLLM asks
+    two questions from the stored entry and answers as the transformers host does."""
+    hf, ctx = served_coded["hf"], served_coded["context"]
+    assert hf["kept_tokens"] < hf["context_tokens"]  # the entry really is evicted
+    stats = ctx["stats"]
+    before = served_coded["second"]["stats"]
+    assert stats["context_loads"] - before["context_loads"] == 2
+    assert stats["load_errors"] == before["load_errors"]
+    assert stats["loaded_tokens"] - before["loaded_tokens"] == 2 * hf["kept_tokens"]
+    assert all(a.strip() for a in hf["answers"])
+    assert ctx["answers"] == hf["answers"]
+
+
+def test_a_missing_context_is_a_load_error_not_an_answer(served_coded):
+    before, after = served_coded["context"]["stats"], served_coded["missing"]["stats"]
+    assert after["load_errors"] == before["load_errors"] + 1
+    assert after["context_loads"] == before["context_loads"]

@@ -47,3 +47,30 @@ def check_kv_shape(layers: int, heads: int, head_dim: int, model_config: Any) ->
             f"KV shape (layers={layers}, kv_heads={heads}, head_dim={head_dim}) does not fit "
             f"the model (layers={want_layers}, kv_heads={want_heads}, head_dim={want_dim})"
         )
+
+
+def rope_shift(keys: torch.Tensor, shift: int, config: Any) -> torch.Tensor:
+    """``keys`` (..., tokens, head_dim), rotated with rotary embeddings (the rotate-half, NeoX
+    form transformers and vLLM use for Llama-style models), moved ``shift`` positions.
+    Attention under RoPE depends only on the distance between a query and a key, so moving
+    every cached key by the same amount keeps what later tokens see when they too stand
+    ``shift`` positions off. Plain RoPE only: a scaled variant raises :class:`ValueError`."""
+    scaling = getattr(config, "rope_scaling", None) or {}
+    params = getattr(config, "rope_parameters", None) or {}
+    kind = scaling.get("rope_type", scaling.get("type")) or params.get("rope_type") or "default"
+    if kind != "default":
+        raise ValueError(f"rope type {kind!r}: only plain RoPE keys can be moved")
+    theta = getattr(config, "rope_theta", None) or params.get("rope_theta")
+    if not theta:
+        raise ValueError("the model config names no rope_theta")
+    dim = keys.shape[-1]
+    rotary = int(dim * float(getattr(config, "partial_rotary_factor", 1.0) or 1.0))
+    inv_freq = 1.0 / (float(theta) ** (torch.arange(0, rotary, 2, dtype=torch.float64) / rotary))
+    angle = torch.cat([inv_freq, inv_freq]) * float(shift)
+    cos, sin = angle.cos(), angle.sin()
+    x = keys[..., :rotary].to(torch.float64)
+    half = rotary // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    out = keys.clone()
+    out[..., :rotary] = (x * cos + rotated * sin).to(keys.dtype)
+    return out

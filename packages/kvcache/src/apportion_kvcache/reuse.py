@@ -75,6 +75,7 @@ __all__ = [
     "read_entry",
     "store_key",
     "tokenizer_fingerprint",
+    "vllm_request",
 ]
 
 FORMAT = "apportion-kv-compressed"
@@ -640,3 +641,51 @@ def ask(
         cache, pre = stored.prefilled(loaded.model, len(rows))
         out += host.generate_after(cache, pre, rows, max_new_tokens=max_new_tokens)
     return out
+
+
+# ------------------------------------------------------------------------------- vLLM
+
+
+def vllm_request(
+    store: Any, handle: str | ContextHandle, question: str, tokenizer: Any
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A vLLM prompt that asks ``question`` of a stored compressed context, and the
+    ``kv_transfer_params`` that send it to the context (vLLM with
+    :class:`~apportion_kvcache.vllm_connector.ApportionStoreConnector` on ``store``)::
+
+        prompt, params = vllm_request(store, handle, "Who signed it?", llm.get_tokenizer())
+        sampling = SamplingParams(max_tokens=32, extra_args={"kv_transfer_params": params})
+        llm.generate(prompt, sampling)
+
+    vLLM gives every prompt token a slot, so the prompt begins with one placeholder token per
+    kept entry (the connector writes the stored entries there, keys moved to the positions
+    vLLM gives those slots) and then the question with the chat template's assistant turn, as
+    :func:`ask` feeds it. The prompt's ``cache_salt`` is the entry's key: vLLM's own prefix
+    cache never mixes two contexts' placeholders. Run such requests with
+    ``kv_load_failure_policy="fail"``: placeholders recomputed as text answer nothing.
+
+    Raises :class:`KVNotFoundError`, :class:`KVMismatchError` (another tokenizer, naming both)
+    or :class:`~apportion.errors.ConfigError` (an entry whose entries carry a validity mask,
+    which vLLM's attention cannot apply; an empty question)."""
+    if isinstance(handle, ContextHandle):
+        handle = handle.handle
+    if not isinstance(question, str) or not question.strip():
+        raise ConfigError(f"question {question!r} is empty: give the model something to answer")
+    entry, meta = read_entry(store, handle)
+    current = tokenizer_fingerprint(tokenizer)
+    if meta["tokenizer"] != current:
+        _mismatch(handle, "tokenizer", meta["tokenizer"], current)
+    if meta["kv_mask"] is not None:
+        raise ConfigError(
+            f"compressed context {handle!r} keeps a validity mask over its entries "
+            f"(kv-policy {meta['policy']['name']!r}); vLLM cannot apply one: compress it with a "
+            "policy that keeps whole entries"
+        )
+    pad = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
+    ids = [int(pad)] * int(meta["kept_tokens"]) + tokenizer.encode(
+        question + meta["question_suffix"], add_special_tokens=False
+    )
+    from apportion_kvcache.vllm_names import CONTEXT_PARAM, CONTEXT_SLOTS_PARAM
+
+    params = {CONTEXT_PARAM: handle, CONTEXT_SLOTS_PARAM: int(meta["kept_tokens"])}
+    return {"prompt_token_ids": ids, "cache_salt": entry.key}, params

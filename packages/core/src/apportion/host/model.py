@@ -13,6 +13,7 @@ import hashlib
 import importlib.util
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -419,14 +420,57 @@ def fingerprint(model: Any) -> str:
 
     config = model.config
     d = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-    h = hashlib.sha256(
-        json.dumps({k: d.get(k) for k in ARCH_KEYS}, sort_keys=True, default=str).encode()
-    )
     with torch.no_grad():
-        for name, param in model.named_parameters():
-            h.update(name.encode())
-            h.update(param.detach().reshape(-1)[:64].float().cpu().contiguous().numpy().tobytes())
+        return _fingerprint(
+            d, ((n, p.detach().reshape(-1)[:64]) for n, p in model.named_parameters())
+        )
+
+
+def _fingerprint(config: dict[str, Any], heads: Any) -> str:
+    """The hash of :func:`fingerprint`: ``heads`` yields (parameter name, its first values)."""
+    h = hashlib.sha256(
+        json.dumps({k: config.get(k) for k in ARCH_KEYS}, sort_keys=True, default=str).encode()
+    )
+    for name, head in heads:
+        h.update(name.encode())
+        h.update(head.float().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def fingerprint_of_folder(path: str | Path) -> str:
+    """:func:`fingerprint` of the transformers model saved in ``path`` (``config.json`` and
+    safetensors weights), read without loading it: for hosts that load the weights their own
+    way (vLLM fuses and renames parameters), so they can check KV stored by this one. Equal to
+    :func:`fingerprint` of the model loaded from ``path`` in the weights' dtype or a wider one.
+
+    Raises :class:`ModelLoadError` if ``path`` holds no such model or lacks a parameter."""
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    root = Path(path)
+    files = sorted(root.glob("*.safetensors"))
+    if not (root / "config.json").is_file() or not files:
+        raise ModelLoadError(f"{root} holds no transformers model (config.json, *.safetensors)")
+    config = AutoConfig.from_pretrained(root)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    where: dict[str, Path] = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:
+            where.update(dict.fromkeys(st.keys(), f))
+
+    def heads() -> Any:
+        for name, _ in skeleton.named_parameters():
+            if name not in where:
+                raise ModelLoadError(f"{root} has no weights for parameter {name}")
+            with safe_open(str(where[name]), framework="pt") as st:
+                part = st.get_slice(name)
+                shape = part.get_shape()
+                rows = -(-64 // max(1, math.prod(shape[1:]))) if len(shape) > 1 else 64
+                yield name, part[:rows].reshape(-1)[:64]
+
+    return _fingerprint(config.to_dict(), heads())
 
 
 def fingerprint_for(model: Any, loaded: Any = None) -> str:
