@@ -12,9 +12,10 @@ reached in steps:
   written as sentences, gold answers by DuckDB.
 
 Configs: ``full`` and, at every ``--ratios``, ``qspan`` (this package's query-aware policy,
-with its default options and with ``--span-variants``), ``streaming``, ``snapkv`` and
-``h2o``. It prints one JSON line per (task, config) cell (accuracy, 95% Wilson interval,
-ratio to ``full`` in the same run), then a summary: per task, the best of this package's
+with its default options and with ``--span-variants``, ``SPAN`` or ``SPAN:AFTER`` for a
+one-sided span), and ``--peers`` (``streaming``, ``snapkv`` and ``h2o``). It prints one
+JSON line per (task, config) cell (accuracy, 95% Wilson interval, ratio to ``full`` in the
+same run), then a summary: per task, the best of this package's
 configs against the target (>= 0.9x full at ratio 0.9) beside the peers.
 
     OMP_NUM_THREADS=1 uv run --no-sync python benchmarks/kvcache_aware_hard.py \\
@@ -71,14 +72,14 @@ def sweep(args: argparse.Namespace) -> list[dict]:
     out: list[dict] = [{"label": "full"}]
     for ratio in args.ratios:
         out.append({"label": f"qspan-{ratio}", "kv_policy": {"name": "qspan"} | _r(ratio)})
-        for span in args.span_variants:
+        for variant in args.span_variants:
+            span, _, after = variant.partition(":")
+            opts = {"span": int(span)} | ({"after": int(after)} if after else {})
+            label = f"qspan-span{span}" + (f"a{after}" if after else "")
             out.append(
-                {
-                    "label": f"qspan-span{span}-{ratio}",
-                    "kv_policy": {"name": "qspan", "span": span} | _r(ratio),
-                }
+                {"label": f"{label}-{ratio}", "kv_policy": {"name": "qspan"} | opts | _r(ratio)}
             )
-        for name in PEERS:
+        for name in args.peers:
             out.append({"label": f"{name}-{ratio}", "kv_policy": {"name": name} | _r(ratio)})
     return out
 
@@ -101,10 +102,13 @@ def main() -> None:
     )
     ap.add_argument(
         "--span-variants",
-        type=int,
         nargs="*",
         default=[],
-        help="also run qspan with these span widths",
+        metavar="SPAN[:AFTER]",
+        help="also run qspan with these spans (and, after a colon, its one-sided 'after')",
+    )
+    ap.add_argument(
+        "--peers", nargs="*", default=list(PEERS), choices=PEERS, help="peer policies to run"
     )
     args = ap.parse_args()
     every = tasks(args)
@@ -158,7 +162,7 @@ def main() -> None:
                 "best": best,
                 "x_full": x,
                 "peers_x_full": {
-                    p: table.get(f"{p}-{TARGET['ratio']}", {}).get("x_full") for p in PEERS
+                    p: table.get(f"{p}-{TARGET['ratio']}", {}).get("x_full") for p in args.peers
                 },
                 "target_x_full": TARGET["x_full"],
                 "meets_target": x is not None and x >= TARGET["x_full"],

@@ -198,3 +198,28 @@ def test_surprise_one_pass_keeps_the_same_entries_in_one_forward(registry, smoll
     full_cache, _ = _prefill(smollm2, KVPolicy(), ids, qlen)
     full = sum(layer.keys.nbytes + layer.values.nbytes for layer in full_cache.layers)
     assert one_out.info["peak_kv_bytes"] >= full > two_out.info["peak_kv_bytes"]
+
+
+def test_qspan_after_makes_the_span_one_sided(monkeypatch):
+    """A question peak at position 10 lifts 8..12 with a centred span of 5, and 9..13 with
+    ``after`` 3 (one before, three after: a fact's key, then its value)."""
+    import types
+
+    import apportion_kvcache.qspan as qspan_mod
+    import torch
+    from apportion_kvcache.qspan import QSpan, QSpanConfig
+
+    attn = torch.zeros(1, 2, 1, 20)
+    attn[..., 10] = 1.0
+    monkeypatch.setattr(qspan_mod, "window_attention", lambda inputs, w: attn)
+    inputs = types.SimpleNamespace(question_len=1, keys=torch.zeros(1, 1, 20, 4))
+
+    def lifted(**opts):
+        scores = QSpan(QSpanConfig(compression_ratio=0.5, **opts)).score(inputs)
+        return (scores[0, 0] > 0.5).nonzero().flatten().tolist()
+
+    assert lifted(span=5) == [8, 9, 10, 11, 12]
+    assert lifted(span=5, after=3) == [9, 10, 11, 12, 13]
+    assert lifted(span=5, after=0) == [6, 7, 8, 9, 10]
+    with pytest.raises(ValueError, match="after"):
+        QSpanConfig(span=5, after=5)

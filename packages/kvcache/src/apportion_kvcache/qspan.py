@@ -14,7 +14,10 @@ half the window on context tokens and blurs a sharp peak into the mean. ``qspan`
    its surroundings, about a sentence. The question's queries lock onto the *key* of a fact
    ("the magic number for wise-otter"); the value follows it, several tokens later (a 7-digit
    number is seven more tokens), so a span narrower than the fact loses part of the answer.
-   The default of 25 keeps a whole short sentence.
+   The default of 25 keeps a whole short sentence. ``after`` makes the span one-sided: the
+   question locks onto a fact's key and its value follows, so ``span`` 15 with ``after`` 12
+   keeps a short fact in fewer entries than a centred 25 (tasks with several facts to keep
+   within one budget, as multi-value retrieval).
 
 Budgets, eviction and memory release are the shared ones (:mod:`apportion_kvcache.eviction`).
 """
@@ -24,7 +27,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from apportion_kvcache.eviction import (
     EvictionConfig,
@@ -34,11 +37,19 @@ from apportion_kvcache.eviction import (
     window_attention,
 )
 from apportion_kvcache.snapkv import pool
+from apportion_kvcache.surprise import reach
 
 
 class QSpanConfig(EvictionConfig):
     span: int = Field(
         25, ge=1, le=63, description="neighbourhood kept around a selected token (max-pool width)"
+    )
+    after: int | None = Field(
+        None,
+        ge=0,
+        le=62,
+        description="tokens of the span after a selected token, the rest before it "
+        "(None: the span is centred)",
     )
     mean_weight: float = Field(
         0.5, ge=0.0, le=10.0, description="weight of the mean over question queries"
@@ -49,6 +60,15 @@ class QSpanConfig(EvictionConfig):
     max_question: int = Field(
         256, ge=1, le=8192, description="at most this many trailing queries score"
     )
+
+    @model_validator(mode="after")
+    def _after_within_span(self) -> QSpanConfig:
+        if self.after is not None and self.after > self.span - 1:
+            raise ValueError(
+                f"after ({self.after}) must leave room in the span ({self.span}): at most "
+                f"{self.span - 1}"
+            )
+        return self
 
 
 class QSpan(ScoredEviction):
@@ -65,4 +85,8 @@ class QSpan(ScoredEviction):
         attn = window_attention(inputs, window)  # (B, Hq, w, L)
         scores = attn.amax(dim=2) + c.mean_weight * attn.mean(dim=2)
         scores = group_heads(scores, inputs.keys.shape[1], "max")
-        return pool(scores, c.span, "max") + 1e-3 * scores
+        if c.after is None:
+            return pool(scores, c.span, "max") + 1e-3 * scores
+        b, h, length = scores.shape
+        lifted = reach(scores.reshape(b * h, length), c.span - 1 - c.after, c.after)
+        return lifted.reshape(b, h, length) + 1e-3 * scores
