@@ -56,10 +56,12 @@ def test_vllm_loads_the_plugin_itself():
     assert out.stdout.strip().splitlines()[-1] == "True"
 
 
-def _serve(store: Path, model_dir: Path, *extra: str) -> dict:
+@pytest.fixture(scope="module")
+def served(vllm_model_dir, tmp_path_factory):
+    store = tmp_path_factory.mktemp("kvstore") / "store"
     script = Path(__file__).with_name("serve_twice.py")
     proc = subprocess.run(
-        [sys.executable, str(script), str(store), str(model_dir), *extra],
+        [sys.executable, str(script), str(store), str(vllm_model_dir)],
         capture_output=True,
         text=True,
         timeout=900,
@@ -68,16 +70,6 @@ def _serve(store: Path, model_dir: Path, *extra: str) -> dict:
     assert proc.returncode == 0, proc.stderr[-4000:]
     line = [x for x in proc.stdout.splitlines() if x.startswith("{")][-1]
     return json.loads(line)
-
-
-@pytest.fixture(scope="module")
-def served(vllm_model_dir, tmp_path_factory):
-    return _serve(tmp_path_factory.mktemp("kvstore") / "store", vllm_model_dir)
-
-
-@pytest.fixture(scope="module")
-def served_coded(vllm_model_dir, tmp_path_factory):
-    return _serve(tmp_path_factory.mktemp("kvstore-coded") / "store", vllm_model_dir, "0")
 
 
 def test_first_request_saves_its_prefix(served):
@@ -89,7 +81,8 @@ def test_first_request_saves_its_prefix(served):
     assert n > 0
     assert first["stats"]["saved_tokens"] == n  # saved once, after chunked prefill finished it
     assert first["stats"]["saved_entries"] == 30  # SmolLM2-135M: one entry per layer
-    assert served["entries_after_first"] == 31  # + the completion marker
+    # + the completion marker, beside the compressed context stored before
+    assert served["entries_after_first"] == 32
 
 
 def test_second_request_loads_the_prefix_from_the_store(served):
@@ -114,15 +107,17 @@ def test_a_longer_prompt_reuses_the_shared_prefix_and_saves_its_own(served):
 
 def test_the_model_reads_the_loaded_kv(served):
     """Zeroed (but well-formed) store entries change the answer: the loaded blocks are used."""
-    assert served["zeroed_entries"] == 2 * 30  # both stored prefixes, every layer
-    assert served["zeroed"]["stats"]["load_errors"] == 0
+    assert served["zeroed_entries"] == {"kv": 2 * 30, "cachegen": 30}  # every layer
+    errors = served["missing"]["stats"]["load_errors"]  # the counters add up
+    assert served["zeroed"]["stats"]["load_errors"] == errors
     assert served["zeroed"]["text"] != served["first"]["text"]
 
 
 def test_a_corrupt_entry_is_reported_and_recomputed(served):
     assert served["damaged_files"] > 0
+    errors = served["coded_zeroed"]["stats"]["load_errors"]
     corrupt = served["corrupt"]
-    assert corrupt["stats"]["load_errors"] == 1
+    assert corrupt["stats"]["load_errors"] == errors + 1
     assert corrupt["text"] == served["first"]["text"]  # kv_load_failure_policy="recompute"
 
 
@@ -211,47 +206,45 @@ def test_codec_level_is_checked():
             _codec_level(bad)
 
 
-def test_coded_entries_are_smaller_and_load_back(served, served_coded):
-    first, second = served_coded["first"], served_coded["second"]
-    assert first["stats"]["coded_entries"] == 30  # every layer had a token layout
-    assert first["stats"]["saved_tokens"] == served["first"]["stats"]["saved_tokens"]
-    ratio = first["stats"]["saved_bytes"] / first["stats"]["raw_bytes"]
-    assert ratio < 0.25, ratio  # float32 blocks against CacheGen level 0
-    assert second["num_cached_tokens"] == first["stats"]["saved_tokens"]
-    assert second["stats"]["loaded_tokens"] == first["stats"]["saved_tokens"]
+def test_a_request_can_ask_its_prefix_coded_and_it_loads_back(served):
+    before, first, second = served["longer"], served["coded_first"], served["coded_second"]
+    n = (served["coded_tokens"] - 1) // served["block_size"] * served["block_size"]
+    assert first["stats"]["coded_entries"] - before["stats"]["coded_entries"] == 30
+    saved = first["stats"]["saved_bytes"] - before["stats"]["saved_bytes"]
+    raw = first["stats"]["raw_bytes"] - before["stats"]["raw_bytes"]
+    assert saved / raw < 0.25, saved / raw  # float32 blocks against CacheGen level 0
+    assert first["stats"]["saved_tokens"] - before["stats"]["saved_tokens"] == n
+    assert second["num_cached_tokens"] == n
+    assert second["stats"]["loaded_tokens"] - first["stats"]["loaded_tokens"] == n
     assert second["stats"]["load_errors"] == 0
     assert second["text"] == first["text"]  # loaded through a lossy code, same greedy answer
 
 
-def test_coded_entries_are_what_the_model_reads(served_coded):
-    errors = served_coded["missing"]["stats"]["load_errors"]  # the counters add up
-    assert served_coded["zeroed_entries"] == 30
-    assert served_coded["zeroed"]["stats"]["load_errors"] == errors
-    assert served_coded["zeroed"]["text"] != served_coded["first"]["text"]
-    corrupt = served_coded["corrupt"]
-    assert served_coded["damaged_files"] > 0
-    assert corrupt["stats"]["load_errors"] == errors + 1
-    assert corrupt["text"] == served_coded["first"]["text"]
+def test_coded_entries_are_what_the_model_reads(served):
+    assert served["coded_zeroed"]["text"] != served["coded_first"]["text"]
+    errors = served["corrupt"]["stats"]["load_errors"]
+    assert served["coded_corrupt"]["stats"]["load_errors"] == errors + 1
+    assert served["coded_corrupt"]["text"] == served["coded_first"]["text"]
 
 
 # ---------------------------------------------------------------- compressed contexts
 
 
-def test_vllm_answers_from_a_context_compressed_by_transformers(served_coded):
-    """One context compressed once (surprise, ratio 0.5) by the transformers host; vLLM asks
-    two questions from the stored entry and answers as the transformers host does."""
-    hf, ctx = served_coded["hf"], served_coded["context"]
+def test_vllm_answers_from_a_context_compressed_by_transformers(served):
+    """One context compressed once (surprise, ratio 0.5, CacheGen level 1) by the
+    transformers host; vLLM asks two questions from the stored entry and answers as the
+    transformers host does."""
+    hf, ctx, before = served["hf"], served["context"], served["coded_second"]
     assert hf["kept_tokens"] < hf["context_tokens"]  # the entry really is evicted
     stats = ctx["stats"]
-    before = served_coded["second"]["stats"]
-    assert stats["context_loads"] - before["context_loads"] == 2
-    assert stats["load_errors"] == before["load_errors"]
-    assert stats["loaded_tokens"] - before["loaded_tokens"] == 2 * hf["kept_tokens"]
+    assert stats["context_loads"] - before["stats"]["context_loads"] == 2
+    assert stats["load_errors"] == before["stats"]["load_errors"]
+    assert stats["loaded_tokens"] - before["stats"]["loaded_tokens"] == 2 * hf["kept_tokens"]
     assert all(a.strip() for a in hf["answers"])
     assert ctx["answers"] == hf["answers"]
 
 
-def test_a_missing_context_is_a_load_error_not_an_answer(served_coded):
-    before, after = served_coded["context"]["stats"], served_coded["missing"]["stats"]
+def test_a_missing_context_is_a_load_error_not_an_answer(served):
+    before, after = served["context"]["stats"], served["missing"]["stats"]
     assert after["load_errors"] == before["load_errors"] + 1
     assert after["context_loads"] == before["context_loads"]

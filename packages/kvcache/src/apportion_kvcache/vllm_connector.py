@@ -31,7 +31,8 @@ Entries come in two forms:
   is only valid for the same backend, block size, KV dtype and tensor/pipeline rank; all of
   those are in the key's model fingerprint, and the layer's block shape and backend are
   checked again on load.
-- **CacheGen-coded** (``kv_connector_extra_config={"codec_level": 0..3}``): each layer's
+- **CacheGen-coded** (``kv_connector_extra_config={"codec_level": 0..3}``, or per request
+  ``kv_transfer_params={"apportion_codec_level": 0..3 or None}``): each layer's
   keys and values are read out of the blocks in plain ``(kv_heads, tokens, head_dim)`` order
   and coded with :class:`~apportion_kvcache.cachegen.CacheGenCodec` at that level (the bins
   of the layer's depth, as CacheGen spreads them), so the entry is lossy and several times
@@ -80,7 +81,12 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from apportion_kvcache.errors import CorruptKVError
 from apportion_kvcache.kv import rope_shift
 from apportion_kvcache.store import Store, open_store, prefix_key
-from apportion_kvcache.vllm_names import CONNECTOR, CONTEXT_PARAM, CONTEXT_SLOTS_PARAM
+from apportion_kvcache.vllm_names import (
+    CODEC_PARAM,
+    CONNECTOR,
+    CONTEXT_PARAM,
+    CONTEXT_SLOTS_PARAM,
+)
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -265,6 +271,8 @@ class ReqMeta:
     skip_blocks: int = 0
     #: for a compressed context: its handle (``token_ids`` are then its placeholder slots)
     context: str | None = None
+    #: for a save: the CacheGen level to code it at (None: raw blocks)
+    codec_level: int | None = None
 
 
 @dataclass
@@ -276,6 +284,7 @@ class StoreConnectorMetadata(KVConnectorMetadata):
 class _PendingSave:
     token_ids: list[int]  # the block-aligned prefix to save
     block_ids: list[int]  # the request's blocks so far (grows as prefill proceeds)
+    codec_level: int | None = None
 
 
 # ---------------------------------------------------------------------------- the connector
@@ -316,6 +325,8 @@ class ApportionStoreConnector(KVConnectorBase_V1):
         self._load_plan: dict[str, tuple[int, list[int], str | None]] = {}
         #: req id -> compressed-context handle, for requests that asked for one
         self._context_reqs: dict[str, str] = {}
+        #: req id -> the CacheGen level (None: raw) a request asked its prefix saved at
+        self._req_codec: dict[str, int | None] = {}
         #: handle -> its kept entries (the slots it fills), as the store said
         self._context_slots: dict[str, int] = {}
         self._model_path = str(mc.model)
@@ -367,6 +378,11 @@ class ApportionStoreConnector(KVConnectorBase_V1):
         self, request: Any, num_computed_tokens: int
     ) -> tuple[int, bool]:
         params = getattr(request, "kv_transfer_params", None) or {}
+        if isinstance(params, dict) and CODEC_PARAM in params:
+            try:
+                self._req_codec[request.request_id] = _codec_level(params[CODEC_PARAM])
+            except ValueError as exc:
+                log.error("apportion store: request %s: %s", request.request_id, exc)
         handle = params.get(CONTEXT_PARAM) if isinstance(params, dict) else None
         if handle is not None:
             slots = self._context_request(request, str(handle), params)
@@ -439,7 +455,8 @@ class ApportionStoreConnector(KVConnectorBase_V1):
                 continue  # placeholder slots: never saved as a prefix of those tokens
             n = aligned(len(ids) - 1, bs)
             if n > hit and not (plan is None and self._complete(ids[:n])):
-                self._pending[req.req_id] = _PendingSave(ids[:n], block_ids)
+                level = self._req_codec.get(req.req_id, self._codec_level)
+                self._pending[req.req_id] = _PendingSave(ids[:n], block_ids, level)
                 self._maybe_emit_save(
                     meta,
                     req.req_id,
@@ -494,6 +511,7 @@ class ApportionStoreConnector(KVConnectorBase_V1):
                     pending.token_ids,
                     pending.block_ids[: n // self._block_size],
                     is_store=True,
+                    codec_level=pending.codec_level,
                 )
             )
             del self._pending[req_id]
@@ -504,6 +522,7 @@ class ApportionStoreConnector(KVConnectorBase_V1):
         self._pending.pop(request.request_id, None)
         self._load_plan.pop(request.request_id, None)
         self._context_reqs.pop(request.request_id, None)
+        self._req_codec.pop(request.request_id, None)
         return False, None  # saves are synchronous: vLLM may free the blocks now
 
     # ------------------------------------------------------------------ worker side
@@ -529,16 +548,15 @@ class ApportionStoreConnector(KVConnectorBase_V1):
     def _token_layout(self, name: str, layer: Any, paged: torch.Tensor) -> TokenLayout | None:
         if name not in self._layouts:
             self._layouts[name] = TokenLayout.probe(layer, paged, self._block_size)
-            if self._layouts[name] is None and self._codec_level is not None:
-                log.warning("apportion store: layer %s is saved raw (no token layout)", name)
+            if self._layouts[name] is None:
+                log.info("apportion store: layer %s has no token layout (saved raw)", name)
         return self._layouts[name]
 
-    def _codec(self, layer_name: str) -> Any:
-        """The CacheGen codec of a layer: the bins of its depth at the configured level."""
+    def _codec(self, layer_name: str, level: int) -> Any:
+        """The CacheGen codec of a layer: the bins of its depth at ``level``."""
         from apportion_kvcache.cachegen.codec import CacheGenCodec, CodecConfig, layer_bins
 
-        assert self._codec_level is not None
-        levels = CodecConfig().levels[self._codec_level]
+        levels = CodecConfig().levels[level]
         bins = layer_bins(levels, self._n_layers)
         i = min(_layer_index(layer_name), len(bins) - 1)
         return CacheGenCodec(CodecConfig(levels=[[bins[i]]]))
@@ -739,14 +757,14 @@ class ApportionStoreConnector(KVConnectorBase_V1):
                 "block_size": self._block_size,
             }
             layout = None
-            if self._codec_level is not None and layer is not None:
+            if req.codec_level is not None and layer is not None:
                 layout = self._token_layout(layer_name, layer, kv_layer)
-            if layout is not None:
+            if layout is not None and req.codec_level is not None:
                 x = layout.read(kv_layer, req.block_ids)
-                payload = self._codec(layer_name).encode(
+                payload = self._codec(layer_name, req.codec_level).encode(
                     [(x[0][None], x[1][None])],
                     fingerprint=self._model,
-                    meta=meta | {"codec_level": self._codec_level},
+                    meta=meta | {"codec_level": req.codec_level},
                 )
                 kind = "cachegen"
                 self.stats["coded_entries"] += 1

@@ -7,3 +7,6 @@ CONNECTOR = "ApportionStoreConnector"
 CONTEXT_PARAM = "apportion_context"
 #: ``kv_transfer_params`` key: the slots (kept entries) that context fills
 CONTEXT_SLOTS_PARAM = "apportion_context_slots"
+#: ``kv_transfer_params`` key: the CacheGen level (or None: raw) a request's prefix is saved at,
+#: over the connector's ``codec_level``
+CODEC_PARAM = "apportion_codec_level"
