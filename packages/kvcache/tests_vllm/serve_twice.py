@@ -11,8 +11,8 @@ Steps, all in one ``LLM`` (its start-up is the slow part on CPU):
    CacheGen-coded at level 0 (``kv_transfer_params``); then loaded back.
 5. Compressed context: facts (without a question) compressed once by the transformers host
    with ``surprise`` at ratio 0.5, CacheGen-coded at level 1, into the same store and asked
-   two questions there (``hf``); vLLM asks the same two from the stored entry (``context``), then from a handle
-   that is not in the store (``missing``).
+   two questions there (``hf``); vLLM asks the same two from the stored entry
+   (``context``), then from a handle that is not in the store (``missing``).
 6. ``zeroed`` / ``coded_zeroed``: every stored layer entry is rewritten (valid checksums)
    with zero KV; both prompts again must now answer differently: the loaded KV is what the
    model reads.
