@@ -531,8 +531,9 @@ def load_context(
     ``store`` is needed unless ``handle`` is a :class:`ContextHandle`. ``expect_policy`` /
     ``expect_ratio`` refuse an entry compressed otherwise; ``fingerprint`` /
     ``tokenizer_fingerprint`` state the identity to check against when it is not
-    ``loaded``'s own. Raises :class:`KVMismatchError` (naming both sides) or
-    :class:`KVNotFoundError`."""
+    ``loaded``'s own. With both given, ``loaded`` may be ``None`` (a host that runs the model
+    its own way, as vLLM): the KV then stays on the CPU in its stored dtype. Raises
+    :class:`KVMismatchError` (naming both sides) or :class:`KVNotFoundError`."""
     from apportion.host.model import fingerprint as model_fingerprint
 
     if isinstance(handle, ContextHandle):
@@ -540,6 +541,10 @@ def load_context(
         handle = handle.handle
     store = _open(store)
     entry, meta = read_entry(store, handle)
+    if loaded is None and not (fingerprint and tokenizer_fingerprint):
+        raise ConfigError(
+            "load_context without a model needs fingerprint and tokenizer_fingerprint"
+        )
     fp = fingerprint or getattr(loaded, "fingerprint", None) or model_fingerprint(loaded.model)
     tok_fp = tokenizer_fingerprint or _tokenizer_id(loaded.tokenizer)
     check_entry(
@@ -571,10 +576,12 @@ def load_context(
             f"compressed context {handle!r} was damaged and has been set aside ({exc}); "
             "compress the context again"
         ) from None
-    model = loaded.model
-    check_kv_shape(len(kv), shape[1], shape[3], model.config)
-    device, dtype = model.device, model.dtype
-    kv = [(k.to(device, dtype), v.to(device, dtype)) for k, v in kv]
+    device: Any = "cpu"
+    if loaded is not None:
+        model = loaded.model
+        check_kv_shape(len(kv), shape[1], shape[3], model.config)
+        device, dtype = model.device, model.dtype
+        kv = [(k.to(device, dtype), v.to(device, dtype)) for k, v in kv]
     mask = None
     if meta["kv_mask"] is not None:
         mask = torch.zeros((1, meta["kept_tokens"]), dtype=torch.bool, device=device)

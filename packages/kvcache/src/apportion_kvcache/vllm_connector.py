@@ -237,18 +237,6 @@ class TokenLayout:
         self.write(paged, ids, cur)
 
 
-class _KVSpec:
-    """What :func:`apportion_kvcache.reuse.load_context` needs of a model, for vLLM's."""
-
-    def __init__(self, config: Any):
-        self.model = self
-        self.config = config
-        self.device = torch.device("cpu")
-        self.dtype = torch.float32
-        self.fingerprint = None
-        self.tokenizer = None
-
-
 def _layer_index(name: str) -> int:
     """The decoder layer a vLLM attention layer belongs to (``model.layers.12.self_attn.attn``)."""
     found = re.search(r"\.(\d+)\.", name)
@@ -563,7 +551,7 @@ class ApportionStoreConnector(KVConnectorBase_V1):
 
     def _read_entry(
         self, entry: Any, name: str, layer: Any, paged: torch.Tensor, n_blocks: int
-    ) -> tuple[torch.Tensor | None, TokenLayout | None]:
+    ) -> tuple[torch.Tensor, TokenLayout | None]:
         """(raw blocks, None) or (plain (2, heads, tokens, dim) KV, its layout) of an entry;
         :class:`CorruptKVError` when it cannot be used for this layer."""
         from safetensors.torch import load
@@ -605,7 +593,6 @@ class ApportionStoreConnector(KVConnectorBase_V1):
         return blocks, None
 
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
-
         meta = self._get_connector_metadata()
         assert isinstance(meta, StoreConnectorMetadata)
         rank = self._worker_rank()
@@ -627,7 +614,6 @@ class ApportionStoreConnector(KVConnectorBase_V1):
                             f"store entry of layer {name} vanished after the match"
                         )
                     got, layout = self._read_entry(entry, name, layer, paged, len(req.block_ids))
-                    assert got is not None
                     k = req.skip_blocks
                     if layout is None:
                         paged[dst[k:].to(paged.device)] = got[k:].to(paged.device, paged.dtype)
@@ -697,7 +683,7 @@ class ApportionStoreConnector(KVConnectorBase_V1):
 
         fp, tok_fp = self._model_identity()
         stored = load_context(
-            _KVSpec(self._hf_config),
+            None,
             handle,
             store=self._store,
             fingerprint=fp,
@@ -756,15 +742,16 @@ class ApportionStoreConnector(KVConnectorBase_V1):
                 "layout": self._layout(layer, kv_layer),
                 "block_size": self._block_size,
             }
+            level = req.codec_level
             layout = None
-            if req.codec_level is not None and layer is not None:
+            if level is not None and layer is not None:
                 layout = self._token_layout(layer_name, layer, kv_layer)
-            if layout is not None and req.codec_level is not None:
+            if layout is not None and level is not None:
                 x = layout.read(kv_layer, req.block_ids)
-                payload = self._codec(layer_name, req.codec_level).encode(
+                payload = self._codec(layer_name, level).encode(
                     [(x[0][None], x[1][None])],
                     fingerprint=self._model,
-                    meta=meta | {"codec_level": req.codec_level},
+                    meta=meta | {"codec_level": level},
                 )
                 kind = "cachegen"
                 self.stats["coded_entries"] += 1
